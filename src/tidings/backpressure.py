@@ -1,0 +1,191 @@
+"""Backpressure primitives: bounded buffers with an explicit overflow policy.
+
+Every queue in tidings is bounded, every bound has a policy, and every drop is
+counted. `Buffer` is the in-process one; `Window` bounds work in flight (the
+hub uses it so that `publish` waits instead of growing memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from .errors import BufferFull, InvalidArgument
+
+__all__ = ["Buffer", "BufferStatistics", "Overflow", "Window"]
+
+T = TypeVar("T")
+
+
+class Overflow(enum.Enum):
+    """What `Buffer.put` does when the buffer is full."""
+
+    BLOCK = "block"  #: wait for room
+    DROP_OLDEST = "drop_oldest"  #: evict the oldest buffered item, keep the new one
+    DROP_NEWEST = "drop_newest"  #: discard the incoming item
+    FAIL = "fail"  #: raise BufferFull
+
+
+@dataclass(frozen=True, slots=True)
+class BufferStatistics:
+    size: int
+    capacity: int
+    dropped: int
+    put: int
+    got: int
+    waiting_putters: int
+    waiting_getters: int
+
+
+class Buffer(Generic[T]):
+    """A bounded FIFO between a producer and a consumer; never holds more than `capacity`.
+
+    Items dropped by the overflow policy are counted in `dropped`.
+    """
+
+    def __init__(self, capacity: int, overflow: Overflow = Overflow.BLOCK) -> None:
+        if not isinstance(capacity, int) or capacity < 1:
+            raise InvalidArgument(f"Buffer capacity must be an int >= 1, got {capacity!r}")
+        if not isinstance(overflow, Overflow):
+            raise InvalidArgument(
+                f"overflow must be a tidings.Overflow member, got {overflow!r}"
+            )
+        self.capacity = capacity
+        self.overflow = overflow
+        self._items: deque[T] = deque()
+        self._not_empty = asyncio.Condition()
+        self._not_full = asyncio.Condition(self._not_empty._lock)  # one lock, two conditions
+        self.dropped = 0
+        self._put = 0
+        self._got = 0
+        self._closed = False
+        self._waiting_put = 0
+        self._waiting_get = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def full(self) -> bool:
+        return len(self._items) >= self.capacity
+
+    def put_nowait(self, item: T) -> bool:
+        """Apply the policy without waiting; False when the item was dropped.
+
+        With BLOCK and no room, raises `BufferFull` (use `await put` to wait).
+        """
+        if self._closed:
+            raise BufferFull("buffer is closed; no more items can be put")
+        if len(self._items) >= self.capacity:
+            if self.overflow is Overflow.DROP_NEWEST:
+                self.dropped += 1
+                return False
+            if self.overflow is Overflow.DROP_OLDEST:
+                self._items.popleft()
+                self.dropped += 1
+            else:
+                raise BufferFull(
+                    f"buffer is full ({self.capacity} items); consume faster, raise the "
+                    "capacity, or choose another Overflow policy"
+                )
+        self._items.append(item)
+        self._put += 1
+        return True
+
+    async def put(self, item: T) -> bool:
+        """Add an item per the overflow policy; True if it was kept, False if dropped."""
+        async with self._not_full:
+            if self.overflow is Overflow.BLOCK:
+                self._waiting_put += 1
+                try:
+                    await self._not_full.wait_for(lambda: self._closed or not self.full())
+                finally:
+                    self._waiting_put -= 1
+            kept = self.put_nowait(item)
+            self._not_empty.notify()
+            return kept
+
+    def get_nowait(self) -> T:
+        if not self._items:
+            raise IndexError("buffer is empty")
+        item = self._items.popleft()
+        self._got += 1
+        return item
+
+    async def get(self) -> T:
+        """Take the oldest item, waiting for one (raises EOFError when closed and empty)."""
+        async with self._not_empty:
+            self._waiting_get += 1
+            try:
+                await self._not_empty.wait_for(lambda: bool(self._items) or self._closed)
+            finally:
+                self._waiting_get -= 1
+            if not self._items:
+                raise EOFError("buffer is closed and drained")
+            item = self.get_nowait()
+            self._not_full.notify()
+            return item
+
+    async def close(self) -> None:
+        """No more puts; getters drain what is left, then stop."""
+        async with self._not_empty:
+            self._closed = True
+            self._not_empty.notify_all()
+            self._not_full.notify_all()
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[T]:
+        while True:
+            try:
+                yield await self.get()
+            except EOFError:
+                return
+
+    def statistics(self) -> BufferStatistics:
+        return BufferStatistics(
+            len(self._items), self.capacity, self.dropped, self._put, self._got,
+            self._waiting_put, self._waiting_get,
+        )
+
+
+class Window:
+    """Counts units of work in flight and makes producers wait above `limit`.
+
+    A single acquisition larger than the limit is admitted when nothing else
+    is in flight, so an oversized batch waits instead of failing forever.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise InvalidArgument("window limit must be >= 1")
+        self.limit = limit
+        self.used = 0
+        self.waits = 0  # how often a producer had to wait (visible in metrics)
+        self._cond = asyncio.Condition()
+
+    def try_acquire(self, n: int) -> bool:
+        if self.used == 0 or self.used + n <= self.limit:
+            self.used += n
+            return True
+        return False
+
+    async def acquire(self, n: int) -> None:
+        if self.try_acquire(n):
+            return
+        self.waits += 1
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.try_acquire(n))
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        if self._cond._waiters:  # type: ignore[attr-defined]
+            asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()

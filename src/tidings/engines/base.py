@@ -1,0 +1,178 @@
+"""The engine protocol: what every storage engine implements.
+
+An engine stores one ordered log of messages (positions increase across all
+topics), the durable subscriptions over it, and (see `eventsourcing`) event
+streams. The hub above it validates, encodes and applies backpressure; the
+engine only stores and moves bytes. Nothing here is SQL-shaped: a PostgreSQL
+engine or a NATS JetStream broker implements the same methods (see
+docs/architecture.md for the mapping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..messages import Message, OutMessage, Published
+from .delivery import SubscriptionSpec
+
+__all__ = [
+    "Engine",
+    "Retention",
+    "Settle",
+    "SubscriptionInfo",
+    "TopicInfo",
+]
+
+SettleKind = Literal["ack", "nack", "term"]
+
+
+@dataclass(slots=True, frozen=True)
+class Retention:
+    """Per-topic limits; the oldest messages beyond any limit are trimmed.
+
+    A message still unacked in (or not yet reached by) a subscription whose
+    pattern matches its topic is never trimmed.
+    """
+
+    max_age: float | None = None
+    max_messages: int | None = None
+    max_bytes: int | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Settle:
+    position: int
+    kind: SettleKind
+    delay: float = 0.0
+
+
+@dataclass(slots=True)
+class TopicInfo:
+    topic: str
+    messages: int
+    bytes: int
+    first_position: int | None
+    last_position: int | None
+
+
+@dataclass(slots=True)
+class SubscriptionInfo:
+    group: str
+    pattern: str
+    cursor: int
+    pending: int
+    in_flight: int
+    lag: int
+    ordered: bool
+    max_in_flight: int
+
+
+class Engine(ABC):
+    """Storage for the log, subscriptions and event streams.
+
+    Implementations must make `append` atomic per call, give positions that
+    a reader never sees filled in late (a reader that saw N never later finds
+    a new message below N), and serialize `fetch` per subscription so that
+    competing consumers never hold the same message at once within its lease.
+    """
+
+    url: str = ""
+    #: How long a client-supplied message id is remembered for deduplication.
+    dedup_window: float = 120.0
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Event()
+        self._waiters = 0
+
+    # lifecycle ---------------------------------------------------------------
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    # the log -----------------------------------------------------------------
+    @abstractmethod
+    async def append(self, messages: Sequence[OutMessage]) -> list[Published]:
+        """Store all messages or none; a known client id yields its first position."""
+
+    @abstractmethod
+    async def read(
+        self, pattern: str, after: int, stop: int | None, limit: int
+    ) -> list[Message]:
+        """Up to `limit` stored messages matching `pattern` with `after < position <= stop`."""
+
+    @abstractmethod
+    async def last_position(self) -> int:
+        """The highest position stored so far (0 when the log is empty)."""
+
+    @abstractmethod
+    async def position_before(self, timestamp: float) -> int:
+        """The highest position stored before `timestamp` (0 if none)."""
+
+    # subscriptions -----------------------------------------------------------
+    @abstractmethod
+    async def subscribe(self, spec: SubscriptionSpec, start_after: int | None) -> Any:
+        """Create the durable subscription (cursor at `start_after`) or update its settings.
+
+        Returns an engine handle passed back to `fetch` and `settle`. An
+        existing subscription keeps its cursor; `start_after` is for new ones.
+        """
+
+    @abstractmethod
+    async def fetch(
+        self, handle: Any, limit: int, now: float, settles: Sequence[Settle] = ()
+    ) -> tuple[list[Message], float | None]:
+        """Apply `settles`, then claim up to `limit` messages for one consumer.
+
+        Also returns the next time a pending message falls due (None: no timer).
+        Doing both in one call lets an engine settle and claim in one transaction.
+        """
+
+    @abstractmethod
+    async def settle(self, handle: Any, items: Sequence[Settle], now: float) -> None:
+        """Apply acks, nacks and terms (a dead letter is appended atomically with its removal)."""
+
+    @abstractmethod
+    async def delete_subscription(self, group: str, pattern: str) -> bool: ...
+
+    # retention and introspection ---------------------------------------------
+    @abstractmethod
+    async def set_retention(self, topic: str, retention: Retention) -> None: ...
+
+    @abstractmethod
+    async def trim(self, now: float) -> int:
+        """Apply retention limits now; returns how many messages were removed."""
+
+    @abstractmethod
+    async def topics(self) -> list[TopicInfo]: ...
+
+    @abstractmethod
+    async def subscriptions(self) -> list[SubscriptionInfo]: ...
+
+    # wake-ups ----------------------------------------------------------------
+    def _notify(self) -> None:
+        """Wake every waiter: something was stored or settled."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def changes(self) -> asyncio.Event:
+        """An event set at the next change; take it *before* looking, then wait on it."""
+        return self._changed
+
+    async def wait(self, event: asyncio.Event, timeout: float | None) -> None:
+        """Wait for `event` (from `changes()`) or `timeout` seconds, whichever is first.
+
+        Engines shared across processes poll for outside changes while anyone waits.
+        """
+        self._waiters += 1
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters -= 1

@@ -1,0 +1,265 @@
+"""`memory://`: the whole engine in one process's memory, for tests and demos.
+
+Same guarantees as the durable engines except durability itself: the log,
+subscriptions and streams are gone when the process ends.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+import time as _time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import topics as _topics
+from ..messages import Message, OutMessage, Published, new_id
+from .base import Engine, Retention, Settle, SubscriptionInfo, TopicInfo
+from .delivery import Pending, SubscriptionSpec, dead_letter_headers, plan_fetch
+
+__all__ = ["MemoryEngine"]
+
+# (position, id, topic, key, data, headers, time)
+_Rec = tuple[int, str, str, "str | None", bytes, "dict[str, str]", float]
+
+
+@dataclass(slots=True)
+class _Sub:
+    spec: SubscriptionSpec
+    cursor: int
+    pending: dict[int, Pending] = field(default_factory=dict)
+
+
+class MemoryEngine(Engine):
+    """An in-process engine (no durability); state lives as long as the object."""
+
+    def __init__(self, url: str = "memory://", **options: Any) -> None:
+        super().__init__()
+        self.url = url
+        self.dedup_window = float(options.pop("dedup_window", 120.0))
+        self._recs: dict[int, _Rec] = {}
+        self._by_topic: dict[str, list[int]] = {}
+        self._bytes: dict[str, int] = {}
+        self._last = 0
+        self._last_time = 0.0
+        self._ids: dict[str, tuple[int, float]] = {}
+        self._subs: dict[tuple[str, str], _Sub] = {}
+        self._retention: dict[str, Retention] = {}
+        self.state: dict[str, Any] = {}  # other modules' in-memory tables (event store, …)
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    # the log -----------------------------------------------------------------
+    def _store(self, batch: Sequence[OutMessage], now: float) -> list[Published]:
+        """Synchronous append (also used by the event store inside one 'transaction')."""
+        now = max(now, self._last_time)
+        out: list[Published] = []
+        seen: dict[str, int] = {}
+        if len(self._ids) > 10_000:
+            horizon = now - self.dedup_window
+            self._ids = {k: v for k, v in self._ids.items() if v[1] >= horizon}
+        for m in batch:
+            if m.client_id:
+                known = self._ids.get(m.id)
+                if known is not None and known[1] >= now - self.dedup_window:
+                    out.append(Published(known[0], m.id, True))
+                    continue
+                if m.id in seen:
+                    out.append(Published(seen[m.id], m.id, True))
+                    continue
+            self._last += 1
+            pos = self._last
+            self._recs[pos] = (pos, m.id, m.topic, m.key, m.data, m.headers or {}, now)
+            self._by_topic.setdefault(m.topic, []).append(pos)
+            self._bytes[m.topic] = self._bytes.get(m.topic, 0) + len(m.data)
+            if m.client_id:
+                self._ids[m.id] = (pos, now)
+                seen[m.id] = pos
+            out.append(Published(pos, m.id, False))
+        self._last_time = now
+        return out
+
+    async def append(self, messages: Sequence[OutMessage]) -> list[Published]:
+        out = self._store(messages, _time.time())
+        self._notify()
+        return out
+
+    def _matching(self, pattern: str) -> list[list[int]]:
+        rx = _topics.matcher(pattern)
+        return [ps for t, ps in self._by_topic.items() if rx.match(t)]
+
+    def _scan(self, pattern: str, after: int, stop: int | None, limit: int) -> list[int]:
+        streams = []
+        for ps in self._matching(pattern):
+            i = bisect.bisect_right(ps, after)
+            j = len(ps) if stop is None else bisect.bisect_right(ps, stop)
+            streams.append(ps[i : min(j, i + limit)])
+        return list(itertools.islice(heapq.merge(*streams), limit))
+
+    @staticmethod
+    def _message(rec: _Rec, attempt: int = 0, sub: Any = None) -> Message:
+        pos, id, topic, key, data, headers, ts = rec
+        return Message(id, topic, key, data, headers, ts, pos, attempt, sub)
+
+    async def read(self, pattern: str, after: int, stop: int | None, limit: int) -> list[Message]:
+        return [self._message(self._recs[p]) for p in self._scan(pattern, after, stop, limit)]
+
+    async def last_position(self) -> int:
+        return self._last
+
+    async def position_before(self, timestamp: float) -> int:
+        best = 0
+        for ps in self._by_topic.values():
+            times = [self._recs[p][6] for p in ps]
+            i = bisect.bisect_left(times, timestamp)
+            if i:
+                best = max(best, ps[i - 1])
+        return best
+
+    # subscriptions -----------------------------------------------------------
+    async def subscribe(self, spec: SubscriptionSpec, start_after: int | None) -> Any:
+        key = (spec.group, spec.pattern)
+        sub = self._subs.get(key)
+        if sub is None:
+            self._subs[key] = _Sub(spec, start_after or 0)
+        else:
+            sub.spec = spec
+        return key
+
+    async def fetch(
+        self, handle: Any, limit: int, now: float, settles: Sequence[Settle] = ()
+    ) -> tuple[list[Message], float | None]:
+        if settles:
+            self._settle(handle, settles, now)
+        sub = self._subs.get(handle)
+        if sub is None:
+            return [], None
+        pending = sorted(sub.pending.values(), key=lambda p: p.position)
+        want = min(limit, sub.spec.max_in_flight)
+        found = self._scan(sub.spec.pattern, sub.cursor, None, want)
+        cands = [(p, self._recs[p][3]) for p in found]
+        plan = plan_fetch(sub.spec, pending, cands, cursor=sub.cursor, now=now, limit=limit)
+        if len(found) < want and len(plan.added) == len(found):
+            plan.cursor = max(plan.cursor, self._last)  # nothing more matches up to here
+        for p in plan.dead:
+            del sub.pending[p.position]
+            self._dead_letter(sub.spec, p, "max_deliver", now)
+        for p in plan.added:
+            sub.pending[p.position] = p
+        sub.cursor = plan.cursor
+        msgs = []
+        for p in plan.deliver:
+            rec = self._recs.get(p.position)
+            if rec is None:  # removed underneath (cannot happen: trim respects pending)
+                sub.pending.pop(p.position, None)
+                continue
+            msgs.append(self._message(rec, p.attempt))
+        if plan.dead:
+            self._notify()
+        return msgs, plan.next_due
+
+    def _dead_letter(self, spec: SubscriptionSpec, p: Pending, reason: str, now: float) -> None:
+        rec = self._recs.get(p.position)
+        if spec.dead_letter is None or rec is None:
+            return
+        pos, id, topic, key, data, headers, _ = rec
+        h = dead_letter_headers(
+            headers, topic=topic, id=id, position=pos, group=spec.group, reason=reason,
+            attempts=p.attempt,
+        )
+        self._store([OutMessage(new_id(), spec.dead_letter, key, data, h)], now)
+
+    async def settle(self, handle: Any, items: Sequence[Settle], now: float) -> None:
+        self._settle(handle, items, now)
+
+    def _settle(self, handle: Any, items: Sequence[Settle], now: float) -> None:
+        sub = self._subs.get(handle)
+        if sub is None:
+            return
+        for s in items:
+            p = sub.pending.get(s.position)
+            if p is None or p.attempt == 0:
+                continue  # already settled, dead-lettered, or reclaimed and parked
+            if s.kind == "ack":
+                del sub.pending[s.position]
+            elif s.kind == "term":
+                del sub.pending[s.position]
+                self._dead_letter(sub.spec, p, "terminated", now)
+            elif p.attempt >= sub.spec.max_deliver:
+                del sub.pending[s.position]
+                self._dead_letter(sub.spec, p, "max_deliver", now)
+            else:
+                p.due = now + s.delay
+        self._notify()
+
+    async def delete_subscription(self, group: str, pattern: str) -> bool:
+        return self._subs.pop((group, pattern), None) is not None
+
+    # retention ---------------------------------------------------------------
+    async def set_retention(self, topic: str, retention: Retention) -> None:
+        self._retention[topic] = retention
+
+    def _floor(self, topic: str) -> int:
+        """The lowest position any matching subscription still needs (trim stays below)."""
+        floor = self._last + 1
+        for sub in self._subs.values():
+            if _topics.matches(sub.spec.pattern, topic):
+                low = min(sub.pending, default=sub.cursor + 1)
+                floor = min(floor, low, sub.cursor + 1)
+        return floor
+
+    async def trim(self, now: float) -> int:
+        removed = 0
+        for topic, r in self._retention.items():
+            ps = self._by_topic.get(topic)
+            if not ps:
+                continue
+            cut = 0  # remove positions <= cut
+            if r.max_messages is not None and len(ps) > r.max_messages:
+                cut = max(cut, ps[len(ps) - r.max_messages - 1])
+            if r.max_age is not None:
+                for p in ps:
+                    if self._recs[p][6] < now - r.max_age:
+                        cut = max(cut, p)
+                    else:
+                        break
+            if r.max_bytes is not None:
+                total = 0
+                for p in reversed(ps):
+                    total += len(self._recs[p][4])
+                    if total > r.max_bytes:
+                        cut = max(cut, p)
+                        break
+            cut = min(cut, self._floor(topic) - 1)
+            n = bisect.bisect_right(ps, cut)
+            for p in ps[:n]:
+                self._bytes[topic] -= len(self._recs.pop(p)[4])
+            del ps[:n]
+            removed += n
+        return removed
+
+    async def topics(self) -> list[TopicInfo]:
+        return [
+            TopicInfo(t, len(ps), self._bytes.get(t, 0), ps[0] if ps else None,
+                      ps[-1] if ps else None)
+            for t, ps in sorted(self._by_topic.items())
+        ]
+
+    async def subscriptions(self) -> list[SubscriptionInfo]:
+        out = []
+        for (group, pattern), sub in sorted(self._subs.items()):
+            lag = len(self._scan(pattern, sub.cursor, None, 10**12))
+            out.append(
+                SubscriptionInfo(
+                    group, pattern, sub.cursor, len(sub.pending),
+                    sum(1 for p in sub.pending.values() if p.attempt and p.due > _time.time()),
+                    lag + len(sub.pending), sub.spec.ordered, sub.spec.max_in_flight,
+                )
+            )
+        return out

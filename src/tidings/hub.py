@@ -1,0 +1,502 @@
+"""The hub: one connection to an engine, and the entry point to every pattern."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
+
+from . import topics as _topics
+from .backpressure import Window
+from .engines.base import Engine, Retention
+from .engines.delivery import SubscriptionSpec
+from .errors import ClosedError, EngineUnavailable, InvalidArgument, PayloadTooLarge, Unsupported
+from .messages import TEXT, Message, OutMessage, Published, encode_data, new_id
+from .pubsub import Handler, Subscription, closed_error
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = ["DEFAULT_URL", "Hub", "connect"]
+
+DEFAULT_URL = "sqlite:///./tidings.db"
+MAX_KEY_LENGTH = 255
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+Start = str | int | datetime
+
+
+def _engine_for(url: str, options: dict[str, Any]) -> Engine:
+    if not isinstance(url, str) or "://" not in url:
+        raise InvalidArgument(
+            f"engine URL {url!r} is not a URL; use 'sqlite:///path.db', 'memory://' "
+            "or 'postgresql://user@host/db'"
+        )
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    merged = {**query, **options}
+    scheme = parts.scheme.lower()
+    if scheme == "memory":
+        from .engines.memory import MemoryEngine
+
+        return MemoryEngine(url, **merged)
+    if scheme == "sqlite":
+        from .engines.sqlite import SqliteEngine
+
+        path = url.split("://", 1)[1].split("?", 1)[0]
+        if path.startswith("/"):
+            path = path[1:] if not path.startswith("//") else path[1:]
+        if not path:
+            raise InvalidArgument(
+                "sqlite URL has no file path; use 'sqlite:///relative.db' or "
+                "'sqlite:////absolute/path.db'"
+            )
+        return SqliteEngine(path, url=url, **merged)
+    if scheme in ("postgresql", "postgres"):
+        raise Unsupported(
+            "the PostgreSQL engine is not available in this version of tidings; use "
+            "'sqlite:///path.db' (or 'memory://') for now"
+        )
+    raise InvalidArgument(
+        f"unknown engine {scheme!r} in {url!r}; use 'sqlite:///path.db', 'memory://' "
+        "or 'postgresql://…'"
+    )
+
+
+async def connect(
+    url: str | None = None,
+    *,
+    broker: str | None = None,
+    max_payload: int = 1024 * 1024,
+    max_pending: int = 10_000,
+    **options: Any,
+) -> Hub:
+    """Open a hub on the engine named by `url` (default: `sqlite:///./tidings.db`).
+
+    `max_payload` caps one message's data (bytes); `max_pending` bounds the
+    messages in flight to the engine, beyond which `publish` waits. Other
+    options go to the engine (SQLite: `durability="full"|"normal"`,
+    `dedup_window` seconds, `poll_interval` seconds).
+    """
+    if broker is not None:
+        raise Unsupported(
+            f"a separate broker ({broker!r}) is not available in this version of tidings; "
+            "leave broker unset to use the engine's own topics"
+        )
+    if url is None:
+        import os
+
+        url = os.environ.get("TIDINGS_URL", DEFAULT_URL)
+    engine = _engine_for(url, dict(options))
+    try:
+        await engine.open()
+    except Exception as exc:
+        if isinstance(exc, (EngineUnavailable, InvalidArgument)):
+            raise
+        raise EngineUnavailable(f"cannot open {url!r}: {exc}") from exc
+    return Hub(engine, max_payload=max_payload, max_pending=max_pending)
+
+
+def _check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise InvalidArgument("headers must be a mapping of str to str")
+    out = {}
+    for k, v in headers.items():
+        if not isinstance(k, str) or not isinstance(v, str) or not k:
+            raise InvalidArgument(
+                f"header {k!r}: {v!r} is not str -> str; convert header values to strings"
+            )
+        out[k.lower()] = v
+    return out
+
+
+def _check_key(key: object) -> str | None:
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
+        raise InvalidArgument(
+            f"key must be a non-empty str of at most {MAX_KEY_LENGTH} characters, got {key!r}"
+        )
+    return key
+
+
+class Hub:
+    """A connection to one engine; publish, subscribe, replay, and the other patterns."""
+
+    def __init__(self, engine: Engine, *, max_payload: int, max_pending: int) -> None:
+        self.engine = engine
+        self.max_payload = max_payload
+        self._window = Window(max_pending)
+        self._handlers: list[Handler] = []
+        self._subs: set[Subscription] = set()
+        self._closed = False
+        self._extensions: dict[str, Any] = {}  # per-hub state of other modules (event store, …)
+
+    @property
+    def url(self) -> str:
+        return self.engine.url
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise closed_error()
+
+    # publishing ----------------------------------------------------------------
+    def _out(
+        self,
+        topic: str,
+        data: object,
+        key: str | None,
+        headers: Mapping[str, str] | None,
+        id: str | None,
+    ) -> OutMessage:
+        _topics.validate_topic(topic)
+        h = _check_headers(headers)
+        raw, content_type = encode_data(data)
+        if len(raw) > self.max_payload:
+            raise PayloadTooLarge(
+                f"message data is {len(raw)} bytes, over the limit of {self.max_payload}; "
+                "store large blobs elsewhere and publish a reference, or raise max_payload "
+                "in tidings.connect()"
+            )
+        if "content-type" not in h:
+            h["content-type"] = content_type
+        if id is not None and (not isinstance(id, str) or not id or len(id) > 255):
+            raise InvalidArgument(f"id must be a non-empty str of at most 255 characters, got {id!r}")
+        return OutMessage(id or new_id(), topic, _check_key(key), raw, h, id is not None)
+
+    async def publish(
+        self,
+        topic: str,
+        data: object,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        id: str | None = None,
+    ) -> Published:
+        """Store one message durably; returns once it is committed.
+
+        A message whose client-supplied `id` was stored within the dedup window
+        is not stored again (`Published.duplicate` is True). Waits (does not
+        fail) while the engine's pending window is full.
+        """
+        self._check_open()
+        out = self._out(topic, data, key, headers, id)
+        await self._window.acquire(1)
+        try:
+            return (await self.engine.append([out]))[0]
+        finally:
+            self._window.release(1)
+
+    async def publish_many(
+        self, topic: str, items: Iterable[object], *, key: str | None = None
+    ) -> list[Published]:
+        """Store a batch atomically: all of it or none of it.
+
+        Items are payloads, or dicts `{"data": ..., "key"?, "headers"?, "id"?,
+        "topic"?}` when wrapped with `tidings.envelope(...)`.
+        """
+        self._check_open()
+        batch = []
+        for item in items:
+            if isinstance(item, _Envelope):
+                batch.append(
+                    self._out(item.topic or topic, item.data, item.key if item.key is not None
+                              else key, item.headers, item.id)
+                )
+            else:
+                batch.append(self._out(topic, item, key, None, None))
+        if not batch:
+            return []
+        await self._window.acquire(len(batch))
+        try:
+            return await self.engine.append(batch)
+        finally:
+            self._window.release(len(batch))
+
+    # subscribing ---------------------------------------------------------------
+    async def _resolve_start(self, start: Start) -> int:
+        if isinstance(start, bool):
+            raise InvalidArgument("start must be 'beginning', 'end', a position or a datetime")
+        if isinstance(start, int):
+            if start < 0:
+                raise InvalidArgument("a start position must be >= 0")
+            return max(0, start - 1)
+        if isinstance(start, datetime):
+            return await self.engine.position_before(start.timestamp())
+        if start == "beginning":
+            return 0
+        if start == "end":
+            return await self.engine.last_position()
+        if isinstance(start, str):
+            if start.isdigit():
+                return max(0, int(start) - 1)
+            try:
+                when = datetime.fromisoformat(start)
+            except ValueError:
+                pass
+            else:
+                if when.tzinfo is None:
+                    from datetime import UTC
+
+                    when = when.replace(tzinfo=UTC)
+                return await self.engine.position_before(when.timestamp())
+        raise InvalidArgument(
+            f"start {start!r} is not understood; use 'beginning', 'end', a position (int) "
+            "or a time (datetime or ISO 8601 string)"
+        )
+
+    async def subscribe(
+        self,
+        pattern: str,
+        *,
+        group: str,
+        start: Start = "beginning",
+        ack_wait: float = 30.0,
+        max_deliver: int = 5,
+        dead_letter: str | None = None,
+        ordered: bool = False,
+        max_in_flight: int = 100,
+        batch: int | None = None,
+    ) -> Subscription:
+        """Attach a consumer to the durable subscription `group` over `pattern`.
+
+        Every subscription gets every matching message; consumers of one
+        subscription share them. `start` applies when the subscription is
+        first created; afterwards it resumes where it was acked. The default
+        dead-letter topic is `$dlq.<group>`.
+        """
+        self._check_open()
+        spec = self._spec(pattern, group, ack_wait, max_deliver, dead_letter, ordered,
+                          max_in_flight)
+        start_after = await self._resolve_start(start)
+        handle = await self.engine.subscribe(spec, start_after)
+        sub = Subscription(self.engine, handle, spec, batch or max_in_flight)
+        self._subs.add(sub)
+        return sub
+
+    @staticmethod
+    def _spec(pattern: str, group: str, ack_wait: float, max_deliver: int,
+              dead_letter: str | None, ordered: bool, max_in_flight: int) -> SubscriptionSpec:
+        _topics.validate_pattern(pattern)
+        if not isinstance(group, str) or not _topics.is_token(group):
+            raise InvalidArgument(
+                f"group {group!r} must be one token of letters, digits, '_' or '-'"
+            )
+        if not ack_wait > 0:
+            raise InvalidArgument("ack_wait must be > 0 seconds")
+        if not isinstance(max_deliver, int) or max_deliver < 1:
+            raise InvalidArgument("max_deliver must be an int >= 1")
+        if not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise InvalidArgument("max_in_flight must be an int >= 1")
+        if dead_letter is None:
+            dead_letter = f"$dlq.{group}"
+        _topics.validate_topic(dead_letter)
+        if _topics.matches(pattern, dead_letter):
+            raise InvalidArgument(
+                f"dead-letter topic {dead_letter!r} matches the subscription's own pattern "
+                f"{pattern!r}; choose a topic outside it"
+            )
+        return SubscriptionSpec(group, pattern, float(ack_wait), max_deliver, dead_letter,
+                                bool(ordered), max_in_flight)
+
+    def subscriber(
+        self,
+        pattern: str,
+        *,
+        group: str,
+        concurrency: int = 1,
+        retry_backoff: float = 0.1,
+        **options: Any,
+    ) -> Callable[[F], F]:
+        """Register an async handler run by `hub.run()`: acked on return, nacked on error.
+
+        A failing message is retried with exponential backoff (`retry_backoff`
+        doubled per attempt) until `max_deliver`, then dead-lettered. At most
+        `concurrency` messages are handled at once, so a slow handler is fed at
+        its own pace.
+        """
+        self._spec(pattern, group, options.get("ack_wait", 30.0), options.get("max_deliver", 5),
+                   options.get("dead_letter"), options.get("ordered", False),
+                   options.get("max_in_flight", 100))
+        if concurrency < 1:
+            raise InvalidArgument("concurrency must be >= 1")
+
+        def register(fn: F) -> F:
+            self._handlers.append(
+                Handler.build(fn, pattern, group, options, concurrency, retry_backoff)
+            )
+            return fn
+
+        return register
+
+    async def run(self) -> None:
+        """Run every registered subscriber until the hub closes or this task is cancelled."""
+        self._check_open()
+        if not self._handlers:
+            raise InvalidArgument("no subscribers registered; decorate handlers with @hub.subscriber")
+        tasks = []
+        for h in self._handlers:
+            opts = dict(h.options)
+            opts.setdefault("max_in_flight", max(h.concurrency, 1))
+            sub = await self.subscribe(h.pattern, group=h.group, **opts)
+            tasks.append(asyncio.create_task(h.run(sub), name=f"tidings:{h.group}:{h.pattern}"))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # replay ----------------------------------------------------------------------
+    def read(
+        self,
+        pattern: str,
+        *,
+        start: Start = "beginning",
+        stop: int | datetime | str | None = None,
+        follow: bool = False,
+        page: int = 1000,
+    ) -> AsyncIterator[Message]:
+        """Replay stored messages matching `pattern`, in position order, without a subscription.
+
+        `start` is 'beginning', 'end', a position (inclusive) or a time.
+        Ends at the last message stored when called, or at `stop` (a position,
+        inclusive, or a time, exclusive); with `follow=True` it keeps tailing.
+        """
+        self._check_open()
+        _topics.validate_pattern(pattern)
+        if page < 1:
+            raise InvalidArgument("page must be >= 1")
+        return self._read(pattern, start, stop, follow, page)
+
+    async def _read(
+        self, pattern: str, start: Start, stop: int | datetime | str | None, follow: bool,
+        page: int,
+    ) -> AsyncIterator[Message]:
+        engine = self.engine
+        after = await self._resolve_start(start)
+        end: int | None
+        if stop is None:
+            end = None if follow else await engine.last_position()
+        elif isinstance(stop, int) and not isinstance(stop, bool):
+            end = stop
+        elif isinstance(stop, str) and stop.isdigit():
+            end = int(stop)
+        elif isinstance(stop, (str, datetime)):
+            end = await self._resolve_start(stop)
+        else:
+            raise InvalidArgument("stop must be a position, a datetime or an ISO 8601 string")
+        while True:
+            self._check_open()
+            changed = engine.changes()
+            batch = await engine.read(pattern, after, end, page)
+            for m in batch:
+                yield m
+            if batch:
+                after = batch[-1].position
+                continue
+            if not follow or (end is not None and after >= end):
+                return
+            await engine.wait(changed, 1.0)
+
+    # retention ---------------------------------------------------------------------
+    async def set_retention(
+        self,
+        topic: str,
+        *,
+        max_age: float | None = None,
+        max_messages: int | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
+        """Keep at most this much of `topic`; older messages are trimmed by `trim()`.
+
+        Messages still unacked in a subscription are never trimmed.
+        """
+        self._check_open()
+        _topics.validate_topic(topic)
+        for name, v in (("max_age", max_age), ("max_messages", max_messages),
+                        ("max_bytes", max_bytes)):
+            if v is not None and (isinstance(v, bool) or v < 0):
+                raise InvalidArgument(f"{name} must be >= 0 or None")
+        await self.engine.set_retention(topic, Retention(max_age, max_messages, max_bytes))
+
+    async def trim(self) -> int:
+        """Apply retention limits now; returns how many messages were removed."""
+        self._check_open()
+        return await self.engine.trim(time.time())
+
+    # introspection ---------------------------------------------------------------
+    async def topics(self) -> list[dict[str, Any]]:
+        """Topics with message counts, and subscriptions with their lag."""
+        self._check_open()
+        subs = await self.engine.subscriptions()
+        out = []
+        for t in await self.engine.topics():
+            out.append({
+                "topic": t.topic, "messages": t.messages, "bytes": t.bytes,
+                "first_position": t.first_position, "last_position": t.last_position,
+                "subscriptions": [
+                    {"group": s.group, "pattern": s.pattern, "lag": s.lag,
+                     "pending": s.pending, "in_flight": s.in_flight}
+                    for s in subs if _topics.matches(s.pattern, t.topic)
+                ],
+            })
+        return out
+
+    # lifecycle -------------------------------------------------------------------
+    async def close(self) -> None:
+        """Flush acks, stop consumers and close the engine; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for sub in list(self._subs):
+            with contextlib.suppress(Exception):
+                await sub.close()
+        await self.engine.close()
+
+    async def __aenter__(self) -> Hub:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<tidings.Hub {self.url} {'closed' if self._closed else 'open'}>"
+
+
+class _Envelope:
+    """A message with its own key, headers, id or topic, for `publish_many`."""
+
+    __slots__ = ("data", "headers", "id", "key", "topic")
+
+    def __init__(self, data: object, *, key: str | None = None,
+                 headers: Mapping[str, str] | None = None, id: str | None = None,
+                 topic: str | None = None) -> None:
+        self.data = data
+        self.key = key
+        self.headers = headers
+        self.id = id
+        self.topic = topic
+
+
+def envelope(data: object, *, key: str | None = None, headers: Mapping[str, str] | None = None,
+             id: str | None = None, topic: str | None = None) -> _Envelope:
+    """Wrap a payload with per-message key/headers/id/topic for `hub.publish_many`."""
+    return _Envelope(data, key=key, headers=headers, id=id, topic=topic)
+
+
+_ = (TEXT, ClosedError)

@@ -1,0 +1,256 @@
+"""Messages: the envelope every pattern shares, ids, and payload codecs.
+
+Data is always bytes on the wire and in storage. `encode` turns a typed
+payload into bytes plus a `content-type`; `Message.decode` turns it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+
+import msgspec
+
+from .errors import DecodeError, InvalidArgument
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = [
+    "JSON",
+    "OCTETS",
+    "TEXT",
+    "Message",
+    "OutMessage",
+    "Published",
+    "decode_data",
+    "encode_data",
+    "new_id",
+]
+
+T = TypeVar("T")
+
+JSON = "application/json"
+TEXT = "text/plain; charset=utf-8"
+OCTETS = "application/octet-stream"
+
+_json_encode = msgspec.json.Encoder().encode
+_json_decode = msgspec.json.Decoder().decode
+
+# Ids: a per-process random prefix plus a counter. Unique without coordination
+# and ~20x cheaper than uuid4 on the publish hot path.
+_PREFIX = os.urandom(9).hex()
+_COUNTER = itertools.count(1)
+
+
+def new_id() -> str:
+    """A new message id, unique across processes and restarts."""
+    return f"{_PREFIX}{next(_COUNTER):x}"
+
+
+class Published(msgspec.Struct, frozen=True):
+    """What a publish stored: the message's position, id, and whether it was a duplicate."""
+
+    position: int
+    id: str
+    duplicate: bool = False
+
+
+class OutMessage(msgspec.Struct, array_like=True, gc=False):
+    """A message on its way into an engine (already encoded and validated)."""
+
+    id: str
+    topic: str
+    key: str | None
+    data: bytes
+    headers: dict[str, str] | None
+    #: True when the caller chose the id, so the engine must deduplicate it.
+    client_id: bool = False
+
+
+class _Settler(Protocol):
+    def _settle(self, msg: Message, kind: str, delay: float) -> None: ...
+
+
+def encode_data(data: object) -> tuple[bytes, str]:
+    """Encode a payload to bytes and name its content type.
+
+    bytes stay bytes, str is UTF-8 text, dict/list/numbers and msgspec
+    Structs, dataclasses and pydantic models are JSON.
+    """
+    if isinstance(data, bytes):
+        return data, OCTETS
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data), OCTETS
+    if isinstance(data, str):
+        return data.encode(), TEXT
+    dump = getattr(data, "model_dump_json", None)
+    if dump is not None and not isinstance(data, type):  # pydantic v2 model
+        return dump().encode(), JSON
+    try:
+        return _json_encode(data), JSON
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise DecodeError(
+            f"cannot encode {type(data).__name__} as a message payload ({exc}); pass bytes, "
+            "str, JSON-able values, a dataclass, a msgspec.Struct or a pydantic model"
+        ) from None
+
+
+@overload
+def decode_data(data: bytes, content_type: str | None, type: None = None) -> Any: ...
+@overload
+def decode_data(data: bytes, content_type: str | None, type: type[T]) -> T: ...
+def decode_data(data: bytes, content_type: str | None, type: Any = None) -> Any:
+    """Decode bytes by content type, or into `type` (JSON for structured types)."""
+    try:
+        if type is None:
+            if content_type is None or content_type.startswith(OCTETS):
+                return data
+            if content_type.startswith("application/json") or content_type.endswith("+json"):
+                return _json_decode(data)
+            if content_type.startswith("text/"):
+                return data.decode()
+            return data
+        if type is bytes:
+            return data
+        if type is str:
+            return data.decode()
+        validate = getattr(type, "model_validate_json", None)
+        if validate is not None:  # pydantic v2 model
+            return validate(data)
+        return msgspec.json.decode(data, type=type)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError) as exc:
+        name = getattr(type, "__name__", None) or content_type or "bytes"
+        raise DecodeError(
+            f"cannot decode message data as {name}: {exc}; check the publisher's "
+            "payload type or decode with msg.decode(bytes) to inspect it raw"
+        ) from None
+
+
+class Message:
+    """A delivered or replayed message: an immutable envelope plus settle methods.
+
+    Delivered at least once: settle each message with `ack`, `nack` or `term`;
+    an unsettled one comes back after the subscription's `ack_wait`.
+    """
+
+    __slots__ = (
+        "_settled",
+        "_sub",
+        "attempt",
+        "data",
+        "headers",
+        "id",
+        "key",
+        "position",
+        "timestamp",
+        "topic",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        topic: str,
+        key: str | None,
+        data: bytes,
+        headers: Mapping[str, str],
+        timestamp: float,
+        position: int,
+        attempt: int = 0,
+        sub: _Settler | None = None,
+    ) -> None:
+        self.id = id
+        self.topic = topic
+        self.key = key
+        self.data = data
+        self.headers = headers
+        self.timestamp = timestamp
+        self.position = position
+        self.attempt = attempt
+        self._sub = sub
+        self._settled = False
+
+    @property
+    def time(self) -> datetime:
+        """When the engine stored the message (UTC)."""
+        return datetime.fromtimestamp(self.timestamp, UTC)
+
+    @property
+    def content_type(self) -> str | None:
+        return self.headers.get("content-type")
+
+    @overload
+    def decode(self, type: None = None) -> Any: ...
+    @overload
+    def decode(self, type: type[T]) -> T: ...
+    def decode(self, type: Any = None) -> Any:
+        """The payload: JSON value, str or bytes by content type, or an instance of `type`."""
+        return decode_data(self.data, self.headers.get("content-type"), type)
+
+    def _do(self, kind: str, delay: float = 0.0) -> None:
+        if self._sub is None:
+            raise InvalidArgument(
+                "this message was read by replay (hub.read), not delivered by a subscription; "
+                "there is nothing to ack"
+            )
+        if self._settled:
+            return  # settling twice is harmless: the first decision stands
+        self._settled = True
+        self._sub._settle(self, kind, delay)
+
+    async def ack(self) -> None:
+        """Mark the message done for this subscription; it will not be delivered again."""
+        self._do("ack")
+
+    async def nack(self, delay: float = 0.0) -> None:
+        """Ask for redelivery after `delay` seconds (counts as an attempt)."""
+        if delay < 0:
+            raise InvalidArgument("nack delay must be >= 0 seconds")
+        self._do("nack", delay)
+
+    async def term(self) -> None:
+        """Stop redelivering; the message goes to the dead-letter topic if one is set."""
+        self._do("term")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able view (data as text when it is text, else base64 under `data_b64`)."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "topic": self.topic,
+            "key": self.key,
+            "position": self.position,
+            "time": self.time.isoformat(),
+            "headers": dict(self.headers),
+        }
+        if self.attempt:
+            out["attempt"] = self.attempt
+        ct = self.headers.get("content-type") or ""
+        if ct.startswith("application/json"):
+            try:
+                out["data"] = _json_decode(self.data)
+                return out
+            except msgspec.DecodeError:
+                pass
+        try:
+            out["data"] = self.data.decode() if ct.startswith("text/") or not ct else None
+        except UnicodeDecodeError:
+            out["data"] = None
+        if out["data"] is None:
+            import base64
+
+            out["data_b64"] = base64.b64encode(self.data).decode()
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"Message(topic={self.topic!r}, position={self.position}, id={self.id!r}, "
+            f"key={self.key!r}, attempt={self.attempt}, data={self.data[:40]!r})"
+        )
+
+
+def is_dataclass_instance(obj: object) -> bool:
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)

@@ -1,0 +1,209 @@
+"""Pub/sub: durable subscriptions, competing consumers, handlers and their runner.
+
+Delivered at least once: a message comes back after `ack_wait` until it is
+acked, and goes to the dead-letter topic after `max_deliver` attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, get_type_hints
+
+from .engines.base import Engine, Settle
+from .engines.delivery import SubscriptionSpec
+from .errors import ClosedError
+from .messages import Message
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = ["Handler", "Subscription"]
+
+log = logging.getLogger("tidings.pubsub")
+
+#: How long an idle consumer sleeps at most between looks (a safety net under wake-ups).
+IDLE_CHECK = 1.0
+
+
+class Subscription:
+    """One consumer attached to a durable subscription (`group` + pattern).
+
+    Consumers of the same subscription share its messages; every subscription
+    gets every message. Never holds more than `max_in_flight` unacked messages.
+    """
+
+    def __init__(self, engine: Engine, handle: Any, spec: SubscriptionSpec, batch: int) -> None:
+        self._engine = engine
+        self._handle = handle
+        self.spec = spec
+        self._batch = max(1, min(batch, spec.max_in_flight))
+        self._buf: deque[Message] = deque()
+        self._settles: list[Settle] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def group(self) -> str:
+        return self.spec.group
+
+    @property
+    def pattern(self) -> str:
+        return self.spec.pattern
+
+    def _settle(self, msg: Message, kind: str, delay: float) -> None:
+        self._settles.append(Settle(msg.position, kind, delay))  # type: ignore[arg-type]
+        if self._flushing is None:
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # let a burst of acks gather into one write
+        self._flushing = None
+        items, self._settles = self._settles, []
+        if items:
+            await self._engine.settle(self._handle, items, time.time())
+
+    async def flush(self) -> None:
+        """Wait until every ack/nack/term made so far has reached the engine."""
+        task = self._flushing
+        if task is not None:
+            await task
+        items, self._settles = self._settles, []
+        if items:
+            await self._engine.settle(self._handle, items, time.time())
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Message:
+        while True:
+            if self._buf:
+                return self._buf.popleft()
+            if self._closed:
+                raise StopAsyncIteration
+            await self._fill()
+
+    async def fetch(self, max: int = 100, wait: float | None = None) -> list[Message]:
+        """Claim up to `max` messages now, waiting up to `wait` seconds for the first."""
+        deadline = None if wait is None else time.monotonic() + wait
+        while not self._buf and not self._closed:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            await self._fill(remaining, limit=max)
+        out = []
+        while self._buf and len(out) < max:
+            out.append(self._buf.popleft())
+        return out
+
+    async def _fill(self, timeout: float | None = None, limit: int | None = None) -> None:
+        engine = self._engine
+        changed = engine.changes()
+        settles, self._settles = self._settles, []
+        n = self._batch if limit is None else max(1, min(limit, self._batch))
+        now = time.time()
+        msgs, next_due = await engine.fetch(self._handle, n, now, settles)
+        if msgs:
+            for m in msgs:
+                m._sub = self
+            self._buf.extend(msgs)
+            return
+        wait = IDLE_CHECK if next_due is None else max(0.0, min(IDLE_CHECK, next_due - now))
+        if timeout is not None:
+            wait = min(wait, timeout)
+        await engine.wait(changed, wait)
+
+    async def close(self) -> None:
+        """Stop consuming; settled messages are flushed, buffered ones return after ack_wait."""
+        if self._closed:
+            return
+        self._closed = True
+        self._buf.clear()
+        await self.flush()
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+@dataclass(slots=True)
+class Handler:
+    """A function registered with `hub.subscriber`, run by `hub.run()`."""
+
+    fn: Callable[[Any], Awaitable[Any]]
+    pattern: str
+    group: str
+    options: dict[str, Any]
+    concurrency: int
+    retry_backoff: float
+    decode_as: Any = None
+
+    @classmethod
+    def build(cls, fn: Callable[[Any], Awaitable[Any]], pattern: str, group: str,
+              options: dict[str, Any], concurrency: int, retry_backoff: float) -> Handler:
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"subscriber {fn.__name__!r} must be an async function")
+        decode_as = None
+        params = list(inspect.signature(fn).parameters.values())
+        if params:
+            try:
+                hint = get_type_hints(fn).get(params[0].name)
+            except Exception:  # unresolvable annotations: pass the Message
+                hint = None
+            if hint is not None and hint is not Message and hint is not Any:
+                decode_as = hint
+        return cls(fn, pattern, group, options, concurrency, retry_backoff, decode_as)
+
+    def backoff(self, attempt: int) -> float:
+        """Exponential backoff for a failed attempt (capped at a minute)."""
+        return float(min(60.0, self.retry_backoff * (2 ** max(0, attempt - 1))))
+
+    async def run(self, sub: Subscription) -> None:
+        """Feed the handler at its own pace: at most `concurrency` messages at once."""
+        slots = asyncio.Semaphore(self.concurrency)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            async for msg in sub:
+                await slots.acquire()
+                t = asyncio.create_task(self._one(msg, slots))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+        finally:
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _one(self, msg: Message, slots: asyncio.Semaphore) -> None:
+        try:
+            arg = msg if self.decode_as is None else msg.decode(self.decode_as)
+            await self.fn(arg)
+        except asyncio.CancelledError:
+            await msg.nack()
+            raise
+        except Exception:
+            delay = self.backoff(msg.attempt)
+            log.exception(
+                "subscriber %s failed on %s position %d (attempt %d); retrying in %.2fs",
+                getattr(self.fn, "__name__", self.fn), msg.topic, msg.position, msg.attempt,
+                delay,
+            )
+            await msg.nack(delay)
+        else:
+            await msg.ack()
+        finally:
+            slots.release()
+
+
+def closed_error() -> ClosedError:
+    return ClosedError("this hub is closed; open a new one with `await tidings.connect(url)`")
