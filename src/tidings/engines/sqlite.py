@@ -1,0 +1,811 @@
+"""`sqlite:///path.db`: the embedded engine — one file, no server, several processes.
+
+WAL mode, so readers never block the writer. All writes of a process go
+through one writer thread that group-commits whatever is queued into one
+transaction (each request in its own savepoint, so one failing request
+leaves the others intact). Other processes sharing the file take turns on
+SQLite's write lock (`BEGIN IMMEDIATE` with a busy timeout) and notice each
+other's commits with a cheap `PRAGMA data_version` poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time as _time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+import msgspec
+
+from .. import topics as _topics
+from ..errors import EngineUnavailable, InvalidArgument
+from ..messages import Message, OutMessage, Published, new_id
+from .base import Engine, Retention, Settle, SubscriptionInfo, TopicInfo
+from .delivery import Pending, SubscriptionSpec, dead_letter_headers, plan_fetch
+
+__all__ = ["SqliteEngine", "Tx"]
+
+T = TypeVar("T")
+
+_enc_headers = msgspec.json.Encoder().encode
+_dec_headers = msgspec.json.Decoder(dict[str, str]).decode
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS tidings_meta (
+        name TEXT PRIMARY KEY, value ANY) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS tidings_topics (
+        id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, retention TEXT)""",
+    # position is assigned by the writer from tidings_meta.position, so it never
+    # goes backwards or gets reused, even after the newest rows are trimmed.
+    """CREATE TABLE IF NOT EXISTS tidings_messages (
+        position INTEGER PRIMARY KEY,
+        topic_id INTEGER NOT NULL,
+        id TEXT NOT NULL,
+        key TEXT,
+        time REAL NOT NULL,
+        headers BLOB,
+        data BLOB NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS tidings_messages_topic ON tidings_messages (topic_id, position)",
+    """CREATE TABLE IF NOT EXISTS tidings_message_ids (
+        id TEXT PRIMARY KEY, position INTEGER NOT NULL, time REAL NOT NULL) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS tidings_subscriptions (
+        id INTEGER PRIMARY KEY, grp TEXT NOT NULL, pattern TEXT NOT NULL,
+        spec TEXT NOT NULL, cursor INTEGER NOT NULL, UNIQUE (grp, pattern))""",
+    """CREATE TABLE IF NOT EXISTS tidings_pending (
+        sub_id INTEGER NOT NULL, position INTEGER NOT NULL, key TEXT,
+        attempt INTEGER NOT NULL, due REAL NOT NULL,
+        PRIMARY KEY (sub_id, position)) WITHOUT ROWID""",
+]
+
+_MSG_COLS = "position, topic_id, id, key, time, headers, data"
+
+
+def _connect(path: str, *, writer: bool) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA busy_timeout = 30000")
+    if writer:
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA foreign_keys = OFF")
+    return conn
+
+
+class Tx:
+    """One writer transaction, handed to functions run by `SqliteEngine.transact`.
+
+    Functions run on the writer thread inside the group commit (each in a
+    savepoint); they may call `append` to publish messages atomically with
+    their own writes, and `execute` for their own tables.
+    """
+
+    def __init__(self, engine: SqliteEngine, conn: sqlite3.Connection, now: float) -> None:
+        self.engine = engine
+        self.conn = conn
+        self.now = now
+        self._position: int | None = None
+        self._dirty = False
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, params)
+
+    def _next_positions(self, n: int) -> int:
+        """Reserve `n` positions; returns the first."""
+        if self._position is None:
+            row = self.conn.execute(
+                "SELECT value FROM tidings_meta WHERE name = 'position'"
+            ).fetchone()
+            self._position = int(row[0]) if row else 0
+        first = self._position + 1
+        self._position += n
+        self._dirty = True
+        return first
+
+    def _finish(self) -> None:
+        if self._dirty:
+            self.conn.execute(
+                "INSERT INTO tidings_meta (name, value) VALUES ('position', ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (self._position,),
+            )
+
+    def append(self, messages: Sequence[OutMessage]) -> list[Published]:
+        """Store messages in this transaction (deduplicating client ids)."""
+        engine = self.engine
+        conn = self.conn
+        now = self.now
+        out: list[Published] = []
+        rows = []
+        id_rows = []
+        seen: dict[str, int] = {}
+        horizon = now - engine.dedup_window
+        todo = []
+        for m in messages:
+            if m.client_id:
+                if m.id in seen:
+                    out.append(Published(seen[m.id], m.id, True))
+                    continue
+                known = conn.execute(
+                    "SELECT position, time FROM tidings_message_ids WHERE id = ?", (m.id,)
+                ).fetchone()
+                if known is not None and known[1] >= horizon:
+                    out.append(Published(known[0], m.id, True))
+                    continue
+                seen[m.id] = -1
+            todo.append(m)
+            out.append(None)  # type: ignore[arg-type]
+        if todo:
+            pos = self._next_positions(len(todo))
+            topic_id = engine._topic_id
+            i = 0
+            for j, p in enumerate(out):
+                if p is not None:
+                    continue
+                m = todo[i]
+                i += 1
+                rows.append((pos, topic_id(conn, m.topic), m.id, m.key, now,
+                             _enc_headers(m.headers) if m.headers else None, m.data))
+                if m.client_id:
+                    id_rows.append((m.id, pos, now))
+                    seen[m.id] = pos
+                out[j] = Published(pos, m.id, False)
+                pos += 1
+            conn.executemany(
+                f"INSERT INTO tidings_messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows
+            )
+            if id_rows:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO tidings_message_ids (id, position, time) "
+                    "VALUES (?, ?, ?)",
+                    id_rows,
+                )
+            # duplicates inside this very batch point at the first copy
+            for j, p in enumerate(out):
+                if p.duplicate and p.position == -1:
+                    out[j] = Published(seen[p.id], p.id, True)
+        return out
+
+
+class _Job:
+    __slots__ = ("durable", "fn", "future", "result")
+
+    def __init__(self, fn: Callable[[Tx], Any], future: asyncio.Future[Any], durable: bool):
+        self.fn = fn
+        self.future = future
+        self.durable = durable
+        self.result: Any = None
+
+
+_STOP = object()
+
+
+class SqliteEngine(Engine):
+    """The embedded engine on one SQLite file (WAL, group commit, multi-process).
+
+    `durability="full"` (default) fsyncs every commit that stores messages, so
+    an acknowledged publish survives power loss; `"normal"` relies on the OS
+    (survives a process crash, not a power cut). Delivery bookkeeping (fetch,
+    ack) always commits with NORMAL: losing it only means a redelivery.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        url: str | None = None,
+        durability: str = "full",
+        dedup_window: float | str = 120.0,
+        poll_interval: float | str = 0.005,
+        max_batch: int | str = 2000,
+    ) -> None:
+        super().__init__()
+        if durability not in ("full", "normal"):
+            raise InvalidArgument(
+                f"durability must be 'full' or 'normal', got {durability!r}"
+            )
+        self.path = path
+        self.url = url or f"sqlite:///{path}"
+        self.durability = durability
+        self.dedup_window = float(dedup_window)
+        self.poll_interval = float(poll_interval)
+        self.max_batch = int(max_batch)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._reader_lock = threading.Lock()
+        self._topic_ids: dict[str, int] = {}
+        self._topic_names: dict[int, str] = {}
+        self._topic_known = 0
+        self._topic_lock = threading.RLock()
+        self._new_topics: list[tuple[str, int]] = []  # created in the open transaction
+        self._poller: asyncio.Task[None] | None = None
+        self._closed = False
+        self._synchronous: str | None = None
+        self._last_prune = 0.0
+
+    # lifecycle ---------------------------------------------------------------
+    async def open(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            raise EngineUnavailable(
+                f"cannot open {self.url!r}: directory {directory!r} does not exist; create it "
+                "first or point the URL at an existing folder"
+            )
+        self._loop = asyncio.get_running_loop()
+        try:
+            conn = _connect(self.path, writer=True)
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if mode != "wal":
+                raise EngineUnavailable(f"cannot put {self.path!r} in WAL mode (got {mode})")
+            conn.execute("BEGIN IMMEDIATE")
+            for ddl in SCHEMA:
+                conn.execute(ddl)
+            conn.execute("COMMIT")
+            self._new_topics.clear()
+        except sqlite3.Error as exc:
+            raise EngineUnavailable(
+                f"cannot open {self.url!r}: {exc}; check the path and its permissions"
+            ) from None
+        self._readers = ThreadPoolExecutor(2, thread_name_prefix="tidings-sqlite-read")
+        self._thread = threading.Thread(
+            target=self._writer, args=(conn,), name="tidings-sqlite-writer", daemon=True
+        )
+        self._thread.start()
+        self._watch_conn = _connect(self.path, writer=False)
+        self._data_version = self._watch_conn.execute("PRAGMA data_version").fetchone()[0]
+        self._poller = asyncio.create_task(self._poll(), name="tidings-sqlite-poll")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            await asyncio.to_thread(self._thread.join)
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
+        for c in self._reader_conns:
+            c.close()
+        self._watch_conn.close()
+        self._notify()
+
+    # the writer ----------------------------------------------------------------
+    def _writer(self, conn: sqlite3.Connection) -> None:
+        q = self._queue
+        loop = self._loop
+        assert loop is not None
+        while True:
+            first = q.get()
+            if first is _STOP:
+                break
+            jobs: list[_Job] = [first]
+            stop = False
+            while len(jobs) < self.max_batch:
+                try:
+                    nxt = q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                jobs.append(nxt)
+            self._commit(conn, jobs)
+            loop.call_soon_threadsafe(self._resolve, jobs)
+            if stop:
+                break
+        conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        durable = self.durability == "full" and any(j.durable for j in jobs)
+        sync = "FULL" if durable else "NORMAL"
+        try:
+            if sync != self._synchronous:
+                conn.execute(f"PRAGMA synchronous = {sync}")
+                self._synchronous = sync
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            err = EngineUnavailable(f"cannot start a write on {self.url!r}: {exc}")
+            for j in jobs:
+                j.result = err
+            return
+        tx = Tx(self, conn, self._now(conn))
+        single = len(jobs) == 1
+        for j in jobs:
+            if single:
+                try:
+                    j.result = (True, j.fn(tx))
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    j.result = exc
+                continue
+            conn.execute("SAVEPOINT job")
+            try:
+                j.result = (True, j.fn(tx))
+                conn.execute("RELEASE job")
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+                self._forget_new_topics()
+                j.result = exc
+        try:
+            if single and isinstance(jobs[0].result, BaseException):
+                conn.execute("ROLLBACK")
+                self._forget_new_topics()
+                return
+            tx._finish()
+            if tx.now - self._last_prune > 10.0:
+                self._last_prune = tx.now
+                conn.execute(
+                    "DELETE FROM tidings_message_ids WHERE time < ?",
+                    (tx.now - self.dedup_window,),
+                )
+            conn.execute("COMMIT")
+            self._new_topics.clear()
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._forget_new_topics()
+            err = EngineUnavailable(f"commit to {self.url!r} failed: {exc}")
+            for j in jobs:
+                j.result = err
+
+    def _now(self, conn: sqlite3.Connection) -> float:
+        """Commit time, never earlier than the last stored message's (time order = log order)."""
+        now = _time.time()
+        row = conn.execute("SELECT max(time) FROM tidings_messages "
+                           "WHERE position = (SELECT max(position) FROM tidings_messages)").fetchone()
+        if row and row[0] is not None and row[0] > now:
+            return float(row[0])
+        return now
+
+    def _resolve(self, jobs: list[_Job]) -> None:
+        stored = False
+        for j in jobs:
+            if j.future.cancelled():
+                continue
+            r = j.result
+            if isinstance(r, tuple):
+                j.future.set_result(r[1])
+                stored = True
+            elif isinstance(r, sqlite3.Error):
+                j.future.set_exception(EngineUnavailable(f"{self.url}: {r}"))
+            else:
+                j.future.set_exception(r)
+        if stored:
+            self._notify()
+
+    async def transact(self, fn: Callable[[Tx], T], *, durable: bool = True) -> T:
+        """Run `fn(tx)` on the writer thread inside a group-committed transaction.
+
+        All of `fn`'s writes commit together or not at all; the call returns
+        after the commit (fsynced when `durable` and durability is 'full').
+        """
+        if self._closed:
+            raise EngineUnavailable("the SQLite engine is closed")
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put(_Job(fn, fut, durable))
+        return await fut
+
+    # topic ids (cached; read or created on the writer thread) --------------------
+    def _topic_id(self, conn: sqlite3.Connection, name: str) -> int:
+        tid = self._topic_ids.get(name)
+        if tid is not None:
+            return tid
+        row = conn.execute("SELECT id FROM tidings_topics WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            cur = conn.execute("INSERT INTO tidings_topics (name) VALUES (?)", (name,))
+            tid = int(cur.lastrowid or 0)
+            self._new_topics.append((name, tid))
+        else:
+            tid = int(row[0])
+        with self._topic_lock:
+            self._topic_ids[name] = tid
+            self._topic_names[tid] = name
+        return tid
+
+    def _forget_new_topics(self) -> None:
+        """A rollback undid topic rows created since the last commit: drop them from the cache."""
+        with self._topic_lock:
+            for name, tid in self._new_topics:
+                self._topic_ids.pop(name, None)
+                self._topic_names.pop(tid, None)
+                self._topic_known = min(self._topic_known, tid - 1)
+            self._new_topics.clear()
+
+    def _refresh_topics(self, conn: sqlite3.Connection) -> dict[int, str]:
+        rows = conn.execute(
+            "SELECT id, name FROM tidings_topics WHERE id > ?", (self._topic_known,)
+        ).fetchall()
+        if rows:
+            with self._topic_lock:
+                for tid, name in rows:
+                    self._topic_ids[name] = tid
+                    self._topic_names[tid] = name
+                    self._topic_known = max(self._topic_known, tid)
+        return self._topic_names
+
+    def _matching_ids(self, conn: sqlite3.Connection, pattern: str) -> list[int]:
+        self._refresh_topics(conn)
+        rx = _topics.matcher(pattern)
+        with self._topic_lock:
+            return [tid for tid, name in self._topic_names.items() if rx.match(name)]
+
+    # the log -----------------------------------------------------------------
+    async def append(self, messages: Sequence[OutMessage]) -> list[Published]:
+        return await self.transact(lambda tx: tx.append(messages), durable=True)
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path, writer=False)
+            self._local.conn = conn
+            with self._reader_lock:
+                self._reader_conns.append(conn)
+        return conn
+
+    async def _read_op(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed or self._readers is None:
+            raise EngineUnavailable("the SQLite engine is closed")
+
+        def run() -> T:
+            conn = self._reader()
+            conn.execute("BEGIN")  # one consistent snapshot for the whole read
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("COMMIT")
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._readers, run)
+        except sqlite3.Error as exc:
+            raise EngineUnavailable(f"read from {self.url!r} failed: {exc}") from None
+
+    def _messages(self, rows: Sequence[tuple[Any, ...]], attempts: dict[int, int] | None = None,
+                  ) -> list[Message]:
+        names = self._topic_names
+        out = []
+        for position, topic_id, id, key, ts, headers, data in rows:
+            out.append(Message(
+                id, names[topic_id], key, data,
+                _dec_headers(headers) if headers else {}, ts, position,
+                attempts.get(position, 0) if attempts else 0,
+            ))
+        return out
+
+    def _scan(self, conn: sqlite3.Connection, pattern: str, after: int, stop: int | None,
+              limit: int) -> list[tuple[Any, ...]]:
+        ids = self._matching_ids(conn, pattern)
+        if not ids:
+            return []
+        sql = f"SELECT {_MSG_COLS} FROM tidings_messages WHERE position > ?"
+        params: list[Any] = [after]
+        if stop is not None:
+            sql += " AND position <= ?"
+            params.append(stop)
+        if len(ids) < len(self._topic_names):
+            sql += f" AND topic_id IN ({','.join(map(str, ids))})"
+        sql += " ORDER BY position LIMIT ?"
+        params.append(limit)
+        return conn.execute(sql, params).fetchall()
+
+    async def read(self, pattern: str, after: int, stop: int | None, limit: int) -> list[Message]:
+        def op(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return self._scan(conn, pattern, after, stop, limit)
+
+        rows = await self._read_op(op)
+        return self._messages(rows)
+
+    async def last_position(self) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT value FROM tidings_meta WHERE name = 'position'").fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._read_op(op)
+
+    async def position_before(self, timestamp: float) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            # time is non-decreasing in position, so binary-search the primary key
+            row = conn.execute("SELECT min(position), max(position) FROM tidings_messages"
+                               ).fetchone()
+            if row[0] is None:
+                return 0
+            lo, hi, best = int(row[0]), int(row[1]), 0
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                r = conn.execute(
+                    "SELECT position, time FROM tidings_messages WHERE position >= ? "
+                    "ORDER BY position LIMIT 1", (mid,)
+                ).fetchone()
+                if r is None or r[1] >= timestamp:
+                    hi = mid - 1
+                else:
+                    best = max(best, int(r[0]))
+                    lo = int(r[0]) + 1
+            return best
+
+        return await self._read_op(op)
+
+    # subscriptions -------------------------------------------------------------
+    async def subscribe(self, spec: SubscriptionSpec, start_after: int | None) -> Any:
+        text = json.dumps(asdict(spec))
+
+        def op(tx: Tx) -> int:
+            row = tx.execute(
+                "SELECT id FROM tidings_subscriptions WHERE grp = ? AND pattern = ?",
+                (spec.group, spec.pattern),
+            ).fetchone()
+            if row is not None:
+                tx.execute("UPDATE tidings_subscriptions SET spec = ? WHERE id = ?",
+                           (text, row[0]))
+                return int(row[0])
+            cur = tx.execute(
+                "INSERT INTO tidings_subscriptions (grp, pattern, spec, cursor) "
+                "VALUES (?, ?, ?, ?)",
+                (spec.group, spec.pattern, text, start_after or 0),
+            )
+            return int(cur.lastrowid or 0)
+
+        sub_id = await self.transact(op, durable=True)
+        return (sub_id, spec)
+
+    def _settle_tx(self, tx: Tx, sub_id: int, spec: SubscriptionSpec, items: Sequence[Settle],
+                   now: float) -> None:
+        conn = tx.conn
+        acks = []
+        for s in items:
+            if s.kind == "ack":
+                acks.append((sub_id, s.position))
+                continue
+            row = conn.execute(
+                "SELECT attempt, key FROM tidings_pending WHERE sub_id = ? AND position = ?",
+                (sub_id, s.position),
+            ).fetchone()
+            if row is None or row[0] == 0:
+                continue
+            if s.kind == "term" or row[0] >= spec.max_deliver:
+                conn.execute("DELETE FROM tidings_pending WHERE sub_id = ? AND position = ?",
+                             (sub_id, s.position))
+                reason = "terminated" if s.kind == "term" else "max_deliver"
+                self._dead_letter(tx, spec, s.position, reason, row[0])
+            else:
+                conn.execute(
+                    "UPDATE tidings_pending SET due = ? WHERE sub_id = ? AND position = ?",
+                    (now + s.delay, sub_id, s.position),
+                )
+        if acks:
+            conn.executemany(
+                "DELETE FROM tidings_pending WHERE sub_id = ? AND position = ? AND attempt > 0",
+                acks,
+            )
+
+    def _dead_letter(self, tx: Tx, spec: SubscriptionSpec, position: int, reason: str,
+                     attempts: int) -> None:
+        if spec.dead_letter is None:
+            return
+        row = tx.execute(
+            f"SELECT {_MSG_COLS} FROM tidings_messages WHERE position = ?", (position,)
+        ).fetchone()
+        if row is None:
+            return
+        self._refresh_topics(tx.conn)
+        (m,) = self._messages([row])
+        h = dead_letter_headers(
+            dict(m.headers), topic=m.topic, id=m.id, position=position, group=spec.group,
+            reason=reason, attempts=attempts,
+        )
+        tx.append([OutMessage(new_id(), spec.dead_letter, m.key, m.data, h)])
+
+    async def fetch(
+        self, handle: Any, limit: int, now: float, settles: Sequence[Settle] = ()
+    ) -> tuple[list[Message], float | None]:
+        sub_id, spec = handle
+
+        def op(tx: Tx) -> tuple[list[Message], float | None]:
+            conn = tx.conn
+            if settles:
+                self._settle_tx(tx, sub_id, spec, settles, now)
+            row = conn.execute(
+                "SELECT cursor FROM tidings_subscriptions WHERE id = ?", (sub_id,)
+            ).fetchone()
+            if row is None:
+                return [], None
+            cursor = int(row[0])
+            pending = [
+                Pending(*r) for r in conn.execute(
+                    "SELECT position, key, attempt, due FROM tidings_pending "
+                    "WHERE sub_id = ? ORDER BY position", (sub_id,)
+                )
+            ]
+            room = spec.max_in_flight - len(pending)
+            want = max(0, min(limit, room + sum(1 for p in pending
+                                                if p.attempt >= spec.max_deliver)))
+            rows = self._scan(conn, spec.pattern, cursor, None, want) if want else []
+            by_pos = {r[0]: r for r in rows}
+            plan = plan_fetch(spec, pending, [(r[0], r[3]) for r in rows], cursor=cursor,
+                              now=now, limit=limit)
+            if want and len(rows) < want and len(plan.added) == len(rows):
+                last = conn.execute(
+                    "SELECT value FROM tidings_meta WHERE name = 'position'").fetchone()
+                plan.cursor = max(plan.cursor, int(last[0]) if last else 0)
+            for p in plan.dead:
+                conn.execute("DELETE FROM tidings_pending WHERE sub_id = ? AND position = ?",
+                             (sub_id, p.position))
+                self._dead_letter(tx, spec, p.position, "max_deliver", p.attempt)
+            if plan.added:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO tidings_pending (sub_id, position, key, attempt, due) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [(sub_id, p.position, p.key, p.attempt, p.due) for p in plan.added],
+                )
+            added = {p.position for p in plan.added}
+            again = [p for p in plan.deliver if p.position not in added]
+            if again:
+                conn.executemany(
+                    "UPDATE tidings_pending SET attempt = ?, due = ? "
+                    "WHERE sub_id = ? AND position = ?",
+                    [(p.attempt, p.due, sub_id, p.position) for p in again],
+                )
+                need = [p.position for p in again if p.position not in by_pos]
+                if need:
+                    for r in conn.execute(
+                        f"SELECT {_MSG_COLS} FROM tidings_messages WHERE position IN "
+                        f"({','.join(map(str, need))})"
+                    ):
+                        by_pos[r[0]] = r
+            if plan.cursor != cursor:
+                conn.execute("UPDATE tidings_subscriptions SET cursor = ? WHERE id = ?",
+                             (plan.cursor, sub_id))
+            attempts = {p.position: p.attempt for p in plan.deliver}
+            rows_out = [by_pos[p.position] for p in plan.deliver if p.position in by_pos]
+            return self._messages(rows_out, attempts), plan.next_due
+
+        return await self.transact(op, durable=False)
+
+    async def settle(self, handle: Any, items: Sequence[Settle], now: float) -> None:
+        sub_id, spec = handle
+        await self.transact(lambda tx: self._settle_tx(tx, sub_id, spec, items, now),
+                            durable=False)
+
+    async def delete_subscription(self, group: str, pattern: str) -> bool:
+        def op(tx: Tx) -> bool:
+            row = tx.execute("SELECT id FROM tidings_subscriptions WHERE grp = ? AND pattern = ?",
+                             (group, pattern)).fetchone()
+            if row is None:
+                return False
+            tx.execute("DELETE FROM tidings_pending WHERE sub_id = ?", (row[0],))
+            tx.execute("DELETE FROM tidings_subscriptions WHERE id = ?", (row[0],))
+            return True
+
+        return await self.transact(op, durable=True)
+
+    # retention -----------------------------------------------------------------
+    async def set_retention(self, topic: str, retention: Retention) -> None:
+        text = json.dumps(asdict(retention))
+
+        def op(tx: Tx) -> None:
+            tid = self._topic_id(tx.conn, topic)
+            tx.execute("UPDATE tidings_topics SET retention = ? WHERE id = ?", (text, tid))
+
+        await self.transact(op, durable=True)
+
+    def _floor(self, conn: sqlite3.Connection, topic: str) -> int:
+        floor: int | None = None
+        for sub_id, pattern, cursor in conn.execute(
+            "SELECT id, pattern, cursor FROM tidings_subscriptions"
+        ).fetchall():
+            if not _topics.matches(pattern, topic):
+                continue
+            low = conn.execute("SELECT min(position) FROM tidings_pending WHERE sub_id = ?",
+                               (sub_id,)).fetchone()[0]
+            mark = cursor + 1 if low is None else min(low, cursor + 1)
+            floor = mark if floor is None else min(floor, mark)
+        return floor if floor is not None else 2**62
+
+    async def trim(self, now: float) -> int:
+        def op(tx: Tx) -> int:
+            conn = tx.conn
+            removed = 0
+            for tid, name, text in conn.execute(
+                "SELECT id, name, retention FROM tidings_topics WHERE retention IS NOT NULL"
+            ).fetchall():
+                r = Retention(**json.loads(text))
+                cut = 0
+                if r.max_messages is not None:
+                    row = conn.execute(
+                        "SELECT position FROM tidings_messages WHERE topic_id = ? "
+                        "ORDER BY position DESC LIMIT 1 OFFSET ?", (tid, r.max_messages)
+                    ).fetchone()
+                    if row:
+                        cut = max(cut, row[0])
+                if r.max_age is not None:
+                    row = conn.execute(
+                        "SELECT max(position) FROM tidings_messages WHERE topic_id = ? "
+                        "AND time < ?", (tid, now - r.max_age)
+                    ).fetchone()
+                    if row and row[0] is not None:
+                        cut = max(cut, row[0])
+                if r.max_bytes is not None:
+                    row = conn.execute(
+                        "SELECT position FROM (SELECT position, sum(length(data)) OVER "
+                        "(ORDER BY position DESC) AS total FROM tidings_messages "
+                        "WHERE topic_id = ?) WHERE total > ? LIMIT 1", (tid, r.max_bytes)
+                    ).fetchone()
+                    if row:
+                        cut = max(cut, row[0])
+                cut = min(cut, self._floor(conn, name) - 1)
+                if cut > 0:
+                    cur = conn.execute(
+                        "DELETE FROM tidings_messages WHERE topic_id = ? AND position <= ?",
+                        (tid, cut),
+                    )
+                    removed += cur.rowcount
+            return removed
+
+        return await self.transact(op, durable=False)
+
+    # introspection -------------------------------------------------------------
+    async def topics(self) -> list[TopicInfo]:
+        def op(conn: sqlite3.Connection) -> list[TopicInfo]:
+            rows = conn.execute(
+                "SELECT t.name, count(m.position), coalesce(sum(length(m.data)), 0), "
+                "min(m.position), max(m.position) FROM tidings_topics t "
+                "LEFT JOIN tidings_messages m ON m.topic_id = t.id GROUP BY t.id ORDER BY t.name"
+            ).fetchall()
+            return [TopicInfo(*r) for r in rows]
+
+        return await self._read_op(op)
+
+    async def subscriptions(self) -> list[SubscriptionInfo]:
+        now = _time.time()
+
+        def op(conn: sqlite3.Connection) -> list[SubscriptionInfo]:
+            out = []
+            for sub_id, grp, pattern, spec, cursor in conn.execute(
+                "SELECT id, grp, pattern, spec, cursor FROM tidings_subscriptions "
+                "ORDER BY grp, pattern"
+            ).fetchall():
+                s = json.loads(spec)
+                pending, in_flight = conn.execute(
+                    "SELECT count(*), coalesce(sum(attempt > 0 AND due > ?), 0) "
+                    "FROM tidings_pending WHERE sub_id = ?", (now, sub_id)
+                ).fetchone()
+                ids = self._matching_ids(conn, pattern)
+                behind = 0
+                if ids:
+                    behind = conn.execute(
+                        "SELECT count(*) FROM tidings_messages WHERE position > ? AND "
+                        f"topic_id IN ({','.join(map(str, ids))})", (cursor,)
+                    ).fetchone()[0]
+                out.append(SubscriptionInfo(grp, pattern, cursor, pending, in_flight,
+                                            behind + pending, bool(s["ordered"]),
+                                            int(s["max_in_flight"])))
+            return out
+
+        return await self._read_op(op)
+
+    # wake-ups across processes ---------------------------------------------------------
+    async def _poll(self) -> None:
+        conn = self._watch_conn
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            if not self._waiters:
+                continue
+            try:
+                version = conn.execute("PRAGMA data_version").fetchone()[0]
+            except sqlite3.Error:
+                continue
+            if version != self._data_version:
+                self._data_version = version
+                self._notify()
