@@ -205,6 +205,10 @@ class Hub:
         "topic"?}` when wrapped with `tidings.envelope(...)`.
         """
         self._check_open()
+        _topics.validate_topic(topic)
+        key = _check_key(key)
+        limit = self.max_payload
+        shared: dict[str, dict[str, str]] = {}  # one headers dict per content type
         batch = []
         for item in items:
             if isinstance(item, _Envelope):
@@ -212,8 +216,14 @@ class Hub:
                     self._out(item.topic or topic, item.data, item.key if item.key is not None
                               else key, item.headers, item.id)
                 )
-            else:
-                batch.append(self._out(topic, item, key, None, None))
+                continue
+            raw, content_type = encode_data(item)
+            if len(raw) > limit:
+                self._out(topic, raw, key, None, None)  # raises PayloadTooLarge
+            h = shared.get(content_type)
+            if h is None:
+                h = shared[content_type] = {"content-type": content_type}
+            batch.append(OutMessage(new_id(), topic, key, raw, h, False))
         if not batch:
             return []
         await self._window.acquire(len(batch))

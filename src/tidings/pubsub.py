@@ -123,6 +123,8 @@ class Subscription:
         if self._closed:
             return
         self._closed = True
+        for msg in self._buf:  # prefetched, never seen by the application: hand them back
+            self._settles.append(Settle(msg.position, "release"))
         self._buf.clear()
         await self.flush()
 

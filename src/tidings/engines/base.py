@@ -27,7 +27,9 @@ __all__ = [
     "TopicInfo",
 ]
 
-SettleKind = Literal["ack", "nack", "term"]
+#: "release" returns a prefetched message that never reached the application
+#: (its delivery is not counted as an attempt).
+SettleKind = Literal["ack", "nack", "term", "release"]
 
 
 @dataclass(slots=True, frozen=True)

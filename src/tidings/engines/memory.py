@@ -58,7 +58,9 @@ class MemoryEngine(Engine):
     # the log -----------------------------------------------------------------
     def _store(self, batch: Sequence[OutMessage], now: float) -> list[Published]:
         """Synchronous append (also used by the event store inside one 'transaction')."""
-        now = max(now, self._last_time)
+        # Microseconds, as Message.time shows them: `start=msg.time` must include msg, and a
+        # finer stored time could round up past it.
+        now = round(max(now, self._last_time), 6)
         out: list[Published] = []
         seen: dict[str, int] = {}
         if len(self._ids) > 10_000:
@@ -188,6 +190,9 @@ class MemoryEngine(Engine):
                 continue  # already settled, dead-lettered, or reclaimed and parked
             if s.kind == "ack":
                 del sub.pending[s.position]
+            elif s.kind == "release":
+                p.attempt -= 1
+                p.due = now
             elif s.kind == "term":
                 del sub.pending[s.position]
                 self._dead_letter(sub.spec, p, "terminated", now)

@@ -143,14 +143,21 @@ class Tx:
         if todo:
             pos = self._next_positions(len(todo))
             topic_id = engine._topic_id
+            last_topic, last_tid = None, 0
+            last_h: object = None
+            last_enc: bytes | None = None
             i = 0
             for j, p in enumerate(out):
                 if p is not None:
                     continue
                 m = todo[i]
                 i += 1
-                rows.append((pos, topic_id(conn, m.topic), m.id, m.key, now,
-                             _enc_headers(m.headers) if m.headers else None, m.data))
+                if m.topic != last_topic:
+                    last_topic, last_tid = m.topic, topic_id(conn, m.topic)
+                h = m.headers
+                if h is not last_h:  # batches share one headers dict: encode it once
+                    last_h, last_enc = h, (_enc_headers(h) if h else None)
+                rows.append((pos, last_tid, m.id, m.key, now, last_enc, m.data))
                 if m.client_id:
                     id_rows.append((m.id, pos, now))
                     seen[m.id] = pos
@@ -567,6 +574,13 @@ class SqliteEngine(Engine):
         for s in items:
             if s.kind == "ack":
                 acks.append((sub_id, s.position))
+                continue
+            if s.kind == "release":
+                conn.execute(
+                    "UPDATE tidings_pending SET attempt = attempt - 1, due = ? "
+                    "WHERE sub_id = ? AND position = ? AND attempt > 0",
+                    (now, sub_id, s.position),
+                )
                 continue
             row = conn.execute(
                 "SELECT attempt, key FROM tidings_pending WHERE sub_id = ? AND position = ?",

@@ -1,0 +1,238 @@
+"""Event streams for `memory://`: plain lists and dicts in `MemoryEngine.state`.
+
+Every operation runs without an `await` between its check and its write, so
+each append is atomic and positions are assigned in the order appends
+happen: a reader never sees a position filled in late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time as _time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
+
+import msgspec
+
+from ..errors import ConcurrencyError, EventIdConflict
+from ..messages import OutMessage
+from .memory import MemoryEngine
+from .store_base import (
+    AppendOutcome,
+    EventRow,
+    NewRecord,
+    ProjectionState,
+    SnapshotRow,
+    StoreBackend,
+    StoreTx,
+    StreamLoad,
+    event_headers,
+    out_message,
+)
+
+__all__ = ["MemoryStore"]
+
+T = TypeVar("T")
+_enc = msgspec.json.Encoder().encode
+
+
+@dataclass(slots=True)
+class _Tables:
+    events: list[EventRow] = field(default_factory=list)  # index = position - 1
+    streams: dict[str, list[int]] = field(default_factory=dict)  # stream -> positions
+    ids: dict[str, int] = field(default_factory=dict)  # event id -> position
+    snapshots: dict[str, list[tuple[int, SnapshotRow]]] = field(default_factory=dict)
+    projections: dict[str, ProjectionState] = field(default_factory=dict)
+    read_models: dict[str, dict[str, object]] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class MemoryTx(StoreTx):
+    """The in-memory transaction: `state` is a dict kept for the projection's read model.
+
+    Messages published through it are stored when the event's handler
+    succeeds; `state` changes are not undone on failure (no durability to protect).
+    """
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+        self._t = store._tables
+        self._now = store._clock()
+        self._outbox: list[OutMessage] = []
+        self.state: dict[str, object] = {}
+        self.record: object = None
+
+    @property
+    def now(self) -> float:
+        return self._now
+
+    def events_after(self, position: int, limit: int) -> list[EventRow]:
+        return self._t.events[position : position + limit]
+
+    def projection(self, name: str) -> ProjectionState | None:
+        st = self._t.projections.get(name)
+        self.state = self._t.read_models.setdefault(name, {})
+        return replace(st) if st is not None else None
+
+    def save_projection(self, state: ProjectionState, now: float) -> None:
+        state.updated = now
+        self._t.projections[state.name] = replace(state)
+
+    def publish_messages(self, messages: Sequence[OutMessage]) -> None:
+        self._outbox.extend(messages)
+
+    def publish(self, topic: str, data: object, *, key: str | None = None,
+                headers: dict[str, str] | None = None) -> None:
+        """Publish a message atomically with this projection's progress."""
+        self._outbox.append(out_message(topic, data, key, headers))
+
+    def _begin_event(self) -> None:
+        self._outbox.clear()
+
+    def _end_event(self, ok: bool) -> None:
+        if ok and self._outbox:
+            self._store.engine._store(self._outbox, self._now)
+            self._store.engine._notify()
+        self._outbox.clear()
+
+
+class MemoryStore(StoreBackend):
+    engine: MemoryEngine
+
+    def __init__(self, engine: MemoryEngine) -> None:
+        super().__init__(engine)
+        tables = engine.state.get("eventstore")
+        if tables is None:
+            tables = engine.state["eventstore"] = _Tables()
+        self._tables: _Tables = tables
+
+    def _clock(self) -> float:
+        t = self._tables
+        last = t.events[-1][6] if t.events else 0.0
+        return max(_time.time(), self.engine._last_time, last)
+
+    async def append(
+        self,
+        stream_id: str,
+        records: Sequence[NewRecord],
+        expected: int | None,
+        topic: str,
+        snapshot: SnapshotRow | None = None,
+    ) -> AppendOutcome:
+        t = self._tables
+        dup = _duplicate(t, stream_id, records)
+        if dup is not None:
+            return dup
+        positions = t.streams.get(stream_id, [])
+        current = len(positions)
+        if expected is not None and expected != current:
+            raise ConcurrencyError(stream_id, expected, current)
+        seen: set[str] = set()
+        for r in records:
+            if r.id in t.ids or r.id in seen:
+                raise EventIdConflict(
+                    f"event id {r.id!r} is already stored; give every new event a new id"
+                )
+            seen.add(r.id)
+        now = self._clock()
+        first = len(t.events) + 1
+        rows: list[EventRow] = []
+        messages = []
+        for i, r in enumerate(records):
+            pos, version = first + i, current + 1 + i
+            rows.append((pos, stream_id, version, r.id, r.type, r.type_version, now,
+                         _enc(r.headers) if r.headers else None, r.data))
+            messages.append(_message(r, topic, stream_id, version, pos))
+        t.events.extend(rows)
+        t.streams.setdefault(stream_id, []).extend(range(first, first + len(rows)))
+        for row in rows:
+            t.ids[row[3]] = row[0]
+        if snapshot is not None:
+            _put_snapshot(t, stream_id, snapshot)
+        self.engine._store(messages, now)
+        self.engine._notify()
+        return AppendOutcome(current + len(rows), [r[0] for r in rows])
+
+    async def read_stream(
+        self, stream_id: str, from_version: int, to_version: int | None, limit: int
+    ) -> list[EventRow]:
+        positions = self._tables.streams.get(stream_id, [])
+        stop = len(positions) if to_version is None else min(to_version, len(positions))
+        lo = max(from_version, 1) - 1
+        events = self._tables.events
+        return [events[p - 1] for p in positions[lo : min(stop, lo + limit)]]
+
+    async def read_all(self, after: int, stop: int | None, limit: int) -> list[EventRow]:
+        events = self._tables.events
+        end = len(events) if stop is None else min(stop, len(events))
+        return events[after : min(end, after + limit)]
+
+    async def stream_version(self, stream_id: str) -> int:
+        return len(self._tables.streams.get(stream_id, ()))
+
+    async def last_position(self) -> int:
+        return len(self._tables.events)
+
+    async def load(
+        self, stream_id: str, schema: str | None, to_version: int | None, as_of: float | None
+    ) -> StreamLoad:
+        t = self._tables
+        positions = t.streams.get(stream_id, [])
+        current = len(positions)
+        target = current if to_version is None else min(to_version, current)
+        if as_of is not None:
+            times = [t.events[p - 1][6] for p in positions]
+            target = min(target, bisect.bisect_right(times, as_of))
+        snap = None
+        if schema is not None:
+            for version, row in reversed(t.snapshots.get(stream_id, [])):
+                if version <= target and row.schema == schema:
+                    snap = row
+                    break
+        start = snap.version if snap else 0
+        rows = [t.events[p - 1] for p in positions[start:target]]
+        return StreamLoad(current, target, snap, rows)
+
+    async def save_snapshot(self, stream_id: str, snapshot: SnapshotRow) -> None:
+        _put_snapshot(self._tables, stream_id, snapshot)
+
+    async def projections(self) -> list[ProjectionState]:
+        return [replace(s) for _, s in sorted(self._tables.projections.items())]
+
+    async def transaction(self, fn: Callable[[StoreTx], Awaitable[T]]) -> T:
+        # Serializes projection work in this process; the memory engine has no
+        # other process to race with.
+        async with self._tables.lock:
+            return await fn(MemoryTx(self))
+
+
+def _put_snapshot(t: _Tables, stream_id: str, snapshot: SnapshotRow) -> None:
+    snaps = t.snapshots.setdefault(stream_id, [])
+    snaps[:] = [s for s in snaps if s[0] != snapshot.version]
+    bisect.insort(snaps, (snapshot.version, snapshot), key=lambda s: s[0])
+
+
+def _duplicate(t: _Tables, stream_id: str, records: Sequence[NewRecord]) -> AppendOutcome | None:
+    if not records:
+        return None
+    pos = t.ids.get(records[0].id)
+    if pos is None:
+        return None
+    rows = t.events[pos - 1 : pos - 1 + len(records)]
+    same = len(rows) == len(records) and all(
+        row[1] == stream_id and row[3] == r.id for row, r in zip(rows, records, strict=False)
+    )
+    if not same:
+        raise EventIdConflict(
+            f"event id {records[0].id!r} is already stored, but not as the start of this same "
+            f"append to stream {stream_id!r}; give every new event a new id"
+        )
+    return AppendOutcome(rows[-1][2], [r[0] for r in rows], duplicate=True)
+
+
+def _message(r: NewRecord, topic: str, stream_id: str, version: int, position: int
+             ) -> OutMessage:
+    return OutMessage(r.id, topic, stream_id, r.data,
+                      event_headers(r, stream_id, version, position), False)

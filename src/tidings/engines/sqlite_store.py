@@ -1,0 +1,391 @@
+"""Event streams for `sqlite:///…`: tables next to the message log, in the same file.
+
+Appends run on the engine's writer thread inside its group commit, so an
+event, its pub/sub message and an optional snapshot commit together (the
+store is its own outbox). Triggers make the events table append-only for
+every connection, not just this library's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import sqlite3
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+
+from ..errors import ConcurrencyError, EventIdConflict, InvalidArgument
+from ..messages import OutMessage
+from .sqlite import SqliteEngine, Tx
+from .store_base import (
+    EVENT_COLUMNS,
+    AppendOutcome,
+    EventRow,
+    NewRecord,
+    ProjectionState,
+    SnapshotRow,
+    StoreBackend,
+    StoreTx,
+    StreamLoad,
+    event_headers,
+    out_message,
+)
+
+__all__ = ["SqliteStore", "SqliteTx"]
+
+T = TypeVar("T")
+_enc = msgspec.json.Encoder().encode
+
+SCHEMA = [
+    # position is the global order; it is assigned by the writer under SQLite's
+    # write lock (see `SqliteStore.append`), never by AUTOINCREMENT.
+    """CREATE TABLE IF NOT EXISTS tidings_events (
+        position INTEGER PRIMARY KEY,
+        stream_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        type_version INTEGER NOT NULL,
+        time REAL NOT NULL,
+        headers BLOB,
+        data BLOB NOT NULL)""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS tidings_events_stream ON tidings_events (stream_id, version)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS tidings_events_id ON tidings_events (id)",
+    """CREATE TRIGGER IF NOT EXISTS tidings_events_no_update BEFORE UPDATE ON tidings_events
+       BEGIN SELECT RAISE(ABORT, 'tidings_events is append-only: stored events are never updated'); END""",
+    """CREATE TRIGGER IF NOT EXISTS tidings_events_no_delete BEFORE DELETE ON tidings_events
+       BEGIN SELECT RAISE(ABORT, 'tidings_events is append-only: stored events are never deleted'); END""",
+    """CREATE TABLE IF NOT EXISTS tidings_snapshots (
+        stream_id TEXT NOT NULL, version INTEGER NOT NULL, schema TEXT NOT NULL,
+        time REAL NOT NULL, data BLOB NOT NULL,
+        PRIMARY KEY (stream_id, version)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS tidings_projections (
+        name TEXT PRIMARY KEY, position INTEGER NOT NULL, status TEXT NOT NULL,
+        error TEXT, failed_position INTEGER, updated REAL NOT NULL) WITHOUT ROWID""",
+]
+
+_INSERT = f"INSERT INTO tidings_events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_SELECT = f"SELECT {EVENT_COLUMNS} FROM tidings_events"
+
+#: Set while a `transaction` function runs: it holds the writer, so writing
+#: through the store from inside it would wait for itself.
+_HOLDING: contextvars.ContextVar[bool] = contextvars.ContextVar("tidings_holding", default=False)
+
+
+class _Aborted(Exception):
+    """The transaction's function failed or was cancelled: roll back."""
+
+
+class SqliteTx(StoreTx):
+    """The engine's writer transaction, lent to async code on the event loop.
+
+    `conn`/`execute`/`executemany` act on the same SQLite transaction that
+    will store the projection's checkpoint. The writer thread waits while
+    this code runs, so the connection is never used by two threads at once.
+    """
+
+    def __init__(self, tx: Tx) -> None:
+        self._tx = tx
+        self.conn: sqlite3.Connection = tx.conn
+        self.record: object = None
+
+    @property
+    def now(self) -> float:
+        return self._tx.now
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
+        return self.conn.executemany(sql, rows)
+
+    def publish(self, topic: str, data: object, *, key: str | None = None,
+                headers: dict[str, str] | None = None) -> None:
+        """Publish a message atomically with this projection's progress."""
+        self._tx.append([out_message(topic, data, key, headers)])
+
+    def publish_messages(self, messages: Sequence[OutMessage]) -> None:
+        self._tx.append(messages)
+
+    def events_after(self, position: int, limit: int) -> list[EventRow]:
+        return self.conn.execute(
+            f"{_SELECT} WHERE position > ? ORDER BY position LIMIT ?", (position, limit)
+        ).fetchall()
+
+    def projection(self, name: str) -> ProjectionState | None:
+        row = self.conn.execute(
+            "SELECT name, position, status, error, failed_position, updated "
+            "FROM tidings_projections WHERE name = ?", (name,)
+        ).fetchone()
+        return ProjectionState(*row) if row else None
+
+    def save_projection(self, state: ProjectionState, now: float) -> None:
+        state.updated = now
+        self.conn.execute(
+            "INSERT OR REPLACE INTO tidings_projections "
+            "(name, position, status, error, failed_position, updated) VALUES (?, ?, ?, ?, ?, ?)",
+            (state.name, state.position, state.status, state.error, state.failed_position,
+             state.updated),
+        )
+
+    def _begin_event(self) -> None:
+        self.conn.execute("SAVEPOINT tidings_event")
+
+    def _end_event(self, ok: bool) -> None:
+        if not ok:
+            self.conn.execute("ROLLBACK TO tidings_event")
+        self.conn.execute("RELEASE tidings_event")
+
+
+class SqliteStore(StoreBackend):
+    engine: SqliteEngine
+
+    def __init__(self, engine: SqliteEngine) -> None:
+        super().__init__(engine)
+        self._created = False
+        self._lock = asyncio.Lock()
+
+    async def _ready(self) -> None:
+        if self._created:
+            return
+        async with self._lock:
+            if self._created:
+                return
+
+            def create(tx: Tx) -> None:
+                for ddl in SCHEMA:
+                    tx.execute(ddl)
+
+            await self.engine.transact(create, durable=True)
+            self._created = True
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        await self._ready()
+        return await self.engine._read_op(fn)
+
+    @staticmethod
+    def _check_not_holding() -> None:
+        if _HOLDING.get():
+            raise InvalidArgument(
+                "cannot append events from inside a projection handler: it holds the writer "
+                "and would wait for itself; write through the handler's tx instead"
+            )
+
+    async def append(
+        self,
+        stream_id: str,
+        records: Sequence[NewRecord],
+        expected: int | None,
+        topic: str,
+        snapshot: SnapshotRow | None = None,
+    ) -> AppendOutcome:
+        self._check_not_holding()
+        await self._ready()
+
+        def op(tx: Tx) -> AppendOutcome:
+            conn = tx.conn
+            dup = _duplicate(conn, stream_id, records)
+            if dup is not None:
+                return dup
+            row = conn.execute(
+                "SELECT max(version) FROM tidings_events WHERE stream_id = ?", (stream_id,)
+            ).fetchone()
+            current = row[0] or 0
+            if expected is not None and expected != current:
+                raise ConcurrencyError(stream_id, expected, current)
+            # Positions are taken here, on the engine's single writer inside the
+            # write transaction (and under SQLite's write lock across processes):
+            # commit order is position order, so a reader that has seen position N
+            # never later finds a smaller one appear.
+            last = conn.execute("SELECT max(position) FROM tidings_events").fetchone()[0] or 0
+            now = tx.now
+            rows = []
+            messages = []
+            for i, r in enumerate(records, 1):
+                pos, version = last + i, current + i
+                rows.append((pos, stream_id, version, r.id, r.type, r.type_version, now,
+                             _enc(r.headers) if r.headers else None, r.data))
+                messages.append(OutMessage(r.id, topic, stream_id, r.data,
+                                           event_headers(r, stream_id, version, pos), False))
+            try:
+                conn.executemany(_INSERT, rows)
+            except sqlite3.IntegrityError:
+                raise EventIdConflict(
+                    f"an event id in this append to {stream_id!r} is already stored; give "
+                    "every new event a new id"
+                ) from None
+            tx.append(messages)
+            if snapshot is not None:
+                _put_snapshot(conn, stream_id, snapshot)
+            return AppendOutcome(current + len(rows), [r[0] for r in rows])
+
+        return await self.engine.transact(op, durable=True)
+
+    async def read_stream(
+        self, stream_id: str, from_version: int, to_version: int | None, limit: int
+    ) -> list[EventRow]:
+        stop = to_version if to_version is not None else 2**62
+
+        def op(conn: sqlite3.Connection) -> list[EventRow]:
+            return conn.execute(
+                f"{_SELECT} WHERE stream_id = ? AND version >= ? AND version <= ? "
+                "ORDER BY version LIMIT ?", (stream_id, from_version, stop, limit)
+            ).fetchall()
+
+        return await self._read(op)
+
+    async def read_all(self, after: int, stop: int | None, limit: int) -> list[EventRow]:
+        end = stop if stop is not None else 2**62
+
+        def op(conn: sqlite3.Connection) -> list[EventRow]:
+            return conn.execute(
+                f"{_SELECT} WHERE position > ? AND position <= ? ORDER BY position LIMIT ?",
+                (after, end, limit),
+            ).fetchall()
+
+        return await self._read(op)
+
+    async def stream_version(self, stream_id: str) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT max(version) FROM tidings_events WHERE stream_id = ?",
+                               (stream_id,)).fetchone()
+            return int(row[0] or 0)
+
+        return await self._read(op)
+
+    async def last_position(self) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT max(position) FROM tidings_events").fetchone()[0]
+                       or 0)
+
+        return await self._read(op)
+
+    async def load(
+        self, stream_id: str, schema: str | None, to_version: int | None, as_of: float | None
+    ) -> StreamLoad:
+        def op(conn: sqlite3.Connection) -> StreamLoad:
+            current = int(conn.execute(
+                "SELECT max(version) FROM tidings_events WHERE stream_id = ?", (stream_id,)
+            ).fetchone()[0] or 0)
+            target = current if to_version is None else min(to_version, current)
+            if as_of is not None and target:
+                row = conn.execute(
+                    "SELECT max(version) FROM tidings_events WHERE stream_id = ? AND time <= ?",
+                    (stream_id, as_of),
+                ).fetchone()
+                target = min(target, int(row[0] or 0))
+            snap = None
+            if schema is not None and target:
+                row = conn.execute(
+                    "SELECT version, schema, time, data FROM tidings_snapshots WHERE "
+                    "stream_id = ? AND schema = ? AND version <= ? ORDER BY version DESC LIMIT 1",
+                    (stream_id, schema, target),
+                ).fetchone()
+                snap = SnapshotRow(*row) if row else None
+            start = snap.version if snap else 0
+            rows = conn.execute(
+                f"{_SELECT} WHERE stream_id = ? AND version > ? AND version <= ? "
+                "ORDER BY version", (stream_id, start, target)
+            ).fetchall() if target > start else []
+            return StreamLoad(current, target, snap, rows)
+
+        return await self._read(op)
+
+    async def save_snapshot(self, stream_id: str, snapshot: SnapshotRow) -> None:
+        self._check_not_holding()
+        await self._ready()
+        await self.engine.transact(lambda tx: _put_snapshot(tx.conn, stream_id, snapshot),
+                                   durable=False)
+
+    async def projections(self) -> list[ProjectionState]:
+        def op(conn: sqlite3.Connection) -> list[ProjectionState]:
+            return [ProjectionState(*r) for r in conn.execute(
+                "SELECT name, position, status, error, failed_position, updated "
+                "FROM tidings_projections ORDER BY name")]
+
+        return await self._read(op)
+
+    async def transaction(self, fn: Callable[[StoreTx], Awaitable[T]]) -> T:
+        self._check_not_holding()
+        await self._ready()
+        loop = asyncio.get_running_loop()
+        lent: asyncio.Future[SqliteTx] = loop.create_future()
+        done = threading.Event()
+        ok = False
+
+        def lend(tx: Tx) -> None:
+            # On the writer thread: hand the open transaction to the event loop
+            # and wait until `fn` is finished with it.
+            loop.call_soon_threadsafe(_set_result, lent, SqliteTx(tx))
+            done.wait()
+            if not ok:
+                raise _Aborted()
+
+        # Not `durable`: projection checkpoints and their read models commit
+        # together, so losing a recent commit to a power cut loses both and the
+        # projection replays those events; no fsync needed.
+        commit = asyncio.ensure_future(self.engine.transact(lend, durable=False))
+        commit.add_done_callback(_consume)
+        try:
+            await asyncio.wait((lent, commit), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            done.set()
+            raise
+        if not lent.done():
+            done.set()
+            lent.cancel()
+            await commit  # the writer failed before lending: its error
+        stx = lent.result()
+        token = _HOLDING.set(True)
+        try:
+            result = await fn(stx)
+            ok = True
+        finally:
+            _HOLDING.reset(token)
+            done.set()
+        await commit
+        return result
+
+
+def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _put_snapshot(conn: sqlite3.Connection, stream_id: str, s: SnapshotRow) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO tidings_snapshots (stream_id, version, schema, time, data) "
+        "VALUES (?, ?, ?, ?, ?)", (stream_id, s.version, s.schema, s.time, s.data),
+    )
+
+
+def _duplicate(conn: sqlite3.Connection, stream_id: str, records: Sequence[NewRecord]
+               ) -> AppendOutcome | None:
+    if not records:
+        return None
+    row = conn.execute("SELECT position FROM tidings_events WHERE id = ?",
+                       (records[0].id,)).fetchone()
+    if row is None:
+        return None
+    first = row[0]
+    rows = conn.execute(
+        "SELECT position, stream_id, version, id FROM tidings_events "
+        "WHERE position >= ? ORDER BY position LIMIT ?", (first, len(records))
+    ).fetchall()
+    same = len(rows) == len(records) and all(
+        r[1] == stream_id and r[3] == rec.id for r, rec in zip(rows, records, strict=False)
+    )
+    if not same:
+        raise EventIdConflict(
+            f"event id {records[0].id!r} is already stored, but not as the start of this same "
+            f"append to stream {stream_id!r}; give every new event a new id"
+        )
+    return AppendOutcome(rows[-1][2], [r[0] for r in rows], duplicate=True)
