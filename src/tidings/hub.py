@@ -21,6 +21,13 @@ from .pubsub import Handler, Subscription, closed_error
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from .eventsourcing.aggregate import Aggregate
+    from .eventsourcing.projections import Projections
+    from .eventsourcing.repository import Repository
+    from .eventsourcing.store import EventStore
+
+    A = TypeVar("A", bound=Aggregate)
+
 __all__ = ["DEFAULT_URL", "Hub", "connect"]
 
 DEFAULT_URL = "sqlite:///./tidings.db"
@@ -56,10 +63,9 @@ def _engine_for(url: str, options: dict[str, Any]) -> Engine:
             )
         return SqliteEngine(path, url=url, **merged)
     if scheme in ("postgresql", "postgres"):
-        raise Unsupported(
-            "the PostgreSQL engine is not available in this version of tidings; use "
-            "'sqlite:///path.db' (or 'memory://') for now"
-        )
+        from .engines.postgres import PostgresEngine
+
+        return PostgresEngine(url, **merged)
     raise InvalidArgument(
         f"unknown engine {scheme!r} in {url!r}; use 'sqlite:///path.db', 'memory://' "
         "or 'postgresql://…'"
@@ -72,6 +78,7 @@ async def connect(
     broker: str | None = None,
     max_payload: int = 1024 * 1024,
     max_pending: int = 10_000,
+    trim_interval: float | None = 30.0,
     **options: Any,
 ) -> Hub:
     """Open a hub on the engine named by `url` (default: `sqlite:///./tidings.db`).
@@ -79,7 +86,8 @@ async def connect(
     `max_payload` caps one message's data (bytes); `max_pending` bounds the
     messages in flight to the engine, beyond which `publish` waits. Other
     options go to the engine (SQLite: `durability="full"|"normal"`,
-    `dedup_window` seconds, `poll_interval` seconds).
+    `dedup_window` seconds, `poll_interval` seconds). Retention limits are
+    applied every `trim_interval` seconds (None: only on `hub.trim()`).
     """
     if broker is not None:
         raise Unsupported(
@@ -97,7 +105,10 @@ async def connect(
         if isinstance(exc, (EngineUnavailable, InvalidArgument)):
             raise
         raise EngineUnavailable(f"cannot open {url!r}: {exc}") from exc
-    return Hub(engine, max_payload=max_payload, max_pending=max_pending)
+    hub = Hub(engine, max_payload=max_payload, max_pending=max_pending)
+    if trim_interval:
+        hub._background.add(asyncio.create_task(hub._trim_every(trim_interval)))
+    return hub
 
 
 def _check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -136,6 +147,7 @@ class Hub:
         self._subs: set[Subscription] = set()
         self._closed = False
         self._extensions: dict[str, Any] = {}  # per-hub state of other modules (event store, …)
+        self._background: set[asyncio.Task[Any]] = set()
 
     @property
     def url(self) -> str:
@@ -241,7 +253,7 @@ class Hub:
                 raise InvalidArgument("a start position must be >= 0")
             return max(0, start - 1)
         if isinstance(start, datetime):
-            return await self.engine.position_before(start.timestamp())
+            return await self._position_before(start)
         if start == "beginning":
             return 0
         if start == "end":
@@ -258,11 +270,16 @@ class Hub:
                     from datetime import UTC
 
                     when = when.replace(tzinfo=UTC)
-                return await self.engine.position_before(when.timestamp())
+                return await self._position_before(when)
         raise InvalidArgument(
             f"start {start!r} is not understood; use 'beginning', 'end', a position (int) "
             "or a time (datetime or ISO 8601 string)"
         )
+
+    async def _position_before(self, when: datetime) -> int:
+        # Message.time is microsecond-precise: half a microsecond of slack makes
+        # `start=msg.time` include `msg` whichever way the float was rounded.
+        return await self.engine.position_before(when.timestamp() - 5e-7)
 
     async def subscribe(
         self,
@@ -444,6 +461,16 @@ class Hub:
         self._check_open()
         return await self.engine.trim(time.time())
 
+    async def _trim_every(self, interval: float) -> None:
+        import logging
+
+        while not self._closed:
+            await asyncio.sleep(interval)
+            try:
+                await self.engine.trim(time.time())
+            except Exception:  # keep trimming later; the engine reports its own failures
+                logging.getLogger("tidings").exception("retention trim failed")
+
     # introspection ---------------------------------------------------------------
     async def topics(self) -> list[dict[str, Any]]:
         """Topics with message counts, and subscriptions with their lag."""
@@ -468,6 +495,9 @@ class Hub:
         if self._closed:
             return
         self._closed = True
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         for sub in list(self._subs):
             with contextlib.suppress(Exception):
                 await sub.close()
@@ -486,6 +516,45 @@ class Hub:
 
     def __repr__(self) -> str:
         return f"<tidings.Hub {self.url} {'closed' if self._closed else 'open'}>"
+
+    # event sourcing ----------------------------------------------------------------
+    @property
+    def events(self) -> EventStore:
+        """The event store: streams with optimistic concurrency, global order, subscriptions."""
+        self._check_open()
+        from .eventsourcing.store import store_for
+
+        return store_for(self)
+
+    def repository(self, cls: type[A], snapshot_every: int | None = None) -> Repository[A]:
+        """Load and save aggregates of `cls`; snapshot every `snapshot_every` events if set."""
+        from .eventsourcing.repository import Repository
+
+        return Repository(self.events, cls, snapshot_every=snapshot_every)
+
+    def projection(self, name: str, *, reset: Callable[[Any], Any] | None = None,
+                   batch: int = 200) -> Callable[[F], F]:
+        """Register `async def handler(event, tx)` as the projection `name` (run by `run_projections`).
+
+        Events arrive in global order; the checkpoint commits with the writes
+        made through `tx`. `reset(tx)` clears the read model for a rebuild.
+        """
+        def register(fn: F) -> F:
+            self.projections.register(name, fn, reset=reset, batch=batch)
+            return fn
+
+        return register
+
+    @property
+    def projections(self) -> Projections:
+        """The registered projections: `run`, `catch_up`, `status`, `rebuild`, `retry`."""
+        from .eventsourcing.projections import projections_for
+
+        return projections_for(self.events)
+
+    async def run_projections(self) -> None:
+        """Keep every registered projection up to date until the hub closes or this is cancelled."""
+        await self.projections.run()
 
 
 class _Envelope:

@@ -96,7 +96,7 @@ class Subscription:
             if remaining is not None and remaining <= 0:
                 break
             await self._fill(remaining, limit=max)
-        out = []
+        out: list[Message] = []
         while self._buf and len(out) < max:
             out.append(self._buf.popleft())
         return out
@@ -107,7 +107,13 @@ class Subscription:
         settles, self._settles = self._settles, []
         n = self._batch if limit is None else max(1, min(limit, self._batch))
         now = time.time()
-        msgs, next_due = await engine.fetch(self._handle, n, now, settles)
+        fetching = asyncio.ensure_future(engine.fetch(self._handle, n, now, settles))
+        try:
+            msgs, next_due = await asyncio.shield(fetching)
+        except asyncio.CancelledError:
+            # The claim may still commit: hand whatever it took straight back.
+            fetching.add_done_callback(self._release_claimed)
+            raise
         if msgs:
             for m in msgs:
                 m._sub = self
@@ -117,6 +123,16 @@ class Subscription:
         if timeout is not None:
             wait = min(wait, timeout)
         await engine.wait(changed, wait)
+
+    def _release_claimed(self, fetching: asyncio.Future[tuple[list[Message], float | None]]
+                         ) -> None:
+        if fetching.cancelled() or fetching.exception() is not None:
+            return
+        msgs, _ = fetching.result()
+        if msgs:
+            items = [Settle(m.position, "release") for m in msgs]
+            task = asyncio.ensure_future(self._engine.settle(self._handle, items, time.time()))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def close(self) -> None:
         """Stop consuming; settled messages are flushed, buffered ones return after ack_wait."""

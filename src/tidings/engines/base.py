@@ -73,6 +73,14 @@ class SubscriptionInfo:
     max_in_flight: int
 
 
+class _Changes(asyncio.Event):
+    """An asyncio.Event plus one shared future that waiters can wait on with a timeout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.future: asyncio.Future[None] | None = None
+
+
 class Engine(ABC):
     """Storage for the log, subscriptions and event streams.
 
@@ -87,7 +95,7 @@ class Engine(ABC):
     dedup_window: float = 120.0
 
     def __init__(self) -> None:
-        self._changed = asyncio.Event()
+        self._changed = _Changes()
         self._waiters = 0
 
     # lifecycle ---------------------------------------------------------------
@@ -159,8 +167,10 @@ class Engine(ABC):
     # wake-ups ----------------------------------------------------------------
     def _notify(self) -> None:
         """Wake every waiter: something was stored or settled."""
-        self._changed.set()
-        self._changed = asyncio.Event()
+        old, self._changed = self._changed, _Changes()
+        old.set()
+        if old.future is not None and not old.future.done():
+            old.future.set_result(None)
 
     def changes(self) -> asyncio.Event:
         """An event set at the next change; take it *before* looking, then wait on it."""
@@ -171,10 +181,17 @@ class Engine(ABC):
 
         Engines shared across processes poll for outside changes while anyone waits.
         """
+        if event.is_set():
+            return
+        fut = getattr(event, "future", None)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            if isinstance(event, _Changes):
+                event.future = fut
         self._waiters += 1
         try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
+            # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that races with the event firing, leaving a consumer that never stops.
+            await asyncio.wait({fut}, timeout=timeout)
         finally:
             self._waiters -= 1

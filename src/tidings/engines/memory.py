@@ -88,7 +88,7 @@ class MemoryEngine(Engine):
         return out
 
     async def append(self, messages: Sequence[OutMessage]) -> list[Published]:
-        out = self._store(messages, _time.time())
+        out = self._store(messages, round(_time.time(), 6))
         self._notify()
         return out
 

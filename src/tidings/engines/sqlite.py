@@ -121,8 +121,8 @@ class Tx:
         conn = self.conn
         now = self.now
         out: list[Published] = []
-        rows = []
-        id_rows = []
+        rows: list[tuple[Any, ...]] = []
+        id_rows: list[tuple[str, int, float]] = []
         seen: dict[str, int] = {}
         horizon = now - engine.dedup_window
         todo = []
@@ -370,7 +370,7 @@ class SqliteEngine(Engine):
 
     def _now(self, conn: sqlite3.Connection) -> float:
         """Commit time, never earlier than the last stored message's (time order = log order)."""
-        now = _time.time()
+        now = round(_time.time(), 6)  # microseconds, like the datetimes users compare with
         row = conn.execute("SELECT max(time) FROM tidings_messages "
                            "WHERE position = (SELECT max(position) FROM tidings_messages)").fetchone()
         if row and row[0] is not None and row[0] > now:
