@@ -10,7 +10,10 @@ from .errors import (
     ConcurrencyError,
     DecodeError,
     EngineUnavailable,
+    EventIdConflict,
     InvalidArgument,
+    InvalidEvent,
+    InvalidStreamId,
     InvalidTopic,
     NotFound,
     PayloadTooLarge,
@@ -20,6 +23,18 @@ from .errors import (
     UnknownEventType,
     Unsupported,
 )
+from .eventsourcing import (
+    ANY,
+    NO_STREAM,
+    Aggregate,
+    Event,
+    EventStore,
+    NewEvent,
+    RecordedEvent,
+    Repository,
+    register_event,
+    upcaster,
+)
 from .hub import Hub, connect, envelope
 from .messages import Message, Published
 from .pubsub import Subscription
@@ -27,6 +42,8 @@ from .pubsub import Subscription
 __version__ = "0.1.0"
 
 __all__ = [
+    "ANY",
+    "Aggregate",
     "Buffer",
     "BufferFull",
     "BufferStatistics",
@@ -34,15 +51,24 @@ __all__ = [
     "ConcurrencyError",
     "DecodeError",
     "EngineUnavailable",
+    "Event",
+    "EventIdConflict",
+    "EventStore",
     "Hub",
     "InvalidArgument",
+    "InvalidEvent",
+    "InvalidStreamId",
     "InvalidTopic",
     "Message",
+    "NO_STREAM",
+    "NewEvent",
     "NotFound",
     "Overflow",
     "PayloadTooLarge",
     "Published",
+    "RecordedEvent",
     "Rejected",
+    "Repository",
     "Subscription",
     "SubscriptionConflict",
     "TidingsError",
@@ -51,4 +77,6 @@ __all__ = [
     "__version__",
     "connect",
     "envelope",
+    "register_event",
+    "upcaster",
 ]

@@ -48,7 +48,7 @@ class Buffer(Generic[T]):
     """
 
     def __init__(self, capacity: int, overflow: Overflow = Overflow.BLOCK) -> None:
-        if not isinstance(capacity, int) or capacity < 1:
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise InvalidArgument(f"Buffer capacity must be an int >= 1, got {capacity!r}")
         if not isinstance(overflow, Overflow):
             raise InvalidArgument(
@@ -57,20 +57,48 @@ class Buffer(Generic[T]):
         self.capacity = capacity
         self.overflow = overflow
         self._items: deque[T] = deque()
-        self._not_empty = asyncio.Condition()
-        self._not_full = asyncio.Condition(self._not_empty._lock)  # one lock, two conditions
+        # One future per waiting task (as asyncio.Queue does), so the synchronous
+        # put_nowait/get_nowait can wake waiters too: a Condition needs its lock.
+        self._getters: deque[asyncio.Future[None]] = deque()
+        self._putters: deque[asyncio.Future[None]] = deque()
         self.dropped = 0
         self._put = 0
         self._got = 0
         self._closed = False
-        self._waiting_put = 0
-        self._waiting_get = 0
 
     def __len__(self) -> int:
         return len(self._items)
 
     def full(self) -> bool:
         return len(self._items) >= self.capacity
+
+    @staticmethod
+    def _wake_one(waiters: deque[asyncio.Future[None]]) -> None:
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    @staticmethod
+    def _wake_all(waiters: deque[asyncio.Future[None]]) -> None:
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _wait(self, waiters: deque[asyncio.Future[None]]) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            waiter.cancel()
+            try:
+                waiters.remove(waiter)
+            except ValueError:  # already woken: pass the wake-up on so it is not lost
+                self._wake_one(waiters)
+            raise
 
     def put_nowait(self, item: T) -> bool:
         """Apply the policy without waiting; False when the item was dropped.
@@ -93,48 +121,44 @@ class Buffer(Generic[T]):
                 )
         self._items.append(item)
         self._put += 1
+        self._wake_one(self._getters)
         return True
 
     async def put(self, item: T) -> bool:
         """Add an item per the overflow policy; True if it was kept, False if dropped."""
-        async with self._not_full:
-            if self.overflow is Overflow.BLOCK:
-                self._waiting_put += 1
-                try:
-                    await self._not_full.wait_for(lambda: self._closed or not self.full())
-                finally:
-                    self._waiting_put -= 1
-            kept = self.put_nowait(item)
-            self._not_empty.notify()
-            return kept
+        if self.overflow is Overflow.BLOCK:
+            while not self._closed and self.full():
+                await self._wait(self._putters)
+        kept = self.put_nowait(item)
+        if not self.full():
+            self._wake_one(self._putters)  # a woken putter that found no room passed its turn
+        return kept
 
     def get_nowait(self) -> T:
+        """Take the oldest item; raises IndexError when the buffer is empty."""
         if not self._items:
             raise IndexError("buffer is empty")
         item = self._items.popleft()
         self._got += 1
+        self._wake_one(self._putters)
         return item
 
     async def get(self) -> T:
         """Take the oldest item, waiting for one (raises EOFError when closed and empty)."""
-        async with self._not_empty:
-            self._waiting_get += 1
-            try:
-                await self._not_empty.wait_for(lambda: bool(self._items) or self._closed)
-            finally:
-                self._waiting_get -= 1
-            if not self._items:
+        while not self._items:
+            if self._closed:
                 raise EOFError("buffer is closed and drained")
-            item = self.get_nowait()
-            self._not_full.notify()
-            return item
+            await self._wait(self._getters)
+        item = self.get_nowait()
+        if self._items:
+            self._wake_one(self._getters)  # more left: do not strand the next getter
+        return item
 
     async def close(self) -> None:
         """No more puts; getters drain what is left, then stop."""
-        async with self._not_empty:
-            self._closed = True
-            self._not_empty.notify_all()
-            self._not_full.notify_all()
+        self._closed = True
+        self._wake_all(self._getters)
+        self._wake_all(self._putters)
 
     def __aiter__(self) -> AsyncIterator[T]:
         return self._iterate()
@@ -149,7 +173,7 @@ class Buffer(Generic[T]):
     def statistics(self) -> BufferStatistics:
         return BufferStatistics(
             len(self._items), self.capacity, self.dropped, self._put, self._got,
-            self._waiting_put, self._waiting_get,
+            sum(not w.done() for w in self._putters), sum(not w.done() for w in self._getters),
         )
 
 
@@ -183,7 +207,7 @@ class Window:
 
     def release(self, n: int) -> None:
         self.used -= n
-        if self._cond._waiters:  # type: ignore[attr-defined]
+        if self._cond._waiters:
             asyncio.get_running_loop().create_task(self._wake())
 
     async def _wake(self) -> None:

@@ -12,7 +12,10 @@ __all__ = [
     "ConcurrencyError",
     "DecodeError",
     "EngineUnavailable",
+    "EventIdConflict",
     "InvalidArgument",
+    "InvalidEvent",
+    "InvalidStreamId",
     "InvalidTopic",
     "NotFound",
     "PayloadTooLarge",
@@ -94,3 +97,19 @@ class Rejected(TidingsError):
 
 class BufferFull(TidingsError):
     """A `Buffer` with `Overflow.FAIL` is at capacity; slow down or enlarge it."""
+
+
+class InvalidStreamId(InvalidArgument):
+    """A stream (aggregate) id is empty, too long or not a str; nothing was stored."""
+
+
+class InvalidEvent(InvalidArgument):
+    """An event's payload does not match its type (or cannot be encoded); nothing was stored."""
+
+
+class EventIdConflict(InvalidArgument):
+    """An event id is already stored, but not as this same append; nothing was stored.
+
+    Re-sending an identical append (same ids, same stream) is harmless and
+    returns the stored result; reusing an id for a different event is an error.
+    """

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from .eventsourcing.aggregate import Aggregate
-    from .eventsourcing.projections import Projections
+    from .eventsourcing.projections import HandlerT, Projections
     from .eventsourcing.repository import Repository
     from .eventsourcing.store import EventStore
 
@@ -148,6 +148,8 @@ class Hub:
         self._closed = False
         self._extensions: dict[str, Any] = {}  # per-hub state of other modules (event store, …)
         self._background: set[asyncio.Task[Any]] = set()
+        self._command_handlers: list[Any] = []
+        self._coordinator: Any = None
 
     @property
     def url(self) -> str:
@@ -366,11 +368,15 @@ class Hub:
         return register
 
     async def run(self) -> None:
-        """Run every registered subscriber until the hub closes or this task is cancelled."""
+        """Run every registered subscriber and command handler until the hub closes or
+        this task is cancelled."""
         self._check_open()
-        if not self._handlers:
-            raise InvalidArgument("no subscribers registered; decorate handlers with @hub.subscriber")
-        tasks = []
+        if not self._handlers and not self._command_handlers:
+            raise InvalidArgument(
+                "no subscribers registered; decorate handlers with @hub.subscriber or @hub.handler"
+            )
+        tasks = [asyncio.create_task(c.run(), name=f"tidings:handler:{c.command}")
+                 for c in self._command_handlers]
         for h in self._handlers:
             opts = dict(h.options)
             opts.setdefault("max_in_flight", max(h.concurrency, 1))
@@ -495,6 +501,8 @@ class Hub:
         if self._closed:
             return
         self._closed = True
+        if self._coordinator is not None:
+            await self._coordinator.close()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -517,6 +525,43 @@ class Hub:
     def __repr__(self) -> str:
         return f"<tidings.Hub {self.url} {'closed' if self._closed else 'open'}>"
 
+    # sagas ---------------------------------------------------------------------------
+    def sagas(self, definition: Any, *, clock: Any = None) -> Any:
+        """The sagas of `definition` on this hub: `start`, `get`, `wait`, `cancel`, `retry`.
+
+        The first call starts this hub's coordinator, which resumes every
+        unfinished saga of the definition (a killed coordinator loses nothing).
+        `clock` (first call only) replaces the system clock, for tests.
+        """
+        self._check_open()
+        from .saga.coordinator import Coordinator, SagaRunner
+        from .saga.definition import Saga
+
+        if not isinstance(definition, Saga):
+            raise InvalidArgument("hub.sagas() takes a tidings.Saga definition")
+        if self._coordinator is None:
+            self._coordinator = Coordinator(self, clock)
+        self._coordinator.register(definition)
+        return SagaRunner(self._coordinator, definition)
+
+    def handler(self, command: str, *, group: str | None = None,
+                concurrency: int = 1) -> Callable[[F], F]:
+        """Register a service's command handler (run by `hub.run()`).
+
+        The function gets a `Command` and returns the reply (a dict); raise
+        `tidings.Rejected(reason)` for a business refusal. Aggregates enlisted
+        with `cmd.save(agg)` commit with the inbox record and the reply, so a
+        redelivered command changes nothing and gets the same reply.
+        """
+        from .saga.handlers import CommandHandler
+
+        def register(fn: F) -> F:
+            self._command_handlers.append(
+                CommandHandler(self, command, fn, group=group, concurrency=concurrency))
+            return fn
+
+        return register
+
     # event sourcing ----------------------------------------------------------------
     @property
     def events(self) -> EventStore:
@@ -533,13 +578,13 @@ class Hub:
         return Repository(self.events, cls, snapshot_every=snapshot_every)
 
     def projection(self, name: str, *, reset: Callable[[Any], Any] | None = None,
-                   batch: int = 200) -> Callable[[F], F]:
+                   batch: int = 200) -> Callable[[HandlerT], HandlerT]:
         """Register `async def handler(event, tx)` as the projection `name` (run by `run_projections`).
 
         Events arrive in global order; the checkpoint commits with the writes
         made through `tx`. `reset(tx)` clears the read model for a rebuild.
         """
-        def register(fn: F) -> F:
+        def register(fn: HandlerT) -> HandlerT:
             self.projections.register(name, fn, reset=reset, batch=batch)
             return fn
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -208,8 +209,13 @@ class Message:
 
     async def nack(self, delay: float = 0.0) -> None:
         """Ask for redelivery after `delay` seconds (counts as an attempt)."""
-        if delay < 0:
-            raise InvalidArgument("nack delay must be >= 0 seconds")
+        # NaN or infinity would park the message forever: never redelivered, never dead-lettered.
+        if (
+            not isinstance(delay, (int, float))
+            or isinstance(delay, bool)
+            or not 0 <= delay < math.inf
+        ):
+            raise InvalidArgument(f"nack delay must be a finite number >= 0 seconds, got {delay!r}")
         self._do("nack", delay)
 
     async def term(self) -> None:

@@ -15,7 +15,8 @@ from .errors import InvalidTopic
 __all__ = ["MAX_TOPIC_LENGTH", "matcher", "matches", "validate_pattern", "validate_topic"]
 
 MAX_TOPIC_LENGTH = 255
-_TOKEN = re.compile(r"^[A-Za-z0-9_\-$]+$")
+# \Z, not $: `$` would also accept a trailing newline ("orders\n").
+_TOKEN = re.compile(r"[A-Za-z0-9_\-$]+\Z")
 _RULE = (
     "a topic is dot-separated tokens of letters, digits, '_' or '-' "
     "(e.g. 'orders.created'), at most 255 characters, with no empty token"
@@ -41,7 +42,8 @@ def validate_topic(name: str) -> str:
 def _validate_topic(name: str) -> str:
     for token in name.split("."):
         if not _TOKEN.match(token):
-            hint = " (wildcards are for subscriptions, not publishing)" if token in "*>" else ""
+            wildcard = token in ("*", ">")
+            hint = " (wildcards are for subscriptions, not publishing)" if wildcard else ""
             raise InvalidTopic(f"invalid topic {name!r}{hint}: {_RULE}")
     return name
 

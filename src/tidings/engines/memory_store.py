@@ -111,7 +111,8 @@ class MemoryStore(StoreBackend):
     def _clock(self) -> float:
         t = self._tables
         last = t.events[-1][6] if t.events else 0.0
-        return max(_time.time(), self.engine._last_time, last)
+        # microseconds, like the engine's message times and the datetimes users pass
+        return max(round(_time.time(), 6), self.engine._last_time, last)
 
     async def append(
         self,
@@ -155,6 +156,24 @@ class MemoryStore(StoreBackend):
         self.engine._notify()
         return AppendOutcome(current + len(rows), [r[0] for r in rows])
 
+    async def append_batch(
+        self,
+        items: Sequence[tuple[str, Sequence[NewRecord], int | None, str]],
+        messages: Sequence[OutMessage],
+    ) -> list[AppendOutcome]:
+        """Append to several streams and store `messages`, all or none."""
+        t = self._tables
+        for sid, recs, exp, _topic in items:  # check everything before changing anything
+            current = len(t.streams.get(sid, []))
+            if exp is not None and exp != current and _duplicate(t, sid, recs) is None:
+                raise ConcurrencyError(sid, exp, current)
+        # no await happens between the checks and the appends: nothing can interleave
+        out = [await self.append(sid, recs, exp, topic) for sid, recs, exp, topic in items]
+        if messages:
+            self.engine._store(list(messages), self._clock())
+            self.engine._notify()
+        return out
+
     async def read_stream(
         self, stream_id: str, from_version: int, to_version: int | None, limit: int
     ) -> list[EventRow]:
@@ -192,7 +211,8 @@ class MemoryStore(StoreBackend):
                     snap = row
                     break
         start = snap.version if snap else 0
-        rows = [t.events[p - 1] for p in positions[start:target]]
+        events = t.events
+        rows = [(e[2], e[4], e[5], e[8]) for e in (events[p - 1] for p in positions[start:target])]
         return StreamLoad(current, target, snap, rows)
 
     async def save_snapshot(self, stream_id: str, snapshot: SnapshotRow) -> None:

@@ -69,6 +69,11 @@ SCHEMA = [
 
 _INSERT = f"INSERT INTO tidings_events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _SELECT = f"SELECT {EVENT_COLUMNS} FROM tidings_events"
+#: One statement for what an append checks: is the first id stored already (then
+#: at which position), the stream's version, and the last global position.
+_STATE = ("SELECT (SELECT position FROM tidings_events WHERE id = ?), "
+          "(SELECT max(version) FROM tidings_events WHERE stream_id = ?), "
+          "(SELECT max(position) FROM tidings_events)")
 
 #: Set while a `transaction` function runs: it holds the writer, so writing
 #: through the store from inside it would wait for itself.
@@ -186,41 +191,24 @@ class SqliteStore(StoreBackend):
         await self._ready()
 
         def op(tx: Tx) -> AppendOutcome:
-            conn = tx.conn
-            dup = _duplicate(conn, stream_id, records)
-            if dup is not None:
-                return dup
-            row = conn.execute(
-                "SELECT max(version) FROM tidings_events WHERE stream_id = ?", (stream_id,)
-            ).fetchone()
-            current = row[0] or 0
-            if expected is not None and expected != current:
-                raise ConcurrencyError(stream_id, expected, current)
-            # Positions are taken here, on the engine's single writer inside the
-            # write transaction (and under SQLite's write lock across processes):
-            # commit order is position order, so a reader that has seen position N
-            # never later finds a smaller one appear.
-            last = conn.execute("SELECT max(position) FROM tidings_events").fetchone()[0] or 0
-            now = tx.now
-            rows = []
-            messages = []
-            for i, r in enumerate(records, 1):
-                pos, version = last + i, current + i
-                rows.append((pos, stream_id, version, r.id, r.type, r.type_version, now,
-                             _enc(r.headers) if r.headers else None, r.data))
-                messages.append(OutMessage(r.id, topic, stream_id, r.data,
-                                           event_headers(r, stream_id, version, pos), False))
-            try:
-                conn.executemany(_INSERT, rows)
-            except sqlite3.IntegrityError:
-                raise EventIdConflict(
-                    f"an event id in this append to {stream_id!r} is already stored; give "
-                    "every new event a new id"
-                ) from None
-            tx.append(messages)
-            if snapshot is not None:
-                _put_snapshot(conn, stream_id, snapshot)
-            return AppendOutcome(current + len(rows), [r[0] for r in rows])
+            return append_in_tx(tx, stream_id, records, expected, topic, snapshot)
+
+        return await self.engine.transact(op, durable=True)
+
+    async def append_batch(
+        self,
+        items: Sequence[tuple[str, Sequence[NewRecord], int | None, str]],
+        messages: Sequence[OutMessage],
+    ) -> list[AppendOutcome]:
+        """Append to several streams and store `messages`, all in one transaction (or none)."""
+        self._check_not_holding()
+        await self._ready()
+
+        def op(tx: Tx) -> list[AppendOutcome]:
+            out = [append_in_tx(tx, sid, recs, exp, topic) for sid, recs, exp, topic in items]
+            if messages:
+                tx.append(messages)
+            return out
 
         return await self.engine.transact(op, durable=True)
 
@@ -287,8 +275,9 @@ class SqliteStore(StoreBackend):
                 snap = SnapshotRow(*row) if row else None
             start = snap.version if snap else 0
             rows = conn.execute(
-                f"{_SELECT} WHERE stream_id = ? AND version > ? AND version <= ? "
-                "ORDER BY version", (stream_id, start, target)
+                "SELECT version, type, type_version, data FROM tidings_events "
+                "WHERE stream_id = ? AND version > ? AND version <= ? ORDER BY version",
+                (stream_id, start, target),
             ).fetchall() if target > start else []
             return StreamLoad(current, target, snap, rows)
 
@@ -367,15 +356,8 @@ def _put_snapshot(conn: sqlite3.Connection, stream_id: str, s: SnapshotRow) -> N
     )
 
 
-def _duplicate(conn: sqlite3.Connection, stream_id: str, records: Sequence[NewRecord]
-               ) -> AppendOutcome | None:
-    if not records:
-        return None
-    row = conn.execute("SELECT position FROM tidings_events WHERE id = ?",
-                       (records[0].id,)).fetchone()
-    if row is None:
-        return None
-    first = row[0]
+def _duplicate(conn: sqlite3.Connection, first: int, stream_id: str,
+               records: Sequence[NewRecord]) -> AppendOutcome:
     rows = conn.execute(
         "SELECT position, stream_id, version, id FROM tidings_events "
         "WHERE position >= ? ORDER BY position LIMIT ?", (first, len(records))
@@ -389,3 +371,40 @@ def _duplicate(conn: sqlite3.Connection, stream_id: str, records: Sequence[NewRe
             f"append to stream {stream_id!r}; give every new event a new id"
         )
     return AppendOutcome(rows[-1][2], [r[0] for r in rows], duplicate=True)
+
+
+def append_in_tx(tx: Tx, stream_id: str, records: Sequence[NewRecord], expected: int | None,
+                 topic: str, snapshot: SnapshotRow | None = None) -> AppendOutcome:
+    """Append to one stream inside an open writer transaction (see `SqliteStore.append`)."""
+    conn = tx.conn
+    # Positions are taken here, on the engine's single writer inside the
+    # write transaction (and under SQLite's write lock across processes):
+    # commit order is position order, so a reader that has seen position N
+    # never later finds a smaller one appear.
+    known, current, last = conn.execute(_STATE, (records[0].id, stream_id)).fetchone()
+    if known is not None:
+        return _duplicate(conn, known, stream_id, records)
+    current = current or 0
+    if expected is not None and expected != current:
+        raise ConcurrencyError(stream_id, expected, current)
+    last = last or 0
+    now = tx.now
+    rows = []
+    messages = []
+    for i, r in enumerate(records, 1):
+        pos, version = last + i, current + i
+        rows.append((pos, stream_id, version, r.id, r.type, r.type_version, now,
+                     _enc(r.headers) if r.headers else None, r.data))
+        messages.append(OutMessage(r.id, topic, stream_id, r.data,
+                                   event_headers(r, stream_id, version, pos), False))
+    try:
+        conn.executemany(_INSERT, rows)
+    except sqlite3.IntegrityError:
+        raise EventIdConflict(
+            f"an event id in this append to {stream_id!r} is already stored; give "
+            "every new event a new id"
+        ) from None
+    tx.append(messages)
+    if snapshot is not None:
+        _put_snapshot(conn, stream_id, snapshot)
+    return AppendOutcome(current + len(rows), [r[0] for r in rows])

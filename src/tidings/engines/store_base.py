@@ -27,6 +27,7 @@ __all__ = [
     "EVENT_COLUMNS",
     "AppendOutcome",
     "EventRow",
+    "LoadRow",
     "NewRecord",
     "ProjectionState",
     "SnapshotRow",
@@ -45,6 +46,9 @@ EVENT_COLUMNS = "position, stream_id, version, id, type, type_version, time, hea
 
 #: (position, stream_id, version, id, type, type_version, time, headers JSON or None, data)
 EventRow = tuple[int, str, int, str, str, int, float, "bytes | None", bytes]
+
+#: (version, type, type_version, data): what rebuilding an aggregate needs of an event.
+LoadRow = tuple[int, str, int, bytes]
 
 
 @dataclass(slots=True)
@@ -80,7 +84,7 @@ class StreamLoad:
     current: int  # the stream's latest version (0: no such stream)
     target: int  # the version asked for (after applying `as_of`), at most `current`
     snapshot: SnapshotRow | None  # newest usable snapshot at or below `target`
-    rows: list[EventRow]  # events after the snapshot up to `target`
+    rows: list[LoadRow]  # events after the snapshot up to `target`
 
 
 @dataclass(slots=True)

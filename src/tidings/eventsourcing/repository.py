@@ -1,0 +1,162 @@
+"""Repositories: load aggregates (now or as they were) and save their new events."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Generic, TypeVar
+
+from .. import topics as _topics
+from ..engines.store_base import SnapshotRow, StreamLoad
+from ..errors import DecodeError, InvalidArgument, NotFound
+from .aggregate import Aggregate, _resolver_of
+from .records import Appended, RecordedEvent, check_stream_id
+from .snapshots import capture, restore, schema_of
+from .store import EventStore
+
+__all__ = ["Repository"]
+
+A = TypeVar("A", bound=Aggregate)
+log = logging.getLogger("tidings.eventsourcing")
+
+
+class Repository(Generic[A]):
+    """Loads and saves one aggregate class; saves are optimistic (`ConcurrencyError` on conflict).
+
+    With `snapshot_every=N`, a save that carries the stream across a multiple
+    of N also stores a snapshot of the new state, in the same transaction.
+    """
+
+    def __init__(self, store: EventStore, cls: type[A], *, snapshot_every: int | None = None,
+                 topic: str | None = None) -> None:
+        if not isinstance(cls, type) or not issubclass(cls, Aggregate):
+            raise InvalidArgument(f"{cls!r} is not a tidings.Aggregate subclass")
+        if snapshot_every is not None and (not isinstance(snapshot_every, int)
+                                           or isinstance(snapshot_every, bool)
+                                           or snapshot_every < 1):
+            raise InvalidArgument("snapshot_every must be an int >= 1 or None")
+        self.store = store
+        self.cls = cls
+        self.snapshot_every = snapshot_every
+        self.topic = _topics.validate_topic(topic or cls.event_topic or cls.__name__)
+        self._resolver = _resolver_of(cls)
+
+    # loading -----------------------------------------------------------------
+    async def get(self, id: str, *, version: int | None = None,
+                  as_of: datetime | str | None = None) -> A:
+        """The aggregate now, at stream `version`, or as it was at time `as_of`.
+
+        Starts from the newest usable snapshot and replays the events after
+        it. Raises `NotFound` if the stream does not exist (or did not exist
+        yet at `version`/`as_of`).
+        """
+        self.store.hub._check_open()
+        check_stream_id(id)
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)
+                                    or version < 1):
+            raise InvalidArgument(f"version must be an int >= 1, got {version!r}")
+        when = _timestamp(as_of) if as_of is not None else None
+        load = await self.store.backend.load(id, schema_of(self.cls), version, when)
+        if load.current == 0:
+            raise NotFound(f"{self.cls.__name__} {id!r} does not exist (no events in its stream)")
+        if load.target == 0 or (version is not None and load.target < version):
+            at = f"time {as_of}" if when is not None else f"version {version}"
+            raise NotFound(
+                f"{self.cls.__name__} {id!r} has no state at {at}; its stream is at version "
+                f"{load.current}"
+            )
+        return await self._build(id, load, version, when)
+
+    async def _build(self, id: str, load: StreamLoad, version: int | None,
+                     when: float | None) -> A:
+        agg = self.cls(id)
+        if load.snapshot is not None:
+            try:
+                restore(agg, load.snapshot.data)
+                agg.version = load.snapshot.version
+            except (DecodeError, ValueError, TypeError) as exc:
+                log.warning("ignoring unusable snapshot of %s %r at version %d: %s",
+                            self.cls.__name__, id, load.snapshot.version, exc)
+                load = await self.store.backend.load(id, None, version, when)
+                agg = self.cls(id)
+        decode = self._resolver.decode
+        apply = agg.apply
+        for _, type_name, type_version, data in load.rows:
+            apply(decode(type_name, type_version, data, id))
+        if load.rows:
+            agg.version = load.rows[-1][0]
+        return agg
+
+    async def history(self, id: str) -> list[RecordedEvent]:
+        """The aggregate's recorded events, oldest first."""
+        return [rec async for rec in self.store.read(id, resolver=self._resolver)]
+
+    # saving ------------------------------------------------------------------
+    async def save(self, agg: A, *, headers: Mapping[str, str] | None = None) -> Appended | None:
+        """Store the aggregate's recorded events, if the stream is still where it was loaded.
+
+        Raises `ConcurrencyError` (nothing stored) when someone else saved
+        first: reload and retry the command. Returns None if nothing was recorded.
+        """
+        if not isinstance(agg, self.cls):
+            raise InvalidArgument(f"this repository saves {self.cls.__name__}, not "
+                                  f"{type(agg).__name__}")
+        pending = agg._pending
+        if not pending:
+            return None
+        expected = agg.version - len(pending)
+        snapshot = None
+        every = self.snapshot_every
+        if every is not None and agg.version // every > expected // every:
+            snapshot = self._snapshot_row(agg, quiet=True)
+        h = {"aggregate-type": self.cls.__name__}
+        if headers:
+            h.update(headers)
+        out = await self.store._append(agg.id, pending, expected, self.topic, h, snapshot)
+        agg._pending = []
+        return out
+
+    # snapshots -----------------------------------------------------------------
+    def _snapshot_row(self, agg: A, *, quiet: bool) -> SnapshotRow | None:
+        import time
+
+        try:
+            data = capture(agg)
+        except DecodeError:
+            if not quiet:
+                raise
+            log.warning("not snapshotting %s %r: its state is not encodable",
+                        self.cls.__name__, agg.id, exc_info=True)
+            return None
+        return SnapshotRow(agg.version, schema_of(self.cls), time.time(), data)
+
+    async def snapshot(self, id_or_aggregate: str | A) -> int:
+        """Store a snapshot of the aggregate's saved state now; returns its version."""
+        if isinstance(id_or_aggregate, Aggregate):
+            agg = id_or_aggregate
+            if agg._pending:
+                raise InvalidArgument("save the aggregate before snapshotting it")
+        else:
+            agg = await self.get(id_or_aggregate)
+        row = self._snapshot_row(agg, quiet=False)
+        assert row is not None
+        await self.store.backend.save_snapshot(agg.id, row)
+        return agg.version
+
+
+def _timestamp(as_of: datetime | str) -> float:
+    if isinstance(as_of, str):
+        try:
+            as_of = datetime.fromisoformat(as_of)
+        except ValueError:
+            raise InvalidArgument(
+                f"as_of {as_of!r} is not an ISO 8601 time; use e.g. '2024-05-01T12:00:00Z'"
+            ) from None
+    if not isinstance(as_of, datetime):
+        raise InvalidArgument("as_of must be a datetime or an ISO 8601 string")
+    if as_of.tzinfo is None:
+        as_of = as_of.replace(tzinfo=UTC)
+    # Event times are microsecond-precise floats: half a microsecond of slack makes
+    # `as_of=rec.time` include `rec` whichever way the float was rounded.
+    return as_of.timestamp() + 5e-7

@@ -1,0 +1,58 @@
+"""Atomic writes across several streams (and messages): all of them or none.
+
+Used by command handlers: the aggregates a handler changed, its inbox
+record and its reply commit together, so a crash never leaves a state change
+without its inbox record (which would apply a redelivered command twice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..errors import Unsupported
+from ..messages import OutMessage
+from .aggregate import Aggregate
+from .records import _Any
+from .store import default_topic
+
+if TYPE_CHECKING:
+    from ..hub import Hub
+
+__all__ = ["commit"]
+
+
+async def commit(
+    hub: Hub,
+    aggregates: Sequence[Aggregate],
+    appends: Iterable[tuple[str, Sequence[object], int | _Any, str | None]],
+    messages: Sequence[OutMessage] = (),
+    *,
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    """Save `aggregates` (optimistic concurrency from their loaded versions), append
+    `(stream_id, events, expected_version, topic)` items and store `messages`,
+    atomically. Raises `ConcurrencyError` (nothing stored) on any conflict.
+    """
+    store = hub.events
+    backend: Any = store.backend
+    items: list[tuple[str, Any, int | None, str]] = []
+    for agg in aggregates:
+        pending = agg._pending
+        if not pending:
+            continue
+        repo = hub.repository(type(agg))
+        h = {"aggregate-type": type(agg).__name__, **(headers or {})}
+        items.append((agg.id, store._records(pending, h), agg.version - len(pending),
+                      repo.topic))
+    for stream_id, events, expected, topic in appends:
+        exp = None if isinstance(expected, _Any) else int(expected)
+        items.append((stream_id, store._records(events, headers), exp,
+                      topic or default_topic(stream_id)))
+    batch = getattr(backend, "append_batch", None)
+    if batch is None:
+        raise Unsupported(f"the engine behind {hub.url!r} cannot append to several streams "
+                          "atomically")
+    await batch(items, list(messages))
+    for agg in aggregates:
+        agg._pending = []

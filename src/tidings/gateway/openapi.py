@@ -1,0 +1,382 @@
+"""The OpenAPI 3.1 description of the gateway, written by hand to say exactly what it does.
+
+A test runs schemathesis against it on a live server: every response must be
+one the document lists, with the body it describes, and no input may cause a
+server error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["openapi"]
+
+_TOKEN = r"[A-Za-z0-9_$-]+"
+TOPIC = rf"^[A-Za-z0-9_-][A-Za-z0-9_$-]*(\.{_TOKEN})*$"
+PATTERN = rf"^({_TOKEN}|\*)(\.({_TOKEN}|\*))*(\.>)?$|^>$"
+GROUP = r"^[A-Za-z0-9_-]+$"
+BIG = 2**63 - 1
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str,
+          headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description,
+                           "content": {"application/json": {"schema": schema}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _json(_ref("Error"), description, headers)
+
+
+_RETRY = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
+ERRORS: dict[str, dict[str, Any]] = {
+    "400": _error("malformed JSON or header"),
+    "401": _error("missing or wrong bearer token",
+                  {"WWW-Authenticate": {"schema": {"type": "string"}}}),
+    "404": _error("not found"),
+    "409": _error("conflict (version, id or subscription settings)"),
+    "413": _error("request body over the limit"),
+    "422": _error("invalid topic, field or value"),
+    "429": _error("too many requests in progress", _RETRY),
+    "501": _error("the engine does not offer this"),
+    "503": _error("the engine is unavailable", _RETRY),
+}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(c): ERRORS[str(c)] for c in codes}
+
+
+def _path(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "description": description,
+            "schema": schema}
+
+
+def _query(name: str, schema: dict[str, Any], description: str,
+           required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "description": description,
+            "schema": schema}
+
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dict[str, Any]:
+    """The document for an app with these limits (and bearer auth when `auth`)."""
+    topic = _path("topic", {"type": "string", "pattern": TOPIC, "maxLength": 255},
+                  "a topic name (dot-separated tokens)")
+    pattern = _path("topic", {"type": "string", "pattern": PATTERN, "maxLength": 255},
+                    "a topic or a pattern: '*' is one token, '>' the rest")
+    group = _path("group", {"type": "string", "pattern": GROUP, "maxLength": 255},
+                  "the durable subscription's name")
+    stream_id = _path("stream_id", {"type": "string", "minLength": 1, "maxLength": 255,
+                                    "pattern": "^[^\\x00/]+$"}, "the stream (aggregate) id")
+    common = (400, 401, 413) if auth else (400, 413)
+    reads = (401,) if auth else ()
+
+    paths: dict[str, Any] = {
+        "/v1/topics": {"get": {
+            "operationId": "listTopics", "summary": "topics with counts, subscriptions with lag",
+            "responses": {"200": _json(_ref("TopicList"), "the topics"), **_errors(*reads)},
+        }},
+        "/v1/topics/{topic}/messages": {"post": {
+            "operationId": "publish",
+            "summary": "publish one message, or a batch atomically",
+            "parameters": [topic],
+            "requestBody": _body({"oneOf": [_ref("PublishMessage"), _ref("PublishBatch")]}),
+            "responses": {
+                "201": _json({"oneOf": [_ref("Published"), _ref("PublishedBatch")]},
+                             "stored (a batch: all of it)"),
+                **_errors(*common, 422, 429, 503),
+            },
+        }},
+        "/v1/topics/{topic}/stream": {"get": {
+            "operationId": "streamTopic",
+            "summary": "live Server-Sent Events (event 'message', id = position)",
+            "parameters": [
+                pattern,
+                _query("start", {"type": "string", "pattern": "^(beginning|end|[1-9][0-9]*)$"},
+                       "where to start when not resuming (default: end)"),
+                {"name": "Last-Event-ID", "in": "header", "required": False,
+                 "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                 "description": "resume after this position"},
+            ],
+            "responses": {
+                "200": {"description": "an endless event stream",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                **_errors(*reads, 422, 429),
+            },
+        }},
+        "/v1/subscriptions/{group}/messages": {"get": {
+            "operationId": "pull",
+            "summary": "claim up to max messages, waiting up to wait seconds for the first",
+            "parameters": [
+                group,
+                _query("topic", {"type": "string", "pattern": PATTERN, "maxLength": 255},
+                       "the subscription's topic pattern", required=True),
+                _query("max", {"type": "integer", "minimum": 1, "maximum": max_pull},
+                       "at most this many messages (default 10)"),
+                _query("wait", {"type": "number", "minimum": 0, "maximum": max_wait},
+                       "long-poll seconds (default 0)"),
+            ],
+            "responses": {"200": _json(_ref("Pulled"), "the messages (maybe none)"),
+                          **_errors(*reads, 422, 429, 503)},
+        }},
+        "/v1/subscriptions/{group}/ack": {"post": {
+            "operationId": "ack", "summary": "settle messages as done",
+            "parameters": [group],
+            "requestBody": _body(_ref("AckIds")),
+            "responses": {"200": _json(_ref("Settled"), "settled"),
+                          **_errors(*common, 404, 422)},
+        }},
+        "/v1/subscriptions/{group}/nack": {"post": {
+            "operationId": "nack", "summary": "ask for redelivery after delay seconds",
+            "parameters": [group],
+            "requestBody": _body(_ref("NackIds")),
+            "responses": {"200": _json(_ref("Settled"), "settled"),
+                          **_errors(*common, 404, 422)},
+        }},
+        "/v1/streams/{stream_id}/events": {
+            "post": {
+                "operationId": "appendEvents",
+                "summary": "append events if the stream is at expected_version",
+                "parameters": [stream_id],
+                "requestBody": _body(_ref("Append")),
+                "responses": {"201": _json(_ref("Appended"), "stored"),
+                              **_errors(*common, 409, 422, 429, 501, 503)},
+            },
+            "get": {
+                "operationId": "readEvents", "summary": "a range of a stream's events",
+                "parameters": [
+                    stream_id,
+                    _query("from_version", {"type": "integer", "minimum": 1, "maximum": BIG},
+                           "first version"),
+                    _query("to_version", {"type": "integer", "minimum": 0, "maximum": BIG},
+                           "last version"),
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 10_000},
+                           "at most this many events (default 1000)"),
+                ],
+                "responses": {"200": _json(_ref("StreamEvents"), "the events"),
+                              **_errors(*reads, 404, 422, 501, 503)},
+            },
+        },
+        "/v1/commands/{saga}": {"post": {
+            "operationId": "startCommand",
+            "summary": "start a saga; 202 with the request id to poll",
+            "parameters": [
+                _path("saga", {"type": "string", "minLength": 1}, "the saga's name"),
+                {"name": "Idempotency-Key", "in": "header", "required": False,
+                 "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                 "description": "a repeat with the same key returns the same request id"},
+            ],
+            "requestBody": _body({"type": "object"}),
+            "responses": {
+                "202": _json(_ref("Accepted"), "accepted; poll Location",
+                             {"Location": {"schema": {"type": "string"}}}),
+                **_errors(*common, 404, 422, 429, 503),
+            },
+        }},
+        "/v1/requests/{id}": {"get": {
+            "operationId": "getRequest", "summary": "the outcome of a command",
+            "parameters": [_path("id", {"type": "string", "minLength": 1}, "the request id")],
+            "responses": {"200": _json(_ref("RequestState"), "its state"),
+                          **_errors(*reads, 404)},
+        }},
+        "/v1/sagas": {"get": {
+            "operationId": "listSagas", "summary": "saga instances",
+            "parameters": [_query("status", {"type": "string"}, "only this status")],
+            "responses": {"200": _json(_ref("SagaList"), "instances"), **_errors(*reads)},
+        }},
+        "/v1/sagas/{id}": {"get": {
+            "operationId": "getSaga", "summary": "one saga instance and its step history",
+            "parameters": [_path("id", {"type": "string", "minLength": 1}, "the saga id")],
+            "responses": {"200": _json({"type": "object", "required": ["saga"]}, "the saga"),
+                          **_errors(*reads, 404)},
+        }},
+        "/v1/dashboard": {"get": {
+            "operationId": "dashboardSnapshot", "summary": "what the dashboard shows, now",
+            "responses": {"200": _json(_ref("Snapshot"), "a snapshot"), **_errors(*reads)},
+        }},
+        "/v1/dashboard/stream": {"get": {
+            "operationId": "dashboardStream",
+            "summary": "a snapshot every second as Server-Sent Events (event 'snapshot')",
+            "responses": {
+                "200": {"description": "an endless event stream",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                **_errors(*reads, 429),
+            },
+        }},
+        "/v1/openapi.json": {"get": {
+            "operationId": "openapi", "summary": "this document",
+            "responses": {"200": _json({"type": "object"}, "the document"), **_errors(*reads)},
+        }},
+        "/healthz": {"get": {
+            "operationId": "health", "summary": "200 while the hub is open", "security": [],
+            "responses": {"200": _json(_ref("Health"), "healthy"),
+                          "503": _json(_ref("Health"), "the hub is closed", _RETRY)},
+        }},
+        "/metrics": {"get": {
+            "operationId": "metrics", "summary": "Prometheus text format",
+            "responses": {
+                "200": {"description": "metrics",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}},
+                **_errors(*reads),
+            },
+        }},
+    }
+
+    headers = {"type": "object", "additionalProperties": {"type": "string"}}
+    message_out = {
+        "type": "object",
+        "required": ["id", "topic", "position", "time", "headers", "attempt"],
+        "properties": {
+            "id": {"type": "string"}, "topic": {"type": "string"},
+            "key": {"type": ["string", "null"]}, "position": {"type": "integer"},
+            "time": {"type": "string"}, "headers": headers, "attempt": {"type": "integer"},
+            "data": {}, "data_b64": {"type": "string"}, "ack_id": {"type": "string"},
+        },
+    }
+    publish_one = {
+        "type": "object", "additionalProperties": False,
+        "properties": {
+            "data": {"description": "any JSON value; a string is stored as text/plain"},
+            "data_b64": {"type": "string", "description": "binary data, base64",
+                         "pattern": "^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"},
+            "key": {"type": ["string", "null"], "minLength": 1, "maxLength": 255},
+            "headers": {"type": ["object", "null"],
+                        "additionalProperties": {"type": "string"},
+                        "propertyNames": {"minLength": 1}},
+            "id": {"type": ["string", "null"], "minLength": 1, "maxLength": 255,
+                   "description": "a client id: a repeat within the dedup window is not stored"},
+        },
+        "oneOf": [{"required": ["data"], "not": {"required": ["data_b64"]}},
+                  {"required": ["data_b64"], "not": {"required": ["data"]}}],
+    }
+    published = {"type": "object", "required": ["id", "position", "duplicate"],
+                 "properties": {"id": {"type": "string"}, "position": {"type": "integer"},
+                                "duplicate": {"type": "boolean"}}}
+    schemas: dict[str, Any] = {
+        "Error": {"type": "object", "required": ["error", "detail"],
+                  "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}},
+        "PublishMessage": publish_one,
+        "PublishBatch": {"type": "object", "required": ["messages"],
+                         "additionalProperties": False,
+                         "properties": {"messages": {"type": "array", "minItems": 1,
+                                                     "maxItems": 10_000,
+                                                     "items": _ref("PublishMessage")}}},
+        "Published": published,
+        "PublishedBatch": {"type": "object", "required": ["positions", "messages"],
+                           "properties": {"positions": {"type": "array",
+                                                        "items": {"type": "integer"}},
+                                          "messages": {"type": "array", "items": published}}},
+        "TopicList": {"type": "object", "required": ["topics"], "properties": {"topics": {
+            "type": "array", "items": {
+                "type": "object",
+                "required": ["topic", "messages", "bytes", "subscriptions"],
+                "properties": {
+                    "topic": {"type": "string"}, "messages": {"type": "integer"},
+                    "bytes": {"type": "integer"},
+                    "first_position": {"type": ["integer", "null"]},
+                    "last_position": {"type": ["integer", "null"]},
+                    "subscriptions": {"type": "array", "items": _ref("SubscriptionState")},
+                }}}}},
+        "SubscriptionState": {
+            "type": "object", "required": ["group", "pattern", "lag", "pending", "in_flight"],
+            "properties": {"group": {"type": "string"}, "pattern": {"type": "string"},
+                           "lag": {"type": "integer"}, "pending": {"type": "integer"},
+                           "in_flight": {"type": "integer"}}},
+        "Pulled": {"type": "object", "required": ["messages"],
+                   "properties": {"messages": {"type": "array", "items": message_out}}},
+        "Message": message_out,
+        "AckIds": {"type": "object", "required": ["ack_ids"], "additionalProperties": False,
+                   "properties": {"ack_ids": {"type": "array", "minItems": 1, "maxItems": 1000,
+                                              "items": {"type": "string"}}}},
+        "NackIds": {"type": "object", "required": ["ack_ids"], "additionalProperties": False,
+                    "properties": {"ack_ids": {"type": "array", "minItems": 1, "maxItems": 1000,
+                                               "items": {"type": "string"}},
+                                   "delay": {"type": "number", "minimum": 0,
+                                             "maximum": 86_400}}},
+        "Settled": {"type": "object", "required": ["settled"],
+                    "properties": {"settled": {"type": "integer"}}},
+        "Append": {
+            "type": "object", "required": ["events", "expected_version"],
+            "additionalProperties": False,
+            "properties": {
+                "events": {"type": "array", "minItems": 1, "maxItems": 10_000, "items": {
+                    "type": "object", "required": ["type", "data"], "additionalProperties": False,
+                    "properties": {
+                        "type": {"type": "string", "minLength": 1, "maxLength": 255},
+                        "data": {"type": "object"},
+                        "id": {"type": ["string", "null"], "minLength": 1, "maxLength": 255},
+                        "headers": {"type": ["object", "null"],
+                                    "additionalProperties": {"type": "string"}},
+                    }}},
+                "expected_version": {"oneOf": [{"type": "integer", "minimum": 0, "maximum": BIG},
+                                               {"const": "any"}],
+                                     "description": "0: the stream must not exist yet"},
+                "topic": {"type": ["string", "null"], "pattern": TOPIC, "maxLength": 255},
+            }},
+        "Appended": {"type": "object",
+                     "required": ["stream_id", "version", "positions", "duplicate"],
+                     "properties": {"stream_id": {"type": "string"},
+                                    "version": {"type": "integer"},
+                                    "positions": {"type": "array", "items": {"type": "integer"}},
+                                    "duplicate": {"type": "boolean"}}},
+        "StreamEvents": {
+            "type": "object", "required": ["stream_id", "events", "next_from_version"],
+            "properties": {
+                "stream_id": {"type": "string"},
+                "next_from_version": {"type": ["integer", "null"]},
+                "events": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["stream_id", "version", "position", "id", "type", "time",
+                                 "headers", "data"],
+                    "properties": {"stream_id": {"type": "string"},
+                                   "version": {"type": "integer"},
+                                   "position": {"type": "integer"}, "id": {"type": "string"},
+                                   "type": {"type": "string"}, "time": {"type": "string"},
+                                   "headers": headers, "data": {}}}}}},
+        "Accepted": {"type": "object", "required": ["request_id"],
+                     "properties": {"request_id": {"type": "string"}}},
+        "RequestState": {
+            "type": "object", "required": ["request_id", "saga", "status"],
+            "properties": {
+                "request_id": {"type": "string"}, "saga": {"type": "string"},
+                "status": {"enum": ["pending", "running", "completed", "compensated",
+                                    "failed"]},
+                "result": {}, "error": {}}},
+        "SagaList": {"type": "object", "required": ["sagas"],
+                     "properties": {"sagas": {"type": "array", "items": {"type": "object"}}}},
+        "Snapshot": {"type": "object",
+                     "required": ["time", "topics", "subscriptions", "dead_letters", "commands",
+                                  "requests"],
+                     "properties": {"time": {"type": "number"}}},
+        "Health": {"type": "object", "required": ["status"],
+                   "properties": {"status": {"enum": ["ok", "unavailable"]},
+                                  "detail": {"type": "string"}}},
+    }
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": "tidings gateway", "version": "1",
+                 "description": "Pub/sub, event store and asynchronous request-reply over HTTP. "
+                 "Every error is a JSON object {error, detail}. Request bodies over "
+                 f"{max_body} bytes get 413."},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }
+    if auth:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"bearer": []}]
+        for route in ("/healthz",):
+            doc["paths"][route]["get"]["security"] = []
+    else:
+        del doc["paths"]["/healthz"]["get"]["security"]
+    return doc

@@ -1,0 +1,502 @@
+"""The saga coordinator: drives each saga by its definition, durably.
+
+Every decision is an event appended to the saga's stream before it is acted
+on, so a coordinator killed at any moment resumes each unfinished saga from
+its stream: an attempt in flight is re-sent under the same message id and
+idempotency key (the engine and the handler's inbox drop the duplicate), a
+deadline that passed while it was down fires at once.
+
+Topics, per saga name N: `saga.N.started` / `saga.N.ended` (lifecycle, read
+on start-up to find unfinished sagas), `saga.N.steps` (the rest), and
+`saga.N.replies` (services' replies to its commands).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConcurrencyError, InvalidArgument, NotFound, Rejected, TidingsError
+from ..eventsourcing.records import NO_STREAM
+from ..messages import new_id
+from .clock import Clock, SystemClock
+from .definition import (
+    CompensationStarted,
+    Outcome,
+    ReplyIgnored,
+    Saga,
+    SagaCancelRequested,
+    SagaCompensated,
+    SagaCompleted,
+    SagaResumed,
+    SagaStarted,
+    SagaState,
+    SagaStuck,
+    StepStarted,
+    Wait,
+    advance,
+    evolve,
+    on_outcome,
+)
+
+if TYPE_CHECKING:
+    from ..eventsourcing.events import Event
+    from ..hub import Hub
+
+__all__ = ["Coordinator", "SagaRunner"]
+
+log = logging.getLogger("tidings.saga")
+
+_LIFECYCLE_START = (SagaStarted,)
+_LIFECYCLE_END = (SagaCompleted, SagaCompensated)
+
+
+def stream_id(name: str, saga_id: str) -> str:
+    return f"saga-{name}-{saga_id}"
+
+
+def _check_id(saga_id: object) -> str:
+    if not isinstance(saga_id, str) or not saga_id or len(saga_id) > 120 or "\x00" in saga_id:
+        raise InvalidArgument(
+            f"saga id {saga_id!r} must be a non-empty str of at most 120 characters"
+        )
+    return saga_id
+
+
+class _Reply:
+    __slots__ = ("attempt", "kind", "outcome", "step")
+
+    def __init__(self, step: int, kind: str, attempt: int, outcome: Outcome) -> None:
+        self.step = step
+        self.kind = kind
+        self.attempt = attempt
+        self.outcome = outcome
+
+
+class Coordinator:
+    """Runs the sagas of every definition registered on one hub."""
+
+    def __init__(self, hub: Hub, clock: Clock | None = None) -> None:
+        self.hub = hub
+        self.clock: Clock = clock or SystemClock()
+        self.defs: dict[str, dict[int, Saga]] = {}
+        self._drivers: dict[str, asyncio.Task[None]] = {}
+        self._inbox: dict[str, asyncio.Queue[Any]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._watching: set[str] = set()
+        self._finished: dict[str, asyncio.Event] = {}
+
+    # registration ---------------------------------------------------------------
+    def register(self, defn: Saga) -> None:
+        versions = self.defs.setdefault(defn.name, {})
+        known = versions.get(defn.version)
+        if known is not None and known is not defn:
+            if [s.name for s in known.steps] != [s.name for s in defn.steps]:
+                raise InvalidArgument(
+                    f"saga {defn.name!r} version {defn.version} is registered with other "
+                    "steps; give the changed definition a new version"
+                )
+        versions[defn.version] = defn
+        if defn.name not in self._watching:
+            self._watching.add(defn.name)
+            self._spawn(self._follow(defn.name), f"tidings:saga:{defn.name}:follow")
+            self._spawn(self._replies(defn.name), f"tidings:saga:{defn.name}:replies")
+
+    def latest(self, name: str) -> Saga:
+        return self.defs[name][max(self.defs[name])]
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_crash)
+        return task
+
+    async def close(self) -> None:
+        tasks = list(self._tasks) + list(self._drivers.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # state ------------------------------------------------------------------------
+    async def load(self, name: str, saga_id: str) -> SagaState:
+        state = SagaState(id=saga_id)
+        defn: Saga | None = None
+        async for rec in self.hub.events.read(stream_id(name, saga_id)):
+            ev = rec.event
+            if isinstance(ev, SagaStarted):
+                defn = self.defs.get(name, {}).get(ev.version)
+            evolve(defn, state, ev, rec.timestamp)
+        return state
+
+    # starting ---------------------------------------------------------------------
+    async def start(self, defn: Saga, data: dict[str, Any], saga_id: str | None) -> str:
+        if not isinstance(data, dict):
+            raise InvalidArgument("saga data must be a dict (JSON object)")
+        saga_id = _check_id(saga_id) if saga_id is not None else new_id()
+        try:
+            await self.hub.events.append(
+                stream_id(defn.name, saga_id),
+                [SagaStarted(saga=defn.name, version=defn.version, data=data)],
+                expected_version=NO_STREAM, topic=f"saga.{defn.name}.started",
+            )
+        except ConcurrencyError:
+            return saga_id  # started before: starting again is a no-op
+        self._drive(defn.name, saga_id)
+        return saga_id
+
+    def _drive(self, name: str, saga_id: str) -> None:
+        if saga_id in self._drivers:
+            return
+        self._inbox.setdefault(saga_id, asyncio.Queue())
+        self._finished.setdefault(saga_id, asyncio.Event())
+        task = asyncio.get_running_loop().create_task(
+            self._driver(name, saga_id), name=f"tidings:saga:{saga_id}"
+        )
+        self._drivers[saga_id] = task
+        task.add_done_callback(lambda _t, s=saga_id: self._driver_done(s))
+        task.add_done_callback(_log_crash)
+
+    def _driver_done(self, saga_id: str) -> None:
+        self._drivers.pop(saga_id, None)
+        self._inbox.pop(saga_id, None)
+        ev = self._finished.pop(saga_id, None)
+        if ev is not None:
+            ev.set()
+
+    # the driver ---------------------------------------------------------------------
+    async def _driver(self, name: str, saga_id: str) -> None:
+        queue = self._inbox[saga_id]
+        state = await self.load(name, saga_id)
+        if not state.version:
+            return
+        defn = self.defs.get(name, {}).get(state.version)
+        if defn is None:
+            log.warning("saga %s needs %s version %d, which this process does not have; "
+                        "leaving it to a coordinator that registers it", saga_id, name,
+                        state.version)
+            return
+        sid = stream_id(name, saga_id)
+        while not state.done and state.status != "stuck":
+            try:
+                await self._pump(defn, state, sid, queue)
+            except ConcurrencyError:
+                state = await self.load(name, saga_id)  # someone else wrote: look again
+
+    async def _append(self, defn: Saga, state: SagaState, sid: str,
+                      events: list[Event]) -> None:
+        for ev in events:
+            topic = (f"saga.{defn.name}.ended" if isinstance(ev, _LIFECYCLE_END)
+                     else f"saga.{defn.name}.steps")
+            await self.hub.events.append(sid, [ev], expected_version=state.stream_version,
+                                         topic=topic)
+            evolve(defn, state, ev, self.clock.now())
+
+    async def _pump(self, defn: Saga, state: SagaState, sid: str,
+                    queue: asyncio.Queue[Any]) -> None:
+        # control messages (cancel / retry) first
+        while not queue.empty():
+            item = queue.get_nowait()
+            await self._handle_item(defn, state, sid, item)
+        if state.pending is None:
+            move = advance(defn, state, self.clock.now())
+            if move is None:
+                return
+            if isinstance(move, Wait):
+                await self._wait(queue, move.until)
+                return
+            await self._append(defn, state, sid, move)
+            return
+        p = state.pending
+        step = defn.steps[p.step]
+        target = (step.action if p.kind == "action" else step.compensation)
+        if isinstance(target, str) or (p.kind == "action" and step.command is not None):
+            command = step.command if p.kind == "action" else target
+            assert isinstance(command, str)
+            await self._send(defn, state, command)
+            outcome = await self._await_reply(defn, state, sid, queue)
+        else:
+            outcome = await self._run_local(target, state, p.deadline)
+        if outcome is None:
+            return  # interrupted by a control message; look again
+        if state.pending is p:
+            await self._append(defn, state, sid, on_outcome(defn, state, outcome,
+                                                            self.clock.now()))
+
+    async def _handle_item(self, defn: Saga, state: SagaState, sid: str, item: Any) -> bool:
+        """Apply a control message or a reply; True when it settled the pending attempt."""
+        if isinstance(item, _Reply):
+            p = state.pending
+            if p is not None and (item.step, item.kind, item.attempt) == (p.step, p.kind,
+                                                                          p.attempt):
+                await self._append(defn, state, sid, on_outcome(defn, state, item.outcome,
+                                                                self.clock.now()))
+                return True
+            reason = "stale reply for an earlier attempt or after its timeout"
+            await self._append(defn, state, sid, [ReplyIgnored(
+                step=item.step, kind=item.kind, attempt=item.attempt, reason=reason)])
+            return False
+        kind, arg = item
+        if kind == "cancel" and not state.cancel_requested and state.status == "running":
+            await self._append(defn, state, sid, [SagaCancelRequested(reason=arg)])
+        elif kind == "retry" and state.status == "stuck":
+            await self._append(defn, state, sid, [SagaResumed()])
+        return False
+
+    async def _wait(self, queue: asyncio.Queue[Any], until: float | None) -> None:
+        """Wait for a queue item (left in the queue) or until `until`."""
+        getter = asyncio.ensure_future(queue.get())
+        sleeper = asyncio.ensure_future(self.clock.sleep_until(until)) if until else None
+        waits = {getter} | ({sleeper} if sleeper else set())
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            if getter.done() and not getter.cancelled():
+                _requeue(queue, getter.result())
+
+    async def _await_reply(self, defn: Saga, state: SagaState, sid: str,
+                           queue: asyncio.Queue[Any]) -> Outcome | None:
+        p = state.pending
+        assert p is not None
+        while True:
+            if p.deadline is not None and self.clock.now() >= p.deadline:
+                return Outcome("timeout", error=f"no reply within {defn.steps[p.step].timeout}s")
+            await self._wait(queue, p.deadline)
+            while not queue.empty():
+                item = queue.get_nowait()
+                if await self._handle_item(defn, state, sid, item):
+                    return None  # the reply settled the attempt (events appended)
+            if state.pending is not p:
+                return None
+
+    async def _run_local(self, fn: Any, state: SagaState, deadline: float | None
+                         ) -> Outcome:
+        call = asyncio.ensure_future(fn(dict(state.data, saga_id=state.id)))
+        sleeper = (asyncio.ensure_future(self.clock.sleep_until(deadline))
+                   if deadline is not None else None)
+        try:
+            await asyncio.wait({call} | ({sleeper} if sleeper else set()),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if sleeper is not None:
+                sleeper.cancel()
+        if not call.done():
+            call.cancel()
+            return Outcome("timeout", error="the local action did not finish in time")
+        exc = call.exception()
+        if isinstance(exc, Rejected):
+            return Outcome("rejected", error=exc.reason)
+        if exc is not None:
+            log.warning("saga %s: local step failed: %r", state.id, exc)
+            return Outcome("error", error=f"{type(exc).__name__}: {exc}")
+        result = call.result()
+        if result is not None and not isinstance(result, dict):
+            return Outcome("error", error="a step must return a dict or None")
+        return Outcome("ok", result=result)
+
+    async def _send(self, defn: Saga, state: SagaState, command: str) -> None:
+        p = state.pending
+        assert p is not None
+        step = defn.steps[p.step]
+        headers = {
+            "saga-id": state.id, "saga-name": defn.name, "saga-version": str(defn.version),
+            "saga-step": str(p.step), "saga-step-name": step.name, "saga-kind": p.kind,
+            "saga-attempt": str(p.attempt), "reply-to": f"saga.{defn.name}.replies",
+            "idempotency-key": f"{state.id}:{step.name}:{p.kind}",
+            "correlation-id": state.id,
+        }
+        # The id is the same every time this attempt is (re)sent: the engine keeps
+        # one copy, so a coordinator restarting mid-attempt does not send it twice.
+        await self.hub.publish(command, dict(state.data, saga_id=state.id), key=state.id,
+                               headers=headers, id=f"{state.id}:{step.name}:{p.kind}:{p.attempt}")
+
+    # replies and discovery ----------------------------------------------------------------
+    async def _replies(self, name: str) -> None:
+        sub = await self.hub.subscribe(f"saga.{name}.replies", group="saga-coordinator",
+                                       max_in_flight=1000, ack_wait=60.0, max_deliver=1000)
+        async for msg in sub:
+            h = msg.headers
+            try:
+                reply = _Reply(int(h["saga-step"]), h["saga-kind"], int(h["saga-attempt"]),
+                               Outcome(h.get("status", "ok"),  # type: ignore[arg-type]
+                                       result=msg.decode() or None, error=h.get("error", "")))
+                saga_id = h["saga-id"]
+            except (KeyError, ValueError, TidingsError):
+                log.warning("dropping a malformed saga reply at position %d", msg.position)
+                await msg.term()
+                continue
+            await self._deliver(name, saga_id, reply)
+            await msg.ack()
+
+    async def _deliver(self, name: str, saga_id: str, item: Any) -> None:
+        queue = self._inbox.get(saga_id)
+        if queue is None:
+            state = await self.load(name, saga_id)
+            if not state.version:
+                return
+            if state.done or state.status == "stuck":
+                if isinstance(item, _Reply):
+                    defn = self.defs.get(name, {}).get(state.version)
+                    with contextlib.suppress(ConcurrencyError):
+                        await self.hub.events.append(
+                            stream_id(name, saga_id),
+                            [ReplyIgnored(step=item.step, kind=item.kind, attempt=item.attempt,
+                                          reason=f"saga already {state.status}")],
+                            expected_version=state.stream_version, topic=f"saga.{name}.steps")
+                    _ = defn
+                    return
+            self._drive(name, saga_id)
+            queue = self._inbox[saga_id]
+        queue.put_nowait(item)
+
+    async def _follow(self, name: str) -> None:
+        """Resume unfinished sagas at start-up, then pick up sagas other processes start."""
+        ended: set[str] = set()
+        started: list[str] = []
+        async for m in self.hub.read(f"saga.{name}.ended"):
+            ended.add(m.headers.get("stream-id", ""))
+        last = 0
+        async for m in self.hub.read(f"saga.{name}.started"):
+            started.append(m.headers.get("stream-id", ""))
+            last = m.position
+        prefix = f"saga-{name}-"
+        for sid in started:
+            if sid not in ended and sid.startswith(prefix):
+                self._drive(name, sid[len(prefix):])
+        async for m in self.hub.read(f"saga.{name}.started", start=last + 1, follow=True):
+            sid = m.headers.get("stream-id", "")
+            if sid.startswith(prefix):
+                saga_id = sid[len(prefix):]
+                if saga_id not in self._drivers:
+                    state = await self.load(name, saga_id)
+                    if not state.done:
+                        self._drive(name, saga_id)
+
+    async def control(self, name: str, saga_id: str, kind: str, arg: Any) -> None:
+        state = await self.load(name, saga_id)
+        if not state.version:
+            raise NotFound(f"no saga {saga_id!r} of {name!r}")
+        if kind == "retry" and state.status != "stuck":
+            raise InvalidArgument(f"saga {saga_id!r} is {state.status}, not stuck; "
+                                  "only a stuck saga can be retried")
+        if kind == "cancel" and state.status != "running":
+            raise InvalidArgument(f"saga {saga_id!r} is {state.status}; only a running "
+                                  "saga can be cancelled")
+        self._drive(name, saga_id)
+        queue = self._inbox.get(saga_id)
+        if queue is not None:
+            queue.put_nowait((kind, arg))
+
+    async def wait(self, name: str, saga_id: str, timeout: float | None) -> SagaState:
+        """Wait until the saga is completed, compensated or stuck."""
+        async def until_done() -> SagaState:
+            while True:
+                state = await self.load(name, saga_id)
+                if state.done or state.status == "stuck" or not state.version:
+                    return state
+                ev = self._finished.get(saga_id)
+                changed = self.hub.engine.changes()
+                if ev is not None:
+                    waiter = asyncio.ensure_future(ev.wait())
+                    try:
+                        await asyncio.wait({waiter}, timeout=0.5)
+                    finally:
+                        waiter.cancel()
+                else:
+                    await self.hub.engine.wait(changed, 0.5)
+
+        async with asyncio.timeout(timeout):
+            return await until_done()
+
+
+def _requeue(queue: asyncio.Queue[Any], item: Any) -> None:
+    # put it back at the front: it was taken only to learn that something arrived
+    items = [item]
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    for it in items:
+        queue.put_nowait(it)
+
+
+def _log_crash(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None and not isinstance(exc, asyncio.CancelledError):
+        from ..errors import ClosedError, EngineUnavailable
+
+        if isinstance(exc, (ClosedError, EngineUnavailable)):
+            return
+        log.error("saga task %s crashed", task.get_name(), exc_info=exc)
+
+
+class SagaRunner:
+    """The sagas of one definition on one hub (get it from `hub.sagas(defn)`)."""
+
+    def __init__(self, coordinator: Coordinator, defn: Saga) -> None:
+        self._c = coordinator
+        self.definition = defn
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    async def start(self, data: dict[str, Any], id: str | None = None) -> str:
+        """Start a saga and return its id at once; the work runs asynchronously.
+
+        Starting again with the same `id` is a no-op that returns the same id.
+        """
+        self._c.hub._check_open()
+        return await self._c.start(self.definition, data, id)
+
+    async def get(self, id: str) -> dict[str, Any]:
+        """The saga's status, data, step history, and why it compensated or is stuck."""
+        state = await self._c.load(self.name, _check_id(id))
+        if not state.version:
+            raise NotFound(f"no saga {id!r} of {self.name!r}; check the id")
+        return view(state)
+
+    async def wait(self, id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Wait until the saga is completed, compensated or stuck, and return `get(id)`."""
+        state = await self._c.wait(self.name, _check_id(id), timeout)
+        if not state.version:
+            raise NotFound(f"no saga {id!r} of {self.name!r}; check the id")
+        return view(state)
+
+    async def cancel(self, id: str, reason: str = "cancelled") -> None:
+        """Ask a running saga to stop and compensate what it did.
+
+        The compensations run in the coordinator, to completion, even if the
+        caller is cancelled. A saga past its pivot cannot be cancelled: it
+        finishes forward.
+        """
+        await self._c.control(self.name, _check_id(id), "cancel", reason)
+
+    async def retry(self, id: str) -> None:
+        """Resume a stuck saga (its failed compensation or forward step is tried again)."""
+        await self._c.control(self.name, _check_id(id), "retry", None)
+
+    async def list(self, status: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Every saga of this definition (optionally by status), oldest first."""
+        async for m in self._c.hub.read(f"saga.{self.name}.started"):
+            sid = m.headers.get("stream-id", "")
+            state = await self._c.load(self.name, sid[len(f"saga-{self.name}-"):])
+            if status is None or state.status == status:
+                yield view(state)
+
+
+def view(state: SagaState) -> dict[str, Any]:
+    return {
+        "id": state.id, "saga": state.name, "version": state.version, "status": state.status,
+        "data": state.data, "reason": state.reason, "error": state.error,
+        "started": state.started, "finished": state.finished,
+        "steps": state.history,
+    }
+
+
+_unused = (CompensationStarted, StepStarted, SagaStuck)

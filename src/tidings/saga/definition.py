@@ -1,0 +1,418 @@
+"""Saga definitions, the saga's events, and its decision function (pure, no I/O).
+
+A saga is a sequence of steps, each a local action or a command to a
+service, each with a compensation. Forward steps run in order; when one fails
+for good, the compensations of the completed steps run in reverse order. Steps
+from the first `retriable` step on (the pivot) are retried until they succeed
+and never compensated.
+
+The coordinator stores a saga as a stream of the events below; `evolve` folds
+them into a `SagaState`, and `advance` / `on_outcome` decide the next events.
+Both are pure functions of (definition, state, outcome, now), so every
+decision, timeout and backoff is tested without I/O or real waiting.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgspec
+
+from ..errors import InvalidArgument
+from ..eventsourcing.events import Event
+
+__all__ = [
+    "Outcome",
+    "Saga",
+    "SagaState",
+    "Step",
+    "Wait",
+    "advance",
+    "evolve",
+    "on_outcome",
+]
+
+Action = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+_COMMAND = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step: a local `action` or a service `command`, with its compensation.
+
+    `retries` extra attempts (exponential `backoff`, doubling, capped at
+    `max_backoff`) follow an error or a timeout; `Rejected` is never retried.
+    `retriable=True` marks a step that is only ever retried forward (the pivot
+    and every step after it): it has no compensation and is never undone.
+    """
+
+    name: str
+    action: Action | None = None
+    command: str | None = None
+    compensation: Action | str | None = None
+    timeout: float | None = None
+    retries: int = 0
+    backoff: float = 0.1
+    max_backoff: float = 60.0
+    compensation_retries: int = 5
+    retriable: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise InvalidArgument(
+                f"step name {self.name!r} must be letters, digits, '_' or '-'"
+            )
+        if (self.action is None) == (self.command is None):
+            raise InvalidArgument(
+                f"step {self.name!r} needs exactly one of action= (an async function) or "
+                "command= (a command topic such as 'customer.reserve_credit')"
+            )
+        for what in (self.command, self.compensation):
+            if isinstance(what, str) and not _COMMAND.match(what):
+                raise InvalidArgument(f"step {self.name!r}: {what!r} is not a valid command name")
+        if self.command is not None and self.timeout is None:
+            object.__setattr__(self, "timeout", 30.0)
+        if self.timeout is not None and not self.timeout > 0:
+            raise InvalidArgument(f"step {self.name!r}: timeout must be > 0 seconds")
+        if self.retries < 0 or self.compensation_retries < 0:
+            raise InvalidArgument(f"step {self.name!r}: retries must be >= 0")
+        if self.retriable and self.compensation is not None:
+            raise InvalidArgument(
+                f"step {self.name!r} is retriable (after the pivot: never undone), so it "
+                "cannot have a compensation"
+            )
+
+    def delay(self, attempt: int) -> float:
+        """Backoff before attempt `attempt + 1`."""
+        return float(min(self.max_backoff, self.backoff * 2 ** max(0, attempt - 1)))
+
+
+class Saga:
+    """A named, versioned sequence of steps run by the saga coordinator.
+
+    Sagas in flight keep the version they started with; register every version
+    still running (`hub.sagas(v1)`, `hub.sagas(v2)`) while they drain.
+    """
+
+    def __init__(self, name: str, steps: Sequence[Step], *, version: int = 1) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise InvalidArgument(f"saga name {name!r} must be letters, digits, '_' or '-'")
+        if not steps:
+            raise InvalidArgument(f"saga {name!r} needs at least one step")
+        names = [s.name for s in steps]
+        if len(set(names)) != len(names):
+            raise InvalidArgument(f"saga {name!r} has duplicate step names: {names}")
+        if not isinstance(version, int) or version < 1:
+            raise InvalidArgument("saga version must be an int >= 1")
+        self.name = name
+        self.steps = tuple(steps)
+        self.version = version
+        pivots = [i for i, s in enumerate(steps) if s.retriable]
+        #: index of the first retriable-only step (len(steps) when there is none)
+        self.pivot = pivots[0] if pivots else len(steps)
+        for s in steps[self.pivot:]:
+            if s.compensation is not None:
+                raise InvalidArgument(
+                    f"saga {name!r}: step {s.name!r} comes after the pivot "
+                    f"{steps[self.pivot].name!r}, so it is never undone and cannot have a "
+                    "compensation"
+                )
+
+    def forward_only(self, index: int) -> bool:
+        return index >= self.pivot
+
+    def __repr__(self) -> str:
+        return f"Saga({self.name!r}, version={self.version}, steps={[s.name for s in self.steps]})"
+
+
+# events --------------------------------------------------------------------------
+class SagaStarted(Event):
+    event_type = "tidings.saga.SagaStarted"
+    saga: str
+    version: int
+    data: dict[str, Any]
+
+
+class StepStarted(Event):
+    event_type = "tidings.saga.StepStarted"
+    step: int
+    attempt: int
+    deadline: float | None = None
+
+
+class StepCompleted(Event):
+    event_type = "tidings.saga.StepCompleted"
+    step: int
+    attempt: int
+    result: dict[str, Any] | None = None
+
+
+class StepFailed(Event):
+    event_type = "tidings.saga.StepFailed"
+    step: int
+    attempt: int
+    error: str
+    rejected: bool = False
+    retry_at: float | None = None  # None: final, compensate (or stuck after the pivot)
+    compensate_self: bool = False  # a timed-out command may have taken effect
+
+
+class CompensationStarted(Event):
+    event_type = "tidings.saga.CompensationStarted"
+    step: int
+    attempt: int
+    deadline: float | None = None
+
+
+class CompensationCompleted(Event):
+    event_type = "tidings.saga.CompensationCompleted"
+    step: int
+    attempt: int
+
+
+class CompensationFailed(Event):
+    event_type = "tidings.saga.CompensationFailed"
+    step: int
+    attempt: int
+    error: str
+    retry_at: float | None = None
+
+
+class SagaCompleted(Event):
+    event_type = "tidings.saga.SagaCompleted"
+    data: dict[str, Any]
+
+
+class SagaCompensated(Event):
+    event_type = "tidings.saga.SagaCompensated"
+    reason: str
+
+
+class SagaStuck(Event):
+    event_type = "tidings.saga.SagaStuck"
+    error: str
+
+
+class SagaCancelRequested(Event):
+    event_type = "tidings.saga.SagaCancelRequested"
+    reason: str = "cancelled"
+
+
+class SagaResumed(Event):
+    event_type = "tidings.saga.SagaResumed"
+
+
+class ReplyIgnored(Event):
+    event_type = "tidings.saga.ReplyIgnored"
+    step: int
+    kind: str
+    attempt: int
+    reason: str
+
+
+SAGA_EVENTS: tuple[type[Event], ...] = (
+    SagaStarted, StepStarted, StepCompleted, StepFailed, CompensationStarted,
+    CompensationCompleted, CompensationFailed, SagaCompleted, SagaCompensated, SagaStuck,
+    SagaCancelRequested, SagaResumed, ReplyIgnored,
+)
+
+Status = Literal["running", "completed", "compensating", "compensated", "stuck"]
+
+
+# state ----------------------------------------------------------------------------
+class Pending(msgspec.Struct):
+    """The attempt in flight: which step, forward or compensation, which attempt, until when."""
+
+    step: int
+    kind: Literal["action", "compensation"]
+    attempt: int
+    deadline: float | None
+
+
+class SagaState(msgspec.Struct):
+    """Everything the coordinator knows about one saga (folded from its events)."""
+
+    id: str
+    name: str = ""
+    version: int = 0
+    status: Status = "running"
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+    step: int = 0  # next forward step
+    attempt: int = 0  # attempts made of the current step (forward or compensation)
+    pending: Pending | None = None
+    completed: list[int] = msgspec.field(default_factory=list)
+    to_compensate: list[int] = msgspec.field(default_factory=list)
+    retry_at: float | None = None
+    reason: str | None = None  # why it compensated
+    error: str | None = None  # why it is stuck
+    cancel_requested: bool = False
+    stuck_from: Status = "running"
+    stream_version: int = 0
+    started: float = 0.0
+    finished: float | None = None
+    history: list[dict[str, Any]] = msgspec.field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("completed", "compensated")
+
+
+def _compensable(defn: Saga, steps: list[int]) -> list[int]:
+    return [i for i in reversed(steps) if defn.steps[i].compensation is not None]
+
+
+def evolve(defn: Saga | None, state: SagaState, event: Event, time: float) -> None:
+    """Apply one stored event to `state` (in place): the only way state changes."""
+    s = state
+    s.stream_version += 1
+    name = type(event).__name__
+    entry: dict[str, Any] = {"event": name, "time": time}
+    match event:
+        case SagaStarted(saga=saga, version=version, data=data):
+            s.name, s.version, s.data, s.started = saga, version, dict(data), time
+        case StepStarted(step=i, attempt=a, deadline=d):
+            s.pending = Pending(i, "action", a, d)
+            s.attempt, s.retry_at = a, None
+            entry.update(step=i, attempt=a)
+        case StepCompleted(step=i, attempt=a, result=r):
+            s.pending = None
+            if r:
+                s.data.update(r)
+            s.completed.append(i)
+            s.step, s.attempt = i + 1, 0
+            entry.update(step=i, attempt=a)
+        case StepFailed(step=i, attempt=a, error=err, rejected=rej, retry_at=at,
+                        compensate_self=me):
+            s.pending = None
+            entry.update(step=i, attempt=a, error=err, rejected=rej)
+            if at is not None:
+                s.retry_at = at
+            elif defn is None or not defn.forward_only(i):
+                s.status = "compensating"
+                s.reason = f"step {defn.steps[i].name if defn else i} failed: {err}"
+                done = list(s.completed) + ([i] if me else [])
+                s.to_compensate = _compensable(defn, done) if defn else []
+                s.attempt, s.retry_at = 0, None
+        case CompensationStarted(step=i, attempt=a, deadline=d):
+            s.pending = Pending(i, "compensation", a, d)
+            s.attempt, s.retry_at = a, None
+            entry.update(step=i, attempt=a)
+        case CompensationCompleted(step=i, attempt=a):
+            s.pending = None
+            if s.to_compensate and s.to_compensate[0] == i:
+                s.to_compensate.pop(0)
+            s.attempt = 0
+            entry.update(step=i, attempt=a)
+        case CompensationFailed(step=i, attempt=a, error=err, retry_at=at):
+            s.pending = None
+            s.retry_at = at
+            entry.update(step=i, attempt=a, error=err)
+        case SagaCompleted():
+            s.status, s.finished = "completed", time
+        case SagaCompensated(reason=r):
+            s.status, s.finished, s.reason = "compensated", time, r
+        case SagaStuck(error=err):
+            s.stuck_from = "compensating" if s.status == "compensating" else "running"
+            s.status, s.error = "stuck", err
+            entry.update(error=err)
+        case SagaCancelRequested(reason=r):
+            s.cancel_requested = True
+            s.reason = r
+        case SagaResumed():
+            if s.status == "stuck":
+                s.status = s.stuck_from
+            s.error, s.attempt, s.retry_at = None, 0, None
+        case ReplyIgnored(step=i, kind=k, attempt=a, reason=r):
+            entry.update(step=i, kind=k, attempt=a, reason=r)
+    if "step" in entry and defn is not None and entry["step"] < len(defn.steps):
+        entry["name"] = defn.steps[entry["step"]].name
+    s.history.append(entry)
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Nothing to do until `until` (a retry's backoff)."""
+
+    until: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an attempt ended: ok (with a result), rejected, error or timeout."""
+
+    kind: Literal["ok", "rejected", "error", "timeout"]
+    result: dict[str, Any] | None = None
+    error: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def advance(defn: Saga, state: SagaState, now: float) -> list[Event] | Wait | None:
+    """What to do next when no attempt is in flight: events to append, a wait, or nothing."""
+    s = state
+    if s.status in ("completed", "compensated", "stuck") or s.pending is not None:
+        return None
+    if s.retry_at is not None and now < s.retry_at:
+        return Wait(s.retry_at)
+    if s.status == "running":
+        if s.cancel_requested and s.step < defn.pivot:
+            return _cancel(defn, s)
+        if s.step >= len(defn.steps):
+            return [SagaCompleted(data=s.data)]
+        step = defn.steps[s.step]
+        deadline = now + step.timeout if step.timeout is not None else None
+        return [StepStarted(step=s.step, attempt=s.attempt + 1, deadline=deadline)]
+    # compensating
+    if not s.to_compensate:
+        return [SagaCompensated(reason=s.reason or "compensated")]
+    i = s.to_compensate[0]
+    step = defn.steps[i]
+    timeout = step.timeout if isinstance(step.compensation, str) else None
+    deadline = now + timeout if timeout is not None else None
+    return [CompensationStarted(step=i, attempt=s.attempt + 1, deadline=deadline)]
+
+
+def _cancel(defn: Saga, s: SagaState) -> list[Event]:
+    # Cancelling between steps: undo what completed. Modelled as the next step
+    # failing for good, so the history says where the saga stopped and why.
+    return [StepFailed(step=s.step, attempt=0, error=s.reason or "cancelled")]
+
+
+def on_outcome(defn: Saga, state: SagaState, outcome: Outcome, now: float) -> list[Event]:
+    """The events that record how the attempt in flight ended, and what follows from it."""
+    p = state.pending
+    if p is None:
+        return []
+    step = defn.steps[p.step]
+    if p.kind == "action":
+        if outcome.kind == "ok":
+            return [StepCompleted(step=p.step, attempt=p.attempt, result=outcome.result)]
+        err = outcome.error or outcome.kind
+        if defn.forward_only(p.step):
+            if outcome.kind == "rejected":
+                return [StepFailed(step=p.step, attempt=p.attempt, error=err, rejected=True),
+                        SagaStuck(error=f"step {step.name!r} after the pivot was rejected: "
+                                        f"{err}; fix the cause, then retry the saga")]
+            # forward-only: retried until it succeeds
+            return [StepFailed(step=p.step, attempt=p.attempt, error=err,
+                               retry_at=now + step.delay(p.attempt))]
+        if outcome.kind == "rejected":
+            return [StepFailed(step=p.step, attempt=p.attempt, error=err, rejected=True)]
+        if p.attempt <= step.retries:
+            return [StepFailed(step=p.step, attempt=p.attempt, error=err,
+                               retry_at=now + step.delay(p.attempt))]
+        # out of retries; a timed-out command may still have taken effect: undo it too
+        return [StepFailed(step=p.step, attempt=p.attempt, error=err,
+                           compensate_self=outcome.kind == "timeout")]
+    if outcome.kind == "ok":
+        return [CompensationCompleted(step=p.step, attempt=p.attempt)]
+    err = outcome.error or outcome.kind
+    if p.attempt <= step.compensation_retries:
+        return [CompensationFailed(step=p.step, attempt=p.attempt, error=err,
+                                   retry_at=now + step.delay(p.attempt))]
+    return [CompensationFailed(step=p.step, attempt=p.attempt, error=err),
+            SagaStuck(error=f"compensation of step {step.name!r} failed after "
+                            f"{p.attempt} attempts: {err}")]

@@ -1,0 +1,204 @@
+"""Service command handlers with an inbox: a redelivered command changes nothing.
+
+`@hub.handler("customer.reserve_credit")` subscribes the function to the
+command topic. The function gets a `Command`, changes aggregates and enlists
+them with `cmd.save(agg)`; its return value is the reply. After it returns,
+the aggregates' events, the inbox record (keyed by the command's idempotency
+key) and the reply message are stored in ONE transaction. A duplicate
+command finds the inbox record and gets the stored reply again, without
+running the handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .. import topics as _topics
+from ..errors import ConcurrencyError, InvalidArgument, Rejected
+from ..eventsourcing.aggregate import Aggregate
+from ..eventsourcing.events import Event
+from ..eventsourcing.records import NO_STREAM
+from ..messages import Message, OutMessage, encode_data, new_id
+
+if TYPE_CHECKING:
+    from ..hub import Hub
+
+__all__ = ["Command", "CommandHandler", "InboxRecorded"]
+
+log = logging.getLogger("tidings.handler")
+
+HandlerFn = Callable[["Command"], Awaitable[Any]]
+
+
+class InboxRecorded(Event):
+    """A handled command: its idempotency key's outcome, stored once."""
+
+    event_type = "tidings.InboxRecorded"
+    command: str
+    status: str  # ok | rejected
+    result: dict[str, Any] | None = None
+    error: str = ""
+
+
+@dataclass
+class Command:
+    """A command delivered to a handler: its data, idempotency key and saga context."""
+
+    name: str
+    data: Any
+    key: str
+    headers: Mapping[str, str]
+    message: Message
+    _saves: list[Aggregate] = field(default_factory=list)
+
+    @property
+    def saga_id(self) -> str | None:
+        return self.headers.get("saga-id")
+
+    @property
+    def attempt(self) -> int:
+        return int(self.headers.get("saga-attempt", "1"))
+
+    def save(self, *aggregates: Aggregate) -> None:
+        """Store these aggregates' new events together with the inbox record and the reply."""
+        for agg in aggregates:
+            if not isinstance(agg, Aggregate):
+                raise InvalidArgument("cmd.save takes tidings.Aggregate instances")
+            if agg not in self._saves:
+                self._saves.append(agg)
+
+
+class CommandHandler:
+    """Runs one `@hub.handler` function for its command topic."""
+
+    def __init__(self, hub: Hub, command: str, fn: HandlerFn, *, group: str | None,
+                 concurrency: int, conflict_retries: int = 10) -> None:
+        _topics.validate_topic(command)
+        if not inspect.iscoroutinefunction(fn):
+            raise InvalidArgument(f"handler {getattr(fn, '__name__', fn)!r} must be async")
+        self.hub = hub
+        self.command = command
+        self.fn = fn
+        self.group = group or ("handler-" + command.replace(".", "-"))
+        self.concurrency = concurrency
+        self.conflict_retries = conflict_retries
+
+    def inbox_stream(self, key: str) -> str:
+        return f"inbox-{self.command}-{key}"
+
+    async def run(self) -> None:
+        sub = await self.hub.subscribe(self.command, group=self.group, ordered=True,
+                                       max_in_flight=max(self.concurrency, 1) * 4,
+                                       ack_wait=60.0, max_deliver=50)
+        slots = asyncio.Semaphore(self.concurrency)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            async for msg in sub:
+                await slots.acquire()
+                t = asyncio.create_task(self._one(msg, slots))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+        finally:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await sub.close()
+
+    async def _one(self, msg: Message, slots: asyncio.Semaphore) -> None:
+        try:
+            await self.handle(msg)
+            await msg.ack()
+        except asyncio.CancelledError:
+            await msg.nack()
+            raise
+        except Exception:
+            log.exception("handler for %s failed to settle position %d", self.command,
+                          msg.position)
+            await msg.nack(min(5.0, 0.05 * 2 ** msg.attempt))
+        finally:
+            slots.release()
+
+    async def handle(self, msg: Message) -> None:
+        """Handle one delivery: replay the stored reply, or run the handler once."""
+        key = msg.headers.get("idempotency-key") or msg.id
+        stream = self.inbox_stream(key)
+        for _ in range(self.conflict_retries):
+            stored = await self._stored(stream)
+            if stored is not None:
+                await self._reply(msg, stored.status, stored.result, stored.error, None)
+                return
+            cmd = Command(self.command, _decode(msg), key, msg.headers, msg)
+            try:
+                result = await self.fn(cmd)
+            except Rejected as exc:
+                status, data, error = "rejected", None, exc.reason
+            except Exception as exc:  # a failure: nothing is stored, the saga may retry
+                log.warning("handler for %s failed: %r", self.command, exc)
+                await self._reply(msg, "error", None, f"{type(exc).__name__}: {exc}", None)
+                return
+            else:
+                if result is not None and not isinstance(result, dict):
+                    await self._reply(msg, "error", None,
+                                      "a command handler must return a dict or None", None)
+                    return
+                status, data, error = "ok", result, ""
+                if status == "ok":
+                    pass
+            record = InboxRecorded(command=self.command, status=status, result=data, error=error)
+            saves = cmd._saves if status == "ok" else []
+            try:
+                await self._commit(msg, stream, record, saves)
+                return
+            except ConcurrencyError:
+                continue  # a duplicate raced us, or an aggregate moved: look again
+        raise RuntimeError(f"command {key!r} kept conflicting; will be redelivered")
+
+    async def _stored(self, stream: str) -> InboxRecorded | None:
+        async for rec in self.hub.events.read(stream, to_version=1):
+            ev = rec.event
+            if isinstance(ev, InboxRecorded):
+                return ev
+        return None
+
+    def _reply_message(self, msg: Message, status: str, result: dict[str, Any] | None,
+                       error: str) -> OutMessage | None:
+        reply_to = msg.headers.get("reply-to")
+        if not reply_to:
+            return None
+        h = {k: v for k, v in msg.headers.items() if k.startswith("saga-")}
+        h.update({"status": status, "correlation-id": msg.headers.get("correlation-id", ""),
+                  "causation-id": msg.id})
+        if error:
+            h["error"] = error[:1000]
+        raw, ct = encode_data(result or {})
+        h["content-type"] = ct
+        return OutMessage(new_id(), reply_to, msg.key, raw, h, False)
+
+    async def _reply(self, msg: Message, status: str, result: dict[str, Any] | None,
+                     error: str, _: Any) -> None:
+        out = self._reply_message(msg, status, result, error)
+        if out is not None:
+            await self.hub.engine.append([out])
+
+    async def _commit(self, msg: Message, stream: str, record: InboxRecorded,
+                      saves: list[Aggregate]) -> None:
+        from ..eventsourcing.transaction import commit
+
+        reply = self._reply_message(msg, record.status, record.result, record.error)
+        appends = [(stream, [record], NO_STREAM, "inbox")]
+        await commit(self.hub, saves, appends, [reply] if reply else [],
+                     headers={"causation-id": msg.id,
+                              "correlation-id": msg.headers.get("correlation-id", msg.id)})
+
+
+def _decode(msg: Message) -> Any:
+    try:
+        return msg.decode()
+    except Exception:
+        return msg.data
+
+
+_ = new_id

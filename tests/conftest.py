@@ -1,0 +1,123 @@
+"""Shared fixtures: the engines every contract test runs on, and a connected hub.
+
+To add an engine, append an `EngineCase` to `ENGINES`. A case that needs an
+external service builds its URL from a fixture (see `EngineCase.url`) and
+carries `pytest.mark.service`, so it can be deselected with `-m "not service"`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tidings
+
+
+def _memory_url(request: pytest.FixtureRequest, directory: Path) -> str:
+    return "memory://"
+
+
+def _sqlite_url(request: pytest.FixtureRequest, directory: Path) -> str:
+    return f"sqlite:///{directory}/t.db"
+
+
+@dataclass(frozen=True)
+class EngineCase:
+    """One engine the contract suite runs on."""
+
+    id: str
+    #: The module that implements it; a failing import fails the tests loudly (no skip).
+    module: str
+    #: Builds a URL for a fresh, empty store in `directory` (may use fixtures via `request`).
+    url: Callable[[pytest.FixtureRequest, Path], str]
+    #: True when a new `connect()` to the same URL sees what an earlier one stored.
+    durable: bool
+    marks: tuple[pytest.MarkDecorator, ...] = field(default_factory=tuple)
+
+
+ENGINES: list[EngineCase] = [
+    EngineCase("memory", "tidings.engines.memory", _memory_url, durable=False),
+    EngineCase("sqlite", "tidings.engines.sqlite", _sqlite_url, durable=True),
+    # A fresh schema per directory (tests/pg_plugin.py), so `engine.url` is stable within a
+    # test and `engine.fresh_url(name)` is another empty store.
+    EngineCase("postgres", "tidings.engines.postgres",
+               lambda request, d: request.getfixturevalue("postgres_server").url_for(d),
+               durable=True, marks=(pytest.mark.service,)),
+]
+
+
+@dataclass(frozen=True)
+class EngineUnderTest:
+    """The engine a test runs on: its case and a URL to a fresh store."""
+
+    case: EngineCase
+    request: pytest.FixtureRequest
+    directory: Path
+
+    @property
+    def id(self) -> str:
+        return self.case.id
+
+    @property
+    def durable(self) -> bool:
+        return self.case.durable
+
+    @property
+    def url(self) -> str:
+        return self.case.url(self.request, self.directory)
+
+    def fresh_url(self, name: str) -> str:
+        """A URL to another fresh, empty store (for tests that need several)."""
+        directory = self.directory / name
+        directory.mkdir(parents=True, exist_ok=True)
+        return self.case.url(self.request, directory)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "durable: needs an engine whose data outlives the hub (skipped on memory://)"
+    )
+
+
+@pytest.fixture(params=[pytest.param(c, id=c.id, marks=c.marks) for c in ENGINES])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> EngineUnderTest:
+    case: EngineCase = request.param
+    try:
+        importlib.import_module(case.module)
+    except ImportError as exc:
+        pytest.fail(f"engine {case.id!r}: {case.module} does not import ({exc})", pytrace=False)
+    if request.node.get_closest_marker("durable") and not case.durable:
+        pytest.skip(f"{case.id} is not durable across connect()")
+    return EngineUnderTest(case, request, tmp_path)
+
+
+@pytest.fixture
+def engine_url(engine: EngineUnderTest) -> str:
+    return engine.url
+
+
+@pytest.fixture
+async def hub(engine_url: str) -> AsyncIterator[tidings.Hub]:
+    async with await tidings.connect(engine_url) as h:
+        yield h
+
+
+@pytest.fixture
+async def open_hub(engine_url: str) -> AsyncIterator[Callable[..., Awaitable[tidings.Hub]]]:
+    """`await open_hub(**options)`: another hub on the same store, closed at teardown."""
+    hubs: list[tidings.Hub] = []
+
+    async def _open(url: str | None = None, **options: Any) -> tidings.Hub:
+        h = await tidings.connect(url or engine_url, **options)
+        hubs.append(h)
+        return h
+
+    yield _open
+    for h in hubs:
+        await h.close()
+
