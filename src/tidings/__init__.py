@@ -38,6 +38,7 @@ from .eventsourcing import (
 from .hub import Hub, connect, envelope
 from .messages import Message, Published
 from .pubsub import Subscription
+from .saga import Command, ManualClock, Saga, SagaRunner, Step
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "BufferFull",
     "BufferStatistics",
     "ClosedError",
+    "Command",
     "ConcurrencyError",
     "DecodeError",
     "EngineUnavailable",
@@ -59,6 +61,7 @@ __all__ = [
     "InvalidEvent",
     "InvalidStreamId",
     "InvalidTopic",
+    "ManualClock",
     "Message",
     "NO_STREAM",
     "NewEvent",
@@ -69,6 +72,9 @@ __all__ = [
     "RecordedEvent",
     "Rejected",
     "Repository",
+    "Saga",
+    "SagaRunner",
+    "Step",
     "Subscription",
     "SubscriptionConflict",
     "TidingsError",

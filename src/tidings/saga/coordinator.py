@@ -312,7 +312,10 @@ class Coordinator:
         }
         # The id is the same every time this attempt is (re)sent: the engine keeps
         # one copy, so a coordinator restarting mid-attempt does not send it twice.
-        await self.hub.publish(command, dict(state.data, saga_id=state.id), key=state.id,
+        payload = dict(state.data, saga_id=state.id)
+        if p.kind == "compensation":
+            payload["reason"] = state.reason or "compensated"
+        await self.hub.publish(command, payload, key=state.id,
                                headers=headers, id=f"{state.id}:{step.name}:{p.kind}:{p.attempt}")
 
     # replies and discovery ----------------------------------------------------------------

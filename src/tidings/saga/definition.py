@@ -14,6 +14,7 @@ decision, timeout and backoff is tested without I/O or real waiting.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ __all__ = [
 Action = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 _COMMAND = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+#: how long a command (or a command compensation) waits for its reply unless told
+DEFAULT_COMMAND_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -74,12 +77,23 @@ class Step:
         for what in (self.command, self.compensation):
             if isinstance(what, str) and not _COMMAND.match(what):
                 raise InvalidArgument(f"step {self.name!r}: {what!r} is not a valid command name")
+        for role, fn in (("action", self.action), ("compensation", self.compensation)):
+            if fn is not None and not isinstance(fn, str) and not (
+                    inspect.iscoroutinefunction(fn)
+                    or inspect.iscoroutinefunction(getattr(fn, "__call__", None))):
+                raise InvalidArgument(
+                    f"step {self.name!r}: {role}= must be an async function "
+                    "(async def f(data: dict) -> dict | None)"
+                    + (" or a command name" if role == "compensation" else "")
+                )
         if self.command is not None and self.timeout is None:
-            object.__setattr__(self, "timeout", 30.0)
+            object.__setattr__(self, "timeout", DEFAULT_COMMAND_TIMEOUT)
         if self.timeout is not None and not self.timeout > 0:
             raise InvalidArgument(f"step {self.name!r}: timeout must be > 0 seconds")
         if self.retries < 0 or self.compensation_retries < 0:
             raise InvalidArgument(f"step {self.name!r}: retries must be >= 0")
+        if not self.backoff >= 0 or not self.max_backoff >= 0:
+            raise InvalidArgument(f"step {self.name!r}: backoff and max_backoff must be >= 0")
         if self.retriable and self.compensation is not None:
             raise InvalidArgument(
                 f"step {self.name!r} is retriable (after the pivot: never undone), so it "
@@ -88,7 +102,9 @@ class Step:
 
     def delay(self, attempt: int) -> float:
         """Backoff before attempt `attempt + 1`."""
-        return float(min(self.max_backoff, self.backoff * 2 ** max(0, attempt - 1)))
+        # float powers, exponent capped: a step retried forever (after the pivot) must
+        # not overflow int -> float once `attempt` passes ~1024
+        return float(min(self.max_backoff, self.backoff * 2.0 ** min(max(0, attempt - 1), 1023)))
 
 
 class Saga:
@@ -103,6 +119,10 @@ class Saga:
             raise InvalidArgument(f"saga name {name!r} must be letters, digits, '_' or '-'")
         if not steps:
             raise InvalidArgument(f"saga {name!r} needs at least one step")
+        for s in steps:
+            if not isinstance(s, Step):
+                raise InvalidArgument(f"saga {name!r}: steps must be tidings Step objects, "
+                                      f"not {type(s).__name__}")
         names = [s.name for s in steps]
         if len(set(names)) != len(names):
             raise InvalidArgument(f"saga {name!r} has duplicate step names: {names}")
@@ -243,6 +263,13 @@ class SagaState(msgspec.Struct):
     data: dict[str, Any] = msgspec.field(default_factory=dict)
     step: int = 0  # next forward step
     attempt: int = 0  # attempts made of the current step (forward or compensation)
+    #: attempts of the current step made before the last SagaResumed: attempt numbers keep
+    #: growing across a resume (so a stale reply or a resent command never matches a new
+    #: attempt), while the retry budget counts from here
+    base: int = 0
+    #: an attempt of the current forward step timed out, so it may have taken effect:
+    #: if the saga compensates before the step completes, the step is compensated too
+    uncertain: bool = False
     pending: Pending | None = None
     completed: list[int] = msgspec.field(default_factory=list)
     to_compensate: list[int] = msgspec.field(default_factory=list)
@@ -283,20 +310,22 @@ def evolve(defn: Saga | None, state: SagaState, event: Event, time: float) -> No
             if r:
                 s.data.update(r)
             s.completed.append(i)
-            s.step, s.attempt = i + 1, 0
+            s.step, s.attempt, s.base, s.uncertain = i + 1, 0, 0, False
             entry.update(step=i, attempt=a)
         case StepFailed(step=i, attempt=a, error=err, rejected=rej, retry_at=at,
                         compensate_self=me):
             s.pending = None
             entry.update(step=i, attempt=a, error=err, rejected=rej)
+            if me:
+                s.uncertain = True
             if at is not None:
                 s.retry_at = at
             elif defn is None or not defn.forward_only(i):
                 s.status = "compensating"
                 s.reason = f"step {defn.steps[i].name if defn else i} failed: {err}"
-                done = list(s.completed) + ([i] if me else [])
+                done = list(s.completed) + ([i] if s.uncertain else [])
                 s.to_compensate = _compensable(defn, done) if defn else []
-                s.attempt, s.retry_at = 0, None
+                s.attempt, s.base, s.retry_at, s.uncertain = 0, 0, None, False
         case CompensationStarted(step=i, attempt=a, deadline=d):
             s.pending = Pending(i, "compensation", a, d)
             s.attempt, s.retry_at = a, None
@@ -305,7 +334,7 @@ def evolve(defn: Saga | None, state: SagaState, event: Event, time: float) -> No
             s.pending = None
             if s.to_compensate and s.to_compensate[0] == i:
                 s.to_compensate.pop(0)
-            s.attempt = 0
+            s.attempt, s.base = 0, 0
             entry.update(step=i, attempt=a)
         case CompensationFailed(step=i, attempt=a, error=err, retry_at=at):
             s.pending = None
@@ -325,7 +354,9 @@ def evolve(defn: Saga | None, state: SagaState, event: Event, time: float) -> No
         case SagaResumed():
             if s.status == "stuck":
                 s.status = s.stuck_from
-            s.error, s.attempt, s.retry_at = None, 0, None
+            # keep counting attempts (a resent attempt 1 would reuse the first one's message
+            # id, dropped as a duplicate, and match its stale replies); fresh retry budget
+            s.error, s.base, s.retry_at = None, s.attempt, None
         case ReplyIgnored(step=i, kind=k, attempt=a, reason=r):
             entry.update(step=i, kind=k, attempt=a, reason=r)
     if "step" in entry and defn is not None and entry["step"] < len(defn.steps):
@@ -355,11 +386,11 @@ def advance(defn: Saga, state: SagaState, now: float) -> list[Event] | Wait | No
     s = state
     if s.status in ("completed", "compensated", "stuck") or s.pending is not None:
         return None
+    if s.status == "running" and s.cancel_requested and s.step < defn.pivot:
+        return _cancel(defn, s)  # at once, even during a retry's backoff
     if s.retry_at is not None and now < s.retry_at:
         return Wait(s.retry_at)
     if s.status == "running":
-        if s.cancel_requested and s.step < defn.pivot:
-            return _cancel(defn, s)
         if s.step >= len(defn.steps):
             return [SagaCompleted(data=s.data)]
         step = defn.steps[s.step]
@@ -370,7 +401,8 @@ def advance(defn: Saga, state: SagaState, now: float) -> list[Event] | Wait | No
         return [SagaCompensated(reason=s.reason or "compensated")]
     i = s.to_compensate[0]
     step = defn.steps[i]
-    timeout = step.timeout if isinstance(step.compensation, str) else None
+    timeout = ((step.timeout or DEFAULT_COMMAND_TIMEOUT) if isinstance(step.compensation, str)
+               else None)
     deadline = now + timeout if timeout is not None else None
     return [CompensationStarted(step=i, attempt=s.attempt + 1, deadline=deadline)]
 
@@ -378,7 +410,9 @@ def advance(defn: Saga, state: SagaState, now: float) -> list[Event] | Wait | No
 def _cancel(defn: Saga, s: SagaState) -> list[Event]:
     # Cancelling between steps: undo what completed. Modelled as the next step
     # failing for good, so the history says where the saga stopped and why.
-    return [StepFailed(step=s.step, attempt=0, error=s.reason or "cancelled")]
+    # A timed-out attempt of this step may have taken effect: undo it too.
+    return [StepFailed(step=s.step, attempt=0, error=s.reason or "cancelled",
+                       compensate_self=s.uncertain)]
 
 
 def on_outcome(defn: Saga, state: SagaState, outcome: Outcome, now: float) -> list[Event]:
@@ -387,6 +421,7 @@ def on_outcome(defn: Saga, state: SagaState, outcome: Outcome, now: float) -> li
     if p is None:
         return []
     step = defn.steps[p.step]
+    n = p.attempt - state.base  # attempts since the start, or since the last resume
     if p.kind == "action":
         if outcome.kind == "ok":
             return [StepCompleted(step=p.step, attempt=p.attempt, result=outcome.result)]
@@ -398,21 +433,23 @@ def on_outcome(defn: Saga, state: SagaState, outcome: Outcome, now: float) -> li
                                         f"{err}; fix the cause, then retry the saga")]
             # forward-only: retried until it succeeds
             return [StepFailed(step=p.step, attempt=p.attempt, error=err,
-                               retry_at=now + step.delay(p.attempt))]
+                               retry_at=now + step.delay(n))]
         if outcome.kind == "rejected":
             return [StepFailed(step=p.step, attempt=p.attempt, error=err, rejected=True)]
-        if p.attempt <= step.retries:
+        if n <= step.retries:
+            # a timed-out attempt may still take effect: remember it (compensate_self)
             return [StepFailed(step=p.step, attempt=p.attempt, error=err,
-                               retry_at=now + step.delay(p.attempt))]
+                               retry_at=now + step.delay(n),
+                               compensate_self=outcome.kind == "timeout")]
         # out of retries; a timed-out command may still have taken effect: undo it too
         return [StepFailed(step=p.step, attempt=p.attempt, error=err,
                            compensate_self=outcome.kind == "timeout")]
     if outcome.kind == "ok":
         return [CompensationCompleted(step=p.step, attempt=p.attempt)]
     err = outcome.error or outcome.kind
-    if p.attempt <= step.compensation_retries:
+    if n <= step.compensation_retries:
         return [CompensationFailed(step=p.step, attempt=p.attempt, error=err,
-                                   retry_at=now + step.delay(p.attempt))]
+                                   retry_at=now + step.delay(n))]
     return [CompensationFailed(step=p.step, attempt=p.attempt, error=err),
             SagaStuck(error=f"compensation of step {step.name!r} failed after "
-                            f"{p.attempt} attempts: {err}")]
+                            f"{n} attempts: {err}")]
