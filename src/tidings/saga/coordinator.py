@@ -19,9 +19,16 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConcurrencyError, InvalidArgument, NotFound, Rejected, TidingsError
+from ..errors import (
+    ClosedError,
+    ConcurrencyError,
+    InvalidArgument,
+    NotFound,
+    Rejected,
+    TidingsError,
+)
 from ..eventsourcing.records import NO_STREAM
-from ..messages import new_id
+from ..messages import OutMessage, encode_data, new_id
 from .clock import Clock, SystemClock
 from .definition import (
     CompensationStarted,
@@ -88,6 +95,7 @@ class Coordinator:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watching: set[str] = set()
         self._finished: dict[str, asyncio.Event] = {}
+        self._sent: set[str] = set()  # command message ids sent by this process
 
     # registration ---------------------------------------------------------------
     def register(self, defn: Saga) -> None:
@@ -185,15 +193,70 @@ class Coordinator:
                 await self._pump(defn, state, sid, queue)
             except ConcurrencyError:
                 state = await self.load(name, saga_id)  # someone else wrote: look again
+            except (asyncio.CancelledError, ClosedError):
+                raise
+            except TidingsError as exc:  # the engine is unavailable for a moment
+                log.warning("saga %s: %s; retrying in a second", saga_id, exc)
+                await asyncio.sleep(1.0)
+                state = await self.load(name, saga_id)
+        for key in [k for k in self._sent if k.startswith(f"{saga_id}:")]:
+            self._sent.discard(key)
 
     async def _append(self, defn: Saga, state: SagaState, sid: str,
                       events: list[Event]) -> None:
-        for ev in events:
-            topic = (f"saga.{defn.name}.ended" if isinstance(ev, _LIFECYCLE_END)
-                     else f"saga.{defn.name}.steps")
-            await self.hub.events.append(sid, [ev], expected_version=state.stream_version,
-                                         topic=topic)
-            evolve(defn, state, ev, self.clock.now())
+        """Record `events` and, folded into the same commit, the next move when it is
+        immediate; commands to send and the end marker go in the same transaction.
+
+        The saga's stream is its outbox: a command is published exactly when the
+        event that decides to send it is stored.
+        """
+        from ..eventsourcing.transaction import commit
+
+        expected = state.stream_version
+        now = self.clock.now()
+        batch = list(events)
+        for ev in batch:
+            evolve(defn, state, ev, now)
+        nxt = advance(defn, state, now)
+        if isinstance(nxt, list):
+            for ev in nxt:
+                evolve(defn, state, ev, now)
+            batch += nxt
+        messages = []
+        for ev in batch:
+            if isinstance(ev, (StepStarted, CompensationStarted)):
+                out = self._command(defn, state, ev)
+                if out is not None:
+                    messages.append(out)
+            elif isinstance(ev, _LIFECYCLE_END):
+                messages.append(OutMessage(new_id(), f"saga.{defn.name}.ended", state.id,
+                                           b"{}", {"stream-id": sid, "status": state.status,
+                                                   "content-type": "application/json"}))
+        await commit(self.hub, [], [(sid, batch, expected, f"saga.{defn.name}.steps")],
+                     messages)
+
+    def _command(self, defn: Saga, state: SagaState, ev: StepStarted | CompensationStarted
+                 ) -> OutMessage | None:
+        step = defn.steps[ev.step]
+        kind = "action" if isinstance(ev, StepStarted) else "compensation"
+        command = step.command if kind == "action" else step.compensation
+        if not isinstance(command, str):
+            return None  # a local function: run by the driver
+        headers = {
+            "saga-id": state.id, "saga-name": defn.name, "saga-version": str(defn.version),
+            "saga-step": str(ev.step), "saga-step-name": step.name, "saga-kind": kind,
+            "saga-attempt": str(ev.attempt), "reply-to": f"saga.{defn.name}.replies",
+            "idempotency-key": f"{state.id}:{step.name}:{kind}",
+            "correlation-id": state.id, "content-type": "application/json",
+        }
+        payload = dict(state.data, saga_id=state.id)
+        if kind == "compensation":
+            payload["reason"] = state.reason or "compensated"
+        data, _ = encode_data(payload)
+        # The same id every time this attempt is (re)sent: the engine keeps one copy.
+        msg_id = f"{state.id}:{step.name}:{kind}:{ev.attempt}"
+        self._sent.add(msg_id)
+        return OutMessage(msg_id, command, state.id, data, headers, True)
 
     async def _pump(self, defn: Saga, state: SagaState, sid: str,
                     queue: asyncio.Queue[Any]) -> None:
@@ -214,9 +277,9 @@ class Coordinator:
         step = defn.steps[p.step]
         target = (step.action if p.kind == "action" else step.compensation)
         if isinstance(target, str) or (p.kind == "action" and step.command is not None):
-            command = step.command if p.kind == "action" else target
-            assert isinstance(command, str)
-            await self._send(defn, state, command)
+            sent = f"{state.id}:{step.name}:{p.kind}:{p.attempt}"
+            if sent not in self._sent:
+                await self._send(defn, state)  # resuming: this process has not sent it
             outcome = await self._await_reply(defn, state, sid, queue)
         else:
             outcome = await self._run_local(target, state, p.deadline)
@@ -299,24 +362,17 @@ class Coordinator:
             return Outcome("error", error="a step must return a dict or None")
         return Outcome("ok", result=result)
 
-    async def _send(self, defn: Saga, state: SagaState, command: str) -> None:
+    async def _send(self, defn: Saga, state: SagaState) -> None:
+        """Re-send the attempt in flight (after a restart); the engine drops a duplicate."""
         p = state.pending
         assert p is not None
-        step = defn.steps[p.step]
-        headers = {
-            "saga-id": state.id, "saga-name": defn.name, "saga-version": str(defn.version),
-            "saga-step": str(p.step), "saga-step-name": step.name, "saga-kind": p.kind,
-            "saga-attempt": str(p.attempt), "reply-to": f"saga.{defn.name}.replies",
-            "idempotency-key": f"{state.id}:{step.name}:{p.kind}",
-            "correlation-id": state.id,
-        }
-        # The id is the same every time this attempt is (re)sent: the engine keeps
-        # one copy, so a coordinator restarting mid-attempt does not send it twice.
-        payload = dict(state.data, saga_id=state.id)
-        if p.kind == "compensation":
-            payload["reason"] = state.reason or "compensated"
-        await self.hub.publish(command, payload, key=state.id,
-                               headers=headers, id=f"{state.id}:{step.name}:{p.kind}:{p.attempt}")
+        ev: StepStarted | CompensationStarted = (
+            StepStarted(step=p.step, attempt=p.attempt, deadline=p.deadline)
+            if p.kind == "action" else
+            CompensationStarted(step=p.step, attempt=p.attempt, deadline=p.deadline))
+        out = self._command(defn, state, ev)
+        if out is not None:
+            await self.hub.engine.append([out])
 
     # replies and discovery ----------------------------------------------------------------
     async def _replies(self, name: str) -> None:

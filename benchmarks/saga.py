@@ -1,0 +1,109 @@
+"""Completed create-order sagas per second: the shop's three services and the coordinator in
+one process, on SQLite (durability full) and on memory://; then the latency (median, p99)
+when orders arrive at half that rate."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import tidings
+
+from . import progress, row, scratch_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from examples.shop.domain import Customer, Product  # noqa: E402
+from examples.shop.saga import create_order  # noqa: E402
+from examples.shop.services import PRICES, register_services  # noqa: E402
+
+TARGETS = {"sqlite": 500.0, "memory": 2000.0}
+
+
+async def _setup(hub: tidings.Hub) -> Any:
+    register_services(hub)
+    for i in range(1, 21):  # ample credit and stock: every saga runs all four steps
+        c = Customer(f"c-{i}")
+        c.register(10**9)
+        await hub.repository(Customer).save(c)
+        p = Product(f"p-{i}")
+        p.add(10**9, 10)
+        await hub.repository(Product).save(p)
+        PRICES[p.id] = 10
+    return hub.sagas(create_order)
+
+
+def _order(i: int) -> dict[str, Any]:
+    return {"customer_id": f"c-{i % 20 + 1}", "product_id": f"p-{i % 20 + 1}", "quantity": 1}
+
+
+async def _throughput(url: str, n: int, in_flight: int) -> float:
+    async with await tidings.connect(url) as hub:
+        sagas = await _setup(hub)
+        runner = asyncio.create_task(hub.run())
+        slots = asyncio.Semaphore(in_flight)
+
+        async def one(i: int) -> None:
+            async with slots:
+                sid = await sagas.start(_order(i))
+                st = await sagas.wait(sid, timeout=300)
+                assert st["status"] == "completed", st
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        rate = n / (time.perf_counter() - t0)
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        return rate
+
+
+async def _latency(url: str, rate: float, seconds: float) -> tuple[float, float]:
+    async with await tidings.connect(url) as hub:
+        sagas = await _setup(hub)
+        runner = asyncio.create_task(hub.run())
+        lat: list[float] = []
+
+        async def one(i: int) -> None:
+            t0 = time.perf_counter()
+            sid = await sagas.start(_order(i))
+            await sagas.wait(sid, timeout=300)
+            lat.append(time.perf_counter() - t0)
+
+        tasks = []
+        start = time.perf_counter()
+        n = max(1, int(rate * seconds))
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        lat.sort()
+        return statistics.median(lat) * 1000, lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
+
+
+async def run(quick: bool) -> list[dict[str, Any]]:
+    rows = []
+    n = 100 if quick else 1500
+    for engine in ("sqlite", "memory"):
+        with scratch_dir(f"saga-{engine}") as d:
+            url = f"sqlite:///{d}/saga.db" if engine == "sqlite" else "memory://"
+            rate = await _throughput(url, n, 200)
+            progress(f"saga {engine}: {rate:,.0f} completed sagas/s")
+        with scratch_dir(f"saga-lat-{engine}") as d:
+            url = f"sqlite:///{d}/lat.db" if engine == "sqlite" else "memory://"
+            p50, p99 = await _latency(url, rate / 2, 1.0 if quick else 4.0)
+            progress(f"saga {engine} at {rate / 2:,.0f}/s: median {p50:.1f} ms, p99 {p99:.1f} ms")
+        target = TARGETS[engine]
+        rows.append(row(f"create-order sagas ({engine})", rate, "none", None, "sagas/s", 1.0,
+                        ratio=rate / target, target_label=f"≥ {target:,.0f}/s"))
+        rows.append({"name": f"median saga latency at {rate / 2:,.0f}/s ({engine})",
+                     "tidings": p50, "peer_name": "p99", "peer": p99, "unit": "ms",
+                     "ratio": None, "target": None, "target_label": "report"})
+    return rows
