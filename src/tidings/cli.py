@@ -314,21 +314,6 @@ def demo_walkthrough(ctx: typer.Context, url: UrlOption = None) -> None:
     _run(module.walkthrough(engine_url))
 
 
-@demo_app.command("shop")
-def demo_shop(
-    ctx: typer.Context,
-    orders: Annotated[int, typer.Option("--orders", min=1, help="How many orders.")] = 20,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 1,
-    url: UrlOption = None,
-) -> None:
-    """The e-commerce create-order saga, end to end (not built yet)."""
-    # The shop example (examples/shop/: order, customer and inventory services and the
-    # create-order saga) plugs in here once sagas exist: load it like the walkthrough.
-    _fail("the shop saga demo is not built yet (sagas are not implemented in this version "
-          "of tidings); run 'tidings demo walkthrough' to see pub/sub, replay and "
-          "backpressure", 2)
-
-
 # benchmarks -----------------------------------------------------------------------------
 class BenchSuite(enum.StrEnum):
     pubsub = "pubsub"
@@ -354,6 +339,9 @@ def bench(
     # A separate interpreter: the benchmarks own their event loops and process settings.
     code = subprocess.call([sys.executable, "-m", "benchmarks", suite.value], cwd=root, env=env)
     raise typer.Exit(code)
+
+
+from . import cli_ops  # noqa: E402,F401  (registers demo shop, sagas, events, serve, …)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,283 @@
+"""CLI commands beyond pub/sub: the shop demo, sagas, event streams, projections, the gateway.
+
+Registered on `tidings.cli.app` when that module is imported.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .cli import JsonOption, UrlOption, _fail, _run, _settings, _source_checkout_file, app
+from .cli import demo_app as _demo_app
+from .errors import InvalidArgument
+
+AppOption = Annotated[str | None, typer.Option(
+    "--app", help="'module:attribute' of the application (default for sagas: the shop).")]
+DEFAULT_APP = "examples.shop:app"
+
+
+def _checkout_on_path() -> None:
+    """Make `examples.*` importable from a source checkout (the demos ship with the repo)."""
+    found = _source_checkout_file("examples/shop/__init__.py")
+    if found is None:
+        _fail("examples/shop is not here; the shop ships with the tidings source repository, "
+              "so run this from a checkout of it", 1)
+    root = str(found.parents[2])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+def _load(spec: str) -> Any:
+    import importlib
+
+    if spec.startswith("examples."):
+        _checkout_on_path()
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InvalidArgument(f"--app {spec!r}: cannot import {module_name!r} ({exc})") from exc
+    for part in (attr or "app").split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise InvalidArgument(f"--app {spec!r}: {module_name!r} has no {part!r}")
+    return obj
+
+
+# the shop demo -----------------------------------------------------------------------
+@_demo_app.command("shop")
+def demo_shop(
+    ctx: typer.Context,
+    orders: Annotated[int, typer.Option("--orders", min=1, help="How many orders.")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed of the order mix.")] = 7,
+    url: UrlOption = None,
+) -> None:
+    """The e-commerce create-order saga end to end: N orders, a summary, the invariants."""
+    engine_url, _ = _settings(ctx, url, False)
+    _checkout_on_path()
+    from examples.shop import demo
+
+    raise typer.Exit(_run(demo.run(engine_url, orders=orders, seed_=seed)))
+
+
+# sagas ---------------------------------------------------------------------------------
+async def _runners(url: str, spec: str) -> tuple[Any, dict[str, Any]]:
+    from .hub import connect
+
+    hub = await connect(url)
+    try:
+        made = _load(spec)(hub, services=False) if spec == DEFAULT_APP else _load(spec)(hub)
+        runners = dict(made or {})
+    except BaseException:
+        await hub.close()
+        raise
+    return hub, runners
+
+
+def _print_rows(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
+    from .cli import _emit_json
+
+    if as_json:
+        for r in rows:
+            _emit_json(r)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*(str(r.get(c, "")) for c in columns))
+    Console().print(table)
+
+
+@app.command("sagas")
+def sagas_list(
+    ctx: typer.Context,
+    status: Annotated[str | None, typer.Option("--status", help="running, completed, "
+                                               "compensating, compensated or stuck")] = None,
+    app_spec: AppOption = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Saga instances with their status (JSON lines when piped)."""
+    engine_url, as_json = _settings(ctx, url, as_json)
+    valid = ("running", "completed", "compensating", "compensated", "stuck")
+    if status is not None and status not in valid:
+        _fail(f"--status must be one of {', '.join(valid)}")
+
+    async def go() -> list[dict[str, Any]]:
+        hub, runners = await _runners(engine_url, app_spec or DEFAULT_APP)
+        try:
+            rows = []
+            for runner in runners.values():
+                async for s in runner.list(status):
+                    rows.append({"id": s["id"], "saga": s["saga"], "status": s["status"],
+                                 "steps": len(s["steps"]), "reason": s["reason"] or ""})
+            return rows
+        finally:
+            await hub.close()
+
+    _print_rows(_run(go()), as_json, ["id", "saga", "status", "steps", "reason"])
+
+
+@app.command("saga")
+def saga_show(
+    ctx: typer.Context,
+    saga_id: Annotated[str, typer.Argument(help="The saga id.")],
+    retry: Annotated[bool, typer.Option("--retry", help="Resume a stuck saga.")] = False,
+    cancel: Annotated[bool, typer.Option("--cancel", help="Cancel a running saga "
+                                         "(its completed steps are compensated).")] = False,
+    app_spec: AppOption = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """One saga: status, data and step history; --retry resumes it when stuck."""
+    engine_url, as_json = _settings(ctx, url, as_json)
+
+    async def go() -> dict[str, Any]:
+        from .errors import NotFound
+
+        hub, runners = await _runners(engine_url, app_spec or DEFAULT_APP)
+        try:
+            for runner in runners.values():
+                try:
+                    state = await runner.get(saga_id)
+                except NotFound:
+                    continue
+                if retry or cancel:
+                    await (runner.retry(saga_id) if retry else runner.cancel(saga_id))
+                    state = await runner.wait(saga_id, timeout=60)
+                return dict(state)
+            raise NotFound(f"no saga {saga_id!r}; list them with 'tidings sagas'")
+        finally:
+            await hub.close()
+
+    state = _run(go())
+    if as_json:
+        from .cli import _emit_json
+
+        _emit_json(state)
+        return
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"[bold]{state['saga']}[/] {state['id']}: [bold]{state['status']}[/]")
+    if state.get("reason"):
+        console.print(f"reason: {state['reason']}")
+    if state.get("error"):
+        console.print(f"[red]error: {state['error']}[/]")
+    _print_rows([{"event": h["event"], "step": h.get("name", ""), "attempt": h.get("attempt", ""),
+                  "error": h.get("error", "")} for h in state["steps"]], False,
+                ["event", "step", "attempt", "error"])
+
+
+# event streams and projections ---------------------------------------------------------
+@app.command("events")
+def events_show(
+    ctx: typer.Context,
+    stream_id: Annotated[str, typer.Argument(help="The stream (aggregate) id.")],
+    version: Annotated[int | None, typer.Option("--version", help="State at this version.")] = None,
+    as_of: Annotated[str | None, typer.Option("--as-of", help="State at this ISO time.")] = None,
+    app_spec: Annotated[str | None, typer.Option("--app", help="'module:fn' registering the "
+                                                 "aggregate classes.")] = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A stream's history, and its state at a version or time."""
+    engine_url, as_json = _settings(ctx, url, as_json)
+    from .eventsourcing import cli as es_cli
+
+    if app_spec and app_spec.startswith("examples."):
+        _checkout_on_path()
+
+    async def go() -> Any:
+        from .hub import connect
+
+        async with await connect(engine_url) as hub:
+            return await es_cli.show_events(hub, stream_id, version=version, as_of=as_of,
+                                            as_json=as_json, app=app_spec)
+
+    if version is not None and version < 1:
+        _fail("--version must be >= 1")
+    _run(go())
+
+
+projections_app = typer.Typer(help="Projections: status and rebuild.", no_args_is_help=True)
+app.add_typer(projections_app, name="projections")
+
+
+@projections_app.command("rebuild")
+def projections_rebuild(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The projection's name.")],
+    app_spec: Annotated[str | None, typer.Option("--app", help="'module:fn' registering the "
+                                                 "projection.")] = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Reset a projection's read model and replay every event into it (with progress)."""
+    engine_url, as_json = _settings(ctx, url, as_json)
+    from .eventsourcing import cli as es_cli
+
+    if app_spec and app_spec.startswith("examples."):
+        _checkout_on_path()
+
+    async def go() -> Any:
+        from .hub import connect
+
+        async with await connect(engine_url) as hub:
+            return await es_cli._rebuild(hub, name, app_spec, as_json)
+
+    _run(go())
+
+
+@projections_app.command("status")
+def projections_status(
+    ctx: typer.Context,
+    app_spec: Annotated[str | None, typer.Option("--app")] = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Each projection's position, lag, status and error."""
+    engine_url, as_json = _settings(ctx, url, as_json)
+    from .eventsourcing import cli as es_cli
+
+    async def go() -> Any:
+        from .hub import connect
+
+        async with await connect(engine_url) as hub:
+            return await es_cli._statuses(hub, app_spec, as_json)
+
+    _run(go())
+
+
+# the gateway ----------------------------------------------------------------------------
+@app.command("serve")
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8640,
+    token: Annotated[str | None, typer.Option("--token", envvar="TIDINGS_TOKEN",
+                                              help="Bearer token for every /v1 call.")] = None,
+    app_spec: Annotated[str | None, typer.Option("--app", help="'module:attribute' whose "
+                                                 "sagas POST /v1/commands starts.")] = None,
+    url: UrlOption = None,
+) -> None:
+    """The HTTP gateway and dashboard (JSON over HTTP under /v1)."""
+    engine_url, _ = _settings(ctx, url, False)
+    if app_spec and app_spec.startswith("examples."):
+        _checkout_on_path()
+    try:
+        from .gateway.server import serve as run_server
+    except ImportError as exc:
+        _fail(f"the gateway needs the server extra ({exc}); pip install 'tidings[server]'", 1)
+    _run(run_server(engine_url, host, port, token, app_spec))
+
+
+_ = Path
