@@ -1,6 +1,6 @@
 """tidings side by side with its peers: one command, one table at the end.
 
-Run with `make bench` or `python -m benchmarks [pubsub|eventstore|saga|gateway|all] [--quick]`.
+Run with `make bench` or `python -m benchmarks [pubsub|eventstore|saga|gateway|…|all] [--quick]`.
 
 Each benchmark module exposes `async def run(quick: bool) -> list[dict]`,
 one dict per row of the final table:
@@ -20,6 +20,7 @@ anything else worth keeping in bench-results/latest.json (samples, sizes).
 
 from __future__ import annotations
 
+import pkgutil
 import shutil
 import statistics
 import sys
@@ -28,10 +29,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["MODULES", "progress", "row", "scratch_dir", "summary"]
+__all__ = ["MODULES", "available", "progress", "row", "scratch_dir", "summary"]
 
-#: Benchmark modules in the order they run; a module not written yet is skipped with a note.
+#: The benchmarks `make bench` promises, in the order they run; one not written yet is
+#: skipped with a note. Any other module in this package is found and runs after them.
 MODULES = ("pubsub", "eventstore", "saga", "gateway")
+
+
+def available() -> list[str]:
+    """Every benchmark name: MODULES first, then other modules of this package."""
+    found = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    return [*MODULES, *(name for name in found if name not in MODULES)]
 
 
 def progress(message: str) -> None:

@@ -1,4 +1,4 @@
-"""`python -m benchmarks [pubsub|eventstore|saga|gateway|all] [--quick] [--json PATH]`."""
+"""`python -m benchmarks [pubsub|eventstore|saga|gateway|…|all] [--quick] [--json PATH]`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from . import MODULES, progress
+from . import available, progress
 
 DEFAULT_JSON = Path(__file__).resolve().parent.parent / "bench-results" / "latest.json"
 COLUMNS = ("benchmark", "tidings", "peer", "peer figure", "ratio", "target", "met?")
@@ -129,27 +129,28 @@ def _busy(load: float | None) -> str | None:
             "absolute figures")
 
 
-def _selected(names: list[str]) -> list[str]:
+def _selected(names: list[str], known: list[str]) -> list[str]:
     if not names or "all" in names:
-        return list(MODULES)
-    return [m for m in MODULES if m in names]
+        return known
+    return [m for m in known if m in names]
 
 
 def main(argv: list[str] | None = None) -> int:
+    known = available()
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Measure tidings side by side with its peers and print one table.",
     )
-    parser.add_argument("which", nargs="*", metavar="{" + ",".join([*MODULES, "all"]) + "}",
+    parser.add_argument("which", nargs="*", metavar="{" + ",".join([*known, "all"]) + "}",
                         help="benchmark modules to run (default: all)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes: checks the benchmarks run, the figures mean nothing")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
                         help=f"where to write the rows (default: {DEFAULT_JSON})")
     args = parser.parse_args(argv)
-    unknown = [n for n in args.which if n not in (*MODULES, "all")]
+    unknown = [n for n in args.which if n not in (*known, "all")]
     if unknown:
-        parser.error(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(MODULES)}, all")
+        parser.error(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(known)}, all")
 
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(busy)
         progress(busy)
     started = time.perf_counter()
-    for name in _selected(args.which):
+    for name in _selected(args.which, known):
         try:
             module = importlib.import_module(f"{__package__}.{name}")
         except ModuleNotFoundError as exc:

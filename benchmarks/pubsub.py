@@ -1,6 +1,7 @@
 """Pub/sub throughput: tidings on SQLite and in memory, beside raw sqlite3 and asyncio.Queue.
 
-Every figure is the median of `reps` runs. Each run gets a fresh temp
+Every figure is the median of repeated runs (5; 3 for publish_many, the
+longest). Each run gets a fresh temp
 directory, and tidings and its peer alternate within a repetition so that
 drift on the machine (page cache, other load) hits both alike. Payloads are
 200 random bytes; SQLite runs use durability=full (fsync per commit) on both
@@ -45,7 +46,8 @@ PEER_INSERT = "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)"
 
 @dataclass(frozen=True)
 class Sizes:
-    reps: int
+    reps: int  # runs per figure (the median is reported)
+    bulk_reps: int  # runs of (a), the longest
     bulk: int  # (a) messages through publish_many / executemany
     concurrent: int  # (b) messages through 100 concurrent publish calls
     one_by_one: int  # (b) messages through the commit-per-message peer
@@ -53,9 +55,9 @@ class Sizes:
     memory_e2e: int  # (d)
 
 
-FULL = Sizes(reps=5, bulk=200_000, concurrent=20_000, one_by_one=2_000, sqlite_e2e=60_000,
-             memory_e2e=100_000)
-QUICK = Sizes(reps=1, bulk=3_000, concurrent=300, one_by_one=50, sqlite_e2e=2_000,
+FULL = Sizes(reps=5, bulk_reps=3, bulk=200_000, concurrent=20_000, one_by_one=2_000,
+             sqlite_e2e=60_000, memory_e2e=100_000)
+QUICK = Sizes(reps=1, bulk_reps=1, bulk=3_000, concurrent=300, one_by_one=50, sqlite_e2e=2_000,
               memory_e2e=2_000)
 
 
@@ -230,18 +232,18 @@ async def run(quick: bool) -> list[dict[str, Any]]:
     s = QUICK if quick else FULL
     payloads = [os.urandom(PAYLOAD_BYTES) for _ in range(BATCH)]
     rows = []
-    how = f"median of {s.reps}, durability=full, {PAYLOAD_BYTES} B payloads"
+    how = f"durability=full, {PAYLOAD_BYTES} B payloads"
 
     async def executemany(d: str) -> float:
         return sqlite_executemany(d, payloads, s.bulk)
 
     ours, theirs = await _side_by_side(
-        "publish_many", s.reps, lambda d: tidings_publish_many(d, payloads, s.bulk),
+        "publish_many", s.bulk_reps, lambda d: tidings_publish_many(d, payloads, s.bulk),
         "sqlite3 executemany", executemany)
     rows.append(row("publish_many (sqlite)", summary(ours), "sqlite3 executemany",
                     summary(theirs), "msg/s", 0.60, messages=s.bulk, batch=BATCH,
                     tidings_samples=ours, peer_samples=theirs, ratio_samples=_paired(ours, theirs),
-                    note=f"{how}, {BATCH} per batch/transaction"))
+                    note=f"median of {s.bulk_reps}, {how}, {BATCH} per batch/transaction"))
 
     async def commit_each(d: str) -> float:
         return sqlite_commit_each(d, payloads[0], s.one_by_one)
@@ -254,7 +256,8 @@ async def run(quick: bool) -> list[dict[str, Any]]:
                     "sqlite3 commit/msg", summary(theirs), "msg/s", 5.0,
                     messages=s.concurrent, peer_messages=s.one_by_one,
                     tidings_samples=ours, peer_samples=theirs, ratio_samples=_paired(ours, theirs),
-                    note=f"{how}; peer: one thread, one INSERT + COMMIT per message"))
+                    note=f"median of {s.reps}, {how}; peer: one thread, one INSERT + COMMIT "
+                         "per message"))
 
     ours, _ = await _side_by_side(
         "end to end sqlite", s.reps,
@@ -265,19 +268,33 @@ async def run(quick: bool) -> list[dict[str, Any]]:
                     ratio=summary(ours) / END_TO_END_TARGET,
                     target_label=f"≥ {END_TO_END_TARGET:,.0f} msg/s",
                     messages=s.sqlite_e2e, tidings_samples=ours,
-                    note=f"{how}; publish_many x{BATCH} -> subscriber "
+                    note=f"median of {s.reps}, {how}; publish_many x{BATCH} -> subscriber "
                          f"(max_in_flight={MAX_IN_FLIGHT}) -> ack, one process"))
 
-    async def queue(_: str) -> float:
-        return await queue_end_to_end(payloads, s.memory_e2e)
+    # Both sides are one thread of pure Python, so CPU time measures them too, and unlike
+    # wall time it is not skewed when other processes share the CPUs: a 0.2 s Queue run
+    # often escapes preemption that a 1 s tidings run cannot.
+    cpu: dict[str, list[float]] = {"tidings": [], "peer": []}
+
+    async def on_cpu(side: str, work: Awaitable[float]) -> float:
+        t0 = time.process_time()
+        rate = await work
+        cpu[side].append(s.memory_e2e / max(time.process_time() - t0, 1e-9))
+        return rate
 
     ours, theirs = await _side_by_side(
         "end to end memory", s.reps,
-        lambda _: tidings_end_to_end("memory://", payloads, s.memory_e2e),
-        "asyncio.Queue", queue)
+        lambda _: on_cpu("tidings", tidings_end_to_end("memory://", payloads, s.memory_e2e)),
+        "asyncio.Queue", lambda _: on_cpu("peer", queue_end_to_end(payloads, s.memory_e2e)))
+    progress(f"pubsub: end to end memory per CPU-second: tidings {summary(cpu['tidings']):,.0f}, "
+             f"asyncio.Queue {summary(cpu['peer']):,.0f} "
+             f"(ratio {summary(cpu['tidings']) / summary(cpu['peer']):.2f})")
     rows.append(row("end to end (memory)", summary(ours), "asyncio.Queue", summary(theirs),
                     "msg/s", 0.25, messages=s.memory_e2e, tidings_samples=ours,
                     peer_samples=theirs, ratio_samples=_paired(ours, theirs),
+                    tidings_per_cpu_second=summary(cpu["tidings"]),
+                    peer_per_cpu_second=summary(cpu["peer"]),
+                    cpu_ratio=summary(cpu["tidings"]) / summary(cpu["peer"]),
                     note=f"median of {s.reps}; peer: unbounded asyncio.Queue, "
                          "one producer task put(), one consumer task get()"))
     return rows

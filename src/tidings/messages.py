@@ -53,7 +53,7 @@ def new_id() -> str:
     return f"{_PREFIX}{next(_COUNTER):x}"
 
 
-class Published(msgspec.Struct, frozen=True):
+class Published(msgspec.Struct, frozen=True, gc=False):
     """What a publish stored: the message's position, id, and whether it was a duplicate."""
 
     position: int

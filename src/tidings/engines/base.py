@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import msgspec
+
 from ..messages import Message, OutMessage, Published
 from .delivery import SubscriptionSpec
 
@@ -45,8 +47,9 @@ class Retention:
     max_bytes: int | None = None
 
 
-@dataclass(slots=True, frozen=True)
-class Settle:
+class Settle(msgspec.Struct, frozen=True, gc=False):
+    """One ack, nack (with its redelivery delay), term or release of a delivered message."""
+
     position: int
     kind: SettleKind
     delay: float = 0.0

@@ -659,7 +659,7 @@ class SqliteEngine(Engine):
                 self._dead_letter(tx, spec, p.position, "max_deliver", p.attempt)
             if plan.added:
                 conn.executemany(
-                    "INSERT OR REPLACE INTO tidings_pending (sub_id, position, key, attempt, due) "
+                    "INSERT INTO tidings_pending (sub_id, position, key, attempt, due) "
                     "VALUES (?, ?, ?, ?, ?)",
                     [(sub_id, p.position, p.key, p.attempt, p.due) for p in plan.added],
                 )
