@@ -45,7 +45,8 @@ class Subscription:
         self._batch = max(1, min(batch, spec.max_in_flight))
         self._buf: deque[Message] = deque()
         self._settles: list[Settle] = []
-        self._flushing: asyncio.Task[None] | None = None
+        self._flushing: asyncio.Task[None] | None = None  # scheduled, gathering acks
+        self._inflight: set[asyncio.Task[None]] = set()  # flushes not yet committed
         self._closed = False
 
     @property
@@ -59,7 +60,10 @@ class Subscription:
     def _settle(self, msg: Message, kind: str, delay: float) -> None:
         self._settles.append(Settle(msg.position, kind, delay))  # type: ignore[arg-type]
         if self._flushing is None:
-            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+            task = asyncio.get_running_loop().create_task(self._flush())
+            self._flushing = task
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
 
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # let a burst of acks gather into one write
@@ -70,9 +74,8 @@ class Subscription:
 
     async def flush(self) -> None:
         """Wait until every ack/nack/term made so far has reached the engine."""
-        task = self._flushing
-        if task is not None:
-            await task
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
         items, self._settles = self._settles, []
         if items:
             await self._engine.settle(self._handle, items, time.time())

@@ -90,7 +90,7 @@ class Tx:
         self.conn = conn
         self.now = now
         self._position: int | None = None
-        self._dirty = False
+        self._dirty = False  # positions were taken: new messages to wake readers for
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         return self.conn.execute(sql, params)
@@ -180,12 +180,14 @@ class Tx:
 
 
 class _Job:
-    __slots__ = ("durable", "fn", "future", "result")
+    __slots__ = ("durable", "fn", "future", "notify", "result")
 
-    def __init__(self, fn: Callable[[Tx], Any], future: asyncio.Future[Any], durable: bool):
+    def __init__(self, fn: Callable[[Tx], Any], future: asyncio.Future[Any], durable: bool,
+                 notify: bool = True):
         self.fn = fn
         self.future = future
         self.durable = durable
+        self.notify = notify
         self.result: Any = None
 
 
@@ -309,13 +311,14 @@ class SqliteEngine(Engine):
                     stop = True
                     break
                 jobs.append(nxt)
-            self._commit(conn, jobs)
-            loop.call_soon_threadsafe(self._resolve, jobs)
+            wrote = self._commit(conn, jobs)
+            loop.call_soon_threadsafe(self._resolve, jobs, wrote)
             if stop:
                 break
         conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+    def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> bool:
+        """Run the jobs in one transaction; True when it stored new messages."""
         durable = self.durability == "full" and any(j.durable for j in jobs)
         sync = "FULL" if durable else "NORMAL"
         try:
@@ -327,7 +330,7 @@ class SqliteEngine(Engine):
             err = EngineUnavailable(f"cannot start a write on {self.url!r}: {exc}")
             for j in jobs:
                 j.result = err
-            return
+            return False
         tx = Tx(self, conn, self._now(conn))
         single = len(jobs) == 1
         for j in jobs:
@@ -350,7 +353,7 @@ class SqliteEngine(Engine):
             if single and isinstance(jobs[0].result, BaseException):
                 conn.execute("ROLLBACK")
                 self._forget_new_topics()
-                return
+                return False
             tx._finish()
             if tx.now - self._last_prune > 10.0:
                 self._last_prune = tx.now
@@ -360,6 +363,7 @@ class SqliteEngine(Engine):
                 )
             conn.execute("COMMIT")
             self._new_topics.clear()
+            return tx._dirty
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -367,6 +371,7 @@ class SqliteEngine(Engine):
             err = EngineUnavailable(f"commit to {self.url!r} failed: {exc}")
             for j in jobs:
                 j.result = err
+            return False
 
     def _now(self, conn: sqlite3.Connection) -> float:
         """Commit time, never earlier than the last stored message's (time order = log order)."""
@@ -377,15 +382,15 @@ class SqliteEngine(Engine):
             return float(row[0])
         return now
 
-    def _resolve(self, jobs: list[_Job]) -> None:
-        stored = False
+    def _resolve(self, jobs: list[_Job], wrote: bool) -> None:
+        stored = wrote
         for j in jobs:
             if j.future.cancelled():
                 continue
             r = j.result
             if isinstance(r, tuple):
                 j.future.set_result(r[1])
-                stored = True
+                stored = stored or j.notify
             elif isinstance(r, sqlite3.Error):
                 j.future.set_exception(EngineUnavailable(f"{self.url}: {r}"))
             else:
@@ -393,7 +398,8 @@ class SqliteEngine(Engine):
         if stored:
             self._notify()
 
-    async def transact(self, fn: Callable[[Tx], T], *, durable: bool = True) -> T:
+    async def transact(self, fn: Callable[[Tx], T], *, durable: bool = True,
+                       notify: bool = True) -> T:
         """Run `fn(tx)` on the writer thread inside a group-committed transaction.
 
         All of `fn`'s writes commit together or not at all; the call returns
@@ -402,7 +408,7 @@ class SqliteEngine(Engine):
         if self._closed:
             raise EngineUnavailable("the SQLite engine is closed")
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put(_Job(fn, fut, durable))
+        self._queue.put(_Job(fn, fut, durable, notify))
         return await fut
 
     # topic ids (cached; read or created on the writer thread) --------------------
@@ -685,7 +691,9 @@ class SqliteEngine(Engine):
             rows_out = [by_pos[p.position] for p in plan.deliver if p.position in by_pos]
             return self._messages(rows_out, attempts), plan.next_due
 
-        return await self.transact(op, durable=False)
+        # A fetch wakes nobody unless it stored messages (dead letters): waking the
+        # waiting consumers after every empty look would make them spin.
+        return await self.transact(op, durable=False, notify=bool(settles))
 
     async def settle(self, handle: Any, items: Sequence[Settle], now: float) -> None:
         sub_id, spec = handle
