@@ -12,6 +12,7 @@ import sqlite3
 from contextlib import aclosing
 from typing import Any
 
+import pydantic
 import pytest
 
 import tidings
@@ -420,3 +421,17 @@ async def test_closed_hub_refuses(engine_url: str) -> None:
         await events.append("x-1", [CtDeposited(amount=1)])
     with pytest.raises(tidings.ClosedError):
         h.events  # noqa: B018
+
+
+class CtRenamed(pydantic.BaseModel):
+    name: str
+    at: int
+
+
+async def test_pydantic_events(hub: tidings.Hub) -> None:
+    tidings.register_event(CtRenamed)
+    await hub.events.append("pd-1", [CtRenamed(name="x", at=1)])
+    with pytest.raises(tidings.InvalidEvent):
+        await hub.events.append("pd-1", [NewEvent(type="CtRenamed", data={"name": "x"})])
+    (rec,) = await stream(hub, "pd-1")
+    assert rec.event == CtRenamed(name="x", at=1) and rec.type == "CtRenamed"

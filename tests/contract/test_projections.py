@@ -272,3 +272,23 @@ async def test_registration_errors(hub: tidings.Hub) -> None:
         await hub.projections.catch_up("two")
     statuses = await hub.projections.statuses()
     assert [s.name for s in statuses] == ["one"]
+
+
+async def test_runner_ends_when_the_hub_closes(engine_url: str) -> None:
+    hub = await tidings.connect(engine_url)
+    seen: list[int] = []
+
+    @hub.projection("short")
+    async def short(rec: RecordedEvent, tx: Any) -> None:
+        seen.append(rec.position)
+
+    await hub.events.append("c-1", [PjAdded(item="a")])
+    runner = asyncio.create_task(hub.run_projections())
+
+    async def got() -> bool:
+        return bool(seen)
+
+    await until(got, "the first event")
+    await hub.close()
+    await asyncio.wait_for(runner, GUARD)  # returns, no error
+    assert seen == [1]

@@ -7,6 +7,10 @@ last committed event. A handler that raises stops its projection: the
 event's writes are undone, the status becomes `failed` with the error and
 the event's position, and nothing after it is processed until `retry` (or
 `rebuild`). Other projections keep running.
+
+On SQLite a batch (`batch` events, default 200) holds the engine's writer
+while its handlers run, so handlers should be quick and must not write
+through the hub: other writers wait for the batch to commit.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from ..engines.store_base import ProjectionState, StoreTx
-from ..errors import InvalidArgument, NotFound
+from ..errors import ClosedError, InvalidArgument, NotFound, TidingsError
 from .events import event_type_name
 from .records import RecordedEvent
 from .store import _DEFAULT_RESOLVER, EventStore
@@ -214,7 +218,16 @@ class Projections:
         engine = hub.engine
         while not hub.closed:
             changed = engine.changes()
-            await self._catch_up(p, None)
+            try:
+                await self._catch_up(p, None)
+            except ClosedError:
+                return
+            except TidingsError as exc:  # the engine is unavailable for now: try again later
+                if hub.closed:
+                    return
+                log.warning("projection %r: %s; retrying in a second", p.name, exc)
+                await asyncio.sleep(1.0)
+                continue
             await engine.wait(changed, 5.0)
 
     # maintenance -----------------------------------------------------------------

@@ -124,49 +124,76 @@ class RecordedEvent:
     and `json()` give raw access either way.
     """
 
-    __slots__ = (
-        "_event",
-        "_headers",
-        "_resolver",
-        "data",
-        "id",
-        "position",
-        "stream_id",
-        "timestamp",
-        "type",
-        "type_version",
-        "version",
-    )
+    __slots__ = ("_event", "_headers", "_resolver", "_row")
+    _event: Any
+    _headers: dict[str, str]
 
-    _headers: bytes | dict[str, str] | None
-
+    # Holding the stored row and reading fields from it on demand keeps a scan
+    # of millions of events cheap: constructing one costs two attribute stores.
     def __init__(self, row: EventRow, resolver: TypeResolver) -> None:
-        (self.position, self.stream_id, self.version, self.id, self.type, self.type_version,
-         self.timestamp, self._headers, self.data) = row
+        self._row = row
         self._resolver = resolver
-        self._event: Any = _UNSET
+
+    @property
+    def position(self) -> int:
+        """The event's global position (unique, increasing in commit order)."""
+        return self._row[0]
+
+    @property
+    def stream_id(self) -> str:
+        return self._row[1]
+
+    @property
+    def version(self) -> int:
+        """The event's version in its stream (1, 2, 3, … with no gap)."""
+        return self._row[2]
+
+    @property
+    def id(self) -> str:
+        return self._row[3]
+
+    @property
+    def type(self) -> str:
+        return self._row[4]
+
+    @property
+    def type_version(self) -> int:
+        """The version of the event's type it was stored with (before upcasting)."""
+        return self._row[5]
+
+    @property
+    def timestamp(self) -> float:
+        """When the event was stored (seconds since the epoch)."""
+        return self._row[6]
+
+    @property
+    def data(self) -> bytes:
+        """The stored JSON bytes, exactly as written."""
+        return self._row[8]
 
     @property
     def event(self) -> Any:
         """The typed event (upcast to its class's current version)."""
-        ev = self._event
-        if ev is _UNSET:
-            ev = self._event = self._resolver.decode(self.type, self.type_version, self.data,
-                                                     self.stream_id)
-        return ev
+        try:
+            return self._event
+        except AttributeError:
+            row = self._row
+            ev = self._event = self._resolver.decode(row[4], row[5], row[8], row[1])
+            return ev
 
     def json(self) -> Any:
         """The stored data as plain JSON values, exactly as written (no upcasting)."""
-        return _dec_any(self.data)
+        return _dec_any(self._row[8])
 
     @property
     def headers(self) -> dict[str, str]:
-        h = self._headers
-        if isinstance(h, dict):
+        try:
+            return self._headers
+        except AttributeError:
+            raw = self._row[7]
+            h: dict[str, str] = _dec_headers(raw) if raw else {}
+            self._headers = h
             return h
-        decoded: dict[str, str] = _dec_headers(h) if h else {}
-        self._headers = decoded
-        return decoded
 
     @property
     def time(self) -> datetime:
@@ -203,5 +230,3 @@ class RecordedEvent:
         return (f"RecordedEvent(stream_id={self.stream_id!r}, version={self.version}, "
                 f"position={self.position}, type={self.type!r})")
 
-
-_UNSET: Any = object()

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .. import topics as _topics
-from ..engines.store_base import NewRecord, SnapshotRow, StoreBackend, backend_for
+from ..engines.store_base import EventRow, NewRecord, SnapshotRow, StoreBackend, backend_for
 from ..errors import InvalidArgument, InvalidEvent, PayloadTooLarge
 from ..messages import new_id
 from .events import TypeResolver, encode_event, validate_raw
@@ -279,7 +279,8 @@ class EventStore:
         if after >= end:
             return
         # The next page is read (on the engine's reader) while this one is consumed.
-        ahead = asyncio.ensure_future(backend.read_all(after, end, page))
+        ahead: asyncio.Future[list[EventRow]] | None = asyncio.ensure_future(
+            backend.read_all(after, end, page))
         try:
             while ahead is not None:
                 rows = await ahead
@@ -289,10 +290,13 @@ class EventStore:
                 after = rows[-1][0]
                 if len(rows) == page and after < end:
                     ahead = asyncio.ensure_future(backend.read_all(after, end, page))
+                if raw:
+                    for row in rows:
+                        yield RecordedEvent(row, resolver)
+                    continue
                 for row in rows:
                     rec = RecordedEvent(row, resolver)
-                    if not raw:
-                        rec.event  # noqa: B018 - decode now, so a bad event fails the read
+                    rec.event  # noqa: B018 - decode now, so a bad event fails the read
                     yield rec
         finally:
             if ahead is not None:
