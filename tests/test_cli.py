@@ -195,10 +195,19 @@ def test_url_comes_from_env_or_after_the_command(tidings_cli: Cli) -> None:
     assert [m["topic"] for m in tidings_cli.ok("read", ">", url=None)] == ["c.d"]
 
 
-def test_demo_shop_says_it_is_not_built_yet(tidings_cli: Cli) -> None:
-    r = tidings_cli.run("demo", "shop")
-    assert r.returncode == 2
-    assert "not built yet" in r.stderr and "Traceback" not in r.stderr
+def test_demo_shop_runs_sagas_and_checks_invariants(tidings_cli: Cli) -> None:
+    r = tidings_cli.run("demo", "shop", "--orders", "12", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert "invariants hold" in r.stdout and "approved" in r.stdout
+    sagas = tidings_cli.ok("sagas")
+    assert len(sagas) == 12
+    assert {s["status"] for s in sagas} <= {"completed", "compensated"}
+    [one] = tidings_cli.ok("saga", sagas[0]["id"])
+    assert one["id"] == sagas[0]["id"] and one["steps"][0]["event"] == "SagaStarted"
+    assert tidings_cli.ok("sagas", "--status", "completed") == [
+        s for s in sagas if s["status"] == "completed"]
+    missing = tidings_cli.run("saga", "no-such-saga")
+    assert missing.returncode == 1 and "no saga" in missing.stderr
 
 
 def test_demo_walkthrough_runs_and_can_run_again(tidings_cli: Cli) -> None:

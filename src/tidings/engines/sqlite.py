@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import os
 import queue
@@ -31,7 +32,12 @@ from ..messages import Message, OutMessage, Published, new_id
 from .base import Engine, Retention, Settle, SubscriptionInfo, TopicInfo
 from .delivery import Pending, SubscriptionSpec, dead_letter_headers, plan_fetch
 
-__all__ = ["SqliteEngine", "Tx"]
+__all__ = ["HOLDING_WRITER", "SqliteEngine", "Tx"]
+
+#: Set while an async function holds the writer's open transaction (a projection
+#: handler): any other write from that task would wait for itself forever.
+HOLDING_WRITER: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "tidings_holding_writer", default=False)
 
 T = TypeVar("T")
 
@@ -407,6 +413,11 @@ class SqliteEngine(Engine):
         """
         if self._closed:
             raise EngineUnavailable("the SQLite engine is closed")
+        if HOLDING_WRITER.get():
+            raise InvalidArgument(
+                "cannot write through the hub from inside a projection handler: it holds the "
+                "writer and would wait for itself; write (and publish) through its tx instead"
+            )
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put(_Job(fn, fut, durable, notify))
         return await fut

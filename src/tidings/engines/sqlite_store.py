@@ -77,7 +77,7 @@ _STATE = ("SELECT (SELECT position FROM tidings_events WHERE id = ?), "
 
 #: Set while a `transaction` function runs: it holds the writer, so writing
 #: through the store from inside it would wait for itself.
-_HOLDING: contextvars.ContextVar[bool] = contextvars.ContextVar("tidings_holding", default=False)
+from .sqlite import HOLDING_WRITER as _HOLDING  # noqa: E402
 
 
 class _Aborted(Exception):
