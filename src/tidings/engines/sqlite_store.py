@@ -9,7 +9,6 @@ every connection, not just this library's.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import sqlite3
 import threading
 from collections.abc import Awaitable, Callable, Sequence
