@@ -58,8 +58,8 @@ async def check_invariants(hub: tidings.Hub, order_ids: list[str]) -> list[str]:
             problems.append(f"product {p.id} has negative stock {p.stock}")
         if p.stock + sold != p.initial:
             problems.append(f"product {p.id}: stock {p.stock} + sold {sold} != {p.initial}")
-        mine = {k for k in p.reservations if k in set(order_ids)}
-        if mine - approved:
+        held = {k for k in p.reservations if k in set(order_ids)}
+        if held - approved:
             problems.append(f"product {p.id} holds stock for orders not approved")
     return problems
 
