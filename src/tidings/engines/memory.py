@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from .. import topics as _topics
 from ..messages import Message, OutMessage, Published, new_id
 from .base import Engine, Retention, Settle, SubscriptionInfo, TopicInfo
@@ -21,8 +23,17 @@ from .delivery import Pending, SubscriptionSpec, dead_letter_headers, plan_fetch
 
 __all__ = ["MemoryEngine"]
 
-# (position, id, topic, key, data, headers, time)
-_Rec = tuple[int, str, str, "str | None", bytes, "dict[str, str]", float]
+class _Rec(msgspec.Struct, gc=False):
+    """A stored message. Not tracked by the garbage collector: the log can hold millions,
+    and a tracked tuple per message made every full collection walk all of them."""
+
+    position: int
+    id: str
+    topic: str
+    key: str | None
+    data: bytes
+    headers: dict[str, str]
+    time: float
 
 
 @dataclass(slots=True)
@@ -77,7 +88,7 @@ class MemoryEngine(Engine):
                     continue
             self._last += 1
             pos = self._last
-            self._recs[pos] = (pos, m.id, m.topic, m.key, m.data, m.headers or {}, now)
+            self._recs[pos] = _Rec(pos, m.id, m.topic, m.key, m.data, m.headers or {}, now)
             self._by_topic.setdefault(m.topic, []).append(pos)
             self._bytes[m.topic] = self._bytes.get(m.topic, 0) + len(m.data)
             if m.client_id:
@@ -106,8 +117,8 @@ class MemoryEngine(Engine):
 
     @staticmethod
     def _message(rec: _Rec, attempt: int = 0, sub: Any = None) -> Message:
-        pos, id, topic, key, data, headers, ts = rec
-        return Message(id, topic, key, data, headers, ts, pos, attempt, sub)
+        return Message(rec.id, rec.topic, rec.key, rec.data, rec.headers, rec.time,
+                       rec.position, attempt, sub)
 
     async def read(self, pattern: str, after: int, stop: int | None, limit: int) -> list[Message]:
         return [self._message(self._recs[p]) for p in self._scan(pattern, after, stop, limit)]
@@ -118,7 +129,7 @@ class MemoryEngine(Engine):
     async def position_before(self, timestamp: float) -> int:
         best = 0
         for ps in self._by_topic.values():
-            times = [self._recs[p][6] for p in ps]
+            times = [self._recs[p].time for p in ps]
             i = bisect.bisect_left(times, timestamp)
             if i:
                 best = max(best, ps[i - 1])
@@ -145,7 +156,7 @@ class MemoryEngine(Engine):
         pending = sorted(sub.pending.values(), key=lambda p: p.position)
         want = min(limit, sub.spec.max_in_flight)
         found = self._scan(sub.spec.pattern, sub.cursor, None, want)
-        cands = [(p, self._recs[p][3]) for p in found]
+        cands = [(p, self._recs[p].key) for p in found]
         plan = plan_fetch(sub.spec, pending, cands, cursor=sub.cursor, now=now, limit=limit)
         if len(found) < want and len(plan.added) == len(found):
             plan.cursor = max(plan.cursor, self._last)  # nothing more matches up to here
@@ -170,7 +181,8 @@ class MemoryEngine(Engine):
         rec = self._recs.get(p.position)
         if spec.dead_letter is None or rec is None:
             return
-        pos, id, topic, key, data, headers, _ = rec
+        pos, id, topic, key, data, headers = (rec.position, rec.id, rec.topic, rec.key,
+                                              rec.data, rec.headers)
         h = dead_letter_headers(
             headers, topic=topic, id=id, position=pos, group=spec.group, reason=reason,
             attempts=p.attempt,
@@ -230,21 +242,21 @@ class MemoryEngine(Engine):
                 cut = max(cut, ps[len(ps) - r.max_messages - 1])
             if r.max_age is not None:
                 for p in ps:
-                    if self._recs[p][6] < now - r.max_age:
+                    if self._recs[p].time < now - r.max_age:
                         cut = max(cut, p)
                     else:
                         break
             if r.max_bytes is not None:
                 total = 0
                 for p in reversed(ps):
-                    total += len(self._recs[p][4])
+                    total += len(self._recs[p].data)
                     if total > r.max_bytes:
                         cut = max(cut, p)
                         break
             cut = min(cut, self._floor(topic) - 1)
             n = bisect.bisect_right(ps, cut)
             for p in ps[:n]:
-                self._bytes[topic] -= len(self._recs.pop(p)[4])
+                self._bytes[topic] -= len(self._recs.pop(p).data)
             del ps[:n]
             removed += n
         return removed

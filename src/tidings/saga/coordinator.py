@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -90,7 +91,7 @@ class Coordinator:
         self.hub = hub
         self.clock: Clock = clock or SystemClock()
         self.defs: dict[str, dict[int, Saga]] = {}
-        self._drivers: dict[str, asyncio.Task[None]] = {}
+        self._drivers: dict[str, asyncio.Task[bool]] = {}
         self._inbox: dict[str, asyncio.Queue[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watching: set[str] = set()
@@ -165,32 +166,45 @@ class Coordinator:
             self._driver(name, saga_id), name=f"tidings:saga:{saga_id}"
         )
         self._drivers[saga_id] = task
-        task.add_done_callback(lambda _t, s=saga_id: self._driver_done(s))
+        task.add_done_callback(functools.partial(self._driver_done, name, saga_id))
         task.add_done_callback(_log_crash)
 
-    def _driver_done(self, saga_id: str) -> None:
+    def _driver_done(self, name: str, saga_id: str, task: asyncio.Task[bool]) -> None:
         self._drivers.pop(saga_id, None)
-        self._inbox.pop(saga_id, None)
+        queue = self._inbox.pop(saga_id, None)
         ev = self._finished.pop(saga_id, None)
         if ev is not None:
             ev.set()
+        if (queue is not None and not queue.empty() and not task.cancelled()
+                and task.exception() is None and task.result() and not self.hub.closed):
+            # a reply or a retry arrived as the driver finished: a new driver settles it
+            self._drive(name, saga_id)
+            fresh = self._inbox[saga_id]
+            while not queue.empty():
+                fresh.put_nowait(queue.get_nowait())
 
     # the driver ---------------------------------------------------------------------
-    async def _driver(self, name: str, saga_id: str) -> None:
+    async def _driver(self, name: str, saga_id: str) -> bool:
+        """Drive one saga until it is finished or stuck; True when it got there."""
         queue = self._inbox[saga_id]
         state = await self.load(name, saga_id)
         if not state.version:
-            return
+            return False
         defn = self.defs.get(name, {}).get(state.version)
         if defn is None:
             log.warning("saga %s needs %s version %d, which this process does not have; "
                         "leaving it to a coordinator that registers it", saga_id, name,
                         state.version)
-            return
+            return False
         sid = stream_id(name, saga_id)
-        while not state.done and state.status != "stuck":
+        # A finished or stuck saga still settles its inbox: a late or duplicate reply is
+        # recorded as ignored, and a retry resumes a stuck saga (whose driver starts here).
+        while not (state.done or state.status == "stuck") or not queue.empty():
             try:
-                await self._pump(defn, state, sid, queue)
+                if state.done or state.status == "stuck":
+                    await self._handle_item(defn, state, sid, queue.get_nowait())
+                else:
+                    await self._pump(defn, state, sid, queue)
             except ConcurrencyError:
                 state = await self.load(name, saga_id)  # someone else wrote: look again
             except (asyncio.CancelledError, ClosedError):
@@ -201,6 +215,7 @@ class Coordinator:
                 state = await self.load(name, saga_id)
         for key in [k for k in self._sent if k.startswith(f"{saga_id}:")]:
             self._sent.discard(key)
+        return True
 
     async def _append(self, defn: Saga, state: SagaState, sid: str,
                       events: list[Event]) -> None:
@@ -217,7 +232,11 @@ class Coordinator:
         batch = list(events)
         for ev in batch:
             evolve(defn, state, ev, now)
-        nxt = advance(defn, state, now)
+        # Fold in the next move only when nothing waits in the saga's inbox: a cancel (or
+        # a reply) that arrived meanwhile is applied first, so a cancel between steps
+        # stops the saga before the next step.
+        queue = self._inbox.get(state.id)
+        nxt = advance(defn, state, now) if queue is None or queue.empty() else None
         if isinstance(nxt, list):
             for ev in nxt:
                 evolve(defn, state, ev, now)
@@ -246,7 +265,7 @@ class Coordinator:
             "saga-id": state.id, "saga-name": defn.name, "saga-version": str(defn.version),
             "saga-step": str(ev.step), "saga-step-name": step.name, "saga-kind": kind,
             "saga-attempt": str(ev.attempt), "reply-to": f"saga.{defn.name}.replies",
-            "idempotency-key": f"{state.id}:{step.name}:{kind}",
+            "idempotency-key": _idempotency_key(state, step.name, kind),
             "correlation-id": state.id, "content-type": "application/json",
         }
         payload = dict(state.data, saga_id=state.id)
@@ -298,7 +317,8 @@ class Coordinator:
                 await self._append(defn, state, sid, on_outcome(defn, state, item.outcome,
                                                                 self.clock.now()))
                 return True
-            reason = "stale reply for an earlier attempt or after its timeout"
+            reason = (f"saga already {state.status}" if state.done or state.status == "stuck"
+                      else "stale reply for an earlier attempt or after its timeout")
             await self._append(defn, state, sid, [ReplyIgnored(
                 step=item.step, kind=item.kind, attempt=item.attempt, reason=reason)])
             return False
@@ -471,6 +491,16 @@ class Coordinator:
 
         async with asyncio.timeout(timeout):
             return await until_done()
+
+
+def _idempotency_key(state: SagaState, step: str, kind: str) -> str:
+    key = f"{state.id}:{step}:{kind}"
+    if kind == "action" and state.base:
+        # A forward step retried by hand after a rejection past the pivot: the service's
+        # inbox holds that rejection under the old key (and nothing else: a rejection
+        # stores no change), so the retry is a new command, not a duplicate.
+        key += f":resumed-{state.base}"
+    return key
 
 
 def _requeue(queue: asyncio.Queue[Any], item: Any) -> None:

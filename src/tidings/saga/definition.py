@@ -78,9 +78,9 @@ class Step:
             if isinstance(what, str) and not _COMMAND.match(what):
                 raise InvalidArgument(f"step {self.name!r}: {what!r} is not a valid command name")
         for role, fn in (("action", self.action), ("compensation", self.compensation)):
-            if fn is not None and not isinstance(fn, str) and not (
+            if fn is not None and not isinstance(fn, str) and not (callable(fn) and (
                     inspect.iscoroutinefunction(fn)
-                    or inspect.iscoroutinefunction(getattr(fn, "__call__", None))):
+                    or inspect.iscoroutinefunction(type(fn).__call__))):
                 raise InvalidArgument(
                     f"step {self.name!r}: {role}= must be an async function "
                     "(async def f(data: dict) -> dict | None)"
