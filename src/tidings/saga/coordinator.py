@@ -301,7 +301,7 @@ class Coordinator:
                 await self._send(defn, state)  # resuming: this process has not sent it
             outcome = await self._await_reply(defn, state, sid, queue)
         else:
-            outcome = await self._run_local(target, state, p.deadline)
+            outcome = await self._run_local(target, defn, state, sid, queue)
         if outcome is None:
             return  # interrupted by a control message; look again
         if state.pending is p:
@@ -322,11 +322,15 @@ class Coordinator:
             await self._append(defn, state, sid, [ReplyIgnored(
                 step=item.step, kind=item.kind, attempt=item.attempt, reason=reason)])
             return False
-        kind, arg = item
-        if kind == "cancel" and not state.cancel_requested and state.status == "running":
-            await self._append(defn, state, sid, [SagaCancelRequested(reason=arg)])
-        elif kind == "retry" and state.status == "stuck":
-            await self._append(defn, state, sid, [SagaResumed()])
+        kind, arg, recorded = item
+        try:
+            if kind == "cancel" and not state.cancel_requested and state.status == "running":
+                await self._append(defn, state, sid, [SagaCancelRequested(reason=arg)])
+            elif kind == "retry" and state.status == "stuck":
+                await self._append(defn, state, sid, [SagaResumed()])
+        finally:
+            if not recorded.done():
+                recorded.set_result(None)  # the caller may return: it is in the stream
         return False
 
     async def _wait(self, queue: asyncio.Queue[Any], until: float | None) -> None:
@@ -357,14 +361,25 @@ class Coordinator:
             if state.pending is not p:
                 return None
 
-    async def _run_local(self, fn: Any, state: SagaState, deadline: float | None
-                         ) -> Outcome:
+    async def _run_local(self, fn: Any, defn: Saga, state: SagaState, sid: str,
+                         queue: asyncio.Queue[Any]) -> Outcome:
+        p = state.pending
+        assert p is not None
+        deadline = p.deadline
         call = asyncio.ensure_future(fn(dict(state.data, saga_id=state.id)))
         sleeper = (asyncio.ensure_future(self.clock.sleep_until(deadline))
                    if deadline is not None else None)
         try:
-            await asyncio.wait({call} | ({sleeper} if sleeper else set()),
-                               return_when=asyncio.FIRST_COMPLETED)
+            while not call.done() and not (sleeper is not None and sleeper.done()):
+                # while the action runs, record what arrives (a cancel, a stray reply)
+                getter = asyncio.ensure_future(queue.get())
+                waits = {call, getter} | ({sleeper} if sleeper else set())
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    getter.cancel()
+                if getter.done() and not getter.cancelled():
+                    await self._handle_item(defn, state, sid, getter.result())
         finally:
             if sleeper is not None:
                 sleeper.cancel()
@@ -469,24 +484,30 @@ class Coordinator:
         self._drive(name, saga_id)
         queue = self._inbox.get(saga_id)
         if queue is not None:
-            queue.put_nowait((kind, arg))
+            # Returns once the driver has stored the request in the saga's stream, so a
+            # crash after this call cannot lose it. Shielded: cancelling the caller does
+            # not withdraw the request, and compensation runs to completion regardless.
+            recorded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            queue.put_nowait((kind, arg, recorded))
+            await asyncio.shield(recorded)
 
     async def wait(self, name: str, saga_id: str, timeout: float | None) -> SagaState:
         """Wait until the saga is completed, compensated or stuck."""
         async def until_done() -> SagaState:
             while True:
+                # taken before loading, so a driver finishing in between is not missed
+                ev = self._finished.get(saga_id)
+                changed = self.hub.engine.changes()
                 state = await self.load(name, saga_id)
                 if state.done or state.status == "stuck" or not state.version:
                     return state
-                ev = self._finished.get(saga_id)
-                changed = self.hub.engine.changes()
-                if ev is not None:
+                if ev is not None:  # driven here: its end is the signal, no polling
                     waiter = asyncio.ensure_future(ev.wait())
                     try:
-                        await asyncio.wait({waiter}, timeout=0.5)
+                        await asyncio.wait({waiter}, timeout=5.0)
                     finally:
                         waiter.cancel()
-                else:
+                else:  # driven by another process: look again when the log changes
                     await self.hub.engine.wait(changed, 0.5)
 
         async with asyncio.timeout(timeout):

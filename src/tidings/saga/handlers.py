@@ -134,6 +134,12 @@ class CommandHandler:
             try:
                 result = await self.fn(cmd)
             except Rejected as exc:
+                if msg.headers.get("saga-kind") == "compensation":
+                    # A compensation must not be refused for good: store nothing, so a
+                    # retry of the (then stuck) saga runs the handler again.
+                    await self._reply(msg, "error", None, f"compensation rejected: {exc.reason}",
+                                      None)
+                    return
                 status, data, error = "rejected", None, exc.reason
             except Exception as exc:  # a failure: nothing is stored, the saga may retry
                 log.warning("handler for %s failed: %r", self.command, exc)
