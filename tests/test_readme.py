@@ -15,7 +15,7 @@ def python_blocks() -> list[str]:
 
 
 def test_quick_start_runs(tmp_path: Path) -> None:
-    [quick_start] = python_blocks()
+    quick_start = python_blocks()[0]
     script = tmp_path / "quick_start.py"
     script.write_text(quick_start)
     r = subprocess.run([sys.executable, "-W", "error", str(script)], capture_output=True,
@@ -27,3 +27,17 @@ def test_quick_start_runs(tmp_path: Path) -> None:
     assert lines[2] == "1 orders.created o-1 {'order': 'o-1', 'total': 30}"
     assert lines[3] == "kept [3, 4] dropped 3"
     assert (tmp_path / "shop.db").exists()
+
+
+def test_event_sourcing_and_saga_snippet_runs(tmp_path: Path) -> None:
+    snippet = python_blocks()[1]
+    script = tmp_path / "es_saga.py"
+    script.write_text(snippet)
+    r = subprocess.run([sys.executable, "-W", "error", str(script)], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "balance 42 at version 1: 30",
+        "released 5",
+        "compensated - step charge failed: card declined",
+    ]
