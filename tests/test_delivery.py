@@ -203,7 +203,7 @@ def _k(key: str | None) -> object:
     return ("no-key",) if key is None else key
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(scenarios())
 def test_plan_properties(case: tuple[SubscriptionSpec, list[Pending], list[tuple[int, str | None]], int, int]) -> None:
     s, rows, candidates, cursor, limit = case

@@ -237,7 +237,7 @@ class DeliveryMachine(RuleBasedStateMachine):
 
 
 #: Examples per engine: the in-process one is cheap, the others pay for a fresh store each.
-EXAMPLES = {"memory": 60}
+EXAMPLES = {"memory": 60, "sqlite": 20}
 
 
 def test_delivery_state_machine(engine: Any) -> None:
@@ -246,7 +246,7 @@ def test_delivery_state_machine(engine: Any) -> None:
     def factory() -> DeliveryMachine:
         return DeliveryMachine(engine.fresh_url(f"ex{next(counter)}"))
 
-    run_state_machine_as_test(factory, settings=settings(
-        max_examples=EXAMPLES.get(engine.id, 20), stateful_step_count=30, deadline=None,
+    run_state_machine_as_test(factory, settings=settings(  # type: ignore[arg-type]
+        max_examples=EXAMPLES.get(engine.id, 10), stateful_step_count=30, deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
     ))

@@ -94,11 +94,14 @@ class Subscription:
     async def fetch(self, max: int = 100, wait: float | None = None) -> list[Message]:
         """Claim up to `max` messages now, waiting up to `wait` seconds for the first."""
         deadline = None if wait is None else time.monotonic() + wait
+        first = True
         while not self._buf and not self._closed:
             remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+            if remaining is not None and remaining <= 0 and not first:
                 break
-            await self._fill(remaining, limit=max)
+            first = False  # always look once, even with wait=0
+            await self._fill(None if remaining is None else (remaining if remaining > 0 else 0.0),
+                             limit=max)
         out: list[Message] = []
         while self._buf and len(out) < max:
             out.append(self._buf.popleft())
@@ -138,7 +141,7 @@ class Subscription:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def close(self) -> None:
-        """Stop consuming; settled messages are flushed, buffered ones return after ack_wait."""
+        """Stop consuming: settles are flushed, prefetched messages handed back at once."""
         if self._closed:
             return
         self._closed = True
