@@ -20,17 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pgserver import FAST, PgServer, PgServerUnavailable  # noqa: E402
+from tests.pgserver import FAST, PgServer, PgServerUnavailable
 
 __all__ = ["PgService", "postgres_server", "postgres_url"]
 

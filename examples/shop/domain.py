@@ -39,10 +39,11 @@ class Customer(tidings.Aggregate):
             case CustomerRegistered(credit_limit=limit):
                 self.credit_limit = limit
                 self.reservations = {}
+            # CustomerRegistered gave this aggregate its own dict: change it in place
             case CreditReserved(order_id=o, amount=a):
-                self.reservations = {**self.reservations, o: a}
+                self.reservations[o] = a
             case CreditReleased(order_id=o):
-                self.reservations = {k: v for k, v in self.reservations.items() if k != o}
+                self.reservations.pop(o, None)
 
     def register(self, credit_limit: int) -> None:
         self.record(CustomerRegistered(credit_limit=credit_limit))
@@ -93,12 +94,11 @@ class Product(tidings.Aggregate):
             case ProductAdded(stock=s, price=p):
                 self.initial, self.stock, self.price = s, s, p
                 self.reservations = {}
-            case StockReserved(order_id=o, quantity=q):
+            case StockReserved(order_id=o, quantity=q):  # own dict since ProductAdded
                 self.stock -= q
-                self.reservations = {**self.reservations, o: q}
+                self.reservations[o] = q
             case StockReleased(order_id=o):
-                self.stock += self.reservations.get(o, 0)
-                self.reservations = {k: v for k, v in self.reservations.items() if k != o}
+                self.stock += self.reservations.pop(o, 0)
 
     def add(self, stock: int, price: int) -> None:
         self.record(ProductAdded(stock=stock, price=price))

@@ -23,11 +23,9 @@ the schema on open; run `engine.migrate()` yourself).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import time as _time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -39,6 +37,7 @@ from ..errors import EngineUnavailable, InvalidArgument
 from ..messages import Message, OutMessage, Published, new_id
 from .base import Engine, Retention, Settle, SubscriptionInfo, TopicInfo
 from .delivery import Pending, SubscriptionSpec, dead_letter_headers, plan_fetch
+from .postgres_conn import Attempt, Connections
 from .postgres_sql import (
     LOG_MIGRATIONS,
     MSG_COLS,
@@ -47,6 +46,9 @@ from .postgres_sql import (
     channel_for,
     check_schema,
     pattern_regex,
+)
+from .postgres_sql import (
+    apply_migrations as _apply_migrations,
 )
 
 __all__ = ["PgTx", "PostgresEngine"]
@@ -57,36 +59,10 @@ _enc_headers = msgspec.json.Encoder().encode
 _dec_headers = msgspec.json.Decoder(dict[str, str]).decode
 
 #: Batches at least this big are stored with COPY instead of one INSERT … unnest.
-COPY_MIN = 2000
+COPY_MIN = 500
 _OPTIONS = ("schema", "pool_min", "pool_max", "reconnect_timeout", "durability",
             "dedup_window", "migrate")
-_MIGRATE_LOCK = 0x7469_6469  # "tidi": the advisory lock key for migrations
 _FAR = 2**62
-
-
-def _lost(exc: BaseException) -> bool:
-    """True when `exc` means the connection is gone or the server is (re)starting."""
-    import asyncpg
-
-    if isinstance(exc, (OSError, asyncpg.PostgresConnectionError,
-                        asyncpg.exceptions.CannotConnectNowError,
-                        asyncpg.exceptions.AdminShutdownError,
-                        asyncpg.exceptions.CrashShutdownError,
-                        asyncpg.exceptions.TooManyConnectionsError,
-                        # the protocol lost track after a dropped connection
-                        asyncpg.exceptions.InternalClientError)):
-        return True
-    return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc) and \
-        "pool is clos" not in str(exc)
-
-
-class _Attempt:
-    """How far one try got: after `sent`, a lost connection leaves the outcome unknown."""
-
-    __slots__ = ("sent",)
-
-    def __init__(self) -> None:
-        self.sent = False
 
 
 class PgTx:
@@ -144,14 +120,14 @@ class PostgresEngine(Engine):
         self.url = url
         # the DSN asyncpg sees: the URL without tidings' own parameters
         dsn_query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in _OPTIONS])
-        self._dsn = urlunsplit(parts._replace(scheme="postgresql", query=dsn_query))
-        self._where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}" \
-                      f"{parts.path or '/'}"
+        dsn = urlunsplit(parts._replace(scheme="postgresql", query=dsn_query))
+        self._where = where = (f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+                               f"{parts.path or '/'}")
         try:
             self.schema = check_schema(str(opts.get("schema", "tidings")))
-            self.pool_min = int(opts.get("pool_min", 0))
-            self.pool_max = int(opts.get("pool_max", 10))
-            self.reconnect_timeout = float(opts.get("reconnect_timeout", 10.0))
+            pool_min = int(opts.get("pool_min", 0))
+            pool_max = int(opts.get("pool_max", 10))
+            reconnect_timeout = float(opts.get("reconnect_timeout", 10.0))
             self.dedup_window = float(opts.get("dedup_window", 120.0))
         except ValueError as exc:
             raise InvalidArgument(f"bad PostgreSQL engine option: {exc}") from None
@@ -161,72 +137,38 @@ class PostgresEngine(Engine):
         self.durability = durability
         self._sync = "on" if durability == "full" else "off"
         self._auto_migrate = str(opts.get("migrate", "true")).lower() not in ("0", "false", "no")
-        if not 0 <= self.pool_min <= self.pool_max or self.pool_max < 1:
+        if not 0 <= pool_min <= pool_max or pool_max < 1:
             raise InvalidArgument("need 0 <= pool_min <= pool_max and pool_max >= 1")
         self.sql = Statements(self.schema)
         self._channel = channel_for(self.schema)
         self._origin = new_id()  # our own NOTIFYs come back to us: skip them
-        self._pool: Any = None
-        self._listener: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
-        #: Set while the LISTEN connection is up (tests wait on it).
-        self._listening = asyncio.Event()
-        self._closed = False
+        self.conns = Connections(dsn, where, schema=self.schema, pool_min=pool_min,
+                                 pool_max=pool_max, reconnect_timeout=reconnect_timeout)
+        self._run = self.conns.run
+        self._transaction = self.conns.transaction
         self._topic_ids: dict[str, int] = {}
         self._topic_names: dict[int, str] = {}
         self._last_prune = 0.0
 
     # lifecycle ---------------------------------------------------------------
     async def open(self) -> None:
-        try:
-            import asyncpg
-        except ImportError:
-            raise EngineUnavailable(
-                "the PostgreSQL engine needs asyncpg; install it with "
-                "pip install 'tidings[postgres]'"
-            ) from None
-
-        async def no_reset(conn: Any) -> None:
-            # Our transactions always end with COMMIT or ROLLBACK; skipping asyncpg's
-            # RESET ALL / UNLISTEN on every release saves a round trip per operation.
-            return None
-
-        try:
-            self._pool = await asyncpg.create_pool(
-                self._dsn, min_size=self.pool_min, max_size=self.pool_max, reset=no_reset,
-                server_settings={"application_name": "tidings"},
-            )
-        except Exception as exc:
-            raise self._translate(exc, "connecting") from None
+        await self.conns.open()
         try:
             if self._auto_migrate:
                 await self.migrate()
             else:
                 await self._run(self._check_schema, "checking the schema", patience=0.0)
         except BaseException:
-            await self._pool.close()
+            await self.conns.close()
             raise
-        self._listener = asyncio.create_task(self._listen(), name="tidings-pg-listen")
-        # Wake-ups from other processes work from the moment open() returns (if the
-        # server lets us LISTEN soon; otherwise consumers fall back on their idle poll).
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._listening.wait(), 5.0)
+        # Wake-ups from other processes work from the moment open() returns (if the server
+        # lets us LISTEN soon; otherwise consumers fall back on their idle poll).
+        await self.conns.listen(self._channel, self._on_notification, self._notify)
 
     async def close(self) -> None:
-        if self._closed:
+        if self.conns.closed:
             return
-        self._closed = True
-        self._stopping.set()
-        if self._listener is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._listener), 12.0)
-            except (TimeoutError, Exception):
-                self._listener.cancel()
-        if self._pool is not None:
-            try:
-                await asyncio.wait_for(self._pool.close(), 10.0)
-            except (TimeoutError, Exception):
-                self._pool.terminate()
+        await self.conns.close()
         self._notify()
 
     # migrations ----------------------------------------------------------------
@@ -240,37 +182,14 @@ class PostgresEngine(Engine):
         Other components (the event store) call this with their own list;
         `{s}` in their statements is the quoted schema name.
         """
-        s = self.sql.schema
 
-        async def op(conn: Any, attempt: _Attempt) -> int:
+        async def op(conn: Any, attempt: Attempt) -> int:
             async with self._transaction(conn, attempt):
-                # one migrator at a time per database (processes may start together)
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
-                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
-                await conn.execute(
-                    f"CREATE TABLE IF NOT EXISTS {s}.tidings_migrations ("
-                    "component text NOT NULL, version int NOT NULL, description text NOT NULL, "
-                    "applied_at timestamptz NOT NULL DEFAULT now(), "
-                    "PRIMARY KEY (component, version))"
-                )
-                done = {r[0] for r in await conn.fetch(
-                    f"SELECT version FROM {s}.tidings_migrations WHERE component = $1",
-                    component)}
-                ran = 0
-                for m in sorted(migrations, key=lambda m: m.version):
-                    if m.version in done:
-                        continue
-                    for ddl in m.statements:
-                        await conn.execute(ddl.replace("{s}", s))
-                    await conn.execute(
-                        f"INSERT INTO {s}.tidings_migrations (component, version, description) "
-                        "VALUES ($1, $2, $3)", component, m.version, m.description)
-                    ran += 1
-                return ran
+                return await _apply_migrations(conn, self.sql.schema, component, migrations)
 
         return await self._run(op, "migrating the schema", patience=0.0)
 
-    async def _check_schema(self, conn: Any, attempt: _Attempt) -> None:
+    async def _check_schema(self, conn: Any, attempt: Attempt) -> None:
         found = await conn.fetchval(
             "SELECT to_regclass($1)", f"{self.sql.schema}.tidings_messages")
         if found is None:
@@ -278,82 +197,6 @@ class PostgresEngine(Engine):
                 f"schema {self.schema!r} on {self._where} has no tidings tables; run "
                 "`tidings migrate` (or connect once without migrate=false)"
             )
-
-    # running operations ----------------------------------------------------------
-    async def _run(self, op: Callable[[Any, _Attempt], Awaitable[T]], what: str, *,
-                   retry: bool = True, patience: float | None = None) -> T:
-        """Run `op(conn, attempt)` on a pooled connection, riding out lost connections.
-
-        A lost connection is retried for `reconnect_timeout` seconds (or
-        `patience`) when nothing was sent yet, or always when `retry` (the
-        operation is safe to repeat); otherwise it becomes `EngineUnavailable`.
-        """
-        deadline: float | None = None
-        delay = 0.02
-        while True:
-            if self._closed or self._pool is None:
-                raise EngineUnavailable(
-                    f"the PostgreSQL engine for {self._where} is closed; open a new hub "
-                    "with tidings.connect()")
-            attempt = _Attempt()
-            try:
-                async with self._pool.acquire() as conn:
-                    return await op(conn, attempt)
-            except Exception as exc:
-                if isinstance(exc, EngineUnavailable) or not _is_driver_error(exc):
-                    raise
-                if not _lost(exc):
-                    raise self._translate(exc, what) from None
-                if attempt.sent and not retry:
-                    raise EngineUnavailable(
-                        f"lost the connection to PostgreSQL at {self._where} while {what}; "
-                        "it may or may not have been stored (publish with an id= to retry "
-                        "safely)") from None
-                now = _time.monotonic()
-                if deadline is None:
-                    deadline = now + (self.reconnect_timeout if patience is None else patience)
-                if now >= deadline or self._closed:
-                    raise self._translate(exc, what) from None
-                await asyncio.sleep(min(delay, max(0.0, deadline - now)))
-                delay = min(delay * 2, 0.5)
-
-    @contextlib.asynccontextmanager
-    async def _transaction(self, conn: Any, attempt: _Attempt,
-                           begin: str = "BEGIN") -> AsyncIterator[None]:
-        await conn.execute(begin)
-        try:
-            yield
-        except BaseException:
-            try:
-                await asyncio.shield(conn.execute("ROLLBACK"))
-            except BaseException:
-                conn.terminate()  # state unknown: never hand it back to the pool
-            raise
-        attempt.sent = True
-        await conn.execute("COMMIT")
-
-    def _translate(self, exc: BaseException, what: str) -> EngineUnavailable:
-        import asyncpg
-
-        where = self._where
-        if isinstance(exc, asyncpg.exceptions.InvalidCatalogNameError):
-            hint = "the database does not exist; create it (createdb) or fix the URL"
-        elif isinstance(exc, (asyncpg.exceptions.InvalidPasswordError,
-                              asyncpg.exceptions.InvalidAuthorizationSpecificationError)):
-            hint = "authentication failed; check the user and password in the URL"
-        elif isinstance(exc, asyncpg.exceptions.InsufficientPrivilegeError):
-            hint = (f"permission denied; the user needs CREATE on the database and USAGE "
-                    f"on schema {self.schema!r}")
-        elif isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
-            hint = "the server is read-only (a standby?); point the URL at the primary"
-        elif isinstance(exc, asyncpg.exceptions.TooManyConnectionsError):
-            hint = "the server has too many connections; lower pool_max or raise max_connections"
-        elif _lost(exc):
-            hint = (f"cannot reach the server ({type(exc).__name__}: {exc}); check that "
-                    "PostgreSQL is running and the URL's host and port are right")
-        else:
-            hint = f"{type(exc).__name__}: {exc}"
-        return EngineUnavailable(f"PostgreSQL at {where}: {what} failed: {hint}")
 
     async def transact(self, fn: Callable[[PgTx], Awaitable[T]], *, durable: bool = True) -> T:
         """Run the async `fn(tx)` in one transaction; all its writes commit together or not at all.
@@ -363,7 +206,7 @@ class PostgresEngine(Engine):
         (or the commit), `EngineUnavailable` says the outcome is unknown.
         """
 
-        async def op(conn: Any, attempt: _Attempt) -> T:
+        async def op(conn: Any, attempt: Attempt) -> T:
             tx = PgTx(self, conn, round(_time.time(), 6),
                       self._sync if durable else "off")
             async with conn.transaction():
@@ -430,7 +273,7 @@ class PostgresEngine(Engine):
             return []
         single = len(messages) < COPY_MIN and not any(m.client_id for m in messages)
 
-        async def op(conn: Any, attempt: _Attempt) -> list[Published]:
+        async def op(conn: Any, attempt: Attempt) -> list[Published]:
             now = round(_time.time(), 6)
             await self._resolve_topics(conn, {m.topic for m in messages}, None)
             tx = PgTx(self, conn, now, self._sync)
@@ -482,7 +325,7 @@ class PostgresEngine(Engine):
         n = len(todo)
         if n >= COPY_MIN:
             base, stamp, _ = await conn.fetchrow(sql.reserve, n, tx.now, self._channel,
-                                                 self._origin)
+                                                 self._origin, tx.sync)
             await conn.copy_records_to_table(
                 sql.messages_table, schema_name=self.schema, columns=MSG_COLS.split(", "),
                 records=[(base + i, topic_ids[i - 1], ids[i - 1], todo[i - 1].key, stamp,
@@ -503,15 +346,16 @@ class PostgresEngine(Engine):
             self._last_prune = tx.now
             await conn.execute(sql.prune_ids, tx.now - self.dedup_window)
         pos = base
+        stored = iter(todo)
         result: list[Published] = []
-        for p, m in zip(out, _fill(todo, out), strict=True):
-            if p is not None:
-                result.append(p)
-                continue
-            pos += 1
-            if m.client_id:
-                seen[m.id] = pos
-            result.append(Published(pos, m.id, False))
+        for p in out:
+            if p is None:  # the next stored message
+                m = next(stored)
+                pos += 1
+                if m.client_id:
+                    seen[m.id] = pos
+                p = Published(pos, m.id, False)
+            result.append(p)
         # duplicates inside this very batch point at the first copy
         return [Published(seen[p.id], p.id, True) if p.duplicate and p.position == -1 else p
                 for p in result]
@@ -519,7 +363,7 @@ class PostgresEngine(Engine):
     async def read(self, pattern: str, after: int, stop: int | None, limit: int) -> list[Message]:
         regex = pattern_regex(pattern)
 
-        async def op(conn: Any, attempt: _Attempt) -> list[Message]:
+        async def op(conn: Any, attempt: Attempt) -> list[Message]:
             rows = await conn.fetch(self.sql.read, after, _FAR if stop is None else stop,
                                     limit, regex)
             return await self._messages(conn, rows)
@@ -527,13 +371,13 @@ class PostgresEngine(Engine):
         return await self._run(op, "reading")
 
     async def last_position(self) -> int:
-        async def op(conn: Any, attempt: _Attempt) -> int:
+        async def op(conn: Any, attempt: Attempt) -> int:
             return int(await conn.fetchval(self.sql.last_position) or 0)
 
         return await self._run(op, "reading the last position")
 
     async def position_before(self, timestamp: float) -> int:
-        async def op(conn: Any, attempt: _Attempt) -> int:
+        async def op(conn: Any, attempt: Attempt) -> int:
             # time never decreases with position: binary-search the primary key
             lo, hi = await conn.fetchrow(self.sql.bounds)
             if lo is None:
@@ -555,7 +399,7 @@ class PostgresEngine(Engine):
     async def subscribe(self, spec: SubscriptionSpec, start_after: int | None) -> Any:
         text = json.dumps(asdict(spec))
 
-        async def op(conn: Any, attempt: _Attempt) -> int:
+        async def op(conn: Any, attempt: Attempt) -> int:
             return int(await conn.fetchval(self.sql.subscribe, spec.group, spec.pattern, text,
                                            start_after or 0))
 
@@ -567,79 +411,81 @@ class PostgresEngine(Engine):
         sub_id, spec = handle
         regex = pattern_regex(spec.pattern)
         sql = self.sql
+        acks, releases, others = _split(settles)
+        wake = (self._channel, self._origin)
+        begin = sql.begin_claim(sub_id, lock=bool(others), notify=wake if others else None)
+        if acks or releases:  # committed first, in the same round trip as the BEGIN
+            begin = sql.settle_simple(sub_id, acks, releases, now, wake) + "; " + begin
 
-        async def op(conn: Any, attempt: _Attempt) -> tuple[list[Message], float | None]:
+        async def op(conn: Any, attempt: Attempt) -> tuple[list[Message], float | None]:
             tx = PgTx(self, conn, now, "off")
-            async with self._transaction(conn, attempt, sql.begin_claim.format(sub_id=sub_id)):
-                if settles:
-                    await self._settle_in(tx, sub_id, spec, settles)
-                rows = await conn.fetch(sql.claim_snapshot, sub_id, regex, limit,
-                                        spec.max_in_flight, spec.max_deliver, now)
+            async with self._transaction(conn, attempt, begin) as ending:
+                if others:  # under the lock (taken with the BEGIN): pending rows, then log
+                    await self._settle_others(tx, sub_id, spec, others)
+                # The lock is held from here to the COMMIT: one round trip plus plan_fetch.
+                rows = await conn.fetch(sql.claim, sub_id, regex, limit, spec.max_in_flight,
+                                        spec.max_deliver, now, spec.ordered)
                 cursor = last = None
+                want = floor = 0
                 pending: list[Pending] = []
-                found: list[Any] = []
+                found: dict[int, tuple[Any, ...]] = {}  # candidates as message rows
                 for r in rows:
                     kind = r[0]
-                    if kind == 0:
-                        cursor = r[1]
-                    elif kind == 1:
-                        last = r[1]
+                    if kind == 3:
+                        found[r[1]] = (r[1], r[5], r[6], r[2], r[7], r[8], r[9])
                     elif kind == 2:
                         pending.append(Pending(r[1], r[2], r[3], r[4]))
+                    elif kind == 0:
+                        cursor = r[1]
+                    elif kind == 1:
+                        last, want = r[1], r[3]
                     else:
-                        found.append(r)
+                        floor = r[1]
                 if cursor is None:  # the subscription was deleted
                     return [], None
                 pending.sort(key=lambda p: p.position)
-                found.sort(key=lambda r: r[1])
-                live = sum(1 for p in pending
-                           if p.attempt < spec.max_deliver or p.due > now)
-                want = max(0, min(limit, spec.max_in_flight - live))
-                cands = [(r[1], r[2]) for r in found]
+                cands = sorted((pos, row[3]) for pos, row in found.items())
                 plan = plan_fetch(spec, pending, cands, cursor=cursor, now=now, limit=limit)
                 if want and len(found) < want and len(plan.added) == len(found):
                     plan.cursor = max(plan.cursor, last or 0)  # nothing else matches up to last
                 if plan.dead:
-                    await self._dead_letter(tx, sub_id, spec, {p.position: p.attempt
-                                                               for p in plan.dead}, "max_deliver")
-                by_pos = {r[1]: tuple(r[i] for i in (1, 5, 6, 2, 7, 8, 9)) for r in found}
+                    await self._dead_letter(tx, sub_id, spec,
+                                            {p.position: p.attempt for p in plan.dead},
+                                            "max_deliver")
                 added = {p.position for p in plan.added}
                 again = [p for p in plan.deliver if p.position not in added]
-                if plan.added or again or plan.cursor != cursor:
-                    more = await conn.fetch(
-                        sql.claim_write, sub_id,
-                        [p.position for p in plan.added], [p.key for p in plan.added],
-                        [p.attempt for p in plan.added], [p.due for p in plan.added],
-                        [p.position for p in again], [p.attempt for p in again],
-                        [p.due for p in again], plan.cursor,
-                        [p.position for p in again if p.position not in by_pos])
-                    for r in more:
-                        by_pos[r[0]] = tuple(r)
+                need = [p.position for p in again if p.position not in found]
+                if need:  # redeliveries of messages below the cursor
+                    for r in await conn.fetch(sql.by_position, need):
+                        found[r[0]] = tuple(r)
+                dead = {p.position for p in plan.dead}
+                low = min((p.position for p in pending if p.position not in dead),
+                          default=plan.cursor + 1)
+                if plan.added:
+                    low = min(low, plan.added[0].position)
+                if plan.added or again or plan.cursor != cursor or low != floor:
+                    await ending.commit_with(sql.claim_commit(
+                        sub_id, plan.added, again,
+                        plan.cursor if plan.cursor != cursor else None,
+                        low if low != floor else None))
             self._committed(tx)
             if settles:
                 self._notify()  # room or a parked key may be free for this process's waiters
             attempts = {p.position: p.attempt for p in plan.deliver}
-            out = [by_pos[p.position] for p in plan.deliver if p.position in by_pos]
+            out = [found[p.position] for p in plan.deliver if p.position in found]
             return await self._messages(conn, out, attempts), plan.next_due
 
         return await self._run(op, "fetching messages")
 
-    async def _settle_in(self, tx: PgTx, sub_id: int, spec: SubscriptionSpec,
-                         items: Sequence[Settle]) -> None:
+    async def _settle_others(self, tx: PgTx, sub_id: int, spec: SubscriptionSpec,
+                             items: Sequence[Settle]) -> None:
+        """Nacks and terms (acks and releases went with the BEGIN)."""
         conn, sql, now = tx.conn, self.sql, tx.now
-        acks = [s.position for s in items if s.kind == "ack"]
-        releases = [s.position for s in items if s.kind == "release"]
-        others = [s for s in items if s.kind in ("nack", "term")]
-        await conn.execute(sql.settle_simple, sub_id, acks, releases, now, self._channel,
-                           self._origin)
-        if not others:
-            return
-        attempts = dict(await conn.fetch(sql.pending_rows, sub_id,
-                                         [s.position for s in others]))
+        attempts = dict(await conn.fetch(sql.pending_rows, sub_id, [s.position for s in items]))
         later: dict[int, float] = {}
         dead: dict[int, int] = {}
         terms: dict[int, int] = {}
-        for s in others:
+        for s in items:
             a = attempts.get(s.position)
             if not a:
                 continue  # already settled, dead-lettered, or reclaimed and parked
@@ -672,19 +518,28 @@ class PostgresEngine(Engine):
 
     async def settle(self, handle: Any, items: Sequence[Settle], now: float) -> None:
         sub_id, spec = handle
+        acks, releases, others = _split(items)
+        wake = (self._channel, self._origin)
+        simple = self.sql.settle_simple(sub_id, acks, releases, now, wake)
+        begin = self.sql.begin_claim(sub_id, lock=True, notify=wake)
+        if acks or releases:
+            begin = f"{simple}; {begin}"
 
-        async def op(conn: Any, attempt: _Attempt) -> None:
-            tx = PgTx(self, conn, now, "off")
-            async with self._transaction(conn, attempt,
-                                         self.sql.begin_claim.format(sub_id=sub_id)):
-                await self._settle_in(tx, sub_id, spec, items)
-            self._committed(tx)
+        async def op(conn: Any, attempt: Attempt) -> None:
+            if not others:  # the common case: one round trip
+                attempt.sent = True
+                await conn.execute(simple)
+            else:
+                tx = PgTx(self, conn, now, "off")
+                async with self._transaction(conn, attempt, begin):
+                    await self._settle_others(tx, sub_id, spec, others)
+                self._committed(tx)
             self._notify()
 
         await self._run(op, "settling messages")
 
     async def delete_subscription(self, group: str, pattern: str) -> bool:
-        async def op(conn: Any, attempt: _Attempt) -> bool:
+        async def op(conn: Any, attempt: Attempt) -> bool:
             async with self._transaction(conn, attempt):
                 sub_id = await conn.fetchval(self.sql.find_subscription, group, pattern)
                 if sub_id is None:
@@ -699,7 +554,7 @@ class PostgresEngine(Engine):
     async def set_retention(self, topic: str, retention: Retention) -> None:
         text = json.dumps(asdict(retention))
 
-        async def op(conn: Any, attempt: _Attempt) -> None:
+        async def op(conn: Any, attempt: Attempt) -> None:
             await conn.execute(self.sql.set_retention, topic, text)
 
         await self._run(op, "setting retention")
@@ -707,12 +562,13 @@ class PostgresEngine(Engine):
     async def trim(self, now: float) -> int:
         sql = self.sql
 
-        async def op(conn: Any, attempt: _Attempt) -> int:
+        async def op(conn: Any, attempt: Attempt) -> int:
             removed = 0
             async with self._transaction(conn, attempt):
                 topics = await conn.fetch(sql.retained_topics)
                 if not topics:
                     return 0
+                await conn.execute(sql.freeze_subscriptions)
                 subs = await conn.fetch(sql.sub_floors)
                 for tid, name, text in topics:
                     r = Retention(**json.loads(text))
@@ -741,7 +597,7 @@ class PostgresEngine(Engine):
 
     # introspection -------------------------------------------------------------
     async def topics(self) -> list[TopicInfo]:
-        async def op(conn: Any, attempt: _Attempt) -> list[TopicInfo]:
+        async def op(conn: Any, attempt: Attempt) -> list[TopicInfo]:
             return [TopicInfo(*r) for r in await conn.fetch(self.sql.topic_stats)]
 
         return await self._run(op, "listing topics")
@@ -749,13 +605,13 @@ class PostgresEngine(Engine):
     async def subscriptions(self) -> list[SubscriptionInfo]:
         now = _time.time()
 
-        async def op(conn: Any, attempt: _Attempt) -> list[SubscriptionInfo]:
+        async def op(conn: Any, attempt: Attempt) -> list[SubscriptionInfo]:
             out = []
-            for sub_id, grp, pattern, spec, cursor in await conn.fetch(
+            for sub_id, grp, pattern, spec, cursor, floor in await conn.fetch(
                     self.sql.subscription_rows):
                 s = json.loads(spec)
                 pending, in_flight = await conn.fetchrow(self.sql.subscription_counts,
-                                                         sub_id, now)
+                                                         sub_id, now, floor)
                 behind = await conn.fetchval(self.sql.behind, cursor, pattern_regex(pattern))
                 out.append(SubscriptionInfo(grp, pattern, cursor, pending, in_flight,
                                             behind + pending, bool(s["ordered"]),
@@ -765,60 +621,13 @@ class PostgresEngine(Engine):
         return await self._run(op, "listing subscriptions")
 
     # wake-ups across processes -------------------------------------------------------
-    def _on_notification(self, conn: Any, pid: int, channel: str, payload: str) -> None:
-        if payload != self._origin:
+    def _on_notification(self, payload: str) -> None:
+        if payload != self._origin:  # our own commits woke our waiters already
             self._notify()
 
-    async def _listen(self) -> None:
-        """Keep one connection LISTENing; reconnect (and wake everyone) when it drops."""
-        import asyncpg
 
-        stopping = self._stopping
-        delay = 0.05
-        while not stopping.is_set():
-            try:
-                # never cancelled mid-handshake (that leaks the socket): close() sets
-                # `stopping` and waits for us instead
-                conn = await asyncpg.connect(self._dsn, timeout=10)
-            except (Exception, TimeoutError):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), delay)
-                delay = min(delay * 2, 1.0)
-                continue
-            lost = asyncio.Event()
-            conn.add_termination_listener(lambda _c: lost.set())
-            try:
-                await conn.add_listener(self._channel, self._on_notification)
-                self._listening.set()
-                delay = 0.05
-                self._notify()  # notifications sent while we were away are lost: look again
-                waits = [asyncio.ensure_future(lost.wait()),
-                         asyncio.ensure_future(stopping.wait())]
-                try:
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for w in waits:
-                        w.cancel()
-            except Exception:
-                pass  # lost while subscribing: start over
-            finally:
-                self._listening.clear()
-                if not conn.is_closed():
-                    try:
-                        await asyncio.wait_for(conn.close(), 2.0)
-                    except (Exception, TimeoutError):
-                        conn.terminate()
-
-
-def _fill(todo: Sequence[OutMessage], out: Sequence[Published | None]) -> list[OutMessage | None]:
-    """`todo` spread over the `None` slots of `out` (the messages actually stored)."""
-    it = iter(todo)
-    return [next(it) if p is None else None for p in out]
-
-
-def _is_driver_error(exc: BaseException) -> bool:
-    import asyncpg
-
-    return isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
-                            asyncpg.exceptions.InternalClientError))
-
+def _split(items: Sequence[Settle]) -> tuple[list[int], list[int], list[Settle]]:
+    """Acks and releases (plain row changes) apart from nacks and terms (which need a look)."""
+    acks = [s.position for s in items if s.kind == "ack"]
+    releases = [s.position for s in items if s.kind == "release"]
+    return acks, releases, [s for s in items if s.kind in ("nack", "term")]

@@ -1,4 +1,7 @@
-"""The PostgreSQL engine's schema, migrations and statements (text only, no I/O).
+"""The PostgreSQL engine's schema, migrations and statements.
+
+Text only, except `apply_migrations`, which runs migrations on a connection
+it is given.
 
 Every table lives in one schema the user chooses (`?schema=name`, default
 `tidings`), so several applications can share a database. Migrations are
@@ -12,14 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .. import topics as _topics
 from ..errors import InvalidArgument
 
-__all__ = ["LOG_MIGRATIONS", "Migration", "Statements", "channel_for", "check_schema",
-           "pattern_regex"]
+__all__ = ["LOG_MIGRATIONS", "Migration", "Statements", "apply_migrations", "channel_for",
+           "check_schema", "pattern_regex"]
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
 
@@ -74,6 +78,74 @@ def pattern_regex(pattern: str) -> str:
     return f"^{lead}{body}$"
 
 
+def _scan(after: str, stop: str, regex: str, limit: str) -> str:
+    """Messages of the topics matching `regex` with after < position <= stop, in order.
+
+    Per topic, its (topic_id, position) index yields rows already in order and stops
+    after `limit`; the merge takes the first `limit` overall. (Whatever the planner's
+    statistics say: a plain `topic_id IN (…) ORDER BY position` can sort a whole topic.)
+    """
+    cols = ", ".join(f"m.{c}" for c in MSG_COLS.split(", "))
+    return (
+        f"SELECT {cols} FROM (SELECT id FROM {{s}}.tidings_topics WHERE name ~ {regex}) t, "
+        f"LATERAL (SELECT {MSG_COLS} FROM {{s}}.tidings_messages WHERE topic_id = t.id "
+        f"AND position > {after} AND position <= {stop} ORDER BY position LIMIT {limit}) m "
+        f"ORDER BY m.position LIMIT {limit}"
+    )
+
+
+def _claim_snapshot(pending: str) -> str:
+    return (
+        "WITH s AS (SELECT cursor, floor FROM {s}.tidings_subscriptions WHERE id = p_sub), "
+        "l AS (SELECT value FROM {s}.tidings_meta WHERE name = 'position'), "
+        f"p AS ({pending}), "
+        "n AS (SELECT greatest(0, least(p_limit, p_max_in_flight - "
+        "(SELECT count(*) FROM p WHERE attempt < p_max_deliver OR due > p_now)))::int AS n), "
+        "c AS (" + _scan("(SELECT cursor FROM s)", "(SELECT value FROM l)", "p_regex",
+                         "(SELECT n FROM n)") + ") "
+        f"SELECT 0, (SELECT cursor FROM s), {_NUL} "
+        f"UNION ALL SELECT 4, (SELECT floor FROM s), {_NUL} "
+        "UNION ALL SELECT 1, (SELECT value FROM l), NULL, (SELECT n FROM n), NULL, NULL, "
+        "NULL, NULL, NULL, NULL "
+        "UNION ALL SELECT 2, position, key, attempt, due, NULL, NULL, NULL, NULL, NULL FROM p "
+        "UNION ALL SELECT 3, position, key, NULL, NULL, topic_id, id, time, headers, data "
+        "FROM c"
+    )
+
+
+_NUL = ("NULL::text, NULL::int, NULL::float8, NULL::int, NULL::text, NULL::float8, "
+        "NULL::bytea, NULL::bytea")
+
+# A fetch's view of its subscription, as one function so that one round trip both waits
+# for the subscription row lock and reads *after* it: in a VOLATILE function each query
+# takes a fresh snapshot (READ COMMITTED), so competing consumers see each other's
+# committed claims. The rows: (0, cursor), (1, counter, how many new messages may be
+# taken), (2, pending row…), (3, candidate message…), (4, floor). Every position up to
+# the counter is visible (commit order is position order), so a cursor may move up to
+# it. Ordered subscriptions read each pending row's key from its message.
+_CLAIM_FUNCTION = (
+    "CREATE FUNCTION {s}.tidings_claim(p_sub int, p_regex text, p_limit int, "
+    "p_max_in_flight int, p_max_deliver int, p_now float8, p_ordered bool) "
+    "RETURNS TABLE (o_kind int, o_position bigint, o_key text, o_attempt int, o_due float8, "
+    "o_topic_id int, o_id text, o_time float8, o_headers bytea, o_data bytea) "
+    "LANGUAGE plpgsql VOLATILE AS $fn$\n"
+    "BEGIN\n"
+    "  PERFORM FROM {s}.tidings_subscriptions WHERE id = p_sub FOR UPDATE;\n"
+    "  IF NOT FOUND THEN RETURN; END IF;\n"
+    "  IF p_ordered THEN\n"
+    "    RETURN QUERY " + _claim_snapshot(
+        "SELECT pp.position, m.key, pp.attempt, pp.due FROM {s}.tidings_pending pp "
+        "LEFT JOIN {s}.tidings_messages m ON m.position = pp.position "
+        "WHERE pp.sub_id = p_sub AND pp.position >= (SELECT floor FROM s)") + ";\n"
+    "  ELSE\n"
+    "    RETURN QUERY " + _claim_snapshot(
+        "SELECT position, NULL::text AS key, attempt, due FROM {s}.tidings_pending "
+        "WHERE sub_id = p_sub AND position >= (SELECT floor FROM s)") + ";\n"
+    "  END IF;\n"
+    "END $fn$"
+)
+
+
 LOG_MIGRATIONS: list[Migration] = [
     Migration(1, "log, topics, subscriptions", [
         # The position counter. Appends update this row in their own transaction,
@@ -97,16 +169,23 @@ LOG_MIGRATIONS: list[Migration] = [
         """CREATE TABLE {s}.tidings_message_ids (
             id text PRIMARY KEY, position bigint NOT NULL, time float8 NOT NULL)""",
         "CREATE INDEX tidings_message_ids_time ON {s}.tidings_message_ids (time)",
+        # `floor`: no pending row of the subscription lies below it. Acks delete pending
+        # rows, and until VACUUM comes their dead index entries stay; reading from the
+        # floor up skips all those below it (a queue's whole history).
         """CREATE TABLE {s}.tidings_subscriptions (
             id serial PRIMARY KEY, grp text NOT NULL, pattern text NOT NULL,
-            spec text NOT NULL, cursor bigint NOT NULL, UNIQUE (grp, pattern)
+            spec text NOT NULL, cursor bigint NOT NULL, floor bigint NOT NULL DEFAULT 0,
+            UNIQUE (grp, pattern)
         ) WITH (fillfactor = 50)""",
-        # Updated on every delivery: room on each page keeps the updates HOT.
+        # Updated on every delivery: room on each page keeps the updates HOT. (A row's
+        # key is its message's: ordered subscriptions join for it.)
         """CREATE TABLE {s}.tidings_pending (
-            sub_id int NOT NULL, position bigint NOT NULL, key text,
+            sub_id int NOT NULL, position bigint NOT NULL,
             attempt int NOT NULL, due float8 NOT NULL,
             PRIMARY KEY (sub_id, position)
-        ) WITH (fillfactor = 70)""",
+        ) WITH (fillfactor = 70, autovacuum_vacuum_scale_factor = 0,
+                autovacuum_vacuum_threshold = 5000)""",
+        _CLAIM_FUNCTION,
         # For append-only tables of other components (the event store):
         #   CREATE TRIGGER … BEFORE UPDATE OR DELETE ON {s}.t
         #       FOR EACH ROW EXECUTE FUNCTION {s}.tidings_refuse_change();
@@ -122,6 +201,38 @@ LOG_MIGRATIONS: list[Migration] = [
         END $$""",
     ]),
 ]
+
+
+_MIGRATE_LOCK = 0x7469_6469  # "tidi": the advisory lock key for migrations
+
+
+async def apply_migrations(conn: Any, schema: str, component: str,
+                           migrations: Sequence[Migration]) -> int:
+    """Apply `component`'s unrecorded migrations in version order, in `conn`'s transaction.
+
+    `schema` is the quoted schema name. Returns how many ran.
+    """
+    # one migrator at a time per database (processes may start together)
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
+    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+    await conn.execute(
+        f"CREATE TABLE IF NOT EXISTS {schema}.tidings_migrations ("
+        "component text NOT NULL, version int NOT NULL, description text NOT NULL, "
+        "applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (component, version))"
+    )
+    done = {r[0] for r in await conn.fetch(
+        f"SELECT version FROM {schema}.tidings_migrations WHERE component = $1", component)}
+    ran = 0
+    for m in sorted(migrations, key=lambda m: m.version):
+        if m.version in done:
+            continue
+        for ddl in m.statements:
+            await conn.execute(ddl.replace("{s}", schema))
+        await conn.execute(
+            f"INSERT INTO {schema}.tidings_migrations (component, version, description) "
+            "VALUES ($1, $2, $3)", component, m.version, m.description)
+        ran += 1
+    return ran
 
 
 class Statements:
@@ -165,7 +276,8 @@ class Statements:
         # Big batches: reserve positions here, then COPY the rows.
         self.reserve = (
             f"UPDATE {meta} SET value = value + $1, time = greatest(time, $2) "
-            f"WHERE name = 'position' RETURNING value - $1 AS base, time, pg_notify($3, $4)"
+            "WHERE name = 'position' AND set_config('synchronous_commit', $5, true) <> '' "
+            "RETURNING value - $1 AS base, time, pg_notify($3, $4)"
         )
         self.remember_ids = (
             f"INSERT INTO {ids} (id, position, time) "
@@ -174,7 +286,6 @@ class Statements:
         )
         self.known_ids = f"SELECT id, position, time FROM {ids} WHERE id = ANY($1::text[])"
         self.prune_ids = f"DELETE FROM {ids} WHERE time < $1"
-        self.notify = "SELECT pg_notify($1, $2)"
 
         # -- topics -----------------------------------------------------------------------
         self.create_topics = (
@@ -184,18 +295,13 @@ class Statements:
             "WHERE name = ANY($1::text[])"
         )
         self.topic_names = f"SELECT id, name FROM {topics} WHERE id = ANY($1::int[])"
-        self.all_topics = f"SELECT id, name FROM {topics}"
         self.set_retention = (
             f"INSERT INTO {topics} (name, retention) VALUES ($1, $2) "
             "ON CONFLICT (name) DO UPDATE SET retention = excluded.retention"
         )
 
         # -- reading --------------------------------------------------------------------
-        self.read = (
-            f"SELECT {MSG_COLS} FROM {msgs} WHERE position > $1 AND position <= $2 "
-            f"AND topic_id IN (SELECT id FROM {topics} WHERE name ~ $4) "
-            "ORDER BY position LIMIT $3"
-        )
+        self.read = _scan("$1", "$2", "$4", "$3").replace("{s}", s)
         self.last_position = f"SELECT value FROM {meta} WHERE name = 'position'"
         self.bounds = f"SELECT min(position), max(position) FROM {msgs}"
         self.first_at_or_after = (
@@ -208,71 +314,33 @@ class Statements:
             f"INSERT INTO {subs} (grp, pattern, spec, cursor) VALUES ($1, $2, $3, $4) "
             "ON CONFLICT (grp, pattern) DO UPDATE SET spec = excluded.spec RETURNING id"
         )
-        # BEGIN, bookkeeping commits without waiting for the WAL flush (losing one to a
-        # crash only means a redelivery), and the subscription row locked: competing
-        # consumers of one subscription take turns; other subscriptions never wait.
-        self.begin_claim = (
-            "BEGIN; SET LOCAL synchronous_commit TO OFF; "
-            f"SELECT FROM {subs} WHERE id = {{sub_id:d}} FOR UPDATE"
-        )
-        # One snapshot, taken after the lock: the cursor, the counter, the pending rows
-        # and the next candidates. Every position <= the counter is visible in it
-        # (commit order is position order), so the cursor may move up to the counter.
-        # $1 sub, $2 pattern regex, $3 limit, $4 max_in_flight, $5 max_deliver, $6 now
-        nul = "NULL::text, NULL::int, NULL::float8, NULL::int, NULL::text, NULL::float8, " \
-              "NULL::bytea, NULL::bytea"
-        self.claim_snapshot = (
-            f"WITH s AS (SELECT cursor FROM {subs} WHERE id = $1), "
-            f"l AS (SELECT value FROM {meta} WHERE name = 'position'), "
-            f"p AS (SELECT position, key, attempt, due FROM {pending} WHERE sub_id = $1), "
-            f"c AS (SELECT {MSG_COLS} FROM {msgs} "
-            "WHERE position > (SELECT cursor FROM s) AND position <= (SELECT value FROM l) "
-            f"AND topic_id IN (SELECT id FROM {topics} WHERE name ~ $2) "
-            "ORDER BY position LIMIT greatest(0, least($3, $4 - "
-            "(SELECT count(*) FROM p WHERE attempt < $5 OR due > $6)))) "
-            f"SELECT 0 AS kind, (SELECT cursor FROM s) AS position, {nul} "
-            f"UNION ALL SELECT 1, (SELECT value FROM l), {nul} "
-            "UNION ALL SELECT 2, position, key, attempt, due, NULL, NULL, NULL, NULL, NULL "
-            "FROM p "
-            "UNION ALL SELECT 3, position, key, NULL, NULL, topic_id, id, time, headers, data "
-            "FROM c"
-        )
-        # Write a plan back in one statement and return the rows of redelivered messages.
-        self.claim_write = (
-            f"WITH ins AS (INSERT INTO {pending} (sub_id, position, key, attempt, due) "
-            "SELECT $1::int, * FROM unnest($2::bigint[], $3::text[], $4::int[], $5::float8[]) "
-            "ON CONFLICT (sub_id, position) DO UPDATE SET key = excluded.key, "
-            "attempt = excluded.attempt, due = excluded.due), "
-            f"upd AS (UPDATE {pending} p SET attempt = u.attempt, due = u.due "
-            "FROM unnest($6::bigint[], $7::int[], $8::float8[]) AS u(position, attempt, due) "
-            "WHERE p.sub_id = $1 AND p.position = u.position), "
-            f"cur AS (UPDATE {subs} SET cursor = $9 WHERE id = $1 AND cursor <> $9) "
-            f"SELECT {MSG_COLS} FROM {msgs} WHERE position = ANY($10::bigint[])"
-        )
-        # Acks and releases in one statement, plus the wake-up for other consumers.
-        self.settle_simple = (
-            f"WITH a AS (DELETE FROM {pending} WHERE sub_id = $1 "
-            "AND position = ANY($2::bigint[]) AND attempt > 0), "
-            f"r AS (UPDATE {pending} SET attempt = attempt - 1, due = $4 "
-            "WHERE sub_id = $1 AND position = ANY($3::bigint[]) AND attempt > 0) "
-            "SELECT pg_notify($5, $6)"
-        )
+        self._subs, self._pending = subs, pending
+        self.claim = f"SELECT * FROM {s}.tidings_claim($1, $2, $3, $4, $5, $6, $7)"
+        # Rows by position, bounded by the positions' range (see `_rows`).
+        between = ("p.sub_id = $1 AND p.position BETWEEN (SELECT min(x) FROM unnest($2) x) "
+                   "AND (SELECT max(x) FROM unnest($2) x)")
         self.pending_rows = (
-            f"SELECT position, attempt FROM {pending} "
-            "WHERE sub_id = $1 AND position = ANY($2::bigint[])"
+            f"SELECT p.position, p.attempt FROM {pending} p "
+            "JOIN unnest($2::bigint[]) AS u(position) ON p.position = u.position "
+            f"WHERE {between}"
         )
         self.set_due = (
             f"UPDATE {pending} p SET due = u.due "
             "FROM unnest($2::bigint[], $3::float8[]) AS u(position, due) "
-            "WHERE p.sub_id = $1 AND p.position = u.position"
+            f"WHERE {between} AND p.position = u.position"
         )
         # Remove rows and return their messages (for dead letters).
         self.remove_pending = (
-            f"WITH d AS (DELETE FROM {pending} WHERE sub_id = $1 "
-            "AND position = ANY($2::bigint[])) "
+            f"WITH d AS (DELETE FROM {pending} p USING unnest($2::bigint[]) AS u(position) "
+            f"WHERE {between} AND p.position = u.position) "
             f"SELECT {MSG_COLS} FROM {msgs} WHERE position = ANY($2::bigint[])"
         )
-        self.find_subscription = f"SELECT id FROM {subs} WHERE grp = $1 AND pattern = $2"
+        # locked first, like every writer of a subscription (then pending rows, then the log)
+        self.find_subscription = (
+            f"SELECT id FROM {subs} WHERE grp = $1 AND pattern = $2 FOR UPDATE")
+        # Trim reads every subscription's floor and deletes below it: new subscriptions and
+        # cursor moves wait until it commits (row locks alone would let one slip past).
+        self.freeze_subscriptions = f"LOCK TABLE {subs} IN SHARE MODE"
         self.delete_pending = f"DELETE FROM {pending} WHERE sub_id = $1"
         self.delete_subscription = f"DELETE FROM {subs} WHERE id = $1"
 
@@ -292,7 +360,8 @@ class Statements:
         )
         self.sub_floors = (
             "SELECT s.pattern, s.cursor, "
-            f"(SELECT min(position) FROM {pending} p WHERE p.sub_id = s.id) FROM {subs} s"
+            f"(SELECT min(position) FROM {pending} p WHERE p.sub_id = s.id "
+            f"AND p.position >= s.floor) FROM {subs} s"
         )
         self.trim = f"DELETE FROM {msgs} WHERE topic_id = $1 AND position <= $2"
         self.topic_stats = (
@@ -301,13 +370,102 @@ class Statements:
             f"LEFT JOIN {msgs} m ON m.topic_id = t.id GROUP BY t.id ORDER BY t.name"
         )
         self.subscription_rows = (
-            f"SELECT id, grp, pattern, spec, cursor FROM {subs} ORDER BY grp, pattern"
+            f"SELECT id, grp, pattern, spec, cursor, floor FROM {subs} ORDER BY grp, pattern"
         )
         self.subscription_counts = (
             "SELECT count(*), count(*) FILTER (WHERE attempt > 0 AND due > $2) "
-            f"FROM {pending} WHERE sub_id = $1"
+            f"FROM {pending} WHERE sub_id = $1 AND position >= $3"
         )
         self.behind = (
             f"SELECT count(*) FROM {msgs} WHERE position > $1 "
             f"AND topic_id IN (SELECT id FROM {topics} WHERE name ~ $2)"
         )
+
+    # Statements sent with the simple query protocol, so that several go in one round
+    # trip. Only numbers (formatted here) and the channel and origin (identifier-safe by
+    # construction) are spliced in; nothing a user typed.
+    def begin_claim(self, sub_id: int, *, lock: bool,
+                    notify: tuple[str, str] | None = None) -> str:
+        """BEGIN (bookkeeping), with `lock` the subscription row locked, and a NOTIFY."""
+        # Bookkeeping commits without waiting for the WAL flush: losing one to a crash only
+        # means a redelivery. The lock makes competing consumers of one subscription take
+        # turns (other subscriptions never wait); it is always taken before pending rows.
+        out = ["BEGIN", "SET LOCAL synchronous_commit TO OFF"]
+        if lock:
+            out.append(f"SELECT FROM {self._subs} WHERE id = {int(sub_id)} FOR UPDATE")
+        if notify is not None:  # sent at commit
+            out.append(f"SELECT pg_notify('{notify[0]}', '{notify[1]}')")
+        return "; ".join(out)
+
+    def settle_simple(self, sub_id: int, acks: Sequence[int], releases: Sequence[int],
+                      now: float, notify: tuple[str, str]) -> str:
+        """Acks and releases in a transaction of their own, then COMMIT.
+
+        They need no subscription lock (they only delete or postpone their rows), and
+        committing them before a claim takes the lock keeps the lock order: a claim that
+        holds the lock may wait for these rows, never the other way round.
+        """
+        sub = int(sub_id)
+        out = ["BEGIN", "SET LOCAL synchronous_commit TO OFF"]
+        if acks:
+            out.append(f"DELETE FROM {self._pending} p USING unnest({_ints(acks)}::bigint[]) "
+                       f"AS u(position) WHERE {_rows(sub, acks)} AND p.position = u.position "
+                       "AND p.attempt > 0")
+        if releases:
+            out.append(f"UPDATE {self._pending} p SET attempt = p.attempt - 1, "
+                       f"due = {_float(now)} FROM unnest({_ints(releases)}::bigint[]) "
+                       f"AS u(position) WHERE {_rows(sub, releases)} "
+                       "AND p.position = u.position AND p.attempt > 0")
+        out.append(f"SELECT pg_notify('{notify[0]}', '{notify[1]}')")
+        out.append("COMMIT")
+        return "; ".join(out)
+
+    def claim_commit(self, sub_id: int, added: Sequence[Any], again: Sequence[Any],
+                     cursor: int | None, floor: int | None) -> str:
+        """Write a plan back (new pending rows, redeliveries, cursor, floor); then COMMIT."""
+        sub = int(sub_id)
+        out = []
+        if added:
+            out.append(
+                f"INSERT INTO {self._pending} (sub_id, position, attempt, due) "
+                f"SELECT {sub}, * FROM unnest({_ints(p.position for p in added)}::bigint[], "
+                f"{_ints(p.attempt for p in added)}::int[], "
+                f"{_floats(p.due for p in added)}::float8[]) "
+                "ON CONFLICT (sub_id, position) DO UPDATE SET attempt = excluded.attempt, "
+                "due = excluded.due")
+        if again:
+            out.append(
+                f"UPDATE {self._pending} p SET attempt = u.attempt, due = u.due FROM unnest("
+                f"{_ints(p.position for p in again)}::bigint[], "
+                f"{_ints(p.attempt for p in again)}::int[], "
+                f"{_floats(p.due for p in again)}::float8[]) AS u(position, attempt, due) "
+                f"WHERE {_rows(sub, [p.position for p in again])} "
+                "AND p.position = u.position")
+        moves = []
+        if cursor is not None:
+            moves.append(f"cursor = {int(cursor)}")
+        if floor is not None:
+            moves.append(f"floor = {int(floor)}")
+        if moves:
+            out.append(f"UPDATE {self._subs} SET {', '.join(moves)} WHERE id = {sub}")
+        out.append("COMMIT")
+        return "; ".join(out)
+
+
+def _rows(sub: int, positions: Sequence[int]) -> str:
+    """Pending rows of `sub` within the positions' range: an index range scan whatever the
+    planner's statistics (a plain `sub_id =` scan would visit every dead entry as well)."""
+    return (f"p.sub_id = {int(sub)} AND p.position BETWEEN {int(min(positions))} "
+            f"AND {int(max(positions))}")
+
+
+def _ints(values: Iterable[int]) -> str:
+    return "'{" + ",".join(str(int(v)) for v in values) + "}'"
+
+
+def _float(value: float) -> str:
+    return repr(float(value))
+
+
+def _floats(values: Iterable[float]) -> str:
+    return "'{" + ",".join(repr(float(v)) for v in values) + "}'"

@@ -1,0 +1,204 @@
+"""What only the PostgreSQL engine has: migrations, schemas, `transact`, errors, positions."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+
+import tidings
+from tidings import topics
+from tidings.engines.postgres import PgTx, PostgresEngine
+from tidings.engines.postgres_sql import Migration, pattern_regex
+from tidings.messages import OutMessage
+
+asyncpg = pytest.importorskip("asyncpg")
+pytestmark = [pytest.mark.service]
+
+
+def base(url: str) -> str:
+    return url.split("?", 1)[0]
+
+
+def schema_of(url: str) -> str:
+    return url.rsplit("schema=", 1)[1]
+
+
+async def test_migrations_are_recorded_and_run_once(postgres_url: str) -> None:
+    async with await tidings.connect(postgres_url) as hub:
+        engine = hub.engine
+        assert isinstance(engine, PostgresEngine)
+        assert await engine.migrate() == 0  # already applied on open
+    async with await tidings.connect(postgres_url) as hub:  # a second open changes nothing
+        await hub.publish("a.b", "x")
+    conn = await asyncpg.connect(base(postgres_url))
+    try:
+        rows = await conn.fetch(
+            f'SELECT component, version FROM "{schema_of(postgres_url)}".tidings_migrations')
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in rows] == [("log", 1)]
+
+
+async def test_concurrent_first_opens_migrate_once(postgres_url: str) -> None:
+    hubs = await asyncio.gather(*(tidings.connect(postgres_url) for _ in range(5)))
+    try:
+        await hubs[0].publish("a.b", "x")
+        assert [m.data for m in await _read(hubs[4], "a.b")] == [b"x"]
+    finally:
+        for h in hubs:
+            await h.close()
+
+
+async def test_tables_live_in_the_chosen_schema(postgres_url: str) -> None:
+    async with await tidings.connect(postgres_url) as hub:
+        await hub.publish("a.b", "x")
+    conn = await asyncpg.connect(base(postgres_url))
+    try:
+        schema = schema_of(postgres_url)
+        assert await conn.fetchval("SELECT to_regclass($1)", f"{schema}.tidings_messages")
+        assert await conn.fetchval("SELECT to_regclass('public.tidings_messages')") is None
+    finally:
+        await conn.close()
+
+
+async def test_migrate_false_needs_a_migrated_schema(postgres_url: str) -> None:
+    with pytest.raises(tidings.EngineUnavailable, match="tidings migrate"):
+        await tidings.connect(postgres_url + "&migrate=false")
+    async with await tidings.connect(postgres_url):
+        pass
+    async with await tidings.connect(postgres_url + "&migrate=false") as hub:
+        await hub.publish("a.b", "x")
+
+
+@pytest.mark.parametrize("query, error", [
+    ("schema=1abc", tidings.InvalidArgument), ("schema=a;drop", tidings.InvalidArgument),
+    ("durability=sometimes", tidings.InvalidArgument), ("pool_max=0", tidings.InvalidArgument),
+])
+async def test_bad_options_are_rejected(postgres_url: str, query: str,
+                                        error: type[Exception]) -> None:
+    with pytest.raises(error):
+        await tidings.connect(f"{base(postgres_url)}?{query}")
+
+
+async def test_durability_normal_publishes_and_reads_back(postgres_url: str) -> None:
+    async with await tidings.connect(postgres_url + "&durability=normal") as hub:
+        await hub.publish("a.b", "x")
+        await hub.publish_many("a.b", ["y"] * 600)  # the COPY path too
+        assert len(await _read(hub, "a.b")) == 601
+
+
+async def test_unknown_option_is_rejected(postgres_url: str) -> None:
+    with pytest.raises(tidings.InvalidArgument, match="poll_interval"):
+        await tidings.connect(postgres_url, poll_interval=1.0)
+
+
+async def test_unreachable_server_says_what_to_do() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(tidings.EngineUnavailable, match="check that PostgreSQL is running"):
+        await tidings.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres")
+
+
+async def test_missing_database_says_what_to_do(postgres_url: str) -> None:
+    url = base(postgres_url).rsplit("/", 1)[0] + "/no_such_db"
+    with pytest.raises(tidings.EngineUnavailable, match="does not exist"):
+        await tidings.connect(url)
+
+
+async def test_transact_commits_own_writes_with_messages(postgres_url: str) -> None:
+    async with await tidings.connect(postgres_url) as hub:
+        engine = hub.engine
+        assert isinstance(engine, PostgresEngine)
+        await engine.apply_migrations("test", [Migration(1, "orders", [
+            "CREATE TABLE {s}.orders (id text PRIMARY KEY)"])])
+
+        async def ok(tx: PgTx) -> list[tidings.Published]:
+            await tx.conn.execute(f"INSERT INTO {tx.table('orders')} VALUES ('o-1')")
+            return await tx.append([OutMessage("m-1", "orders.created", "o-1", b"{}", None)])
+
+        (published,) = await engine.transact(ok)
+
+        async def fails(tx: PgTx) -> None:
+            await tx.conn.execute(f"INSERT INTO {tx.table('orders')} VALUES ('o-2')")
+            await tx.append([OutMessage("m-2", "orders.created", "o-2", b"{}", None)])
+            raise RuntimeError("business rule")
+
+        with pytest.raises(RuntimeError):
+            await engine.transact(fails)
+        assert [m.id for m in await _read(hub, "orders.>")] == ["m-1"]
+        assert published.position == (await _read(hub, "orders.>"))[0].position
+        async with engine.conns.pool.acquire() as conn:
+            assert await conn.fetchval(f"SELECT array_agg(id) FROM {engine.sql.schema}.orders"
+                                       ) == ["o-1"]
+
+
+async def test_immutable_tables_refuse_changes(postgres_url: str) -> None:
+    async with await tidings.connect(postgres_url) as hub:
+        engine = hub.engine
+        assert isinstance(engine, PostgresEngine)
+        await engine.apply_migrations("test", [Migration(1, "ledger", [
+            "CREATE TABLE {s}.ledger (n int)",
+            "CREATE TRIGGER ledger_immutable BEFORE UPDATE OR DELETE ON {s}.ledger "
+            "FOR EACH ROW EXECUTE FUNCTION {s}.tidings_refuse_change()",
+        ])])
+        async with engine.conns.pool.acquire() as conn:
+            await conn.execute(f"INSERT INTO {engine.sql.schema}.ledger VALUES (1)")
+            with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="immutable"):
+                await conn.execute(f"UPDATE {engine.sql.schema}.ledger SET n = 2")
+            with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="immutable"):
+                await conn.execute(f"DELETE FROM {engine.sql.schema}.ledger")
+
+
+async def test_positions_are_never_filled_in_late(postgres_url: str) -> None:
+    """Many connections publish at once while a follower tails the log: it misses nothing."""
+    writers = [await tidings.connect(postgres_url) for _ in range(6)]
+    seen: list[int] = []
+    try:
+        async with await tidings.connect(postgres_url) as reader:
+            total = 6 * 150
+
+            async def follow() -> None:
+                async for m in reader.read("late.>", follow=True, page=7):
+                    seen.append(m.position)
+                    if len(seen) == total:
+                        return
+
+            async def write(h: tidings.Hub, k: int) -> None:
+                for i in range(150):
+                    if i % 3:
+                        await h.publish(f"late.w{k}", i)
+                    else:  # a client id takes the longer path (the log lock, then dedup)
+                        await h.publish(f"late.w{k}", i, id=f"{k}-{i}")
+
+            await asyncio.wait_for(asyncio.gather(follow(), *(
+                write(h, k) for k, h in enumerate(writers))), 60)
+            stored = [m.position for m in await _read(reader, "late.>")]
+    finally:
+        for h in writers:
+            await h.close()
+    assert seen == sorted(seen)
+    assert seen == stored  # a position filled in late would be missing from `seen`
+
+
+async def test_pattern_regex_matches_like_topics_matches(postgres_url: str) -> None:
+    patterns = ["a", "a.b", "a.*", "a.>", "*", ">", "*.b", "a.*.c", "$dlq.>", "$dlq.*",
+                "*.*", "a-b.c_d", "x$.>"]
+    names = ["a", "a.b", "a.b.c", "b", "a.c", "$dlq.g", "$dlq.g.h", "x.b", "a-b.c_d",
+             "a.x.c", "x$.y", "ab", "a.bb"]
+    conn = await asyncpg.connect(base(postgres_url))
+    try:
+        rows = await conn.fetch(
+            "SELECT p, t, t ~ r FROM unnest($1::text[], $2::text[]) AS x(p, r), "
+            "unnest($3::text[]) AS t",
+            patterns, [pattern_regex(p) for p in patterns], names)
+    finally:
+        await conn.close()
+    assert [(p, t) for p, t, ok in rows if ok != topics.matches(p, t)] == []
+
+
+async def _read(hub: tidings.Hub, pattern: str, **kw: Any) -> list[tidings.Message]:
+    return [m async for m in hub.read(pattern, **kw)]
