@@ -13,7 +13,7 @@ BENCH  ?= all
 # apt-get needs root; use sudo only when we are not root already.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo test bench lint clean browser-deps
+.PHONY: venv demo test bench lint clean browser-deps postgres-deps
 
 venv: $(STAMP)
 
@@ -34,7 +34,7 @@ demo: venv
 # Everything the suite needs that pip cannot install goes in front of pytest here.
 # (Debian's chromium for the dashboard's browser test; PostgreSQL's server binaries
 # are on the machine and the tests start a throwaway server themselves.)
-test: venv browser-deps
+test: venv browser-deps postgres-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # Debian's chromium for the dashboard's browser tests (playwright drives it).
@@ -42,6 +42,13 @@ browser-deps:
 	@if [ ! -x /usr/bin/chromium ]; then \
 		$(SUDO) apt-get update && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium; \
+	fi
+
+# PostgreSQL's server binaries (initdb, pg_ctl): the tests start a throwaway server.
+postgres-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		$(SUDO) apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends postgresql; \
 	fi
 
 bench: $(VENV)/.installed-bench

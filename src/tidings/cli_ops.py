@@ -257,6 +257,24 @@ def projections_status(
     _run(go())
 
 
+# migrations -----------------------------------------------------------------------------
+@app.command("migrate")
+def migrate(ctx: typer.Context, url: UrlOption = None) -> None:
+    """Create or upgrade tidings' schema (PostgreSQL; SQLite and memory need nothing)."""
+    engine_url, _ = _settings(ctx, url, False)
+
+    async def go() -> int:
+        from .hub import connect
+
+        async with await connect(engine_url) as hub:  # PostgreSQL migrates on open
+            fn = getattr(hub.engine, "migrate", None)
+            done = int(getattr(hub.engine, "migrations_applied", 0))
+            return done + (int(await fn()) if fn is not None else 0)
+
+    n = _run(go())
+    typer.echo(f"{n} migration(s) applied to {engine_url}")
+
+
 # the gateway ----------------------------------------------------------------------------
 @app.command("serve")
 def serve(

@@ -150,12 +150,15 @@ class PostgresEngine(Engine):
         self._topic_names: dict[int, str] = {}
         self._last_prune = 0.0
 
+    #: how many migrations the last open() applied (for `tidings migrate`)
+    migrations_applied = 0
+
     # lifecycle ---------------------------------------------------------------
     async def open(self) -> None:
         await self.conns.open()
         try:
             if self._auto_migrate:
-                await self.migrate()
+                self.migrations_applied = await self.migrate()
             else:
                 await self._run(self._check_schema, "checking the schema", patience=0.0)
         except BaseException:
