@@ -96,7 +96,7 @@ class Coordinator:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watching: set[str] = set()
         self._finished: dict[str, asyncio.Event] = {}
-        self._sent: set[str] = set()  # command message ids sent by this process
+        self._sent: dict[str, set[str]] = {}  # saga id -> command ids this process sent
 
     # registration ---------------------------------------------------------------
     def register(self, defn: Saga) -> None:
@@ -213,8 +213,7 @@ class Coordinator:
                 log.warning("saga %s: %s; retrying in a second", saga_id, exc)
                 await asyncio.sleep(1.0)
                 state = await self.load(name, saga_id)
-        for key in [k for k in self._sent if k.startswith(f"{saga_id}:")]:
-            self._sent.discard(key)
+        self._sent.pop(saga_id, None)
         return True
 
     async def _append(self, defn: Saga, state: SagaState, sid: str,
@@ -274,7 +273,7 @@ class Coordinator:
         data, _ = encode_data(payload)
         # The same id every time this attempt is (re)sent: the engine keeps one copy.
         msg_id = f"{state.id}:{step.name}:{kind}:{ev.attempt}"
-        self._sent.add(msg_id)
+        self._sent.setdefault(state.id, set()).add(msg_id)
         return OutMessage(msg_id, command, state.id, data, headers, True)
 
     async def _pump(self, defn: Saga, state: SagaState, sid: str,
@@ -297,7 +296,7 @@ class Coordinator:
         target = (step.action if p.kind == "action" else step.compensation)
         if isinstance(target, str) or (p.kind == "action" and step.command is not None):
             sent = f"{state.id}:{step.name}:{p.kind}:{p.attempt}"
-            if sent not in self._sent:
+            if sent not in self._sent.get(state.id, ()):
                 await self._send(defn, state)  # resuming: this process has not sent it
             outcome = await self._await_reply(defn, state, sid, queue)
         else:
