@@ -162,6 +162,27 @@ class Subscription:
         await self.close()
 
 
+async def feed(sub: Subscription,
+               one: Callable[[Message, asyncio.Semaphore], Awaitable[None]],
+               concurrency: int) -> None:
+    """Run `one(msg, slots)` for each message, at most `concurrency` at once.
+
+    `one` releases its slot when done; the subscription's `max_in_flight`
+    bounds what is prefetched, so a slow handler holds a bounded amount.
+    """
+    slots = asyncio.Semaphore(concurrency)
+    tasks: set[asyncio.Task[None]] = set()
+    try:
+        async for msg in sub:
+            await slots.acquire()
+            t = asyncio.create_task(one(msg, slots))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+    finally:
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
 @dataclass(slots=True)
 class Handler:
     """A function registered with `hub.subscriber`, run by `hub.run()`."""
@@ -196,17 +217,7 @@ class Handler:
 
     async def run(self, sub: Subscription) -> None:
         """Feed the handler at its own pace: at most `concurrency` messages at once."""
-        slots = asyncio.Semaphore(self.concurrency)
-        tasks: set[asyncio.Task[None]] = set()
-        try:
-            async for msg in sub:
-                await slots.acquire()
-                t = asyncio.create_task(self._one(msg, slots))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-        finally:
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
+        await feed(sub, self._one, self.concurrency)
 
     async def _one(self, msg: Message, slots: asyncio.Semaphore) -> None:
         try:

@@ -24,6 +24,7 @@ from ..eventsourcing.aggregate import Aggregate
 from ..eventsourcing.events import Event
 from ..eventsourcing.records import NO_STREAM
 from ..messages import Message, OutMessage, encode_data, new_id
+from ..pubsub import feed
 
 if TYPE_CHECKING:
     from ..hub import Hub
@@ -95,16 +96,9 @@ class CommandHandler:
         sub = await self.hub.subscribe(self.command, group=self.group, ordered=True,
                                        max_in_flight=max(self.concurrency, 1) * 4,
                                        ack_wait=60.0, max_deliver=50)
-        slots = asyncio.Semaphore(self.concurrency)
-        tasks: set[asyncio.Task[None]] = set()
         try:
-            async for msg in sub:
-                await slots.acquire()
-                t = asyncio.create_task(self._one(msg, slots))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
+            await feed(sub, self._one, self.concurrency)
         finally:
-            await asyncio.gather(*tasks, return_exceptions=True)
             await sub.close()
 
     async def _one(self, msg: Message, slots: asyncio.Semaphore) -> None:
