@@ -11,7 +11,7 @@ import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, get_type_hints
 
@@ -163,7 +163,7 @@ class Subscription:
 
 
 async def feed(sub: Subscription,
-               one: Callable[[Message, asyncio.Semaphore], Awaitable[None]],
+               one: Callable[[Message, asyncio.Semaphore], Coroutine[Any, Any, None]],
                concurrency: int) -> None:
     """Run `one(msg, slots)` for each message, at most `concurrency` at once.
 
