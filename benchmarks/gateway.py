@@ -1,7 +1,10 @@
-"""HTTP gateway throughput: publish over HTTP on SQLite, single messages and batches of 100.
+"""The HTTP gateway on SQLite: publish throughput (single messages and batches of 100), and
+the latency of asynchronous request-reply (POST a create-order command, then GET its
+request with ?wait until it is completed) at 100 orders/s beside the same sagas started
+in-process.
 
-The server (`tidings.gateway.serve`, as `tidings serve` runs it, SQLite with
-durability=full) runs in its own process; the load comes from this process
+The server (`tidings.gateway.run`, as `tidings serve` runs it: uvicorn with
+httptools, on uvloop; SQLite with durability=full) runs in its own process; the load comes from this process
 over keep-alive HTTP/1.1 connections driven by a minimal asyncio client (an
 HTTP client library would cost more CPU than the server on a small machine,
 and the two share it). Each figure is the median of `reps` timed windows
@@ -14,10 +17,13 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import tidings
@@ -31,11 +37,19 @@ BATCH_CLIENTS = 16
 BATCH = 100
 PAYLOAD = {"order": "o-00000001", "customer": "c-42", "amount": 129.5,
            "note": "x" * 120}
+COMMAND_RATE = 100.0  # orders/s
+LATENCY_TARGET_MS = 20.0  # median, POST to "completed" visible
 SERVER = """
-import asyncio, sys
-from tidings.gateway import serve
-asyncio.run(serve(sys.argv[1], "127.0.0.1", int(sys.argv[2]), None, None, log_level="warning"))
+import sys
+from tidings.gateway import run
+app = None
+if len(sys.argv) > 3:
+    sys.path.insert(0, sys.argv[3])
+    from benchmarks.gateway import shop
+    app = shop
+run(sys.argv[1], "127.0.0.1", int(sys.argv[2]), None, app, log_level="warning")
 """
+ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 @dataclass(frozen=True)
@@ -46,7 +60,31 @@ class Sizes:
 
 
 FULL = Sizes(reps=3, seconds=5.0, warmup=1.0)
-QUICK = Sizes(reps=1, seconds=0.5, warmup=0.2)
+QUICK = Sizes(reps=1, seconds=0.25, warmup=0.1)
+
+
+async def shop(hub: tidings.Hub) -> dict[str, Any]:
+    """The shop's services and create-order saga, with ample credit and stock (so every
+    order runs all four steps): the app the latency server runs."""
+    sys.path.insert(0, ROOT)
+    from examples.shop.domain import Customer, Product
+    from examples.shop.saga import create_order
+    from examples.shop.services import PRICES, register_services
+
+    register_services(hub)
+    for i in range(1, 21):
+        c = Customer(f"c-{i}")
+        c.register(10**9)
+        await hub.repository(Customer).save(c)
+        p = Product(f"p-{i}")
+        p.add(10**9, 10)
+        await hub.repository(Product).save(p)
+        PRICES[p.id] = 10
+    return {create_order.name: hub.sagas(create_order)}
+
+
+def _order(i: int) -> dict[str, Any]:
+    return {"customer_id": f"c-{i % 20 + 1}", "product_id": f"p-{i % 20 + 1}", "quantity": 1}
 
 
 def _free_port() -> int:
@@ -91,11 +129,11 @@ async def _load(port: int, request: bytes, clients: int, seconds: float) -> floa
 
 
 class _Server:
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, *, with_shop: bool = False) -> None:
         self.port = _free_port()
         url = f"sqlite:///{directory}/gateway.db"
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, url, str(self.port)],
-                                     stdout=subprocess.DEVNULL)
+        args = [sys.executable, "-c", SERVER, url, str(self.port)] + ([ROOT] if with_shop else [])
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
 
     async def ready(self) -> None:
         deadline = time.monotonic() + 30
@@ -139,6 +177,118 @@ async def _measure(request: bytes, clients: int, sizes: Sizes, label: str) -> li
     return samples
 
 
+class _Connections:
+    """A pool of keep-alive HTTP/1.1 connections (one request at a time on each)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._all: list[asyncio.StreamWriter] = []
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        if self._idle:
+            reader, writer = self._idle.pop()
+        else:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            self._all.append(writer)
+        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        if body:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        writer.write(head.encode() + b"\r\n" + body)
+        response = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in response.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        content = await reader.readexactly(length)
+        self._idle.append((reader, writer))
+        return int(response[9:12]), content
+
+    def close(self) -> None:
+        for w in self._all:
+            w.close()
+
+
+async def _paced(rate: float, seconds: float, one: Callable[[int], Awaitable[float]]
+                 ) -> list[float]:
+    """Start `one(i)` at `rate` per second for `seconds`; their latencies in ms."""
+    tasks = []
+    start = time.perf_counter()
+    for i in range(max(1, int(rate * seconds))):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    return [x * 1000 for x in await asyncio.gather(*tasks)]
+
+
+refused = [0]  # 429s met by the latency run (a sign the sagas fell behind)
+
+
+async def _command_latency(sizes: Sizes) -> list[float]:
+    """POST /v1/commands/create-order, then GET /v1/requests/{id}?wait (answered when the
+    saga ends) until it is completed."""
+    with scratch_dir("gateway-commands") as d:
+        server = _Server(d, with_shop=True)
+        refused[0] = 0
+        try:
+            await server.ready()
+            pool = _Connections(server.port)
+
+            async def call(method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+                while True:  # a polite client: 429 means wait and retry
+                    status, content = await pool.request(method, path, body)
+                    if status != 429:
+                        return status, content
+                    refused[0] += 1
+                    await asyncio.sleep(0.1)
+
+            async def one(i: int) -> float:
+                t0 = time.perf_counter()
+                status, body = await call("POST", "/v1/commands/create-order",
+                                          json.dumps(_order(i)).encode())
+                if status != 202:
+                    raise RuntimeError(f"command refused: {status} {body[:200]!r}")
+                path = f"/v1/requests/{json.loads(body)['request_id']}?wait=30"
+                while True:
+                    status, body = await call("GET", path)
+                    state = json.loads(body)
+                    if state.get("status") == "completed":
+                        return time.perf_counter() - t0
+                    if state.get("status") not in ("pending", "running"):
+                        raise RuntimeError(f"order {i} did not complete: {state}")
+
+            await _paced(COMMAND_RATE, sizes.warmup, one)
+            try:
+                return await _paced(COMMAND_RATE, sizes.seconds * 2, one)
+            finally:
+                pool.close()
+        finally:
+            server.stop()
+
+
+async def _in_process_saga_latency(sizes: Sizes) -> list[float]:
+    """The same orders at the same rate with sagas.start + sagas.wait in one process."""
+    with scratch_dir("gateway-sagas") as d:
+        async with await tidings.connect(f"sqlite:///{d}/t.db") as hub:
+            sagas = (await shop(hub))["create-order"]
+            runner = asyncio.create_task(hub.run())
+
+            async def one(i: int) -> float:
+                t0 = time.perf_counter()
+                state = await sagas.wait(await sagas.start(_order(i)), timeout=120)
+                if state["status"] != "completed":
+                    raise RuntimeError(f"order {i} did not complete: {state}")
+                return time.perf_counter() - t0
+
+            try:
+                await _paced(COMMAND_RATE, sizes.warmup, one)
+                return await _paced(COMMAND_RATE, sizes.seconds * 2, one)
+            finally:
+                runner.cancel()
+                await asyncio.gather(runner, return_exceptions=True)
+
+
 async def _in_process(sizes: Sizes) -> float:
     """The same publishes straight on a hub (32 concurrent tasks): what HTTP adds to."""
     with scratch_dir("gateway-inproc") as d:
@@ -165,7 +315,11 @@ async def run(quick: bool) -> list[dict[str, Any]]:
     ones = await _measure(single, CLIENTS, sizes, "single")
     batches = await _measure(batch, BATCH_CLIENTS, sizes, "batch")
     direct = await _in_process(sizes)
+    http_ms = await _command_latency(sizes)
+    progress(f"gateway commands: median {statistics.median(http_ms):.1f} ms over HTTP")
+    local_ms = await _in_process_saga_latency(sizes)
     cpus = os.cpu_count()
+    p50, local50 = statistics.median(http_ms), statistics.median(local_ms)
     rps = summary(ones)
     mps = summary(batches) * BATCH
     return [
@@ -177,4 +331,16 @@ async def run(quick: bool) -> list[dict[str, Any]]:
             None, "msg/s", 1.0, ratio=mps / BATCH_TARGET,
             target_label=f"≥ {BATCH_TARGET:,.0f} msg/s",
             samples=[s * BATCH for s in batches], cpus=cpus),
+        row(f"command → completed over HTTP, median at {COMMAND_RATE:.0f}/s (sqlite)", p50,
+            "in-process start+wait", local50, "ms", 1.0, ratio=LATENCY_TARGET_MS / p50,
+            target_label=f"median ≤ {LATENCY_TARGET_MS:.0f} ms",
+            p99=_percentile(http_ms, 0.99), peer_p99=_percentile(local_ms, 0.99),
+            orders=len(http_ms), refused_429=refused[0],
+            note="GET /v1/requests/{id}?wait answers when the saga ends; the peer column is "
+                 "the same sagas started and awaited in one process"),
     ]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]

@@ -57,7 +57,7 @@ class LiveServer:
             self.app = create_app(hub, **self.options)
             self._server = GatewayServer(uvicorn_config(self.app, log_level="warning"))
             serving = asyncio.create_task(self._server.serve(sockets=[self._sock]))
-            while not self._server.started and not serving.done():
+            while not self._server.started and not serving.done():  # noqa: ASYNC110 - uvicorn only has a flag
                 await asyncio.sleep(0.01)
             self._ready.set()
             await serving

@@ -31,7 +31,8 @@ class FakeSaga:
             return id
         self.starts += 1
         self.runs[id] = {"id": id, "status": "running", "steps": []}
-        asyncio.get_running_loop().call_later(0.05, self._finish, id, data)
+        if not data.get("hold"):
+            asyncio.get_running_loop().call_later(0.05, self._finish, id, data)
         return id
 
     def _finish(self, id: str, data: dict[str, Any]) -> None:
@@ -72,9 +73,10 @@ def test_command_is_accepted_then_polled_to_its_outcome(
         assert r.headers["location"] == f"/v1/requests/{request_id}"
         first = c.get(r.headers["location"]).json()
         assert first["status"] in ("pending", "running", "completed")
-        done = wait_terminal(c, r.headers["location"])
+        done = c.get(r.headers["location"], params={"wait": 10}).json()  # no .ended: rechecks
         assert done == {"request_id": request_id, "saga": "create-order", "status": "completed",
                         "result": {"order_id": "o-7"}}
+        assert c.get(r.headers["location"], params={"wait": -1}).status_code == 422
 
         r = c.post("/v1/commands/create-order", json={"customer": "poor"})
         failed = wait_terminal(c, r.headers["location"])
@@ -145,3 +147,27 @@ def test_app_module_provides_the_commands(start_server: Callable[..., LiveServer
         r = c.post("/v1/commands/create-order", json={"order": "o-9"})
         assert wait_terminal(c, r.headers["location"])["result"] == {"order_id": "o-9"}
         assert c.get("/v1/dashboard").json()["commands"] == ["create-order"]
+
+
+def test_commands_still_running_are_bounded_by_429(
+    start_server: Callable[..., LiveServer],
+) -> None:
+    saga = FakeSaga()
+    server = start_server(commands={"create-order": saga}, max_running=2)
+    with server.client() as c:
+        held = [c.post("/v1/commands/create-order", json={"hold": True},
+                       headers={"Idempotency-Key": f"h-{i}"}) for i in range(2)]
+        assert [r.status_code for r in held] == [202, 202]
+        r = c.post("/v1/commands/create-order", json={"hold": True})
+        assert r.status_code == 429 and r.headers["retry-after"] and saga.starts == 2
+        # repeating an accepted request is not new work
+        again = c.post("/v1/commands/create-order", json={"hold": True},
+                       headers={"Idempotency-Key": "h-0"})
+        assert again.status_code == 202
+
+        async def finish_one(hub: object) -> None:
+            saga.runs[held[0].json()["request_id"]]["status"] = "completed"
+
+        server.call(finish_one)
+        assert c.post("/v1/commands/create-order", json={"hold": True}).status_code == 202
+        assert c.post("/v1/commands/create-order", json={"hold": True}).status_code == 429

@@ -50,14 +50,14 @@ schema = schemathesis.openapi.from_dict(DOCUMENT).exclude(path_regex=r"/stream$"
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     directory: Path = tmp_path_factory.mktemp("fuzz")
-    server = LiveServer(f"sqlite:///{directory}/fuzz.db", max_wait=MAX_WAIT,
+    server = LiveServer(f"sqlite:///{directory}/fuzz.db?durability=normal", max_wait=MAX_WAIT,
                         commands={"create-order": Ordering()}).start()
     yield server
     server.stop()
 
 
 @schema.parametrize()
-@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_server_error_and_no_response_outside_the_spec(case: Any, fuzzed: LiveServer) -> None:
     case.call_and_validate(base_url=fuzzed.base_url,
                            checks=[not_a_server_error, status_code_conformance,

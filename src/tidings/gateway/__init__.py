@@ -1,7 +1,8 @@
 """The HTTP gateway: tidings over JSON/HTTP, a live dashboard, metrics (needs `tidings[server]`).
 
 `create_app(hub)` is an ASGI app (Starlette); `serve(url, host, port, token,
-app)` runs it with uvicorn, as `tidings serve` does.
+app)` runs it with uvicorn, as `tidings serve` does (`run(...)`: the same from
+synchronous code, on uvloop when installed).
 """
 
 from __future__ import annotations
@@ -15,6 +16,6 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     ) from exc
 
 from .app import create_app
-from .server import serve
+from .server import run, serve
 
-__all__ = ["create_app", "serve"]
+__all__ = ["create_app", "run", "serve"]

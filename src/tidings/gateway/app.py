@@ -7,6 +7,7 @@ the admission limits, the metrics and the open event streams.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import inspect
@@ -54,8 +55,8 @@ class Gateway:
 
     def __init__(self, hub: Hub, *, commands: Mapping[str, CommandTarget] | None,
                  max_body: int, max_wait: float, max_publishes: int, max_pulls: int,
-                 max_streams: int, max_commands: int, max_subscriptions: int,
-                 heartbeat: float) -> None:
+                 max_streams: int, max_commands: int, max_running: int,
+                 max_subscriptions: int, heartbeat: float) -> None:
         self.hub = hub
         self.commands: dict[str, CommandTarget] = dict(commands or {})
         self.max_body = max_body
@@ -64,9 +65,10 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.publishes = Admission(max_publishes, "publish/append")
         self.pulls = Admission(max_pulls, "pull")
+        self.waits = Admission(max_pulls, "request wait")
         self.streams = Admission(max_streams, "event stream")
         self.commands_admission = Admission(max_commands, "command")
-        self.requests = Requests()
+        self.requests = Requests(max_running=max_running)
         self.dashboard = _dashboard.Dashboard(self)
         self._subs: OrderedDict[tuple[str, str], Subscription] = OrderedDict()
         self._max_subs = max_subscriptions
@@ -146,6 +148,31 @@ def load_app(spec: str) -> Any:
     return obj
 
 
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, TidingsError):
+        await task
+
+
+async def _run_handlers(hub: Hub, stack: contextlib.AsyncExitStack) -> None:
+    """Run the handlers the app registered (`hub.run()`) for as long as the server runs."""
+    runner = asyncio.create_task(hub.run(), name="tidings:gateway:handlers")
+    await asyncio.sleep(0)  # run() checks at once whether anything is registered
+    if runner.done():
+        exc = runner.exception()
+        if isinstance(exc, InvalidArgument):
+            return  # the app registered no handlers: nothing to run here
+        if exc is not None:
+            raise exc
+
+    def crashed(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the app's handlers stopped", exc_info=task.exception())
+
+    runner.add_done_callback(crashed)
+    stack.push_async_callback(_cancel, runner)
+
+
 def _commands_of(value: Any) -> Mapping[str, CommandTarget] | None:
     if value is None:
         return None
@@ -172,6 +199,7 @@ def create_app(
     max_pulls: int = 256,
     max_streams: int = 256,
     max_commands: int = 256,
+    max_running: int = 1000,
     max_subscriptions: int = 1024,
     heartbeat: float = 15.0,
 ) -> Starlette:
@@ -181,12 +209,14 @@ def create_app(
     <token>`. Bodies over `max_body` bytes get 413 before they are read. Over
     `max_publishes` publishes/appends (or `max_pulls` pulls, `max_commands`
     commands, `max_streams` event streams) in progress, the next gets 429
-    with Retry-After. `commands` maps saga names to command targets
+    with Retry-After; so does a command while `max_running` commands it
+    accepted have not finished. `commands` maps saga names to command targets
     (`hub.sagas(definition)`); `app_module` ('module:attr', or the object
     itself) names an application set up at startup: a mapping of commands, an
     object with a `commands` mapping, or a callable taking the hub and
     returning one of those (awaited if async; entered and exited with the
-    server if it is an async context manager).
+    server if it is an async context manager); handlers it registers on the
+    hub (`@hub.subscriber`, `@hub.handler`) run while the server runs.
     """
     if not isinstance(max_body, int) or max_body < 1:
         raise InvalidArgument("max_body must be a positive number of bytes")
@@ -194,7 +224,8 @@ def create_app(
         raise InvalidArgument("max_wait must be 0 to 300 seconds")
     gw = Gateway(hub, commands=commands, max_body=max_body, max_wait=float(max_wait),
                  max_publishes=max_publishes, max_pulls=max_pulls, max_streams=max_streams,
-                 max_commands=max_commands, max_subscriptions=max_subscriptions,
+                 max_commands=max_commands, max_running=max_running,
+                 max_subscriptions=max_subscriptions,
                  heartbeat=heartbeat)
     spec = openapi(max_body=max_body, max_wait=gw.max_wait, max_pull=_pubsub.MAX_PULL,
                    auth=token is not None)
@@ -212,10 +243,10 @@ def create_app(
         return json_response(spec)
 
     routes: list[BaseRoute] = [
+        *_pubsub.routes(gw),  # first: publishing is the hot path
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/openapi.json", openapi_json, methods=["GET"]),
-        *_pubsub.routes(gw),
         *_streams.routes(gw),
         *_commands.routes(gw),
         *_dashboard.routes(gw),
@@ -236,6 +267,12 @@ def create_app(
                 found = _commands_of(obj)
                 if found:
                     gw.commands.update(found)
+                await _run_handlers(hub, stack)
+            watcher = asyncio.create_task(
+                gw.metrics.watch_sagas(hub, await hub.engine.last_position(),
+                                       on_end=gw.requests.ended),
+                name="tidings:gateway:saga-metrics")
+            stack.push_async_callback(_cancel, watcher)
             stack.push_async_callback(gw.close)
             yield
 

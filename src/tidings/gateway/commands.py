@@ -3,7 +3,8 @@
 `POST /v1/commands/{saga}` answers 202 Accepted at once with a request id and
 `Location: /v1/requests/{id}`; the saga runs on. `GET /v1/requests/{id}`
 tells pending/running, then completed (with the result) or compensated/failed
-(with the reason). A repeated POST with the same `Idempotency-Key` gets the
+(with the reason); with `?wait=S` it answers as soon as the request ends (or
+after S seconds), so a client need not poll. A repeated POST with the same `Idempotency-Key` gets the
 same request id and starts nothing new: the request id is derived from the
 key, and a command target's `start` must treat an id it already knows as a
 repeat (sagas are event-sourced by id, so this is their natural behaviour).
@@ -11,23 +12,28 @@ repeat (sagas are event-sourced by id, so this is their natural behaviour).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import inspect
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ..errors import InvalidArgument, NotFound
 from ..messages import new_id
-from .http import ApiError, expect_object, json_response, read_json
+from .http import RETRY_AFTER, ApiError, expect_object, json_response, read_json
 
 if TYPE_CHECKING:
     from .app import Gateway
 
-__all__ = ["CommandTarget", "Requests", "request_status", "routes"]
+__all__ = ["CommandTarget", "Requests", "listing", "lookup", "outcome", "request_status",
+           "routes"]
 
 #: Saga statuses (tidings.saga) -> request statuses (shared/DESIGN.md).
 _STATUS = {
@@ -41,6 +47,8 @@ _STATUS = {
 }
 TERMINAL = frozenset({"completed", "compensated", "failed"})
 MAX_KEY = 255
+MAX_LISTED = 1000
+RECHECK = 0.25  # seconds between looks at a waited-for request whose end is not announced
 
 
 @runtime_checkable
@@ -49,9 +57,12 @@ class CommandTarget(Protocol):
 
     `start(data, id)` starts one run with that id and returns it; given an id
     it already has, it starts nothing and returns the id. `get(id)` returns a
-    dict with at least `status` (and `result`, `error`, `steps` when known),
-    or None when the id is not one of its runs. A `start` that cannot take
-    more work right now raises `tidings.BufferFull` (the client gets 429).
+    dict with at least `status` (and `result` or `data`, `error` or `reason`,
+    `steps` when known), or None / raises `NotFound` when the id is not one of
+    its runs. A `start` that cannot take more work right now raises
+    `tidings.BufferFull` (the client gets 429). Optional: `list(status)` (a
+    list, or an async iterator, of such dicts) for `/v1/sagas` and the
+    dashboard.
     """
 
     async def start(self, data: dict[str, Any], id: str) -> str: ...
@@ -59,37 +70,145 @@ class CommandTarget(Protocol):
     async def get(self, id: str) -> dict[str, Any] | None: ...
 
 
+async def lookup(target: CommandTarget, id: str) -> dict[str, Any] | None:
+    """`target.get(id)`, with "not one of mine" (None, NotFound, a malformed id) as None."""
+    try:
+        return await target.get(id)
+    except (NotFound, InvalidArgument):
+        return None
+
+
+async def listing(target: CommandTarget, status: str | None, limit: int
+                  ) -> list[dict[str, Any]] | None:
+    """Up to `limit` runs from the target's optional `list(status)`; None when it has none."""
+    lister = getattr(target, "list", None)
+    if lister is None:
+        return None
+    got = lister(status)
+    if inspect.isawaitable(got):
+        got = await got
+    if hasattr(got, "__aiter__"):
+        out: list[dict[str, Any]] = []
+        try:
+            async for item in got:
+                out.append(item)
+                if len(out) >= limit:
+                    break
+        finally:
+            aclose = getattr(got, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        return out
+    return list(got)[:limit]
+
+
+def outcome(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The request's view of a run: status, and its result or why it failed."""
+    status = request_status(state)
+    out: dict[str, Any] = {"status": status}
+    if status == "completed":
+        result = state.get("result", state.get("data"))
+        if result is not None:
+            out["result"] = result
+    elif status in ("compensated", "failed"):
+        error = state.get("error") or state.get("reason")
+        if error is not None:
+            out["error"] = error
+    return out
+
+
 def request_status(state: Mapping[str, Any]) -> str:
     return _STATUS.get(str(state.get("status", "pending")), "running")
 
 
 class Requests:
-    """The recent requests (for the dashboard) and the idempotency keys seen (bounded)."""
+    """What the gateway remembers of the commands it accepted (every part bounded).
 
-    def __init__(self, recent: int = 50, keys: int = 100_000) -> None:
+    `recent`: the newest requests, for the dashboard. `running`: requests not
+    yet seen to end; at `max_running` the next command gets 429, so a client
+    pushing faster than sagas complete is told to back off instead of piling
+    up work. A request leaves `running` when its saga's `.ended` message is
+    seen, or when a poll or a check (`make_room`) finds it finished.
+    """
+
+    def __init__(self, *, max_running: int = 1000, recent: int = 50,
+                 keys: int = 100_000) -> None:
         self.recent: deque[dict[str, Any]] = deque(maxlen=recent)
+        self.running: OrderedDict[str, str] = OrderedDict()  # request id -> saga name
+        self.max_running = max_running
         self._keys: OrderedDict[str, str] = OrderedDict()  # request id -> body fingerprint
         self._max_keys = keys
+        self._waiting: dict[str, list[Any]] = {}  # request id -> [Event, waiters]
 
-    def remember(self, request_id: str, saga: str, fingerprint: str | None) -> bool:
-        """Record a request; False when this id was already seen with another body."""
-        if fingerprint is not None:
-            seen = self._keys.get(request_id)
-            if seen is not None:
-                self._keys.move_to_end(request_id)
-                return seen == fingerprint
-            self._keys[request_id] = fingerprint
-            if len(self._keys) > self._max_keys:
-                self._keys.popitem(last=False)
-        if not any(r["request_id"] == request_id for r in self.recent):
-            self.recent.appendleft({"request_id": request_id, "saga": saga,
-                                    "accepted": time.time(), "status": "pending"})
+    def check_key(self, request_id: str, fingerprint: str) -> bool:
+        """Remember an idempotent request's body; False when the key came with another body."""
+        seen = self._keys.get(request_id)
+        if seen is not None:
+            self._keys.move_to_end(request_id)
+            return seen == fingerprint
+        self._keys[request_id] = fingerprint
+        if len(self._keys) > self._max_keys:
+            self._keys.popitem(last=False)
         return True
+
+    def accepted(self, request_id: str, saga: str) -> None:
+        if any(r["request_id"] == request_id for r in self.recent):
+            return  # a repeat (Idempotency-Key): already listed
+        self.recent.appendleft({"request_id": request_id, "saga": saga,
+                                "accepted": time.time(), "status": "pending"})
 
     def update(self, request_id: str, status: str) -> None:
         for r in self.recent:
             if r["request_id"] == request_id:
                 r["status"] = status
+        if status in TERMINAL:
+            self.running.pop(request_id, None)
+
+    def ended(self, request_id: str) -> None:
+        """A saga ended (seen on its `.ended` topic): wake whoever waits for it."""
+        self.running.pop(request_id, None)
+        waiting = self._waiting.get(request_id)
+        if waiting is not None:
+            waiting[0].set()
+
+    @contextlib.contextmanager
+    def watch(self, request_id: str) -> Iterator[asyncio.Event]:
+        """An event set when `request_id` is seen to end (register before looking)."""
+        waiting = self._waiting.get(request_id)
+        if waiting is None:
+            waiting = self._waiting[request_id] = [asyncio.Event(), 0]
+        waiting[1] += 1
+        try:
+            yield waiting[0]
+        finally:
+            waiting[1] -= 1
+            if not waiting[1]:
+                del self._waiting[request_id]
+
+    async def make_room(self, targets: Mapping[str, CommandTarget], checks: int = 32) -> bool:
+        """True when another request may start (checking the oldest running ones if full)."""
+        if len(self.running) < self.max_running:
+            return True
+        for request_id, saga in list(self.running.items())[:checks]:
+            t = targets.get(saga)
+            state = await lookup(t, request_id) if t is not None else None
+            if state is None or request_status(state) in TERMINAL:
+                self.running.pop(request_id, None)
+        return len(self.running) < self.max_running
+
+
+def _wait_param(request: Request, most: float) -> float:
+    raw = request.query_params.get("wait")
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = float("nan")
+    if not 0 <= wait <= most:
+        raise ApiError(422, "invalid_field", f"query parameter 'wait' must be 0 to {most:g} "
+                       f"seconds, got {raw[:40]!r}")
+    return wait
 
 
 def idempotent_id(saga: str, key: str) -> str:
@@ -113,7 +232,7 @@ def routes(gw: Gateway) -> list[Route]:
         if not request_id or len(request_id) > 255:
             raise ApiError(404, "not_found", "no such request")
         for name, t in gw.commands.items():
-            state = await t.get(request_id)
+            state = await lookup(t, request_id)
             if state is not None:
                 return name, state
         raise ApiError(404, "not_found", f"no request {request_id!r}; request ids come from "
@@ -126,20 +245,32 @@ def routes(gw: Gateway) -> list[Route]:
             raw = await request.body()
             data = expect_object(await read_json(request), "the command (request body)")
             key = request.headers.get("idempotency-key")
-            fingerprint = None
             if key is not None:
                 if not 1 <= len(key) <= MAX_KEY:
                     raise ApiError(422, "invalid_field",
                                    f"Idempotency-Key must be 1 to {MAX_KEY} characters")
                 request_id = idempotent_id(name, key)
                 fingerprint = hashlib.sha256(raw).hexdigest()
+                if not gw.requests.check_key(request_id, fingerprint):
+                    raise ApiError(422, "idempotency_key_reused",
+                                   "this Idempotency-Key was used with a different body; use a "
+                                   "new key for a new command")
             else:
                 request_id = new_id()
-            if not gw.requests.remember(request_id, name, fingerprint):
-                raise ApiError(422, "idempotency_key_reused",
-                               "this Idempotency-Key was used with a different body; use a new "
-                               "key for a new command")
-            got = await t.start(data, request_id)
+            reserved = request_id not in gw.requests.running
+            if reserved:
+                if not await gw.requests.make_room(gw.commands):
+                    raise ApiError(429, "busy", f"{gw.requests.max_running} commands are still "
+                                   f"running; retry after {RETRY_AFTER} s",
+                                   {"Retry-After": RETRY_AFTER})
+                gw.requests.running[request_id] = name  # held from here: no await since the check
+            try:
+                got = await t.start(data, request_id)
+            except BaseException:
+                if reserved:
+                    gw.requests.running.pop(request_id, None)
+                raise
+            gw.requests.accepted(got, name)
         gw.metrics.commands.labels(name).inc()
         location = f"/v1/requests/{got}"
         return json_response({"request_id": got}, 202,
@@ -147,29 +278,37 @@ def routes(gw: Gateway) -> list[Route]:
 
     async def get_request(request: Request) -> Response:
         request_id = request.path_params["id"]
-        name, state = await find(request_id)
-        status = request_status(state)
-        gw.requests.update(request_id, status)
-        out: dict[str, Any] = {"request_id": request_id, "saga": name, "status": status}
-        for k in ("result", "error"):
-            if state.get(k) is not None:
-                out[k] = state[k]
+        wait = _wait_param(request, gw.max_wait)
+        if not wait:
+            name, state = await find(request_id)
+            out = {"request_id": request_id, "saga": name, **outcome(state)}
+        else:
+            with gw.waits.admit(), gw.requests.watch(request_id) as ended:
+                deadline = time.monotonic() + wait
+                while True:
+                    name, state = await find(request_id)
+                    out = {"request_id": request_id, "saga": name, **outcome(state)}
+                    remaining = deadline - time.monotonic()
+                    if out["status"] in TERMINAL or remaining <= 0:
+                        break
+                    # woken by the saga's .ended message; a target that publishes none is
+                    # looked at again every RECHECK seconds
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(ended.wait(), min(remaining, RECHECK))
+        gw.requests.update(request_id, out["status"])
         return json_response(out)
 
     async def list_sagas(request: Request) -> Response:
         wanted = request.query_params.get("status") or None
         out: list[dict[str, Any]] = []
         for name, t in gw.commands.items():
-            lister = getattr(t, "list", None)
-            if lister is None:
-                continue
-            for s in await lister(wanted):
-                out.append({"saga": name, **s})
+            for s in await listing(t, wanted, MAX_LISTED) or ():
+                out.append({**s, "saga": name})
         return json_response({"sagas": out})
 
     async def get_saga(request: Request) -> Response:
         name, state = await find(request.path_params["id"])
-        return json_response({"saga": name, **state})
+        return json_response({**state, "saga": name})
 
     return [
         Route("/v1/commands/{saga}", start, methods=["POST"]),

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .commands import TERMINAL, request_status
+from .commands import TERMINAL, listing, lookup, outcome
 from .http import json_response
 from .sse import EventStream, frame
 
@@ -31,6 +31,10 @@ __all__ = ["Dashboard", "routes"]
 STATIC = Path(__file__).resolve().parent / "static"
 #: Snapshots younger than this are shared by every open dashboard.
 FRESH = 0.5
+#: The dashboard reads at most this many saga instances per snapshot, and shows the newest
+#: of them (`list()` yields oldest first, so past this many the newest are not seen).
+SAGAS_SCANNED = 200
+SAGAS_SHOWN = 20
 
 
 class Dashboard:
@@ -87,19 +91,18 @@ class Dashboard:
         instances: list[dict[str, Any]] = []
         listed = False
         for name, t in self.gw.commands.items():
-            lister = getattr(t, "list", None)
-            if lister is None:
+            got = await listing(t, None, SAGAS_SCANNED)
+            if got is None:
                 continue
             listed = True
-            for s in (await lister(None))[:50]:
-                instances.append({"saga": name, **s})
+            instances.extend({**s, "saga": name} for s in got)
         if not listed:
             return None
         by_status: dict[str, int] = {}
         for s in instances:
             st = str(s.get("status", "?"))
             by_status[st] = by_status.get(st, 0) + 1
-        return {"by_status": by_status, "instances": instances}
+        return {"by_status": by_status, "instances": instances[-SAGAS_SHOWN:][::-1]}
 
     async def _requests(self) -> list[dict[str, Any]]:
         gw = self.gw
@@ -109,9 +112,9 @@ class Dashboard:
             t = gw.commands.get(r["saga"])
             if t is None:
                 continue
-            state = await t.get(r["request_id"])
+            state = await lookup(t, r["request_id"])
             if state is not None:
-                r["status"] = request_status(state)
+                r.update(outcome(state))
         return [dict(r) for r in gw.requests.recent]
 
 

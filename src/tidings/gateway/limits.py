@@ -51,8 +51,8 @@ class BodyLimit:
                 if declared > limit:
                     # Answer without reading the body; the server closes the connection
                     # rather than drain what the client may still be sending.
-                    await _reply(send, 413, BodyTooLarge(limit).error, BodyTooLarge(limit).detail,
-                                 close=True)
+                    refusal = BodyTooLarge(limit)
+                    await _reply(send, 413, refusal.error, refusal.detail, close=True)
                     return
                 break
         received = 0

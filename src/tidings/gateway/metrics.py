@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -92,8 +92,8 @@ class GatewayMetrics:
                                   registry=r)
         self.commands = Counter("tidings_commands", "Commands accepted (sagas started).",
                                 ["saga"], registry=r)
-        # Saga outcomes and latency: observed by whoever sees a saga end (the saga
-        # coordinator or the command target), e.g. metrics.saga_outcomes.labels(...).inc().
+        # Saga outcomes and latency, from the lifecycle topics (`watch_sagas`), so sagas run
+        # by any process sharing the engine count.
         self.saga_outcomes = Counter("tidings_saga_outcomes", "Sagas that reached an end state.",
                                      ["saga", "status"], registry=r)
         self.saga_seconds = Histogram("tidings_saga_duration_seconds",
@@ -115,6 +115,39 @@ class GatewayMetrics:
             )
         pair[0].inc()
         pair[1].observe(seconds)
+
+    async def watch_sagas(self, hub: Hub, after: int, *,
+                          on_end: Callable[[str], None] | None = None,
+                          remembered: int = 100_000) -> None:
+        """Count saga outcomes and time them, following `saga.<name>.started` / `.ended`.
+
+        The coordinator publishes both (each with the saga's `stream-id` header;
+        `.ended` also with `status`), so this sees sagas of every process on the
+        engine.
+        Runs until cancelled; `after` is the log position to follow from.
+        `on_end(saga_id)` is called for each saga that ends.
+        """
+        started: dict[str, float] = {}  # saga id -> start time, bounded (oldest forgotten)
+
+        async def starts() -> None:
+            async for m in hub.read("saga.*.started", start=after + 1, follow=True):
+                started[m.headers.get("stream-id", "")] = m.timestamp
+                if len(started) > remembered:
+                    del started[next(iter(started))]
+
+        async def ends() -> None:
+            async for m in hub.read("saga.*.ended", start=after + 1, follow=True):
+                name = m.topic[len("saga."):-len(".ended")]
+                stream = m.headers.get("stream-id", "")
+                self.saga_outcomes.labels(name, m.headers.get("status", "unknown")).inc()
+                t0 = started.pop(stream, None)
+                if t0 is not None:
+                    self.saga_seconds.labels(name).observe(max(0.0, m.timestamp - t0))
+                prefix = f"saga-{name}-"  # the coordinator's stream ids: saga-<name>-<id>
+                if on_end is not None and stream.startswith(prefix):
+                    on_end(stream[len(prefix):])
+
+        await asyncio.gather(starts(), ends())
 
     async def render(self, hub: Hub) -> bytes:
         """The text exposition, with the hub's gauges read now."""

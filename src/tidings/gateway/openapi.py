@@ -78,9 +78,11 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
     group = _path("group", {"type": "string", "pattern": GROUP, "maxLength": 255},
                   "the durable subscription's name")
     stream_id = _path("stream_id", {"type": "string", "minLength": 1, "maxLength": 255,
-                                    "pattern": "^[^\\x00/]+$"}, "the stream (aggregate) id")
-    common = (400, 401, 413) if auth else (400, 413)
-    reads = (401,) if auth else ()
+                                    "pattern": "^[^\\x00-\\x1f]+$"},
+                      "the stream (aggregate) id; no control characters ('/' is fine)")
+    # 503 wherever the hub is touched: a closed or unreachable engine is "retry later".
+    common = (400, 401, 413, 503) if auth else (400, 413, 503)
+    reads = (401, 503) if auth else (503,)
 
     paths: dict[str, Any] = {
         "/v1/topics": {"get": {
@@ -95,7 +97,7 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
             "responses": {
                 "201": _json({"oneOf": [_ref("Published"), _ref("PublishedBatch")]},
                              "stored (a batch: all of it)"),
-                **_errors(*common, 422, 429, 503),
+                **_errors(*common, 422, 429),
             },
         }},
         "/v1/topics/{topic}/stream": {"get": {
@@ -128,7 +130,7 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
                        "long-poll seconds (default 0)"),
             ],
             "responses": {"200": _json(_ref("Pulled"), "the messages (maybe none)"),
-                          **_errors(*reads, 422, 429, 503)},
+                          **_errors(*reads, 422, 429)},
         }},
         "/v1/subscriptions/{group}/ack": {"post": {
             "operationId": "ack", "summary": "settle messages as done",
@@ -151,7 +153,7 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
                 "parameters": [stream_id],
                 "requestBody": _body(_ref("Append")),
                 "responses": {"201": _json(_ref("Appended"), "stored"),
-                              **_errors(*common, 409, 422, 429, 501, 503)},
+                              **_errors(*common, 404, 409, 422, 429, 501)},
             },
             "get": {
                 "operationId": "readEvents", "summary": "a range of a stream's events",
@@ -165,7 +167,7 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
                            "at most this many events (default 1000)"),
                 ],
                 "responses": {"200": _json(_ref("StreamEvents"), "the events"),
-                              **_errors(*reads, 404, 422, 501, 503)},
+                              **_errors(*reads, 404, 422, 501)},
             },
         },
         "/v1/commands/{saga}": {"post": {
@@ -181,14 +183,18 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
             "responses": {
                 "202": _json(_ref("Accepted"), "accepted; poll Location",
                              {"Location": {"schema": {"type": "string"}}}),
-                **_errors(*common, 404, 422, 429, 503),
+                **_errors(*common, 404, 422, 429),
             },
         }},
         "/v1/requests/{id}": {"get": {
             "operationId": "getRequest", "summary": "the outcome of a command",
-            "parameters": [_path("id", {"type": "string", "minLength": 1}, "the request id")],
+            "parameters": [
+                _path("id", {"type": "string", "minLength": 1}, "the request id"),
+                _query("wait", {"type": "number", "minimum": 0, "maximum": max_wait},
+                       "answer as soon as the request ends, or after this many seconds"),
+            ],
             "responses": {"200": _json(_ref("RequestState"), "its state"),
-                          **_errors(*reads, 404)},
+                          **_errors(*reads, 404, 422, 429)},
         }},
         "/v1/sagas": {"get": {
             "operationId": "listSagas", "summary": "saga instances",
@@ -216,7 +222,8 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
         }},
         "/v1/openapi.json": {"get": {
             "operationId": "openapi", "summary": "this document",
-            "responses": {"200": _json({"type": "object"}, "the document"), **_errors(*reads)},
+            "responses": {"200": _json({"type": "object"}, "the document"),
+                          **_errors(*reads[:-1])},
         }},
         "/healthz": {"get": {
             "operationId": "health", "summary": "200 while the hub is open", "security": [],

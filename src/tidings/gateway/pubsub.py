@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from .. import topics as _topics
 from ..hub import envelope
 from ..messages import Message
+from .coalesce import Coalescer
 from .http import ApiError, convert, expect_object, json_response, read_json
+from .limits import Admission
 from .sse import EventStream, frame
 
 if TYPE_CHECKING:
@@ -40,15 +43,68 @@ MIN_WAIT = 0.05
 
 
 class PublishIn(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    data: Any = msgspec.UNSET
+    # Raw: the client's JSON is stored as sent, never decoded and encoded again.
+    data: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     data_b64: str | msgspec.UnsetType = msgspec.UNSET
     key: str | None = None
     headers: dict[str, str] | None = None
     id: str | None = None
 
 
-class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
-    messages: list[PublishIn]
+class PublishBody(msgspec.Struct, forbid_unknown_fields=True):
+    """One message, or a batch under `messages` (decoded and type-checked in one pass)."""
+
+    data: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    data_b64: str | msgspec.UnsetType = msgspec.UNSET
+    key: str | None = None
+    headers: dict[str, str] | None = None
+    id: str | None = None
+    messages: list[PublishIn] | msgspec.UnsetType = msgspec.UNSET
+
+
+_decode_publish_body = msgspec.json.Decoder(PublishBody).decode
+_encode = msgspec.json.Encoder().encode
+_decode_json = msgspec.json.Decoder().decode
+
+
+def _decode_publish(raw: bytes) -> PublishBody:
+    if not raw:
+        raise ApiError(400, "malformed_json", "the request body is empty; send a JSON object")
+    try:
+        return _decode_publish_body(raw)
+    except msgspec.ValidationError as exc:
+        raise ApiError(422, "invalid_field", f"the request body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, "malformed_json", f"the request body is not valid JSON: {exc}") from None
+
+
+class _PublishEndpoint:
+    """`POST /v1/topics/{topic}/messages` as a bare ASGI app: the hot path skips Starlette's
+    Request and Response objects (about a third of the gateway's cost per publish)."""
+
+    def __init__(self, publish: Callable[[str, bytes], Awaitable[tuple[int, bytes]]],
+                 admission: Admission) -> None:
+        self.publish = publish
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Admitted before the body is read: bodies held in memory are bounded too.
+        with self.admission.admit():
+            chunks = []
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+            raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            status, body = await self.publish(scope["path_params"]["topic"], raw)
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class AckIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -60,7 +116,7 @@ class NackIn(msgspec.Struct, forbid_unknown_fields=True):
     delay: float = 0.0
 
 
-def _payload(m: PublishIn, where: str) -> object:
+def _payload(m: PublishIn | PublishBody, where: str) -> object:
     if m.data_b64 is not msgspec.UNSET:
         if m.data is not msgspec.UNSET:
             raise ApiError(422, "invalid_field", f"{where}: give either data or data_b64, not both")
@@ -71,7 +127,10 @@ def _payload(m: PublishIn, where: str) -> object:
     if m.data is msgspec.UNSET:
         raise ApiError(422, "invalid_field",
                        f"{where}: 'data' is required (any JSON value; or 'data_b64' for bytes)")
-    return m.data
+    if memoryview(m.data)[0] == 0x22:  # '"': a JSON string is stored as text/plain
+        text: str = _decode_json(m.data)
+        return text
+    return m.data  # stored as application/json, byte for byte
 
 
 def _check_publish_topic(topic: str) -> None:
@@ -129,39 +188,40 @@ def message_out(m: Message, group: str | None = None, pattern: str | None = None
 def routes(gw: Gateway) -> list[Route]:
     hub = gw.hub
     metrics = gw.metrics
+    coalescer = Coalescer(hub)
 
-    async def publish(request: Request) -> Response:
-        topic = request.path_params["topic"]
-        with gw.publishes.admit():
-            body = expect_object(await read_json(request))
-            _check_publish_topic(topic)
-            if "messages" in body:
-                batch: BatchIn = convert(body, BatchIn)
-                if not batch.messages:
-                    raise ApiError(422, "invalid_field", "messages must hold at least one message")
-                if len(batch.messages) > MAX_BATCH:
-                    raise ApiError(422, "invalid_field", f"a batch holds at most {MAX_BATCH} "
-                                   "messages; split it")
-                pairs = [(_payload(m, f"messages[{i}]"), m) for i, m in enumerate(batch.messages)]
-                items: list[object]
-                if all(m.key is None and m.headers is None and m.id is None for _, m in pairs):
-                    items = [data for data, _ in pairs]  # the fast path: shared headers
-                else:
-                    items = [envelope(data, key=m.key, headers=m.headers, id=m.id)
-                             for data, m in pairs]
-                stored = await hub.publish_many(topic, items)
-                metrics.published.inc(len(stored))
-                return json_response({
-                    "positions": [p.position for p in stored],
-                    "messages": [{"id": p.id, "position": p.position, "duplicate": p.duplicate}
-                                 for p in stored],
-                }, 201)
-            one: PublishIn = convert(body, PublishIn)
-            p = await hub.publish(topic, _payload(one, "the message"), key=one.key,
-                                  headers=one.headers, id=one.id)
-            metrics.published.inc()
-            return json_response({"id": p.id, "position": p.position,
-                                  "duplicate": p.duplicate}, 201)
+    async def publish(topic: str, raw: bytes) -> tuple[int, bytes]:
+        body = _decode_publish(raw)
+        _check_publish_topic(topic)
+        if body.messages is not msgspec.UNSET:
+            if body.data is not msgspec.UNSET or body.data_b64 is not msgspec.UNSET or \
+                    body.key is not None or body.headers is not None or body.id is not None:
+                raise ApiError(422, "invalid_field", "send either one message ({data, key?, "
+                               "headers?, id?}) or a batch ({messages: [...]}), not both")
+            if not 1 <= len(body.messages) <= MAX_BATCH:
+                raise ApiError(422, "invalid_field",
+                               f"messages must hold 1 to {MAX_BATCH} messages")
+            pairs = [(_payload(m, f"messages[{i}]"), m) for i, m in enumerate(body.messages)]
+            items: list[object]
+            if all(m.key is None and m.headers is None and m.id is None for _, m in pairs):
+                items = [data for data, _ in pairs]  # the fast path: shared headers
+            else:
+                items = [envelope(data, key=m.key, headers=m.headers, id=m.id)
+                         for data, m in pairs]
+            stored = await hub.publish_many(topic, items)
+            metrics.published.inc(len(stored))
+            return 201, _encode({
+                "positions": [p.position for p in stored],
+                "messages": [{"id": p.id, "position": p.position, "duplicate": p.duplicate}
+                             for p in stored],
+            })
+        data = _payload(body, "the message")
+        if body.id is None:
+            p = await coalescer.publish(topic, data, body.key, body.headers)
+        else:
+            p = await hub.publish(topic, data, key=body.key, headers=body.headers, id=body.id)
+        metrics.published.inc()
+        return 201, _encode(p)
 
     async def list_topics(request: Request) -> Response:
         return json_response({"topics": await hub.topics()})
@@ -250,9 +310,10 @@ def routes(gw: Gateway) -> list[Route]:
 
         return gw.event_stream(frames())
 
-    return [
+    return [  # the publish route first: the router tries routes in order
+        Route("/v1/topics/{topic}/messages", _PublishEndpoint(publish, gw.publishes),
+              methods=["POST"]),
         Route("/v1/topics", list_topics, methods=["GET"]),
-        Route("/v1/topics/{topic}/messages", publish, methods=["POST"]),
         Route("/v1/topics/{topic}/stream", stream, methods=["GET"]),
         Route("/v1/subscriptions/{group}/messages", pull, methods=["GET"]),
         Route("/v1/subscriptions/{group}/ack", ack, methods=["POST"]),

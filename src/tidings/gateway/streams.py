@@ -7,6 +7,7 @@ otherwise 409 with the stream's actual version, and nothing is stored.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -95,11 +96,12 @@ def routes(gw: Gateway) -> list[Route]:
         store = _store(gw)
         out: list[dict[str, Any]] = []
         more = None
-        async for rec in store.read(stream_id, first, last, raw=True):
-            if len(out) == limit:
-                more = rec.version
-                break
-            out.append(rec.to_dict())
+        async with contextlib.aclosing(store.read(stream_id, first, last, raw=True)) as records:
+            async for rec in records:
+                if len(out) == limit:
+                    more = rec.version
+                    break
+                out.append(rec.to_dict())
         if not out:
             version = await store.stream_version(stream_id)
             if version == 0:

@@ -17,6 +17,7 @@ function authHeaders(extra) {
 function cell(text, cls) {
   const td = document.createElement("td");
   td.textContent = text === null || text === undefined ? "—" : String(text);
+  td.title = td.textContent;
   if (cls) td.className = cls;
   return td;
 }
@@ -38,6 +39,17 @@ function fill(tableId, rows, empty, render) {
     out.appendChild(tr);
   }
   body.replaceChildren(out);
+}
+
+// A saga's step history as "create_order ✓ → reserve_credit ✗ ↩ create_order".
+const MARKS = { StepCompleted: "✓", StepFailed: "✗", CompensationCompleted: "↩",
+                CompensationFailed: "↩✗" };
+function timeline(steps) {
+  if (!Array.isArray(steps)) return "";
+  return steps.filter((e) => e && e.name && MARKS[e.event])
+    .map((e) => (e.event.startsWith("Compensation") ? MARKS[e.event] + " " + e.name
+                                                   : e.name + " " + MARKS[e.event]))
+    .join(" → ");
 }
 
 const num = (n) => (typeof n === "number" ? n.toLocaleString() : n);
@@ -72,8 +84,7 @@ function render(s) {
   }
   fill("saga-list", sagas ? sagas.instances : [], "no saga instances", (x) => [
     cell(x.saga), cell(x.id || x.saga_id), cell(x.status, "st-" + x.status),
-    cell(Array.isArray(x.steps) ? x.steps.map((st) => st.name || st.step || st).join(" → ")
-                                : "")]);
+    cell(timeline(x.steps), "timeline")]);
 
   // recent requests slot
   fill("requests", s.requests, "no requests yet", (r) => [
@@ -150,7 +161,8 @@ async function startOrder(event) {
   result.textContent = "request " + id + ": pending";
   const location = res.headers.get("Location") || "/v1/requests/" + id;
   for (let i = 0; i < 600; i++) {
-    const r = await fetch(location, { headers: authHeaders() });
+    // ?wait: the server answers as soon as the request ends (no busy polling)
+    const r = await fetch(location + "?wait=5", { headers: authHeaders() });
     if (r.ok) {
       const st = await r.json();
       result.textContent = "request " + id + ": " + st.status +
@@ -158,8 +170,9 @@ async function startOrder(event) {
       result.className = "st-" + st.status;
       result.dataset.status = st.status;
       if (["completed", "compensated", "failed"].includes(st.status)) return;
+    } else {
+      await new Promise((ok) => setTimeout(ok, 1000));
     }
-    await new Promise((ok) => setTimeout(ok, 250));
   }
 }
 
