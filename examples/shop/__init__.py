@@ -16,8 +16,22 @@ from .services import register_services, seed
 __all__ = ["app", "create_order", "register_services", "seed"]
 
 
-def app(hub: tidings.Hub, *, services: bool = True, coordinator: bool = True) -> dict[str, Any]:
-    """Register the shop's services (run by `hub.run()`) and return its sagas by name."""
+def app(hub: tidings.Hub, *, services: bool = True, coordinator: bool = True,
+        seed_data: bool = True) -> Any:
+    """Register the shop's services (run by `hub.run()`) and return its sagas by name.
+
+    With `seed_data` (the default, as `tidings serve --app examples.shop:app` calls
+    it) this returns an awaitable that first seeds customers c-1… and products p-1…
+    (once: seeding again changes nothing); with `seed_data=False`, the mapping itself.
+    """
     if services:
         register_services(hub)
-    return {create_order.name: hub.sagas(create_order)} if coordinator else {}
+    sagas = {create_order.name: hub.sagas(create_order)} if coordinator else {}
+    if not seed_data:
+        return sagas
+
+    async def seeded() -> dict[str, Any]:
+        await seed(hub)
+        return sagas
+
+    return seeded()

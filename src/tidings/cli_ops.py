@@ -70,7 +70,10 @@ async def _runners(url: str, spec: str) -> tuple[Any, dict[str, Any]]:
 
     hub = await connect(url)
     try:
-        made = _load(spec)(hub, services=False) if spec == DEFAULT_APP else _load(spec)(hub)
+        made = (_load(spec)(hub, services=False, seed_data=False) if spec == DEFAULT_APP
+                else _load(spec)(hub))
+        if hasattr(made, "__await__"):
+            made = await made
         runners = dict(made or {})
     except BaseException:
         await hub.close()
@@ -292,10 +295,15 @@ def serve(
     if app_spec and app_spec.startswith("examples."):
         _checkout_on_path()
     try:
-        from .gateway.server import serve as run_server
+        from .gateway.server import run as run_server
     except ImportError as exc:
         _fail(f"the gateway needs the server extra ({exc}); pip install 'tidings[server]'", 1)
-    _run(run_server(engine_url, host, port, token, app_spec))
+    from .errors import TidingsError
+
+    try:
+        run_server(engine_url, host, port, token, app_spec)  # uvloop when installed
+    except TidingsError as exc:
+        _fail(str(exc), 2 if isinstance(exc, InvalidArgument) else 1)
 
 
 _ = Path

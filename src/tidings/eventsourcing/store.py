@@ -417,9 +417,12 @@ def _event_id(eid: str | None) -> str:
     return eid
 
 
+_MAX_INT = 2**63 - 1  # what SQL integers hold
+
+
 def _check_int(name: str, value: object, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise InvalidArgument(f"{name} must be an int >= {low}, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= _MAX_INT:
+        raise InvalidArgument(f"{name} must be an int from {low} to {_MAX_INT}, got {value!r}")
 
 
 def _expected(value: object) -> int | None:

@@ -39,7 +39,6 @@ MAX_PULL = 100  # the default max_in_flight of a subscription: more could never 
 MAX_BATCH = 10_000
 MAX_ACK_IDS = 1_000
 MAX_NACK_DELAY = 86_400.0
-MIN_WAIT = 0.05
 
 
 class PublishIn(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -238,7 +237,7 @@ def routes(gw: Gateway) -> list[Route]:
             sub = await gw.subscription(group, pattern)
             # Subscription.fetch(wait=0) returns before its first look; a short floor makes
             # wait=0 mean "what is there now".
-            msgs = await sub.fetch(limit, max(wait, MIN_WAIT))
+            msgs = await sub.fetch(limit, wait)
         metrics.delivered.inc(len(msgs))
         return json_response({"messages": [message_out(m, group, pattern) for m in msgs]})
 
