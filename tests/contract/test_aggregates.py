@@ -13,7 +13,8 @@ import tidings
 from tidings.eventsourcing.snapshots import schema_of
 
 #: Engines with an event-store backend (tidings.engines.store_base.backend_for).
-EVENT_STORE_ENGINES = {"tidings.engines.memory", "tidings.engines.sqlite"}
+EVENT_STORE_ENGINES = {"tidings.engines.memory", "tidings.engines.sqlite",
+                       "tidings.engines.postgres"}
 
 
 @pytest.fixture(autouse=True)
@@ -258,7 +259,7 @@ async def test_snapshot_of_an_older_schema_is_ignored(hub: tidings.Hub) -> None:
 
 
 async def test_snapshot_state_types_round_trip(hub: tidings.Hub) -> None:
-    class Noted(tidings.Event):
+    class RichNoted(tidings.Event):  # event types are process-wide: a name of its own
         at: datetime
         tags: list[str]
 
@@ -280,7 +281,7 @@ async def test_snapshot_state_types_round_trip(hub: tidings.Hub) -> None:
     r = Rich("rich-1")
     now = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
     for i in range(3):
-        r.record(Noted(at=now + timedelta(minutes=i), tags=[f"t{i}", "all"]))
+        r.record(RichNoted(at=now + timedelta(minutes=i), tags=[f"t{i}", "all"]))
     await repo.save(r)
     back = await repo.get("rich-1")
     fresh = await repo.get("rich-1", version=3)
