@@ -14,7 +14,14 @@ from . import topics as _topics
 from .backpressure import Window
 from .engines.base import Engine, Retention
 from .engines.delivery import SubscriptionSpec
-from .errors import ClosedError, EngineUnavailable, InvalidArgument, PayloadTooLarge, Unsupported
+from .errors import (
+    ClosedError,
+    EngineUnavailable,
+    InvalidArgument,
+    PayloadTooLarge,
+    TidingsError,
+    Unsupported,
+)
 from .messages import TEXT, Message, OutMessage, Published, encode_data, new_id
 from .pubsub import Handler, Subscription, closed_error
 
@@ -37,6 +44,15 @@ Start = str | int | datetime
 
 
 def _engine_for(url: str, options: dict[str, Any]) -> Engine:
+    try:
+        return _make_engine(url, options)
+    except TidingsError:
+        raise
+    except (TypeError, ValueError) as exc:  # an option of the wrong type or shape
+        raise InvalidArgument(f"bad engine option in {url!r} / {options!r}: {exc}") from None
+
+
+def _make_engine(url: str, options: dict[str, Any]) -> Engine:
     if not isinstance(url, str) or "://" not in url:
         raise InvalidArgument(
             f"engine URL {url!r} is not a URL; use 'sqlite:///path.db', 'memory://' "
@@ -60,6 +76,13 @@ def _engine_for(url: str, options: dict[str, Any]) -> Engine:
             raise InvalidArgument(
                 "sqlite URL has no file path; use 'sqlite:///relative.db' or "
                 "'sqlite:////absolute/path.db'"
+            )
+        known = {"durability", "dedup_window", "poll_interval", "max_batch"}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise InvalidArgument(
+                f"sqlite:// does not take {', '.join(unknown)}; its options are "
+                f"{', '.join(sorted(known))}"
             )
         return SqliteEngine(path, url=url, **merged)
     if scheme in ("postgresql", "postgres"):

@@ -50,6 +50,13 @@ class MemoryEngine(Engine):
         super().__init__()
         self.url = url
         self.dedup_window = float(options.pop("dedup_window", 120.0))
+        if options:
+            from ..errors import InvalidArgument
+
+            raise InvalidArgument(
+                f"memory:// does not take {', '.join(sorted(options))}; its only option is "
+                "dedup_window (seconds)"
+            )
         self._recs: dict[int, _Rec] = {}
         self._by_topic: dict[str, list[int]] = {}
         self._bytes: dict[str, int] = {}

@@ -1,0 +1,32 @@
+"""Engine options: a typo or a bad value is a clear InvalidArgument, never a TypeError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import tidings
+
+
+@pytest.mark.parametrize(("url", "options", "says"), [
+    ("sqlite:///{d}/a.db", {"durablity": "full"}, "does not take durablity"),
+    ("sqlite:///{d}/a.db?durability=sometimes", {}, "'full' or 'normal'"),
+    ("sqlite:///{d}/a.db?dedup_window=soon", {}, "bad engine option"),
+    ("memory://", {"bogus": 1}, "does not take bogus"),
+    ("memory://?dedup_window=x", {}, "bad engine option"),
+    ("nosuch://x", {}, "unknown engine"),
+    ("not a url", {}, "is not a URL"),
+])
+async def test_bad_options_are_invalid_argument(tmp_path: Path, url: str,
+                                                options: dict[str, object], says: str) -> None:
+    with pytest.raises(tidings.InvalidArgument, match=says):
+        await tidings.connect(url.format(d=tmp_path), **options)
+    assert not (tmp_path / "a.db").exists()  # nothing was created
+
+
+async def test_good_options_are_used(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/a.db?durability=normal&dedup_window=5"
+    async with await tidings.connect(url) as hub:
+        assert hub.engine.durability == "normal"  # type: ignore[attr-defined]
+        assert hub.engine.dedup_window == 5.0
