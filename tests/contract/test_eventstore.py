@@ -23,7 +23,8 @@ GUARD = 10.0
 
 
 #: Engines with an event-store backend (tidings.engines.store_base.backend_for).
-EVENT_STORE_ENGINES = {"tidings.engines.memory", "tidings.engines.sqlite"}
+EVENT_STORE_ENGINES = {"tidings.engines.memory", "tidings.engines.sqlite",
+                       "tidings.engines.postgres"}
 
 
 @pytest.fixture(autouse=True)
@@ -386,9 +387,28 @@ async def test_no_update_or_delete_api(hub: tidings.Hub) -> None:
 
 async def test_database_refuses_update_and_delete(hub: tidings.Hub,
                                                   engine: Any) -> None:
-    if engine.id != "sqlite":
+    if engine.id not in ("sqlite", "postgres"):
         pytest.skip("a database-level guard only exists on SQL engines")
     await hub.events.append("imm-1", [CtDeposited(amount=1)])
+    if engine.id == "postgres":
+        import asyncpg  # type: ignore[import-untyped]
+
+        async def tamper(tx: Any) -> list[str]:
+            errors = []
+            events = tx.table("tidings_events")
+            for sql in (f"UPDATE {events} SET data = '\\x00'", f"DELETE FROM {events}",
+                        f"TRUNCATE {events}"):
+                try:
+                    async with tx.conn.transaction():  # a savepoint
+                        await tx.conn.execute(sql)
+                except asyncpg.PostgresError as exc:
+                    errors.append(str(exc))
+            return errors
+
+        errors = await hub.engine.transact(tamper)  # type: ignore[attr-defined]
+        assert len(errors) == 3 and all("refused" in e for e in errors), errors
+        assert (await stream(hub, "imm-1"))[0].event == CtDeposited(amount=1)
+        return
     path = hub.url.split("///", 1)[1]
     conn = sqlite3.connect(path)
     try:

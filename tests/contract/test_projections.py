@@ -10,12 +10,14 @@ import pytest
 
 import tidings
 from tidings import NewEvent, RecordedEvent
+from tidings.engines.postgres_store import PostgresTx
 
 GUARD = 10.0
 
 
 #: Engines with an event-store backend (tidings.engines.store_base.backend_for).
-EVENT_STORE_ENGINES = {"tidings.engines.memory", "tidings.engines.sqlite"}
+EVENT_STORE_ENGINES = {"tidings.engines.memory", "tidings.engines.sqlite",
+                       "tidings.engines.postgres"}
 
 
 @pytest.fixture(autouse=True)
@@ -33,16 +35,29 @@ class PjRemoved(tidings.Event):
     item: str
 
 
-def put(tx: Any, key: str, value: int) -> None:
+async def put(tx: Any, key: str, value: int) -> None:
     """Write one read-model row through the projection's transaction (any engine)."""
-    if hasattr(tx, "execute"):  # SQLite: the same transaction as the checkpoint
+    if isinstance(tx, PostgresTx):  # the same transaction as the checkpoint
+        rm = tx.table("rm")
+        await tx.execute(f"CREATE TABLE IF NOT EXISTS {rm} (k text PRIMARY KEY, v bigint)")
+        await tx.execute(f"INSERT INTO {rm} (k, v) VALUES ($1, $2) "
+                         "ON CONFLICT (k) DO UPDATE SET v = excluded.v", key, value)
+    elif hasattr(tx, "execute"):  # SQLite: the same transaction as the checkpoint
         tx.execute("CREATE TABLE IF NOT EXISTS rm (k TEXT PRIMARY KEY, v INTEGER)")
         tx.execute("INSERT OR REPLACE INTO rm (k, v) VALUES (?, ?)", (key, value))
     else:
         tx.state[key] = value
 
 
-def read_model(hub: tidings.Hub, name: str) -> dict[str, int]:
+async def read_model(hub: tidings.Hub, name: str) -> dict[str, int]:
+    if hub.url.startswith("postgres"):
+        async def q(tx: Any) -> dict[str, int]:
+            rm = tx.table("rm")
+            if await tx.conn.fetchval("SELECT to_regclass($1)", rm) is None:
+                return {}
+            return {r[0]: r[1] for r in await tx.conn.fetch(f"SELECT k, v FROM {rm}")}
+
+        return await hub.engine.transact(q)  # type: ignore[attr-defined, no-any-return]
     if hub.url.startswith("sqlite"):
         conn = sqlite3.connect(hub.url.split("///", 1)[1])
         try:
@@ -99,9 +114,9 @@ async def test_checkpoint_and_read_model_commit_together(hub: tidings.Hub) -> No
         ev = rec.event
         if isinstance(ev, PjAdded):
             if ev.item == "boom":
-                put(tx, "half-written", 1)  # undone with the failing event
+                await put(tx, "half-written", 1)  # undone with the failing event
                 raise RuntimeError("cannot stock boom")
-            put(tx, ev.item, ev.qty)
+            await put(tx, ev.item, ev.qty)
 
     for i in range(6):
         await hub.events.append("s-1", [PjAdded(item=f"x{i}", qty=i)])
@@ -111,10 +126,10 @@ async def test_checkpoint_and_read_model_commit_together(hub: tidings.Hub) -> No
     assert (st.status, st.position, st.failed_position) == ("failed", 6, 7)
     assert st.error == "RuntimeError: cannot stock boom"
     assert st.lag == 2
-    model = read_model(hub, "stock")
+    model = await read_model(hub, "stock")
     assert "after" not in model  # stopped at the failure: nothing after it
     assert {k: model[k] for k in model if k.startswith("x")} == {f"x{i}": i for i in range(6)}
-    if hub.url.startswith("sqlite"):
+    if hub.url.startswith(("sqlite", "postgres")):
         assert "half-written" not in model
     # stays stopped (visible) until retried
     await hub.events.append("s-1", [PjAdded(item="later", qty=1)])
@@ -162,7 +177,7 @@ async def test_projection_resumes_after_restart(engine_url: str) -> None:
         @hub.projection("counter")
         async def counter(rec: RecordedEvent, tx: Any) -> None:
             seen.append(rec.position)
-            put(tx, "count", rec.position)
+            await put(tx, "count", rec.position)
 
     async with await tidings.connect(engine_url) as h1:
         register(h1)
@@ -173,7 +188,7 @@ async def test_projection_resumes_after_restart(engine_url: str) -> None:
         register(h2)
         (st,) = await h2.projections.catch_up()
         assert st.position == 7
-        assert read_model(h2, "counter") == {"count": 7}
+        assert await read_model(h2, "counter") == {"count": 7}
     assert seen == [1, 2, 3, 4, 5, 6, 7]  # each event once, across the restart
 
 
@@ -181,10 +196,12 @@ async def test_rebuild_from_zero(hub: tidings.Hub) -> None:
     seen: list[int] = []
     resets = 0
 
-    def reset(tx: Any) -> None:
+    async def reset(tx: Any) -> None:
         nonlocal resets
         resets += 1
-        if hasattr(tx, "execute"):
+        if isinstance(tx, PostgresTx):
+            await tx.execute(f"DELETE FROM {tx.table('rm')}")
+        elif hasattr(tx, "execute"):
             tx.execute("DELETE FROM rm")
         else:
             tx.state.clear()
@@ -192,7 +209,7 @@ async def test_rebuild_from_zero(hub: tidings.Hub) -> None:
     @hub.projection("totals", reset=reset, batch=3)
     async def totals(ev: PjAdded, tx: Any) -> None:
         seen.append(ev.qty)
-        put(tx, ev.item, ev.qty)
+        await put(tx, ev.item, ev.qty)
 
     await hub.events.append("t-1", [PjAdded(item=f"k{i}", qty=i) for i in range(10)])
     await hub.projections.catch_up()
@@ -202,7 +219,7 @@ async def test_rebuild_from_zero(hub: tidings.Hub) -> None:
     assert seen == list(range(10)) * 2
     assert st.position == 10 and st.status == "running"
     assert progress[-1] == (10, 10) and len(progress) >= 3
-    assert read_model(hub, "totals") == {f"k{i}": i for i in range(10)}
+    assert await read_model(hub, "totals") == {f"k{i}": i for i in range(10)}
     with pytest.raises(tidings.NotFound):
         await hub.projections.rebuild("nope")
 
@@ -254,7 +271,7 @@ async def test_writing_through_the_store_inside_a_handler_is_refused(engine_url:
 
         await hub.events.append("o-1", [PjAdded(item="a")])
         (st,) = await asyncio.wait_for(hub.projections.catch_up(), GUARD)
-        if hub.url.startswith("sqlite"):
+        if hub.url.startswith(("sqlite", "postgres")):
             assert st.status == "failed" and "write through the handler's tx" in (st.error or "")
         else:  # memory has no writer to wait for: the append just happens
             assert st.status == "running"

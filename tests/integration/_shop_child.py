@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import sys
 
-import tidings
 from examples.shop import create_order, register_services, seed
 from examples.shop.demo import make_orders
+
+import tidings
 
 
 async def services(url: str, only: str) -> None:

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-import tidings
 from examples.shop import create_order
 from examples.shop.demo import check_invariants
+
+import tidings
 
 ROOT = Path(__file__).resolve().parents[2]
 ORDERS = 100

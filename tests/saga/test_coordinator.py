@@ -59,8 +59,11 @@ class SgLedger(tidings.Aggregate):
 
 
 # harness ---------------------------------------------------------------------------------
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite",
+                        pytest.param("postgres", marks=pytest.mark.service)])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "postgres":  # a fresh schema (tests/pg_plugin.py)
+        return str(request.getfixturevalue("postgres_server").new_url())
     return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/x.db"
 
 

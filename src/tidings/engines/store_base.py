@@ -7,17 +7,18 @@ positions that are never filled in late, immutability, the outbox (each
 event also stored as a message in the same transaction), snapshots kept
 apart, and projection checkpoints written in the caller's transaction.
 
-Nothing here is SQLite-shaped; a PostgreSQL backend implements the same
-methods (positions from a sequence taken under a transaction-level advisory
-lock so that commit order equals position order).
+Nothing here is SQLite-shaped; the PostgreSQL backend implements the same
+methods (positions assigned under the log's commit-order lock, so that
+commit order equals position order).
 """
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from .. import topics as _topics
 from ..messages import JSON, OutMessage, encode_data, new_id
@@ -36,6 +37,7 @@ __all__ = [
     "StreamLoad",
     "backend_for",
     "event_headers",
+    "maybe_await",
     "out_message",
 ]
 
@@ -102,16 +104,22 @@ class StoreTx(ABC):
 
     Projection handlers receive it as `tx`: their own writes through it
     commit with the projection's checkpoint, or not at all.
+
+    The methods below may return their result directly (SQLite, memory) or
+    an awaitable of it (PostgreSQL, whose driver is async); callers pass
+    what they get through `maybe_await`.
     """
 
     @abstractmethod
-    def events_after(self, position: int, limit: int) -> list[EventRow]: ...
+    def events_after(self, position: int, limit: int
+                     ) -> list[EventRow] | Awaitable[list[EventRow]]: ...
 
     @abstractmethod
-    def projection(self, name: str) -> ProjectionState | None: ...
+    def projection(self, name: str
+                   ) -> ProjectionState | None | Awaitable[ProjectionState | None]: ...
 
     @abstractmethod
-    def save_projection(self, state: ProjectionState, now: float) -> None: ...
+    def save_projection(self, state: ProjectionState, now: float) -> None | Awaitable[None]: ...
 
     @abstractmethod
     def publish_messages(self, messages: Sequence[OutMessage]) -> None:
@@ -123,10 +131,17 @@ class StoreTx(ABC):
 
     # one event's writes, undone alone if its handler fails
     @abstractmethod
-    def _begin_event(self) -> None: ...
+    def _begin_event(self) -> None | Awaitable[None]: ...
 
     @abstractmethod
-    def _end_event(self, ok: bool) -> None: ...
+    def _end_event(self, ok: bool) -> None | Awaitable[None]: ...
+
+
+async def maybe_await(value: T | Awaitable[T]) -> T:
+    """`value`, awaited first if it is awaitable (see `StoreTx`)."""
+    if inspect.isawaitable(value):
+        return await cast("Awaitable[T]", value)
+    return value
 
 
 class StoreBackend(ABC):
@@ -202,6 +217,12 @@ def backend_for(engine: Engine) -> StoreBackend:
         from .memory_store import MemoryStore
 
         return MemoryStore(engine)
+    from .postgres import PostgresEngine
+
+    if isinstance(engine, PostgresEngine):
+        from .postgres_store import PostgresStore
+
+        return PostgresStore(engine)
     from ..errors import Unsupported
 
     raise Unsupported(f"the engine behind {engine.url!r} has no event store")

@@ -10,7 +10,11 @@ the event's position, and nothing after it is processed until `retry` (or
 
 On SQLite a batch (`batch` events, default 200) holds the engine's writer
 while its handlers run, so handlers should be quick and must not write
-through the hub: other writers wait for the batch to commit.
+through the hub: other writers wait for the batch to commit. On PostgreSQL
+a batch is one transaction, which holds the log's lock once a handler has
+published through `tx` (appenders wait for it the same way). The `tx`
+methods used here may be async (PostgreSQL): each result goes through
+`maybe_await`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from ..engines.store_base import ProjectionState, StoreTx
+from ..engines.store_base import ProjectionState, StoreTx, maybe_await
 from ..errors import ClosedError, InvalidArgument, NotFound, TidingsError
 from .events import event_type_name
 from .records import RecordedEvent
@@ -165,33 +169,33 @@ class Projections:
 
     async def _batch(self, p: Projection) -> tuple[ProjectionState, int]:
         async def body(tx: StoreTx) -> tuple[ProjectionState, int]:
-            st = tx.projection(p.name) or ProjectionState(p.name)
+            st = await maybe_await(tx.projection(p.name)) or ProjectionState(p.name)
             if st.status != "running":
                 return st, 0
-            rows = tx.events_after(st.position, p.batch)
+            rows = await maybe_await(tx.events_after(st.position, p.batch))
             for row in rows:
                 if p.types is not None and row[4] not in p.types:
                     st.position = row[0]
                     continue
                 rec = RecordedEvent(row, _DEFAULT_RESOLVER)
                 tx.record = rec  # type: ignore[attr-defined]
-                tx._begin_event()
+                await maybe_await(tx._begin_event())
                 try:
                     r = p.handler(rec.event if p.typed else rec, tx)
                     if inspect.isawaitable(r):
                         await r
                 except Exception as exc:  # noqa: BLE001 - recorded as the projection's status
-                    tx._end_event(False)
+                    await maybe_await(tx._end_event(False))
                     st.status = "failed"
                     st.error = f"{type(exc).__name__}: {exc}"
                     st.failed_position = rec.position
                     log.error("projection %r stopped at event %d (%s %r v%d): %s", p.name,
                               rec.position, rec.type, rec.stream_id, rec.version, st.error)
                     break
-                tx._end_event(True)
+                await maybe_await(tx._end_event(True))
                 st.position = rec.position
             if rows:
-                tx.save_projection(st, tx.now)
+                await maybe_await(tx.save_projection(st, tx.now))
             return st, len(rows)
 
         return await self._store.backend.transaction(body)
@@ -240,12 +244,12 @@ class Projections:
         p = self._get(name)
 
         async def reset(tx: StoreTx) -> None:
-            tx.projection(p.name)
+            await maybe_await(tx.projection(p.name))
             if p.reset is not None:
                 r = p.reset(tx)
                 if inspect.isawaitable(r):
                     await r
-            tx.save_projection(ProjectionState(p.name), tx.now)
+            await maybe_await(tx.save_projection(ProjectionState(p.name), tx.now))
 
         async with self._locks.setdefault(p.name, asyncio.Lock()):
             await self._store.backend.transaction(reset)
@@ -255,10 +259,10 @@ class Projections:
     async def retry(self, name: str) -> ProjectionStatus:
         """Clear a failed projection's error so it resumes at the event that failed."""
         async def clear(tx: StoreTx) -> None:
-            st = tx.projection(name)
+            st = await maybe_await(tx.projection(name))
             if st is not None and st.status != "running":
                 st.status, st.error, st.failed_position = "running", None, None
-                tx.save_projection(st, tx.now)
+                await maybe_await(tx.save_projection(st, tx.now))
 
         await self._store.backend.transaction(clear)
         return await self.status(name)
