@@ -1,4 +1,4 @@
-"""The shop across processes on one SQLite file, with the coordinator and the inventory
+"""The shop across processes on one SQLite file (and on PostgreSQL), with the coordinator and the inventory
 service killed (SIGKILL) at random moments: every saga ends completed or compensated
 and the invariants hold."""
 
@@ -53,9 +53,13 @@ def _read_until(p: subprocess.Popen[str], lines: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("victim", ["coordinator", "inventory"])
-async def test_shop_survives_sigkill(tmp_path: Path, victim: str) -> None:
-    url = f"sqlite:///{tmp_path}/shop.db"
+@pytest.mark.parametrize(("engine", "victim"), [
+    ("sqlite", "coordinator"), ("sqlite", "inventory"), ("postgres", "coordinator"),
+])
+async def test_shop_survives_sigkill(tmp_path: Path, engine: str, victim: str,
+                                     request: pytest.FixtureRequest) -> None:
+    url = (f"sqlite:///{tmp_path}/shop.db" if engine == "sqlite"
+           else request.getfixturevalue("postgres_url"))
     rng = random.Random(victim)
     services = _spawn("services", url, "all")
     inventory = _spawn("services", url, "inventory")
