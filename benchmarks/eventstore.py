@@ -96,8 +96,12 @@ def _es_classes_cached() -> tuple[Any, Any]:
 
 
 def es_append(path: str, aggregates: int, per_aggregate: int, per_save: int) -> float:
+    return es_append_with(_es_app(path), aggregates, per_aggregate, per_save)
+
+
+def es_append_with(app: Any, aggregates: int, per_aggregate: int, per_save: int) -> float:
+    """The eventsourcing side of `append` on an application `app` (closed afterwards)."""
     account_cls, _ = _es_classes_cached()
-    app = _es_app(path)
     accounts = []
     t0 = perf_counter()
     for _ in range(aggregates):

@@ -15,6 +15,15 @@ Rows:
 - end to end: one publisher (publish_many batches) and 4 consumers, each on
   its own hub (its own connections), sharing one subscription and acking
   every message; timed until the last ack reached the server.
+- event appends through the repository: the event-store `append` of
+  `benchmarks/eventstore.py` (same aggregate and events: 1,000 aggregates x
+  100 events, saved 10 at a time) on this server. tidings serves 100 saves
+  concurrently (`hub.repository(...).save`, durability full) in a fresh
+  schema; the `eventsourcing` library's PostgreSQL persistence
+  (`PERSISTENCE_MODULE=eventsourcing.postgres`, psycopg 3) saves one
+  aggregate per `Application.save`, synchronously, in a fresh database of
+  the same server. The one-save-at-a-time tidings figure is reported too.
+  The ratio is the median of the per-repetition ratios.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import tidings
 
@@ -55,10 +65,15 @@ class Sizes:
     reps: int
     bulk: int  # messages through publish_many / the peers
     e2e: int  # messages end to end
+    aggregates: int  # event appends: aggregates x events each, PER_SAVE per save
+    per_aggregate: int
 
 
-FULL = Sizes(reps=3, bulk=100_000, e2e=100_000)
-QUICK = Sizes(reps=1, bulk=3_000, e2e=3_000)
+FULL = Sizes(reps=3, bulk=100_000, e2e=100_000, aggregates=1_000, per_aggregate=100)
+QUICK = Sizes(reps=1, bulk=3_000, e2e=3_000, aggregates=20, per_aggregate=20)
+PER_SAVE = 10
+SAVES_IN_FLIGHT = 100
+APPEND_TARGET = 3.0
 
 
 @contextlib.asynccontextmanager
@@ -124,6 +139,110 @@ async def peer_bulk(base: str, payloads: list[bytes], n: int, how: str) -> float
         return rate
     finally:
         await conn.close()
+
+
+# event appends: the eventsourcing library on the same server ---------------------------
+@contextlib.asynccontextmanager
+async def _scratch_database(base: str) -> AsyncIterator[str]:
+    """A fresh database on the server behind `base` (dropped afterwards); yields its URL."""
+    import asyncpg
+
+    name = f"es_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(base)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    parts = urlsplit(base)
+    try:
+        yield urlunsplit(parts._replace(path=f"/{name}"))
+    finally:
+        conn = await asyncpg.connect(base)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+def _es_env(url: str) -> dict[str, str]:
+    """eventsourcing's PostgreSQL settings for the database at `url`."""
+    parts = urlsplit(url)
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": unquote(parts.path.lstrip("/")) or "postgres",
+        "POSTGRES_HOST": parts.hostname or "127.0.0.1",
+        "POSTGRES_PORT": str(parts.port or 5432),
+        "POSTGRES_USER": unquote(parts.username or "postgres"),
+        "POSTGRES_PASSWORD": unquote(parts.password or ""),
+    }
+
+
+async def es_append_pg(base: str, aggregates: int, per_aggregate: int) -> float:
+    """eventsourcing's `Application.save`, one save at a time, in its own database."""
+    from .eventstore import _es_classes_cached, es_append_with
+
+    async with _scratch_database(base) as url:
+        def measure() -> float:
+            _, bank = _es_classes_cached()
+            app = bank(env=_es_env(url))  # creates its tables: not timed
+            return es_append_with(app, aggregates, per_aggregate, PER_SAVE)
+
+        return await asyncio.to_thread(measure)
+
+
+async def tidings_append_pg(base: str, aggregates: int, per_aggregate: int,
+                            concurrency: int) -> float:
+    """`hub.repository(...).save` with `concurrency` saves in flight, in a fresh schema."""
+    from .eventstore import tidings_append
+
+    url = _schema_url(base)
+    try:
+        return await tidings_append(url, aggregates, per_aggregate, PER_SAVE, concurrency)
+    finally:
+        await _drop_schema(base, url)
+
+
+async def _appends(base: str, s: Sizes) -> list[dict[str, Any]]:
+    total = s.aggregates * s.per_aggregate
+    try:
+        import eventsourcing.postgres  # noqa: F401 - the peer, with psycopg 3 and its pool
+    except ModuleNotFoundError as exc:
+        missing: str | None = exc.name
+        progress(f"postgres: event appends without the peer ({missing!r} is not installed; "
+                 "pip install 'tidings[bench]')")
+    else:
+        missing = None
+    ours: list[float] = []
+    theirs: list[float] = []
+    for rep in range(1, s.reps + 1):
+        if missing is None:
+            theirs.append(await asyncio.wait_for(
+                es_append_pg(base, s.aggregates, s.per_aggregate), RUN_TIMEOUT))
+        ours.append(await asyncio.wait_for(
+            tidings_append_pg(base, s.aggregates, s.per_aggregate, SAVES_IN_FLIGHT),
+            RUN_TIMEOUT))
+        versus = f", eventsourcing {theirs[-1]:,.0f} events/s" if theirs else ""
+        progress(f"postgres: event appends run {rep}/{s.reps}: tidings {ours[-1]:,.0f} "
+                 f"events/s{versus}")
+    one = await asyncio.wait_for(
+        tidings_append_pg(base, s.aggregates, s.per_aggregate, 1), RUN_TIMEOUT)
+    progress(f"postgres: event appends one save at a time: tidings {one:,.0f} events/s")
+    peer = summary(theirs) if theirs else None
+    peer_name = ("eventsourcing Application.save (postgres)" if missing is None
+                 else f"eventsourcing (not installed: {missing})")
+    sizes = dict(aggregates=s.aggregates, events=total, per_save=PER_SAVE)
+    return [
+        row("event appends through the repository, PostgreSQL", summary(ours),
+            peer_name, peer, "events/s", APPEND_TARGET,
+            ratio=summary([a / b for a, b in zip(ours, theirs, strict=True)]) if theirs
+            else None,
+            samples=ours, peer_samples=theirs, **sizes,
+            note=f"median of {s.reps}, PostgreSQL defaults; tidings: {SAVES_IN_FLIGHT} saves "
+                 "in flight; eventsourcing: psycopg 3, its own database on the same server"),
+        row("event appends through the repository, one save at a time, PostgreSQL", one,
+            peer_name, peer, "events/s", 1.0, **sizes,
+            note="tidings awaits each save before the next (the peer's way)"),
+    ]
 
 
 # tidings ----------------------------------------------------------------------------------
@@ -224,6 +343,7 @@ async def run(quick: bool) -> list[dict[str, Any]]:
                         **samples,
                         note=f"{how}; publish_many x{BATCH} -> {CONSUMERS} consumer hubs on "
                              f"one subscription (max_in_flight={MAX_IN_FLIGHT}) -> ack"))
+        rows.extend(await _appends(base, s))
     return rows
 
 
