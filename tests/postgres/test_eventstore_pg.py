@@ -9,6 +9,7 @@ import pytest
 import tidings
 from tidings.engines.postgres import PostgresEngine
 from tidings.engines.postgres_store import PostgresStore
+from tidings.eventsourcing import Appended
 
 asyncpg = pytest.importorskip("asyncpg")
 pytestmark = [pytest.mark.service]
@@ -97,3 +98,23 @@ async def test_positions_are_never_filled_in_late(postgres_url: str) -> None:
     assert published == seen
     assert seen == list(range(1, total + 1))
     assert stored == seen
+
+
+async def test_group_commit_fails_only_the_offending_appends(postgres_url: str) -> None:
+    """Concurrent appends share one commit; a conflict or a reused id fails alone."""
+    async with await tidings.connect(postgres_url) as hub:
+        store = hub.events
+        await store.append("g-taken", [tidings.NewEvent(PgStoreEv(n=0), id="taken-id")])
+        jobs = [store.append(f"g-{i}", [PgStoreEv(n=i)], expected_version=0) for i in range(30)]
+        jobs.append(store.append("g-0", [PgStoreEv(n=99)], expected_version=0))  # conflict
+        jobs.append(store.append("g-other", [tidings.NewEvent(PgStoreEv(n=1), id="taken-id")]))
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        assert all(isinstance(r, Appended) for r in results[1:30]), results
+        # exactly one of the two appends to g-0 at version 0 won
+        assert sorted(type(r).__name__ for r in (results[0], results[30])) == [
+            "Appended", "ConcurrencyError"]
+        assert isinstance(results[31], tidings.EventIdConflict)
+        assert [r.event.n async for r in store.read("g-5")] == [5]
+        assert [r async for r in store.read("g-other")] == []
+        positions = [r.position async for r in store.read_all()]
+        assert positions == sorted(positions) and len(positions) == len(set(positions)) == 31

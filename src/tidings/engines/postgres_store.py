@@ -24,6 +24,7 @@ savepoint, so a failing handler's writes are undone alone.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -244,6 +245,10 @@ class PostgresTx(StoreTx):
         await self.conn.execute("RELEASE SAVEPOINT tidings_event")
 
 
+#: at most this many appends share one commit
+_GROUP = 200
+
+
 class PostgresStore(StoreBackend):
     engine: PostgresEngine
 
@@ -251,6 +256,9 @@ class PostgresStore(StoreBackend):
         super().__init__(engine)
         self._sql = _Sql(engine.sql.schema)
         self._created = False
+        # Group commit: appends queued while a commit is under way share the next one.
+        self._queue: list[tuple[Any, ...]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     async def _ready(self) -> None:
         if not self._created:  # idempotent: concurrent first calls just both look
@@ -284,7 +292,78 @@ class PostgresStore(StoreBackend):
     ) -> AppendOutcome:
         self._check_not_holding()
         await self._ready()
+        fut: asyncio.Future[AppendOutcome] = asyncio.get_running_loop().create_future()
+        self._queue.append((stream_id, records, expected, topic, snapshot, fut))
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush())
+        return await fut
 
+    async def _flush(self) -> None:
+        """Commit queued appends together, in one transaction.
+
+        Every append takes the log's lock until its commit, so one transaction
+        per append makes concurrent appends wait for each other's WAL flush; one
+        transaction for all that are queued shares that flush. A version
+        conflict is found by a check (nothing is aborted) and fails that append
+        alone; an event id reused (a database error, which aborts the
+        transaction) makes the batch commit again one append at a time.
+        """
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:_GROUP], self._queue[_GROUP:]
+                if len(batch) == 1:
+                    await self._commit_one(*batch[0])
+                    continue
+                results: list[Any] = []
+
+                async def op(tx: PgTx, batch: list[tuple[Any, ...]] = batch,
+                             results: list[Any] = results) -> None:
+                    results.clear()  # a retried transaction starts over
+                    stored: list[OutMessage] = []
+                    for stream_id, records, expected, topic, snapshot, _ in batch:
+                        try:
+                            out, msgs = await _append_in_tx(
+                                self._sql, tx, stream_id, records, expected, topic)
+                        except ConcurrencyError as exc:  # found by a check: nothing aborted
+                            results.append(exc)
+                            continue
+                        if msgs and snapshot is not None:
+                            await _put_snapshot(self._sql, tx.conn, stream_id, snapshot)
+                        results.append(out)
+                        stored.extend(msgs)
+                    if stored:
+                        await tx.append(stored)
+
+                try:
+                    await self.engine.transact(op, durable=True)
+                except EventIdConflict:
+                    # an id reuse aborts the whole transaction: commit them one by one,
+                    # so only the offending append fails
+                    for item in batch:
+                        await self._commit_one(*item)
+                    continue
+                except BaseException as exc:
+                    for *_, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (*_, fut), r in zip(batch, results, strict=True):
+                    if fut.done():
+                        continue
+                    if isinstance(r, BaseException):
+                        fut.set_exception(r)
+                    else:
+                        fut.set_result(r)
+        finally:
+            self._flusher = None
+            if self._queue:  # queued while we were finishing
+                self._flusher = asyncio.ensure_future(self._flush())
+
+    async def _commit_one(self, stream_id: str, records: Sequence[NewRecord],
+                          expected: int | None, topic: str, snapshot: SnapshotRow | None,
+                          fut: asyncio.Future[AppendOutcome]) -> None:
         async def op(tx: PgTx) -> AppendOutcome:
             out, messages = await _append_in_tx(self._sql, tx, stream_id, records, expected,
                                                 topic)
@@ -294,7 +373,14 @@ class PostgresStore(StoreBackend):
                     await _put_snapshot(self._sql, tx.conn, stream_id, snapshot)
             return out
 
-        return await self.engine.transact(op, durable=True)
+        try:
+            out = await self.engine.transact(op, durable=True)
+        except Exception as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+            return
+        if not fut.done():
+            fut.set_result(out)
 
     async def append_batch(
         self,
