@@ -181,6 +181,20 @@ def saga_show(
 
 
 # event streams and projections ---------------------------------------------------------
+def _on_hub(url: str, app_spec: str | None, fn: Any) -> Any:
+    """Run `await fn(hub)` on a hub of `url` (the app's modules importable), then close it."""
+    if app_spec and app_spec.startswith("examples."):
+        _checkout_on_path()
+
+    async def go() -> Any:
+        from .hub import connect
+
+        async with await connect(url) as hub:
+            return await fn(hub)
+
+    return _run(go())
+
+
 @app.command("events")
 def events_show(
     ctx: typer.Context,
@@ -196,19 +210,10 @@ def events_show(
     engine_url, as_json = _settings(ctx, url, as_json)
     from .eventsourcing import cli as es_cli
 
-    if app_spec and app_spec.startswith("examples."):
-        _checkout_on_path()
-
-    async def go() -> Any:
-        from .hub import connect
-
-        async with await connect(engine_url) as hub:
-            return await es_cli.show_events(hub, stream_id, version=version, as_of=as_of,
-                                            as_json=as_json, app=app_spec)
-
     if version is not None and version < 1:
         _fail("--version must be >= 1")
-    _run(go())
+    _on_hub(engine_url, app_spec, lambda hub: es_cli.show_events(
+        hub, stream_id, version=version, as_of=as_of, as_json=as_json, app=app_spec))
 
 
 projections_app = typer.Typer(help="Projections: status and rebuild.", no_args_is_help=True)
@@ -228,16 +233,7 @@ def projections_rebuild(
     engine_url, as_json = _settings(ctx, url, as_json)
     from .eventsourcing import cli as es_cli
 
-    if app_spec and app_spec.startswith("examples."):
-        _checkout_on_path()
-
-    async def go() -> Any:
-        from .hub import connect
-
-        async with await connect(engine_url) as hub:
-            return await es_cli._rebuild(hub, name, app_spec, as_json)
-
-    _run(go())
+    _on_hub(engine_url, app_spec, lambda hub: es_cli._rebuild(hub, name, app_spec, as_json))
 
 
 @projections_app.command("status")
@@ -251,13 +247,7 @@ def projections_status(
     engine_url, as_json = _settings(ctx, url, as_json)
     from .eventsourcing import cli as es_cli
 
-    async def go() -> Any:
-        from .hub import connect
-
-        async with await connect(engine_url) as hub:
-            return await es_cli._statuses(hub, app_spec, as_json)
-
-    _run(go())
+    _on_hub(engine_url, app_spec, lambda hub: es_cli._statuses(hub, app_spec, as_json))
 
 
 # migrations -----------------------------------------------------------------------------
