@@ -22,7 +22,16 @@ from .errors import (
     TidingsError,
     Unsupported,
 )
-from .messages import TEXT, Message, OutMessage, Published, encode_data, new_id
+from .messages import (
+    OCTETS,
+    TEXT,
+    Message,
+    OutMessage,
+    Published,
+    encode_data,
+    new_id,
+    new_ids,
+)
 from .pubsub import Handler, Subscription, closed_error
 
 if TYPE_CHECKING:
@@ -246,10 +255,18 @@ class Hub:
         key = _check_key(key)
         limit = self.max_payload
         shared: dict[str, dict[str, str]] = {}  # one headers dict per content type
-        batch = []
-        for item in items:
+        octets = {"content-type": OCTETS}
+        items = items if isinstance(items, list) else list(items)
+        batch: list[OutMessage] = []
+        append = batch.append
+        for item, mid in zip(items, new_ids(len(items)), strict=True):
+            if type(item) is bytes:  # the common case, without the codec's dispatch
+                if len(item) > limit:
+                    self._out(topic, item, key, None, None)  # raises PayloadTooLarge
+                append(OutMessage(mid, topic, key, item, octets, False))
+                continue
             if isinstance(item, _Envelope):
-                batch.append(
+                append(
                     self._out(item.topic or topic, item.data, item.key if item.key is not None
                               else key, item.headers, item.id)
                 )
@@ -260,7 +277,7 @@ class Hub:
             h = shared.get(content_type)
             if h is None:
                 h = shared[content_type] = {"content-type": content_type}
-            batch.append(OutMessage(new_id(), topic, key, raw, h, False))
+            append(OutMessage(mid, topic, key, raw, h, False))
         if not batch:
             return []
         await self._window.acquire(len(batch))

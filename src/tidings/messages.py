@@ -31,6 +31,7 @@ __all__ = [
     "decode_data",
     "encode_data",
     "new_id",
+    "new_ids",
 ]
 
 T = TypeVar("T")
@@ -51,6 +52,12 @@ _COUNTER = itertools.count(1)
 def new_id() -> str:
     """A new message id, unique across processes and restarts."""
     return f"{_PREFIX}{next(_COUNTER):x}"
+
+
+def new_ids(n: int) -> list[str]:
+    """`n` new message ids (cheaper than `n` calls of `new_id`)."""
+    prefix = _PREFIX
+    return [f"{prefix}{i:x}" for i in itertools.islice(_COUNTER, n)]
 
 
 class Published(msgspec.Struct, frozen=True, gc=False):

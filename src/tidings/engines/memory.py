@@ -84,24 +84,31 @@ class MemoryEngine(Engine):
         if len(self._ids) > 10_000:
             horizon = now - self.dedup_window
             self._ids = {k: v for k, v in self._ids.items() if v[1] >= horizon}
+        recs, by_topic, sizes, ids = self._recs, self._by_topic, self._bytes, self._ids
+        pos = self._last
+        topic: str | None = None
+        positions: list[int] = []
+        append = out.append
         for m in batch:
             if m.client_id:
-                known = self._ids.get(m.id)
+                known = ids.get(m.id)
                 if known is not None and known[1] >= now - self.dedup_window:
-                    out.append(Published(known[0], m.id, True))
+                    append(Published(known[0], m.id, True))
                     continue
                 if m.id in seen:
-                    out.append(Published(seen[m.id], m.id, True))
+                    append(Published(seen[m.id], m.id, True))
                     continue
-            self._last += 1
-            pos = self._last
-            self._recs[pos] = _Rec(pos, m.id, m.topic, m.key, m.data, m.headers or {}, now)
-            self._by_topic.setdefault(m.topic, []).append(pos)
-            self._bytes[m.topic] = self._bytes.get(m.topic, 0) + len(m.data)
-            if m.client_id:
-                self._ids[m.id] = (pos, now)
-                seen[m.id] = pos
-            out.append(Published(pos, m.id, False))
+                ids[m.id] = (pos + 1, now)
+                seen[m.id] = pos + 1
+            pos += 1
+            if m.topic != topic:  # batches are mostly one topic: look its list up once
+                topic = m.topic
+                positions = by_topic.setdefault(topic, [])
+            recs[pos] = _Rec(pos, m.id, topic, m.key, m.data, m.headers or {}, now)
+            positions.append(pos)
+            sizes[topic] = sizes.get(topic, 0) + len(m.data)
+            append(Published(pos, m.id, False))
+        self._last = pos
         self._last_time = now
         return out
 
@@ -174,12 +181,14 @@ class MemoryEngine(Engine):
             sub.pending[p.position] = p
         sub.cursor = plan.cursor
         msgs = []
+        recs = self._recs
         for p in plan.deliver:
-            rec = self._recs.get(p.position)
+            rec = recs.get(p.position)
             if rec is None:  # removed underneath (cannot happen: trim respects pending)
                 sub.pending.pop(p.position, None)
                 continue
-            msgs.append(self._message(rec, p.attempt))
+            msgs.append(Message(rec.id, rec.topic, rec.key, rec.data, rec.headers, rec.time,
+                                rec.position, p.attempt))
         if plan.dead:
             self._notify()
         return msgs, plan.next_due
