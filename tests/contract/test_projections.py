@@ -277,6 +277,22 @@ async def test_writing_through_the_store_inside_a_handler_is_refused(engine_url:
             assert st.status == "running"
 
 
+async def test_publishing_through_the_hub_inside_a_handler_is_refused(engine_url: str) -> None:
+    async with await tidings.connect(engine_url) as hub:
+        @hub.projection("pub")
+        async def pub(rec: RecordedEvent, tx: Any) -> None:
+            tx.publish("notify.inside", {"ok": True})  # the way that commits with the event
+            await hub.publish("notify.outside", b"x")  # the way that would wait for itself
+
+        await hub.events.append("o-1", [PjAdded(item="a")])
+        (st,) = await asyncio.wait_for(hub.projections.catch_up(), GUARD)
+        if hub.url.startswith(("sqlite", "postgres")):
+            assert st.status == "failed" and "through its tx" in (st.error or "")
+            assert [m async for m in hub.read("notify.>")] == []  # undone with the event
+        else:
+            assert st.status == "running"
+
+
 async def test_registration_errors(hub: tidings.Hub) -> None:
     @hub.projection("one")
     async def one(rec: RecordedEvent, tx: Any) -> None: ...

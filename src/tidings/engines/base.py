@@ -11,6 +11,7 @@ docs/architecture.md for the mapping).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,17 @@ __all__ = [
 
 #: "release" returns a prefetched message that never reached the application
 #: (its delivery is not counted as an attempt).
+#: Set while an async function holds the engine's open write transaction (a projection
+#: handler's `tx`): any other write from that task would wait for itself forever, so
+#: engines refuse it with a clear error instead.
+HOLDING_WRITER: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "tidings_holding_writer", default=False)
+
+HOLDING_MESSAGE = (
+    "cannot write through the hub from inside a projection handler: it holds the engine's "
+    "write transaction and would wait for itself; write (and publish) through its tx instead"
+)
+
 SettleKind = Literal["ack", "nack", "term", "release"]
 
 

@@ -35,7 +35,15 @@ import msgspec
 from .. import topics as _topics
 from ..errors import EngineUnavailable, InvalidArgument
 from ..messages import Message, OutMessage, Published, new_id
-from .base import Engine, Retention, Settle, SubscriptionInfo, TopicInfo
+from .base import (
+    HOLDING_MESSAGE,
+    HOLDING_WRITER,
+    Engine,
+    Retention,
+    Settle,
+    SubscriptionInfo,
+    TopicInfo,
+)
 from .delivery import Pending, SubscriptionSpec, dead_letter_headers, plan_fetch
 from .postgres_conn import Attempt, Connections
 from .postgres_sql import (
@@ -209,6 +217,9 @@ class PostgresEngine(Engine):
         (or the commit), `EngineUnavailable` says the outcome is unknown.
         """
 
+        if HOLDING_WRITER.get():
+            raise InvalidArgument(HOLDING_MESSAGE)
+
         async def op(conn: Any, attempt: Attempt) -> T:
             tx = PgTx(self, conn, round(_time.time(), 6),
                       self._sync if durable else "off")
@@ -272,6 +283,8 @@ class PostgresEngine(Engine):
 
     # the log -----------------------------------------------------------------
     async def append(self, messages: Sequence[OutMessage]) -> list[Published]:
+        if HOLDING_WRITER.get():
+            raise InvalidArgument(HOLDING_MESSAGE)
         if not messages:
             return []
         single = len(messages) < COPY_MIN and not any(m.client_id for m in messages)

@@ -25,7 +25,6 @@ savepoint, so a failing handler's writes are undone alone.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -33,6 +32,7 @@ import msgspec
 
 from ..errors import ConcurrencyError, EventIdConflict, InvalidArgument
 from ..messages import OutMessage
+from .base import HOLDING_WRITER
 from .postgres import PgTx, PostgresEngine
 from .postgres_conn import Attempt
 from .postgres_sql import Migration
@@ -58,8 +58,7 @@ _FAR = 2**62
 
 #: Set while a `transaction` function runs. Its transaction may hold the log's lock (once
 #: a handler publishes), so an append through the store would wait for itself.
-_HOLDING: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "tidings_pg_store_holding", default=False)
+_HOLDING = HOLDING_WRITER  # shared with the engine, which refuses hub writes meanwhile
 
 # An append in one round trip. First the log's commit-order lock (the counter row that
 # every appender of messages or events updates or locks until it commits); only then the

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import os
 import queue
 import sqlite3
@@ -28,15 +27,19 @@ from .. import topics as _topics
 from ..errors import EngineUnavailable, InvalidArgument
 from ..messages import Message, OutMessage, Published
 from . import sqlite_subscriptions as _subs
-from .base import Engine, Retention, Settle, SubscriptionInfo, TopicInfo
+from .base import (
+    HOLDING_MESSAGE,
+    HOLDING_WRITER,
+    Engine,
+    Retention,
+    Settle,
+    SubscriptionInfo,
+    TopicInfo,
+)
 from .delivery import SubscriptionSpec
 
 __all__ = ["HOLDING_WRITER", "SqliteEngine", "Tx"]
 
-#: Set while an async function holds the writer's open transaction (a projection
-#: handler): any other write from that task would wait for itself forever.
-HOLDING_WRITER: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "tidings_holding_writer", default=False)
 
 T = TypeVar("T")
 
@@ -413,10 +416,7 @@ class SqliteEngine(Engine):
         if self._closed:
             raise EngineUnavailable("the SQLite engine is closed")
         if HOLDING_WRITER.get():
-            raise InvalidArgument(
-                "cannot write through the hub from inside a projection handler: it holds the "
-                "writer and would wait for itself; write (and publish) through its tx instead"
-            )
+            raise InvalidArgument(HOLDING_MESSAGE)
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put(_Job(fn, fut, durable, notify))
         return await fut
