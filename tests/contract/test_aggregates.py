@@ -376,3 +376,11 @@ async def test_concurrent_saves_through_the_repository(hub: tidings.Hub) -> None
     final = await repo.get("busy-1")
     assert wins == 80 and final.balance == 80 and final.version == 81
     assert [r.version for r in await repo.history("busy-1")] == list(range(1, 82))
+
+
+def test_an_aggregate_without_apply_is_a_clear_error() -> None:
+    class NoApply(tidings.Aggregate):
+        count: int = 0
+
+    with pytest.raises(tidings.InvalidArgument, match="must define apply"):
+        NoApply("n-1")

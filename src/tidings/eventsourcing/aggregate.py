@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import typing
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..errors import InvalidArgument
 from ..messages import new_id
 from .events import TypeResolver, encode_event, event_type_name, types_near
 from .records import NewEvent, check_stream_id
@@ -44,6 +45,11 @@ class Aggregate:
         cls._resolver = None  # type: ignore[attr-defined]
 
     def __init__(self, id: str) -> None:
+        if not callable(getattr(type(self), "apply", None)):
+            raise InvalidArgument(
+                f"{type(self).__name__} must define apply(self, event), the pure state "
+                "transition used when recording and replaying its events"
+            )
         self.id = check_stream_id(id)
         self.version = 0
         self._pending: list[NewEvent] = []
@@ -51,11 +57,10 @@ class Aggregate:
             setattr(self, name, default if isinstance(default, _IMMUTABLE)
                     else copy.deepcopy(default))
 
-    def apply(self, event: Any) -> None:
-        """Change the state for one event. Pure: no I/O, no clock, no randomness."""
-        raise NotImplementedError(
-            f"{type(self).__name__} must implement apply(self, event) to change its state"
-        )
+    if TYPE_CHECKING:
+        # Each subclass defines it (checked when one is instantiated, see __init__).
+        def apply(self, event: Any) -> None:
+            """Change the state for one event. Pure: no I/O, no clock, no randomness."""
 
     def record(self, event: object, *, headers: dict[str, str] | None = None) -> None:
         """Apply a new event and queue it for the next `repository.save`.
