@@ -37,11 +37,13 @@ class EngineCase:
     url: Callable[[pytest.FixtureRequest, Path], str]
     #: True when a new `connect()` to the same URL sees what an earlier one stored.
     durable: bool
+    #: True when the engine is a SQL database (database-level guards such as triggers).
+    sql: bool = True
     marks: tuple[pytest.MarkDecorator, ...] = field(default_factory=tuple)
 
 
 ENGINES: list[EngineCase] = [
-    EngineCase("memory", "tidings.engines.memory", _memory_url, durable=False),
+    EngineCase("memory", "tidings.engines.memory", _memory_url, durable=False, sql=False),
     EngineCase("sqlite", "tidings.engines.sqlite", _sqlite_url, durable=True),
     # A fresh schema per directory (tests/pg_plugin.py), so `engine.url` is stable within a
     # test and `engine.fresh_url(name)` is another empty store.
@@ -78,10 +80,28 @@ class EngineUnderTest:
         return self.case.url(self.request, directory)
 
 
+#: marker -> what an engine case must have for a test carrying it to run on that engine
+_NEEDS = {"durable": lambda c: c.durable, "sql_engine": lambda c: c.sql}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "durable: needs an engine whose data outlives the hub (skipped on memory://)"
-    )
+        "markers", "durable: needs an engine whose data outlives the hub (not memory://)")
+    config.addinivalue_line(
+        "markers", "sql_engine: checks a database-level guard (SQL engines only)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out (rather than skip) engine cases a test's markers say it cannot run on."""
+    keep, drop = [], []
+    for item in items:
+        case = getattr(getattr(item, "callspec", None), "params", {}).get("engine")
+        unfit = isinstance(case, EngineCase) and any(
+            item.get_closest_marker(m) and not fits(case) for m, fits in _NEEDS.items())
+        (drop if unfit else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(params=[pytest.param(c, id=c.id, marks=c.marks) for c in ENGINES])
@@ -91,8 +111,6 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> EngineUnderTest:
         importlib.import_module(case.module)
     except ImportError as exc:
         pytest.fail(f"engine {case.id!r}: {case.module} does not import ({exc})", pytrace=False)
-    if request.node.get_closest_marker("durable") and not case.durable:
-        pytest.skip(f"{case.id} is not durable across connect()")
     return EngineUnderTest(case, request, tmp_path)
 
 

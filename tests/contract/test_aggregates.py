@@ -12,16 +12,6 @@ import pytest
 import tidings
 from tidings.eventsourcing.snapshots import schema_of
 
-#: Engines with an event-store backend (tidings.engines.store_base.backend_for).
-EVENT_STORE_ENGINES = {"tidings.engines.memory", "tidings.engines.sqlite",
-                       "tidings.engines.postgres"}
-
-
-@pytest.fixture(autouse=True)
-def _needs_event_store(engine: Any) -> None:
-    if engine.case.module not in EVENT_STORE_ENGINES:
-        pytest.skip(f"{engine.id} has no event-store backend yet")
-
 
 class AgOpened(tidings.Event):
     owner: str

@@ -22,15 +22,6 @@ from tidings.eventsourcing import CaughtUp, audit
 GUARD = 10.0
 
 
-#: Engines with an event-store backend (tidings.engines.store_base.backend_for).
-EVENT_STORE_ENGINES = {"tidings.engines.memory", "tidings.engines.sqlite",
-                       "tidings.engines.postgres"}
-
-
-@pytest.fixture(autouse=True)
-def _needs_event_store(engine: Any) -> None:
-    if engine.case.module not in EVENT_STORE_ENGINES:
-        pytest.skip(f"{engine.id} has no event-store backend yet")
 
 
 class CtOpened(tidings.Event):
@@ -385,10 +376,9 @@ async def test_no_update_or_delete_api(hub: tidings.Hub) -> None:
                                                            "truncate", "edit", "rewrite"))}
 
 
+@pytest.mark.sql_engine
 async def test_database_refuses_update_and_delete(hub: tidings.Hub,
                                                   engine: Any) -> None:
-    if engine.id not in ("sqlite", "postgres"):
-        pytest.skip("a database-level guard only exists on SQL engines")
     await hub.events.append("imm-1", [CtDeposited(amount=1)])
     if engine.id == "postgres":
         import asyncpg  # type: ignore[import-untyped]

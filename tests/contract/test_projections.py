@@ -15,15 +15,6 @@ from tidings.engines.postgres_store import PostgresTx
 GUARD = 10.0
 
 
-#: Engines with an event-store backend (tidings.engines.store_base.backend_for).
-EVENT_STORE_ENGINES = {"tidings.engines.memory", "tidings.engines.sqlite",
-                       "tidings.engines.postgres"}
-
-
-@pytest.fixture(autouse=True)
-def _needs_event_store(engine: Any) -> None:
-    if engine.case.module not in EVENT_STORE_ENGINES:
-        pytest.skip(f"{engine.id} has no event-store backend yet")
 
 
 class PjAdded(tidings.Event):
