@@ -30,3 +30,20 @@ async def test_good_options_are_used(tmp_path: Path) -> None:
     async with await tidings.connect(url) as hub:
         assert hub.engine.durability == "normal"  # type: ignore[attr-defined]
         assert hub.engine.dedup_window == 5.0
+
+
+async def test_wrongly_typed_arguments_are_invalid_argument() -> None:
+    async with await tidings.connect("memory://") as hub:
+        for call in (lambda: hub.subscribe("a.b", group="g", ack_wait="30"),
+                     lambda: hub.subscribe("a.b", group="g", ack_wait=float("nan")),
+                     lambda: hub.set_retention("a.b", max_age="1"),
+                     lambda: hub.set_retention("a.b", max_messages=float("inf"))):
+            with pytest.raises(tidings.InvalidArgument):
+                await call()
+        with pytest.raises(tidings.InvalidArgument):
+            hub.read("a.b", page="2")  # type: ignore[arg-type]
+        with pytest.raises(tidings.InvalidArgument):
+            hub.subscriber("a.b", group="g", concurrency="2")  # type: ignore[arg-type]
+        with pytest.raises(tidings.InvalidArgument):
+            hub.subscriber("a.b", group="g", retry_backoff=-1)
+        assert await hub.topics() == []  # nothing was stored or created

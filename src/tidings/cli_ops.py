@@ -6,7 +6,6 @@ Registered on `tidings.cli.app` when that module is imported.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -295,5 +294,3 @@ def serve(
     except TidingsError as exc:
         _fail(str(exc), 2 if isinstance(exc, InvalidArgument) else 1)
 
-
-_ = Path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
@@ -15,7 +16,6 @@ from .backpressure import Window
 from .engines.base import Engine, Retention
 from .engines.delivery import SubscriptionSpec
 from .errors import (
-    ClosedError,
     EngineUnavailable,
     InvalidArgument,
     PayloadTooLarge,
@@ -24,7 +24,6 @@ from .errors import (
 )
 from .messages import (
     OCTETS,
-    TEXT,
     Message,
     OutMessage,
     Published,
@@ -156,6 +155,12 @@ def _check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
             )
         out[k.lower()] = v
     return out
+
+
+def _positive_seconds(value: object) -> bool:
+    """True for a finite number of seconds > 0 (not a bool, not NaN)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and 0 < value < math.inf)
 
 
 def _check_key(key: object) -> str | None:
@@ -360,8 +365,8 @@ class Hub:
             raise InvalidArgument(
                 f"group {group!r} must be one token of letters, digits, '_' or '-'"
             )
-        if not ack_wait > 0:
-            raise InvalidArgument("ack_wait must be > 0 seconds")
+        if not _positive_seconds(ack_wait):
+            raise InvalidArgument(f"ack_wait must be a number of seconds > 0, got {ack_wait!r}")
         if not isinstance(max_deliver, int) or max_deliver < 1:
             raise InvalidArgument("max_deliver must be an int >= 1")
         if not isinstance(max_in_flight, int) or max_in_flight < 1:
@@ -396,8 +401,10 @@ class Hub:
         self._spec(pattern, group, options.get("ack_wait", 30.0), options.get("max_deliver", 5),
                    options.get("dead_letter"), options.get("ordered", False),
                    options.get("max_in_flight", 100))
-        if concurrency < 1:
-            raise InvalidArgument("concurrency must be >= 1")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise InvalidArgument(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if not (_positive_seconds(retry_backoff) or retry_backoff == 0):
+            raise InvalidArgument(f"retry_backoff must be seconds >= 0, got {retry_backoff!r}")
 
         def register(fn: F) -> F:
             self._handlers.append(
@@ -447,8 +454,8 @@ class Hub:
         """
         self._check_open()
         _topics.validate_pattern(pattern)
-        if page < 1:
-            raise InvalidArgument("page must be >= 1")
+        if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+            raise InvalidArgument(f"page must be an int >= 1, got {page!r}")
         return self._read(pattern, start, stop, follow, page)
 
     async def _read(
@@ -498,8 +505,9 @@ class Hub:
         _topics.validate_topic(topic)
         for name, v in (("max_age", max_age), ("max_messages", max_messages),
                         ("max_bytes", max_bytes)):
-            if v is not None and (isinstance(v, bool) or v < 0):
-                raise InvalidArgument(f"{name} must be >= 0 or None")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not 0 <= v < math.inf):
+                raise InvalidArgument(f"{name} must be a number >= 0 or None, got {v!r}")
         await self.engine.set_retention(topic, Retention(max_age, max_messages, max_bytes))
 
     async def trim(self) -> int:
@@ -662,5 +670,3 @@ def envelope(data: object, *, key: str | None = None, headers: Mapping[str, str]
     """Wrap a payload with per-message key/headers/id/topic for `hub.publish_many`."""
     return _Envelope(data, key=key, headers=headers, id=id, topic=topic)
 
-
-_ = (TEXT, ClosedError)

@@ -6,20 +6,16 @@ payload into bytes plus a `content-type`; `Message.decode` turns it back.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+from typing import Any, Protocol, TypeVar, overload
 
 import msgspec
 
 from .errors import DecodeError, InvalidArgument
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "JSON",
@@ -264,6 +260,3 @@ class Message:
             f"key={self.key!r}, attempt={self.attempt}, data={self.data[:40]!r})"
         )
 
-
-def is_dataclass_instance(obj: object) -> bool:
-    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)

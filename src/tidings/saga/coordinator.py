@@ -42,7 +42,6 @@ from .definition import (
     SagaResumed,
     SagaStarted,
     SagaState,
-    SagaStuck,
     StepStarted,
     Wait,
     advance,
@@ -434,14 +433,12 @@ class Coordinator:
                 return
             if state.done or state.status == "stuck":
                 if isinstance(item, _Reply):
-                    defn = self.defs.get(name, {}).get(state.version)
                     with contextlib.suppress(ConcurrencyError):
                         await self.hub.events.append(
                             stream_id(name, saga_id),
                             [ReplyIgnored(step=item.step, kind=item.kind, attempt=item.attempt,
                                           reason=f"saga already {state.status}")],
                             expected_version=state.stream_version, topic=f"saga.{name}.steps")
-                    _ = defn
                     return
             self._drive(name, saga_id)
             queue = self._inbox[saga_id]
@@ -607,5 +604,3 @@ def view(state: SagaState) -> dict[str, Any]:
         "steps": state.history,
     }
 
-
-_unused = (CompensationStarted, StepStarted, SagaStuck)

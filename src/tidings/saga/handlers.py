@@ -122,7 +122,7 @@ class CommandHandler:
         for _ in range(self.conflict_retries):
             stored = await self._stored(stream)
             if stored is not None:
-                await self._reply(msg, stored.status, stored.result, stored.error, None)
+                await self._reply(msg, stored.status, stored.result, stored.error)
                 return
             cmd = Command(self.command, _decode(msg), key, msg.headers, msg)
             try:
@@ -131,22 +131,19 @@ class CommandHandler:
                 if msg.headers.get("saga-kind") == "compensation":
                     # A compensation must not be refused for good: store nothing, so a
                     # retry of the (then stuck) saga runs the handler again.
-                    await self._reply(msg, "error", None, f"compensation rejected: {exc.reason}",
-                                      None)
+                    await self._reply(msg, "error", None, f"compensation rejected: {exc.reason}")
                     return
                 status, data, error = "rejected", None, exc.reason
             except Exception as exc:  # a failure: nothing is stored, the saga may retry
                 log.warning("handler for %s failed: %r", self.command, exc)
-                await self._reply(msg, "error", None, f"{type(exc).__name__}: {exc}", None)
+                await self._reply(msg, "error", None, f"{type(exc).__name__}: {exc}")
                 return
             else:
                 if result is not None and not isinstance(result, dict):
                     await self._reply(msg, "error", None,
-                                      "a command handler must return a dict or None", None)
+                                      "a command handler must return a dict or None")
                     return
                 status, data, error = "ok", result, ""
-                if status == "ok":
-                    pass
             record = InboxRecorded(command=self.command, status=status, result=data, error=error)
             saves = cmd._saves if status == "ok" else []
             try:
@@ -178,7 +175,7 @@ class CommandHandler:
         return OutMessage(new_id(), reply_to, msg.key, raw, h, False)
 
     async def _reply(self, msg: Message, status: str, result: dict[str, Any] | None,
-                     error: str, _: Any) -> None:
+                     error: str) -> None:
         out = self._reply_message(msg, status, result, error)
         if out is not None:
             await self.hub.engine.append([out])
@@ -200,5 +197,3 @@ def _decode(msg: Message) -> Any:
     except Exception:
         return msg.data
 
-
-_ = new_id
