@@ -340,3 +340,23 @@ async def test_publish_waits_while_the_pending_window_is_full() -> None:
         assert (await asyncio.wait_for(publishing, GUARD)).position == 1
     finally:
         await hub.close()
+
+
+async def test_many_publishers_through_a_small_window_all_finish() -> None:
+    hub = await tidings.connect("memory://", max_pending=3)
+    try:
+        seen: list[int] = []
+        real = hub.engine.append
+
+        async def slow_append(batch: Any) -> Any:
+            seen.append(hub._window.used)
+            await asyncio.sleep(0)
+            return await real(batch)
+
+        hub.engine.append = slow_append  # type: ignore[method-assign]
+        done = await asyncio.wait_for(
+            asyncio.gather(*(hub.publish("a.b", b"x") for _ in range(50))), GUARD)
+        assert len({p.position for p in done}) == 50
+        assert max(seen) <= 3 and hub._window.used == 0
+    finally:
+        await hub.close()

@@ -180,8 +180,9 @@ class Buffer(Generic[T]):
 class Window:
     """Counts units of work in flight and makes producers wait above `limit`.
 
-    A single acquisition larger than the limit is admitted when nothing else
-    is in flight, so an oversized batch waits instead of failing forever.
+    Waiters are admitted in arrival order. A single acquisition larger than the
+    limit is admitted when nothing else is in flight, so an oversized batch
+    waits instead of failing forever.
     """
 
     def __init__(self, limit: int) -> None:
@@ -190,26 +191,41 @@ class Window:
         self.limit = limit
         self.used = 0
         self.waits = 0  # how often a producer had to wait (visible in metrics)
-        self._cond = asyncio.Condition()
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     def try_acquire(self, n: int) -> bool:
-        if self.used == 0 or self.used + n <= self.limit:
+        if not self._waiters and self._fits(n):
             self.used += n
             return True
         return False
+
+    def _fits(self, n: int) -> bool:
+        return self.used == 0 or self.used + n <= self.limit
 
     async def acquire(self, n: int) -> None:
         if self.try_acquire(n):
             return
         self.waits += 1
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.try_acquire(n))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, fut))
+        try:
+            await fut  # release() counted us in before waking us
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release(n)  # admitted, then cancelled: give the room back
+            else:
+                self._waiters.remove((n, fut))
+                self._admit()
+            raise
 
     def release(self, n: int) -> None:
         self.used -= n
-        if self._cond._waiters:
-            asyncio.get_running_loop().create_task(self._wake())
+        self._admit()
 
-    async def _wake(self) -> None:
-        async with self._cond:
-            self._cond.notify_all()
+    def _admit(self) -> None:
+        # Synchronous, so no wake-up can be lost between a release and a waiter.
+        while self._waiters and self._fits(self._waiters[0][0]):
+            n, fut = self._waiters.popleft()
+            if not fut.done():
+                self.used += n
+                fut.set_result(None)
