@@ -123,6 +123,18 @@ class Tx:
                 (self._position,),
             )
 
+    def _known_ids(self, ids: list[str]) -> dict[str, tuple[int, float]]:
+        """Client ids already stored, with their position and time (one query per 500)."""
+        found: dict[str, tuple[int, float]] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            for id_, position, time_ in self.conn.execute(
+                "SELECT id, position, time FROM tidings_message_ids WHERE id IN "
+                f"({','.join('?' * len(chunk))})", chunk,
+            ):
+                found[id_] = (position, time_)
+        return found
+
     def append(self, messages: Sequence[OutMessage]) -> list[Published]:
         """Store messages in this transaction (deduplicating client ids)."""
         engine = self.engine
@@ -134,14 +146,13 @@ class Tx:
         seen: dict[str, int] = {}
         horizon = now - engine.dedup_window
         todo = []
+        stored = self._known_ids([m.id for m in messages if m.client_id])
         for m in messages:
             if m.client_id:
                 if m.id in seen:
                     out.append(Published(seen[m.id], m.id, True))
                     continue
-                known = conn.execute(
-                    "SELECT position, time FROM tidings_message_ids WHERE id = ?", (m.id,)
-                ).fetchone()
+                known = stored.get(m.id)
                 if known is not None and known[1] >= horizon:
                     out.append(Published(known[0], m.id, True))
                     continue
