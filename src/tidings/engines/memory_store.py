@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time as _time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -160,15 +160,22 @@ class MemoryStore(StoreBackend):
         self,
         items: Sequence[tuple[str, Sequence[NewRecord], int | None, str]],
         messages: Sequence[OutMessage],
+        snapshots: Mapping[str, SnapshotRow] | None = None,
     ) -> list[AppendOutcome]:
-        """Append to several streams and store `messages`, all or none."""
+        """Append to several streams and store `messages` (and `snapshots`), all or none."""
         t = self._tables
+        versions: dict[str, int] = {}  # a stream may appear twice: its running version
         for sid, recs, exp, _topic in items:  # check everything before changing anything
-            current = len(t.streams.get(sid, []))
+            current = versions.get(sid)
+            if current is None:
+                current = len(t.streams.get(sid, []))
             if exp is not None and exp != current and _duplicate(t, sid, recs) is None:
                 raise ConcurrencyError(sid, exp, current)
+            versions[sid] = current + len(recs)
         # no await happens between the checks and the appends: nothing can interleave
-        out = [await self.append(sid, recs, exp, topic) for sid, recs, exp, topic in items]
+        snaps = snapshots or {}
+        out = [await self.append(sid, recs, exp, topic, snaps.get(sid))
+               for sid, recs, exp, topic in items]
         if messages:
             self.engine._store(list(messages), self._clock())
             self.engine._notify()

@@ -25,7 +25,7 @@ savepoint, so a failing handler's writes are undone alone.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -385,10 +385,13 @@ class PostgresStore(StoreBackend):
         self,
         items: Sequence[tuple[str, Sequence[NewRecord], int | None, str]],
         messages: Sequence[OutMessage],
+        snapshots: Mapping[str, SnapshotRow] | None = None,
     ) -> list[AppendOutcome]:
-        """Append to several streams and store `messages`, all in one transaction (or none)."""
+        """Append to several streams and store `messages` (and `snapshots`), all in one
+        transaction (or none)."""
         self._check_not_holding()
         await self._ready()
+        snaps = snapshots or {}
 
         async def op(tx: PgTx) -> list[AppendOutcome]:
             out = []
@@ -397,6 +400,9 @@ class PostgresStore(StoreBackend):
                 outcome, msgs = await _append_in_tx(self._sql, tx, sid, recs, exp, topic)
                 out.append(outcome)
                 stored.extend(msgs)
+                snap = snaps.get(sid)
+                if msgs and snap is not None:
+                    await _put_snapshot(self._sql, tx.conn, sid, snap)
             stored.extend(messages)
             if stored:
                 await tx.append(stored)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -166,9 +166,9 @@ class SqliteStore(StoreBackend):
             await self.engine.transact(create, durable=True)
             self._created = True
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _read(self, fn: Callable[[sqlite3.Connection], T], inline: bool = True) -> T:
         await self._ready()
-        return await self.engine._read_op(fn)
+        return await self.engine._read_op(fn, inline=inline)
 
     @staticmethod
     def _check_not_holding() -> None:
@@ -198,13 +198,17 @@ class SqliteStore(StoreBackend):
         self,
         items: Sequence[tuple[str, Sequence[NewRecord], int | None, str]],
         messages: Sequence[OutMessage],
+        snapshots: Mapping[str, SnapshotRow] | None = None,
     ) -> list[AppendOutcome]:
-        """Append to several streams and store `messages`, all in one transaction (or none)."""
+        """Append to several streams and store `messages` (and `snapshots`), all in one
+        transaction (or none)."""
         self._check_not_holding()
         await self._ready()
+        snaps = snapshots or {}
 
         def op(tx: Tx) -> list[AppendOutcome]:
-            out = [append_in_tx(tx, sid, recs, exp, topic) for sid, recs, exp, topic in items]
+            out = [append_in_tx(tx, sid, recs, exp, topic, snaps.get(sid))
+                   for sid, recs, exp, topic in items]
             if messages:
                 tx.append(messages)
             return out

@@ -11,6 +11,9 @@ from ..messages import new_id
 from .events import TypeResolver, encode_event, event_type_name, types_near
 from .records import NewEvent, check_stream_id
 
+if TYPE_CHECKING:
+    from .repository import Repository
+
 __all__ = ["Aggregate", "aggregate_class"]
 
 _IMMUTABLE = (int, float, str, bytes, bool, type(None), tuple, frozenset)
@@ -53,6 +56,7 @@ class Aggregate:
         self.id = check_stream_id(id)
         self.version = 0
         self._pending: list[NewEvent] = []
+        self._repository: Repository[Any] | None = None  # set when loaded by one
         for name, default in _defaults(type(self)).items():
             setattr(self, name, default if isinstance(default, _IMMUTABLE)
                     else copy.deepcopy(default))

@@ -86,6 +86,7 @@ class Repository(Generic[A]):
             apply(decode(type_name, type_version, data, id))
         if load.rows:
             agg.version = load.rows[-1][0]
+        agg._repository = self  # a commit() of it follows this repository's snapshot policy
         return agg
 
     async def history(self, id: str) -> list[RecordedEvent]:
@@ -106,10 +107,7 @@ class Repository(Generic[A]):
         if not pending:
             return None
         expected = agg.version - len(pending)
-        snapshot = None
-        every = self.snapshot_every
-        if every is not None and agg.version // every > expected // every:
-            snapshot = self._snapshot_row(agg, quiet=True)
+        snapshot = self._due_snapshot(agg, expected)
         h = {"aggregate-type": self.cls.__name__}
         if headers:
             h.update(headers)
@@ -118,6 +116,14 @@ class Repository(Generic[A]):
         return out
 
     # snapshots -----------------------------------------------------------------
+    def _due_snapshot(self, agg: A, expected: int) -> SnapshotRow | None:
+        """A snapshot to store with this save, when it carries the stream across a
+        multiple of `snapshot_every`."""
+        every = self.snapshot_every
+        if every is not None and agg.version // every > expected // every:
+            return self._snapshot_row(agg, quiet=True)
+        return None
+
     def _snapshot_row(self, agg: A, *, quiet: bool) -> SnapshotRow | None:
         import time
 

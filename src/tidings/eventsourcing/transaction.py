@@ -37,14 +37,19 @@ async def commit(
     store = hub.events
     backend: Any = store.backend
     items: list[tuple[str, Any, int | None, str]] = []
+    snapshots: dict[str, Any] = {}
     for agg in aggregates:
         pending = agg._pending
         if not pending:
             continue
-        repo = hub.repository(type(agg))
+        # the repository the aggregate was loaded with: its topic and snapshot policy
+        repo = getattr(agg, "_repository", None) or hub.repository(type(agg))
         h = {"aggregate-type": type(agg).__name__, **(headers or {})}
-        items.append((agg.id, store._records(pending, h), agg.version - len(pending),
-                      repo.topic))
+        expected = agg.version - len(pending)
+        items.append((agg.id, store._records(pending, h), expected, repo.topic))
+        snap = repo._due_snapshot(agg, expected)
+        if snap is not None:
+            snapshots[agg.id] = snap
     for stream_id, events, expected, topic in appends:
         exp = None if isinstance(expected, _Any) else int(expected)
         items.append((stream_id, store._records(events, headers), exp,
@@ -53,6 +58,6 @@ async def commit(
     if batch is None:
         raise Unsupported(f"the engine behind {hub.url!r} cannot append to several streams "
                           "atomically")
-    await batch(items, list(messages))
+    await batch(items, list(messages), snapshots)
     for agg in aggregates:
         agg._pending = []

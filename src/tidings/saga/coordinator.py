@@ -94,7 +94,10 @@ class Coordinator:
         self._inbox: dict[str, asyncio.Queue[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watching: set[str] = set()
-        self._finished: dict[str, asyncio.Event] = {}
+        # saga id -> resolved with the final state when its driver here ends
+        self._finished: dict[str, asyncio.Future[SagaState | None]] = {}
+        self._final: dict[str, SagaState] = {}
+        self._local_starts: set[str] = set()  # started here, not yet seen by _follow
         self._sent: dict[str, set[str]] = {}  # saga id -> command ids this process sent
 
     # registration ---------------------------------------------------------------
@@ -145,24 +148,42 @@ class Coordinator:
         if not isinstance(data, dict):
             raise InvalidArgument("saga data must be a dict (JSON object)")
         saga_id = _check_id(saga_id) if saga_id is not None else new_id()
+        from ..eventsourcing.transaction import commit
+
+        # The start and the first step's command commit together; the driver begins
+        # from this state instead of reading the stream back.
+        sid = stream_id(defn.name, saga_id)
+        state = SagaState(id=saga_id)
+        now = self.clock.now()
+        started = SagaStarted(saga=defn.name, version=defn.version, data=data)
+        evolve(defn, state, started, now)
+        batch, messages = self._next_moves(defn, state, [], now)
+        appends: list[tuple[str, list[Event], int | Any, str]] = [
+            (sid, [started], NO_STREAM, f"saga.{defn.name}.started")]
+        if batch:
+            appends.append((sid, batch, 1, f"saga.{defn.name}.steps"))
+        self._local_starts.add(saga_id)
         try:
-            await self.hub.events.append(
-                stream_id(defn.name, saga_id),
-                [SagaStarted(saga=defn.name, version=defn.version, data=data)],
-                expected_version=NO_STREAM, topic=f"saga.{defn.name}.started",
-            )
+            await commit(self.hub, [], appends, messages)
         except ConcurrencyError:
+            self._local_starts.discard(saga_id)
+            self._sent.pop(saga_id, None)
             return saga_id  # started before: starting again is a no-op
-        self._drive(defn.name, saga_id)
+        except BaseException:
+            self._local_starts.discard(saga_id)
+            self._sent.pop(saga_id, None)
+            raise
+        self._drive(defn.name, saga_id, state)
         return saga_id
 
-    def _drive(self, name: str, saga_id: str) -> None:
+    def _drive(self, name: str, saga_id: str, state: SagaState | None = None) -> None:
         if saga_id in self._drivers:
             return
         self._inbox.setdefault(saga_id, asyncio.Queue())
-        self._finished.setdefault(saga_id, asyncio.Event())
+        if saga_id not in self._finished:
+            self._finished[saga_id] = asyncio.get_running_loop().create_future()
         task = asyncio.get_running_loop().create_task(
-            self._driver(name, saga_id), name=f"tidings:saga:{saga_id}"
+            self._driver(name, saga_id, state), name=f"tidings:saga:{saga_id}"
         )
         self._drivers[saga_id] = task
         task.add_done_callback(functools.partial(self._driver_done, name, saga_id))
@@ -171,9 +192,10 @@ class Coordinator:
     def _driver_done(self, name: str, saga_id: str, task: asyncio.Task[bool]) -> None:
         self._drivers.pop(saga_id, None)
         queue = self._inbox.pop(saga_id, None)
-        ev = self._finished.pop(saga_id, None)
-        if ev is not None:
-            ev.set()
+        fut = self._finished.pop(saga_id, None)
+        final = self._final.pop(saga_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(final)
         if (queue is not None and not queue.empty() and not task.cancelled()
                 and task.exception() is None and task.result() and not self.hub.closed):
             # a reply or a retry arrived as the driver finished: a new driver settles it
@@ -183,10 +205,11 @@ class Coordinator:
                 fresh.put_nowait(queue.get_nowait())
 
     # the driver ---------------------------------------------------------------------
-    async def _driver(self, name: str, saga_id: str) -> bool:
+    async def _driver(self, name: str, saga_id: str, state: SagaState | None) -> bool:
         """Drive one saga until it is finished or stuck; True when it got there."""
         queue = self._inbox[saga_id]
-        state = await self.load(name, saga_id)
+        if state is None:
+            state = await self.load(name, saga_id)
         if not state.version:
             return False
         defn = self.defs.get(name, {}).get(state.version)
@@ -213,6 +236,7 @@ class Coordinator:
                 await asyncio.sleep(1.0)
                 state = await self.load(name, saga_id)
         self._sent.pop(saga_id, None)
+        self._final[saga_id] = state  # for wait(): no need to read the stream back
         return True
 
     async def _append(self, defn: Saga, state: SagaState, sid: str,
@@ -226,7 +250,14 @@ class Coordinator:
         from ..eventsourcing.transaction import commit
 
         expected = state.stream_version
-        now = self.clock.now()
+        batch, messages = self._next_moves(defn, state, events, self.clock.now())
+        await commit(self.hub, [], [(sid, batch, expected, f"saga.{defn.name}.steps")],
+                     messages)
+
+    def _next_moves(self, defn: Saga, state: SagaState, events: list[Event], now: float
+                    ) -> tuple[list[Event], list[OutMessage]]:
+        """Apply `events` and the next move when it is immediate; the commands and end
+        marker they call for."""
         batch = list(events)
         for ev in batch:
             evolve(defn, state, ev, now)
@@ -247,10 +278,10 @@ class Coordinator:
                     messages.append(out)
             elif isinstance(ev, _LIFECYCLE_END):
                 messages.append(OutMessage(new_id(), f"saga.{defn.name}.ended", state.id,
-                                           b"{}", {"stream-id": sid, "status": state.status,
+                                           b"{}", {"stream-id": stream_id(defn.name, state.id),
+                                                   "status": state.status,
                                                    "content-type": "application/json"}))
-        await commit(self.hub, [], [(sid, batch, expected, f"saga.{defn.name}.steps")],
-                     messages)
+        return batch, messages
 
     def _command(self, defn: Saga, state: SagaState, ev: StepStarted | CompensationStarted
                  ) -> OutMessage | None:
@@ -462,6 +493,9 @@ class Coordinator:
             sid = m.headers.get("stream-id", "")
             if sid.startswith(prefix):
                 saga_id = sid[len(prefix):]
+                if saga_id in self._local_starts:
+                    self._local_starts.discard(saga_id)  # driven here from its start
+                    continue
                 if saga_id not in self._drivers:
                     state = await self.load(name, saga_id)
                     if not state.done:
@@ -491,19 +525,19 @@ class Coordinator:
         """Wait until the saga is completed, compensated or stuck."""
         async def until_done() -> SagaState:
             while True:
+                fut = self._finished.get(saga_id)
+                if fut is not None:  # driven here: its end is the signal, no polling
+                    await asyncio.wait({fut}, timeout=5.0)
+                    final = fut.result() if fut.done() else None
+                    if final is not None and (final.done or final.status == "stuck"):
+                        return final
                 # taken before loading, so a driver finishing in between is not missed
-                ev = self._finished.get(saga_id)
+                fut = self._finished.get(saga_id)
                 changed = self.hub.engine.changes()
                 state = await self.load(name, saga_id)
                 if state.done or state.status == "stuck" or not state.version:
                     return state
-                if ev is not None:  # driven here: its end is the signal, no polling
-                    waiter = asyncio.ensure_future(ev.wait())
-                    try:
-                        await asyncio.wait({waiter}, timeout=5.0)
-                    finally:
-                        waiter.cancel()
-                else:  # driven by another process: look again when the log changes
+                if fut is None:  # driven by another process: look again when the log changes
                     await self.hub.engine.wait(changed, 0.5)
 
         async with asyncio.timeout(timeout):
