@@ -24,8 +24,8 @@ from examples.shop.services import PRICES, register_services  # noqa: E402
 TARGETS = {"sqlite": 500.0, "memory": 2000.0}
 
 
-async def _setup(hub: tidings.Hub) -> Any:
-    register_services(hub)
+async def _setup(hub: tidings.Hub, inline: bool) -> Any:
+    register_services(hub, inline=inline)
     for i in range(1, 21):  # ample credit and stock: every saga runs all four steps
         c = Customer(f"c-{i}")
         c.register(10**9)
@@ -41,9 +41,9 @@ def _order(i: int) -> dict[str, Any]:
     return {"customer_id": f"c-{i % 20 + 1}", "product_id": f"p-{i % 20 + 1}", "quantity": 1}
 
 
-async def _throughput(url: str, n: int, in_flight: int) -> float:
+async def _throughput(url: str, n: int, in_flight: int, inline: bool = False) -> float:
     async with await tidings.connect(url) as hub:
-        sagas = await _setup(hub)
+        sagas = await _setup(hub, inline)
         runner = asyncio.create_task(hub.run())
         slots = asyncio.Semaphore(in_flight)
 
@@ -61,9 +61,10 @@ async def _throughput(url: str, n: int, in_flight: int) -> float:
         return rate
 
 
-async def _latency(url: str, rate: float, seconds: float) -> tuple[float, float]:
+async def _latency(url: str, rate: float, seconds: float, inline: bool = False
+                   ) -> tuple[float, float]:
     async with await tidings.connect(url) as hub:
-        sagas = await _setup(hub)
+        sagas = await _setup(hub, inline)
         runner = asyncio.create_task(hub.run())
         lat: list[float] = []
 

@@ -18,7 +18,7 @@ PRICES: dict[str, int] = {}
 SNAPSHOT_EVERY = 25
 
 
-def register_services(hub: tidings.Hub, *, concurrency: int = 8) -> None:
+def register_services(hub: tidings.Hub, *, concurrency: int = 8, inline: bool = False) -> None:
     # Customers and products take a reservation per order: snapshots keep their loads short.
     customers = hub.repository(Customer, snapshot_every=SNAPSHOT_EVERY)
     products = hub.repository(Product, snapshot_every=SNAPSHOT_EVERY)
@@ -30,7 +30,7 @@ def register_services(hub: tidings.Hub, *, concurrency: int = 8) -> None:
         except tidings.NotFound:
             return Order(order_id)
 
-    @hub.handler("order.create", concurrency=concurrency)
+    @hub.handler("order.create", concurrency=concurrency, inline=inline)
     async def create_order(cmd: Any) -> dict[str, Any]:
         d = cmd.data
         price = PRICES.get(d["product_id"])
@@ -45,21 +45,21 @@ def register_services(hub: tidings.Hub, *, concurrency: int = 8) -> None:
         cmd.save(order)
         return {"order_id": order.id, "total": order.total}
 
-    @hub.handler("order.approve", concurrency=concurrency)
+    @hub.handler("order.approve", concurrency=concurrency, inline=inline)
     async def approve_order(cmd: Any) -> dict[str, Any]:
         order = await order_of(cmd.data["saga_id"])
         order.approve()
         cmd.save(order)
         return {"status": order.status}
 
-    @hub.handler("order.reject", concurrency=concurrency)
+    @hub.handler("order.reject", concurrency=concurrency, inline=inline)
     async def reject_order(cmd: Any) -> dict[str, Any]:
         order = await order_of(cmd.data["saga_id"])
         order.reject(cmd.data.get("reason") or "rejected")
         cmd.save(order)
         return {"status": order.status}
 
-    @hub.handler("customer.reserve_credit", concurrency=concurrency)
+    @hub.handler("customer.reserve_credit", concurrency=concurrency, inline=inline)
     async def reserve_credit(cmd: Any) -> dict[str, Any]:
         d = cmd.data
         try:
@@ -70,7 +70,7 @@ def register_services(hub: tidings.Hub, *, concurrency: int = 8) -> None:
         cmd.save(customer)
         return {"credit_reserved": int(d["total"])}
 
-    @hub.handler("customer.release_credit", concurrency=concurrency)
+    @hub.handler("customer.release_credit", concurrency=concurrency, inline=inline)
     async def release_credit(cmd: Any) -> dict[str, Any]:
         try:
             customer = await customers.get(cmd.data["customer_id"])
@@ -80,7 +80,7 @@ def register_services(hub: tidings.Hub, *, concurrency: int = 8) -> None:
         cmd.save(customer)
         return {}
 
-    @hub.handler("inventory.reserve", concurrency=concurrency)
+    @hub.handler("inventory.reserve", concurrency=concurrency, inline=inline)
     async def reserve_stock(cmd: Any) -> dict[str, Any]:
         d = cmd.data
         try:
@@ -91,7 +91,7 @@ def register_services(hub: tidings.Hub, *, concurrency: int = 8) -> None:
         cmd.save(product)
         return {"stock_reserved": int(d["quantity"])}
 
-    @hub.handler("inventory.release", concurrency=concurrency)
+    @hub.handler("inventory.release", concurrency=concurrency, inline=inline)
     async def release_stock(cmd: Any) -> dict[str, Any]:
         try:
             product = await products.get(cmd.data["product_id"])

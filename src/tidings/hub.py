@@ -593,19 +593,28 @@ class Hub:
         return SagaRunner(self._coordinator, definition)
 
     def handler(self, command: str, *, group: str | None = None,
-                concurrency: int = 1) -> Callable[[F], F]:
+                concurrency: int = 1, inline: bool = False) -> Callable[[F], F]:
         """Register a service's command handler (run by `hub.run()`).
 
         The function gets a `Command` and returns the reply (a dict); raise
         `tidings.Rejected(reason)` for a business refusal. Aggregates enlisted
         with `cmd.save(agg)` commit with the inbox record and the reply, so a
         redelivered command changes nothing and gets the same reply.
+
+        `inline=True`: a saga coordinator on this same hub runs the handler
+        itself, and what it saves commits in one transaction with the step's
+        outcome (no command or reply message, no inbox record: the saga's stream
+        is the record). Commands arriving as messages are still handled as above.
         """
         from .saga.handlers import CommandHandler
 
+        if not isinstance(inline, bool):
+            raise InvalidArgument(f"inline must be True or False, got {inline!r}")
+
         def register(fn: F) -> F:
             self._command_handlers.append(
-                CommandHandler(self, command, fn, group=group, concurrency=concurrency))
+                CommandHandler(self, command, fn, group=group, concurrency=concurrency,
+                               inline=inline))
             return fn
 
         return register

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
@@ -57,6 +59,9 @@ class Repository(Generic[A]):
                                     or version < 1):
             raise InvalidArgument(f"version must be an int >= 1, got {version!r}")
         when = _timestamp(as_of) if as_of is not None else None
+        held = HELD_STREAMS.get()
+        if held is not None and version is None and when is None:
+            await _hold(self.store, held, id)
         load = await self.store.backend.load(id, schema_of(self.cls), version, when)
         if load.current == 0:
             raise NotFound(f"{self.cls.__name__} {id!r} does not exist (no events in its stream)")
@@ -149,6 +154,34 @@ class Repository(Generic[A]):
         assert row is not None
         await self.store.backend.save_snapshot(agg.id, row)
         return agg.version
+
+
+#: Set while an inline command handler runs (see saga/coordinator.py): the streams it
+#: loads are locked in this process until its commit, so inline handlers of sagas
+#: running side by side take turns on a hot aggregate instead of conflicting.
+HELD_STREAMS: ContextVar[list[asyncio.Lock] | None] = ContextVar("tidings_held_streams",
+                                                                 default=None)
+
+
+async def _hold(store: EventStore, held: list[asyncio.Lock], stream_id: str) -> None:
+    lock = store._locks.get(stream_id)
+    if lock is None:
+        lock = store._locks[stream_id] = asyncio.Lock()
+    if lock in held:
+        return
+    if held and lock.locked():
+        # Waiting for a second stream while holding one could deadlock with a handler
+        # that holds them the other way round: go on unlocked (the commit's version
+        # check still catches a conflict).
+        return
+    await lock.acquire()
+    held.append(lock)
+
+
+def release_held(held: list[asyncio.Lock]) -> None:
+    for lock in held:
+        lock.release()
+    held.clear()
 
 
 def _timestamp(as_of: datetime | str) -> float:

@@ -15,6 +15,8 @@ Guarantees (on every engine):
 
 from __future__ import annotations
 
+import weakref
+
 import asyncio
 import contextlib
 import contextvars
@@ -104,6 +106,9 @@ class EventStore:
         self._hub = hub
         self.backend = backend
         self._projections: Any = None  # set by eventsourcing.projections
+        # stream id -> lock, held by inline command handlers (see repository.hold_streams)
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary())
 
     @property
     def hub(self) -> Hub:

@@ -45,9 +45,9 @@ async def commit(
         # the repository the aggregate was loaded with: its topic and snapshot policy
         repo = getattr(agg, "_repository", None) or hub.repository(type(agg))
         h = {"aggregate-type": type(agg).__name__, **(headers or {})}
-        expected = agg.version - len(pending)
-        items.append((agg.id, store._records(pending, h), expected, repo.topic))
-        snap = repo._due_snapshot(agg, expected)
+        loaded = agg.version - len(pending)
+        items.append((agg.id, store._records(pending, h), loaded, repo.topic))
+        snap = repo._due_snapshot(agg, loaded)
         if snap is not None:
             snapshots[agg.id] = snap
     for stream_id, events, expected, topic in appends:

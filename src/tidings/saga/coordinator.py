@@ -17,8 +17,11 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from ..errors import (
     ClosedError,
@@ -29,8 +32,10 @@ from ..errors import (
     TidingsError,
 )
 from ..eventsourcing.records import NO_STREAM
-from ..messages import OutMessage, encode_data, new_id
+from ..eventsourcing.repository import HELD_STREAMS, release_held
+from ..messages import Message, OutMessage, encode_data, new_id
 from .clock import Clock, SystemClock
+from .handlers import Command, CommandHandler
 from .definition import (
     CompensationStarted,
     Outcome,
@@ -50,6 +55,7 @@ from .definition import (
 )
 
 if TYPE_CHECKING:
+    from ..eventsourcing.aggregate import Aggregate
     from ..eventsourcing.events import Event
     from ..hub import Hub
 
@@ -98,6 +104,8 @@ class Coordinator:
         self._finished: dict[str, asyncio.Future[SagaState | None]] = {}
         self._final: dict[str, SagaState] = {}
         self._local_starts: set[str] = set()  # started here, not yet seen by _follow
+        self._inline: dict[str, CommandHandler] = {}  # command -> its inline handler here
+        self._inline_seen = -1
         self._sent: dict[str, set[str]] = {}  # saga id -> command ids this process sent
 
     # registration ---------------------------------------------------------------
@@ -240,7 +248,8 @@ class Coordinator:
         return True
 
     async def _append(self, defn: Saga, state: SagaState, sid: str,
-                      events: list[Event]) -> None:
+                      events: list[Event], saves: Sequence[Aggregate] = (),
+                      headers: dict[str, str] | None = None) -> None:
         """Record `events` and, folded into the same commit, the next move when it is
         immediate; commands to send and the end marker go in the same transaction.
 
@@ -251,8 +260,8 @@ class Coordinator:
 
         expected = state.stream_version
         batch, messages = self._next_moves(defn, state, events, self.clock.now())
-        await commit(self.hub, [], [(sid, batch, expected, f"saga.{defn.name}.steps")],
-                     messages)
+        await commit(self.hub, saves, [(sid, batch, expected, f"saga.{defn.name}.steps")],
+                     messages, headers=headers)
 
     def _next_moves(self, defn: Saga, state: SagaState, events: list[Event], now: float
                     ) -> tuple[list[Event], list[OutMessage]]:
@@ -267,7 +276,11 @@ class Coordinator:
         queue = self._inbox.get(state.id)
         nxt = advance(defn, state, now) if queue is None or queue.empty() else None
         if isinstance(nxt, list):
-            for ev in nxt:
+            for i, ev in enumerate(nxt):
+                if isinstance(ev, (StepStarted, CompensationStarted)):
+                    command = self._command_of(defn, ev)
+                    if command is not None and self._inline_handler(command) is not None:
+                        nxt[i] = ev = msgspec.structs.replace(ev, inline=True)
                 evolve(defn, state, ev, now)
             batch += nxt
         messages = []
@@ -283,13 +296,39 @@ class Coordinator:
                                                    "content-type": "application/json"}))
         return batch, messages
 
+    @staticmethod
+    def _command_of(defn: Saga, ev: StepStarted | CompensationStarted) -> str | None:
+        step = defn.steps[ev.step]
+        command = step.command if isinstance(ev, StepStarted) else step.compensation
+        return command if isinstance(command, str) else None
+
+    def _inline_handler(self, command: str) -> CommandHandler | None:
+        handlers = self.hub._command_handlers
+        if len(handlers) != self._inline_seen:
+            self._inline_seen = len(handlers)
+            self._inline = {h.command: h for h in handlers if h.inline}
+        return self._inline.get(command)
+
     def _command(self, defn: Saga, state: SagaState, ev: StepStarted | CompensationStarted
                  ) -> OutMessage | None:
+        if ev.inline:
+            return None  # run by an inline handler in the driver's own transaction
+        built = self._command_parts(defn, state, ev)
+        if built is None:
+            return None  # a local function: run by the driver
+        msg_id, command, data, headers = built
+        self._sent.setdefault(state.id, set()).add(msg_id)
+        return OutMessage(msg_id, command, state.id, data, headers, True)
+
+    def _command_parts(self, defn: Saga, state: SagaState,
+                       ev: StepStarted | CompensationStarted
+                       ) -> tuple[str, str, bytes, dict[str, str]] | None:
+        """(message id, command, payload, headers) of the command an attempt sends."""
         step = defn.steps[ev.step]
         kind = "action" if isinstance(ev, StepStarted) else "compensation"
         command = step.command if kind == "action" else step.compensation
         if not isinstance(command, str):
-            return None  # a local function: run by the driver
+            return None
         headers = {
             "saga-id": state.id, "saga-name": defn.name, "saga-version": str(defn.version),
             "saga-step": str(ev.step), "saga-step-name": step.name, "saga-kind": kind,
@@ -302,9 +341,7 @@ class Coordinator:
             payload["reason"] = state.reason or "compensated"
         data, _ = encode_data(payload)
         # The same id every time this attempt is (re)sent: the engine keeps one copy.
-        msg_id = f"{state.id}:{step.name}:{kind}:{ev.attempt}"
-        self._sent.setdefault(state.id, set()).add(msg_id)
-        return OutMessage(msg_id, command, state.id, data, headers, True)
+        return f"{state.id}:{step.name}:{kind}:{ev.attempt}", command, data, headers
 
     async def _pump(self, defn: Saga, state: SagaState, sid: str,
                     queue: asyncio.Queue[Any]) -> None:
@@ -324,18 +361,36 @@ class Coordinator:
         p = state.pending
         step = defn.steps[p.step]
         target = (step.action if p.kind == "action" else step.compensation)
+        saves: list[Aggregate] = []
+        headers = None
+        outcome: Outcome | None
         if isinstance(target, str) or (p.kind == "action" and step.command is not None):
-            sent = f"{state.id}:{step.name}:{p.kind}:{p.attempt}"
-            if sent not in self._sent.get(state.id, ()):
-                await self._send(defn, state)  # resuming: this process has not sent it
-            outcome = await self._await_reply(defn, state, sid, queue)
+            command = step.command if p.kind == "action" else step.compensation
+            handler = self._inline_handler(command) if p.inline else None  # type: ignore[arg-type]
+            if handler is not None:
+                held: list[asyncio.Lock] = []
+                try:
+                    outcome, saves, headers = await self._run_inline(handler, defn, state, held)
+                    if state.pending is p:
+                        await self._append(defn, state, sid, on_outcome(
+                            defn, state, outcome, self.clock.now()), saves, headers)
+                finally:
+                    release_held(held)
+                return
+            else:
+                # An inline attempt resumed where its handler is not inline (or absent) is
+                # sent as a message: it stored nothing, so the service sees it first here.
+                sent = f"{state.id}:{step.name}:{p.kind}:{p.attempt}"
+                if sent not in self._sent.get(state.id, ()):
+                    await self._send(defn, state)  # resuming: this process has not sent it
+                outcome = await self._await_reply(defn, state, sid, queue)
         else:
             outcome = await self._run_local(target, defn, state, sid, queue)
         if outcome is None:
             return  # interrupted by a control message; look again
         if state.pending is p:
             await self._append(defn, state, sid, on_outcome(defn, state, outcome,
-                                                            self.clock.now()))
+                                                            self.clock.now()), saves, headers)
 
     async def _handle_item(self, defn: Saga, state: SagaState, sid: str, item: Any) -> bool:
         """Apply a control message or a reply; True when it settled the pending attempt."""
@@ -425,6 +480,61 @@ class Coordinator:
         if result is not None and not isinstance(result, dict):
             return Outcome("error", error="a step must return a dict or None")
         return Outcome("ok", result=result)
+
+    async def _run_inline(self, handler: CommandHandler, defn: Saga, state: SagaState,
+                          held: list[asyncio.Lock]
+                          ) -> tuple[Outcome, list[Aggregate], dict[str, str]]:
+        """Run a command's inline handler for the attempt in flight.
+
+        What it changes (`cmd.save`) commits in the same transaction as the step's
+        outcome, so the saga's stream is the inbox: an attempt either took effect with
+        its outcome recorded, or not at all (and is run again after a crash).
+        """
+        p = state.pending
+        assert p is not None
+        ev: StepStarted | CompensationStarted = (
+            StepStarted(step=p.step, attempt=p.attempt) if p.kind == "action"
+            else CompensationStarted(step=p.step, attempt=p.attempt))
+        built = self._command_parts(defn, state, ev)
+        assert built is not None
+        msg_id, command, data, headers = built
+        msg = Message(msg_id, command, state.id, data, headers, time.time(), 0, 1)
+        cmd = Command(command, msg.decode(), headers["idempotency-key"], headers, msg)
+
+        # Run in this task and commit straight after (no hop through another task): the
+        # less time between the handler's reads and the commit, the fewer conflicts.
+        # A cancel arriving meanwhile waits in the queue until the attempt is recorded.
+        async with handler.inline_slots():
+            token = HELD_STREAMS.set(held)  # released by the caller after the commit
+            try:
+                async with asyncio.timeout_at(self._loop_deadline(p.deadline)):
+                    result = await handler.fn(cmd)
+            except TimeoutError:
+                outcome = Outcome("timeout", error="the inline handler did not finish in time")
+            except Rejected as exc:
+                outcome = Outcome("rejected", error=exc.reason)
+            except (ConcurrencyError, TidingsError, Exception) as exc:
+                log.warning("saga %s: inline handler for %s failed: %r", state.id, command, exc)
+                outcome = Outcome("error", error=f"{type(exc).__name__}: {exc}")
+            else:
+                if result is not None and not isinstance(result, dict):
+                    outcome = Outcome("error", error="a command handler must return a dict "
+                                                     "or None")
+                else:
+                    outcome = Outcome("ok", result=result)
+            finally:
+                HELD_STREAMS.reset(token)
+        if outcome.kind == "rejected" and p.kind == "compensation":
+            # as over messages: a compensation is never refused for good (see handlers.py)
+            outcome = Outcome("error", error=f"compensation rejected: {outcome.error}")
+        saves = cmd._saves if outcome.kind == "ok" else []
+        return outcome, saves, {"causation-id": msg_id, "correlation-id": state.id}
+
+    def _loop_deadline(self, deadline: float | None) -> float | None:
+        """The event loop's time for a deadline on the coordinator's clock."""
+        if deadline is None:
+            return None
+        return asyncio.get_running_loop().time() + max(0.0, deadline - self.clock.now())
 
     async def _send(self, defn: Saga, state: SagaState) -> None:
         """Re-send the attempt in flight (after a restart); the engine drops a duplicate."""

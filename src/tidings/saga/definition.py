@@ -162,6 +162,8 @@ class StepStarted(Event):
     step: int
     attempt: int
     deadline: float | None = None
+    #: run by an inline handler in the coordinator's own transaction (no command message)
+    inline: bool = False
 
 
 class StepCompleted(Event):
@@ -186,6 +188,7 @@ class CompensationStarted(Event):
     step: int
     attempt: int
     deadline: float | None = None
+    inline: bool = False
 
 
 class CompensationCompleted(Event):
@@ -251,6 +254,7 @@ class Pending(msgspec.Struct):
     kind: Literal["action", "compensation"]
     attempt: int
     deadline: float | None
+    inline: bool = False
 
 
 class SagaState(msgspec.Struct):
@@ -301,8 +305,8 @@ def evolve(defn: Saga | None, state: SagaState, event: Event, time: float) -> No
     match event:
         case SagaStarted(saga=saga, version=version, data=data):
             s.name, s.version, s.data, s.started = saga, version, dict(data), time
-        case StepStarted(step=i, attempt=a, deadline=d):
-            s.pending = Pending(i, "action", a, d)
+        case StepStarted(step=i, attempt=a, deadline=d, inline=inl):
+            s.pending = Pending(i, "action", a, d, inl)
             s.attempt, s.retry_at = a, None
             entry.update(step=i, attempt=a)
         case StepCompleted(step=i, attempt=a, result=r):
@@ -326,8 +330,8 @@ def evolve(defn: Saga | None, state: SagaState, event: Event, time: float) -> No
                 done = list(s.completed) + ([i] if s.uncertain else [])
                 s.to_compensate = _compensable(defn, done) if defn else []
                 s.attempt, s.base, s.retry_at, s.uncertain = 0, 0, None, False
-        case CompensationStarted(step=i, attempt=a, deadline=d):
-            s.pending = Pending(i, "compensation", a, d)
+        case CompensationStarted(step=i, attempt=a, deadline=d, inline=inl):
+            s.pending = Pending(i, "compensation", a, d, inl)
             s.attempt, s.retry_at = a, None
             entry.update(step=i, attempt=a)
         case CompensationCompleted(step=i, attempt=a):

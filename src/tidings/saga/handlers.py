@@ -78,7 +78,7 @@ class CommandHandler:
     """Runs one `@hub.handler` function for its command topic."""
 
     def __init__(self, hub: Hub, command: str, fn: HandlerFn, *, group: str | None,
-                 concurrency: int, conflict_retries: int = 10) -> None:
+                 concurrency: int, conflict_retries: int = 10, inline: bool = False) -> None:
         _topics.validate_topic(command)
         if not inspect.iscoroutinefunction(fn):
             raise InvalidArgument(f"handler {getattr(fn, '__name__', fn)!r} must be async")
@@ -88,6 +88,14 @@ class CommandHandler:
         self.group = group or ("handler-" + command.replace(".", "-"))
         self.concurrency = concurrency
         self.conflict_retries = conflict_retries
+        self.inline = inline
+        self._slots: asyncio.Semaphore | None = None
+
+    def inline_slots(self) -> asyncio.Semaphore:
+        """Bounds inline runs (from a coordinator on this hub) by `concurrency`, too."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(max(self.concurrency, 1))
+        return self._slots
 
     def inbox_stream(self, key: str) -> str:
         return f"inbox-{self.command}-{key}"
