@@ -210,6 +210,18 @@ def test_demo_shop_runs_sagas_and_checks_invariants(tidings_cli: Cli) -> None:
     assert missing.returncode == 1 and "no saga" in missing.stderr
 
 
+def test_demo_shop_inline_keeps_the_invariants_without_command_messages(
+        tidings_cli: Cli) -> None:
+    r = tidings_cli.run("demo", "shop", "--orders", "40", "--seed", "5", "--inline")
+    assert r.returncode == 0, r.stderr
+    assert "inline handlers" in r.stdout and "invariants hold" in r.stdout
+    sagas = tidings_cli.ok("sagas")
+    assert len(sagas) == 40 and {s["status"] for s in sagas} == {"completed", "compensated"}
+    # the services ran inline: no command reached a service's topic
+    assert tidings_cli.ok("read", "customer.>") == []
+    assert tidings_cli.ok("read", "inventory.>") == []
+
+
 def test_demo_walkthrough_runs_and_can_run_again(tidings_cli: Cli) -> None:
     for _ in range(2):  # durable groups resume: the second run sees only its own orders
         r = subprocess.run(

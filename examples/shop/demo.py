@@ -72,10 +72,10 @@ def make_orders(n: int, seed_: int) -> list[dict[str, Any]]:
 
 
 async def run(url: str | None = None, *, orders: int = 200, seed_: int = 7,
-              in_flight: int = 50, quiet: bool = False) -> int:
+              in_flight: int = 50, quiet: bool = False, inline: bool = False) -> int:
     out = print if not quiet else (lambda *a, **k: None)
     async with await tidings.connect(url) as hub:
-        register_services(hub)
+        register_services(hub, inline=inline)
         await seed(hub, customers=CUSTOMERS, products=PRODUCTS, seed=seed_)
         sagas = hub.sagas(create_order)
         runner = asyncio.create_task(hub.run())
@@ -96,7 +96,8 @@ async def run(url: str | None = None, *, orders: int = 200, seed_: int = 7,
             progress.update(done)
 
         t0 = time.perf_counter()
-        out(f"tidings shop demo on {hub.url}: {orders} orders, {in_flight} in flight")
+        how = "inline handlers" if inline else "commands and replies as messages"
+        out(f"tidings shop demo on {hub.url}: {orders} orders, {in_flight} in flight, {how}")
         await asyncio.gather(*(one(d) for d in make_orders(orders, seed_)))
         elapsed = time.perf_counter() - t0
         progress.close()
@@ -178,5 +179,6 @@ if __name__ == "__main__":
     ap.add_argument("--url", default=None)
     ap.add_argument("--orders", type=int, default=200)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--inline", action="store_true")
     a = ap.parse_args()
-    sys.exit(asyncio.run(run(a.url, orders=a.orders, seed_=a.seed)))
+    sys.exit(asyncio.run(run(a.url, orders=a.orders, seed_=a.seed, inline=a.inline)))

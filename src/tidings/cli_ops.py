@@ -53,6 +53,9 @@ def demo_shop(
     ctx: typer.Context,
     orders: Annotated[int, typer.Option("--orders", min=1, help="How many orders.")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="Random seed of the order mix.")] = 7,
+    inline: Annotated[bool, typer.Option(
+        "--inline", help="Run the services' handlers inline in the coordinator's "
+        "transactions instead of sending commands and replies as messages.")] = False,
     url: UrlOption = None,
 ) -> None:
     """The e-commerce create-order saga end to end: N orders, a summary, the invariants."""
@@ -60,7 +63,7 @@ def demo_shop(
     _checkout_on_path()
     from examples.shop import demo
 
-    raise typer.Exit(_run(demo.run(engine_url, orders=orders, seed_=seed)))
+    raise typer.Exit(_run(demo.run(engine_url, orders=orders, seed_=seed, inline=inline)))
 
 
 # sagas ---------------------------------------------------------------------------------

@@ -167,10 +167,10 @@ async def seed(hub: tidings.Hub, lid: str, units: int) -> None:
 
 
 def ledger_service(hub: tidings.Hub, name: str, lid: str, *, concurrency: int = 1,
-                   calls: list[str] | None = None) -> None:
+                   calls: list[str] | None = None, inline: bool = False) -> None:
     """`svc.<name>.reserve` / `svc.<name>.release` on the ledger `lid`."""
 
-    @hub.handler(f"svc.{name}.reserve", concurrency=concurrency)
+    @hub.handler(f"svc.{name}.reserve", concurrency=concurrency, inline=inline)
     async def reserve(cmd: tidings.Command) -> dict[str, Any]:
         if calls is not None:
             calls.append(cmd.data["saga_id"])
@@ -182,7 +182,7 @@ def ledger_service(hub: tidings.Hub, name: str, lid: str, *, concurrency: int = 
         cmd.save(led)
         return {f"{name}_reserved": amount}
 
-    @hub.handler(f"svc.{name}.release", concurrency=concurrency)
+    @hub.handler(f"svc.{name}.release", concurrency=concurrency, inline=inline)
     async def release(cmd: tidings.Command) -> dict[str, Any]:
         led = await ledger(hub, lid)
         if cmd.data["saga_id"] in led.held:

@@ -267,7 +267,7 @@ class Coordinator:
                     ) -> tuple[list[Event], list[OutMessage]]:
         """Apply `events` and the next move when it is immediate; the commands and end
         marker they call for."""
-        batch = list(events)
+        batch = [self._mark_inline(defn, ev) for ev in events]
         for ev in batch:
             evolve(defn, state, ev, now)
         # Fold in the next move only when nothing waits in the saga's inbox: a cancel (or
@@ -276,11 +276,8 @@ class Coordinator:
         queue = self._inbox.get(state.id)
         nxt = advance(defn, state, now) if queue is None or queue.empty() else None
         if isinstance(nxt, list):
-            for i, ev in enumerate(nxt):
-                if isinstance(ev, (StepStarted, CompensationStarted)):
-                    command = self._command_of(defn, ev)
-                    if command is not None and self._inline_handler(command) is not None:
-                        nxt[i] = ev = msgspec.structs.replace(ev, inline=True)
+            nxt = [self._mark_inline(defn, ev) for ev in nxt]
+            for ev in nxt:
                 evolve(defn, state, ev, now)
             batch += nxt
         messages = []
@@ -296,11 +293,14 @@ class Coordinator:
                                                    "content-type": "application/json"}))
         return batch, messages
 
-    @staticmethod
-    def _command_of(defn: Saga, ev: StepStarted | CompensationStarted) -> str | None:
-        step = defn.steps[ev.step]
-        command = step.command if isinstance(ev, StepStarted) else step.compensation
-        return command if isinstance(command, str) else None
+    def _mark_inline(self, defn: Saga, ev: Event) -> Event:
+        """An attempt of a command with an inline handler here is run inline."""
+        if isinstance(ev, (StepStarted, CompensationStarted)) and not ev.inline:
+            step = defn.steps[ev.step]
+            command = step.command if isinstance(ev, StepStarted) else step.compensation
+            if isinstance(command, str) and self._inline_handler(command) is not None:
+                return msgspec.structs.replace(ev, inline=True)
+        return ev
 
     def _inline_handler(self, command: str) -> CommandHandler | None:
         handlers = self.hub._command_handlers
