@@ -45,8 +45,8 @@ from tidings.gateway import run
 app = None
 if len(sys.argv) > 3:
     sys.path.insert(0, sys.argv[3])
-    from benchmarks.gateway import shop
-    app = shop
+    from benchmarks.gateway import shop, shop_inline
+    app = shop_inline if sys.argv[4] == "inline" else shop
 run(sys.argv[1], "127.0.0.1", int(sys.argv[2]), None, app, log_level="warning")
 """
 ROOT = str(Path(__file__).resolve().parent.parent)
@@ -63,7 +63,7 @@ FULL = Sizes(reps=3, seconds=5.0, warmup=1.0)
 QUICK = Sizes(reps=1, seconds=0.25, warmup=0.1)
 
 
-async def shop(hub: tidings.Hub) -> dict[str, Any]:
+async def shop(hub: tidings.Hub, inline: bool = False) -> dict[str, Any]:
     """The shop's services and create-order saga, with ample credit and stock (so every
     order runs all four steps): the app the latency server runs."""
     sys.path.insert(0, ROOT)
@@ -71,7 +71,7 @@ async def shop(hub: tidings.Hub) -> dict[str, Any]:
     from examples.shop.saga import create_order
     from examples.shop.services import PRICES, register_services
 
-    register_services(hub)
+    register_services(hub, inline=inline)
     for i in range(1, 21):
         c = Customer(f"c-{i}")
         c.register(10**9)
@@ -81,6 +81,11 @@ async def shop(hub: tidings.Hub) -> dict[str, Any]:
         await hub.repository(Product).save(p)
         PRICES[p.id] = 10
     return {create_order.name: hub.sagas(create_order)}
+
+
+async def shop_inline(hub: tidings.Hub) -> dict[str, Any]:
+    """The same shop with its handlers inline in the coordinator's transactions."""
+    return await shop(hub, inline=True)
 
 
 def _order(i: int) -> dict[str, Any]:
@@ -129,10 +134,12 @@ async def _load(port: int, request: bytes, clients: int, seconds: float) -> floa
 
 
 class _Server:
-    def __init__(self, directory: str, *, with_shop: bool = False) -> None:
+    def __init__(self, directory: str, *, with_shop: bool = False, inline: bool = False
+                 ) -> None:
         self.port = _free_port()
         url = f"sqlite:///{directory}/gateway.db"
-        args = [sys.executable, "-c", SERVER, url, str(self.port)] + ([ROOT] if with_shop else [])
+        args = [sys.executable, "-c", SERVER, url, str(self.port)] + (
+            [ROOT, "inline" if inline else "messages"] if with_shop else [])
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
 
     async def ready(self) -> None:
@@ -225,11 +232,11 @@ async def _paced(rate: float, seconds: float, one: Callable[[int], Awaitable[flo
 refused = [0]  # 429s met by the latency run (a sign the sagas fell behind)
 
 
-async def _command_latency(sizes: Sizes) -> list[float]:
+async def _command_latency(sizes: Sizes, inline: bool) -> list[float]:
     """POST /v1/commands/create-order, then GET /v1/requests/{id}?wait (answered when the
     saga ends) until it is completed."""
     with scratch_dir("gateway-commands") as d:
-        server = _Server(d, with_shop=True)
+        server = _Server(d, with_shop=True, inline=inline)
         refused[0] = 0
         try:
             await server.ready()
@@ -267,11 +274,11 @@ async def _command_latency(sizes: Sizes) -> list[float]:
             server.stop()
 
 
-async def _in_process_saga_latency(sizes: Sizes) -> list[float]:
+async def _in_process_saga_latency(sizes: Sizes, inline: bool) -> list[float]:
     """The same orders at the same rate with sagas.start + sagas.wait in one process."""
     with scratch_dir("gateway-sagas") as d:
         async with await tidings.connect(f"sqlite:///{d}/t.db") as hub:
-            sagas = (await shop(hub))["create-order"]
+            sagas = (await shop(hub, inline))["create-order"]
             runner = asyncio.create_task(hub.run())
 
             async def one(i: int) -> float:
@@ -315,13 +322,25 @@ async def run(quick: bool) -> list[dict[str, Any]]:
     ones = await _measure(single, CLIENTS, sizes, "single")
     batches = await _measure(batch, BATCH_CLIENTS, sizes, "batch")
     direct = await _in_process(sizes)
-    http_ms = await _command_latency(sizes)
-    progress(f"gateway commands: median {statistics.median(http_ms):.1f} ms over HTTP")
-    local_ms = await _in_process_saga_latency(sizes)
     cpus = os.cpu_count()
-    p50, local50 = statistics.median(http_ms), statistics.median(local_ms)
     rps = summary(ones)
     mps = summary(batches) * BATCH
+    commands = []
+    for mode, inline in (("inline handlers", True), ("messages", False)):
+        refused[0] = 0
+        http_ms = await _command_latency(sizes, inline)
+        progress(f"gateway commands ({mode}): median {statistics.median(http_ms):.1f} ms "
+                 "over HTTP")
+        local_ms = await _in_process_saga_latency(sizes, inline)
+        p50, local50 = statistics.median(http_ms), statistics.median(local_ms)
+        commands.append(row(
+            f"command → completed over HTTP, median at {COMMAND_RATE:.0f}/s (sqlite, {mode})",
+            p50, "in-process start+wait", local50, "ms", 1.0, ratio=LATENCY_TARGET_MS / p50,
+            target_label=f"median ≤ {LATENCY_TARGET_MS:.0f} ms",
+            p99=_percentile(http_ms, 0.99), peer_p99=_percentile(local_ms, 0.99),
+            orders=len(http_ms), refused_429=refused[0],
+            note="GET /v1/requests/{id}?wait answers when the saga ends; the peer column is "
+                 "the same sagas started and awaited in one process"))
     return [
         row(f"HTTP publish, {CLIENTS} keep-alive clients (sqlite)", rps, "none", None, "req/s",
             1.0, ratio=rps / SINGLE_TARGET, target_label=f"≥ {SINGLE_TARGET:,.0f} req/s",
@@ -331,13 +350,7 @@ async def run(quick: bool) -> list[dict[str, Any]]:
             None, "msg/s", 1.0, ratio=mps / BATCH_TARGET,
             target_label=f"≥ {BATCH_TARGET:,.0f} msg/s",
             samples=[s * BATCH for s in batches], cpus=cpus),
-        row(f"command → completed over HTTP, median at {COMMAND_RATE:.0f}/s (sqlite)", p50,
-            "in-process start+wait", local50, "ms", 1.0, ratio=LATENCY_TARGET_MS / p50,
-            target_label=f"median ≤ {LATENCY_TARGET_MS:.0f} ms",
-            p99=_percentile(http_ms, 0.99), peer_p99=_percentile(local_ms, 0.99),
-            orders=len(http_ms), refused_429=refused[0],
-            note="GET /v1/requests/{id}?wait answers when the saga ends; the peer column is "
-                 "the same sagas started and awaited in one process"),
+        *commands,
     ]
 
 

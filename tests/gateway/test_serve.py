@@ -77,5 +77,5 @@ def test_gateway_benchmark_runs_quick(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(results.read_text())["rows"]
-    assert [r["unit"] for r in rows] == ["req/s", "msg/s", "ms"]
+    assert [r["unit"] for r in rows] == ["req/s", "msg/s", "ms", "ms"]  # commands: 2 modes
     assert all(r["tidings"] > 0 for r in rows)

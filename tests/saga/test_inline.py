@@ -21,14 +21,11 @@ from .test_coordinator import (
     WAIT,
     Env,
     SgReserved,
-    env,  # noqa: F401 - fixture
     ledger,
     ledger_service,
     read_all,
     seed,
-    sqlite_url,  # noqa: F401 - fixture
     status_is,
-    url,  # noqa: F401 - fixture
 )
 
 

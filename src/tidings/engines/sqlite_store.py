@@ -18,7 +18,7 @@ import msgspec
 
 from ..errors import ConcurrencyError, EventIdConflict, InvalidArgument
 from ..messages import OutMessage
-from .sqlite import SqliteEngine, Tx
+from .sqlite import SqliteEngine, Tx, insert_rows
 from .store_base import (
     EVENT_COLUMNS,
     AppendOutcome,
@@ -66,7 +66,7 @@ SCHEMA = [
         error TEXT, failed_position INTEGER, updated REAL NOT NULL) WITHOUT ROWID""",
 ]
 
-_INSERT = f"INSERT INTO tidings_events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT = f"INSERT INTO tidings_events ({EVENT_COLUMNS}) VALUES "
 _SELECT = f"SELECT {EVENT_COLUMNS} FROM tidings_events"
 #: One statement for what an append checks: is the first id stored already (then
 #: at which position), the stream's version, and the last global position.
@@ -401,7 +401,7 @@ def append_in_tx(tx: Tx, stream_id: str, records: Sequence[NewRecord], expected:
         messages.append(OutMessage(r.id, topic, stream_id, r.data,
                                    event_headers(r, stream_id, version, pos), False))
     try:
-        conn.executemany(_INSERT, rows)
+        insert_rows(conn, _INSERT, rows)
     except sqlite3.IntegrityError:
         raise EventIdConflict(
             f"an event id in this append to {stream_id!r} is already stored; give "

@@ -109,6 +109,13 @@ async def fetch(
     engine: SqliteEngine, handle: Any, limit: int, now: float, settles: Sequence[Settle] = ()
 ) -> tuple[list[Message], float | None]:
     sub_id, spec = handle
+    if not settles:
+        # Most wake-ups are for other topics: look first (a read on the loop's own
+        # connection), and take the writer only when there is something to claim.
+        idle = await engine._read_op(lambda conn: _idle(engine, conn, sub_id, spec, now),
+                                     inline=True)
+        if idle is not _BUSY:
+            return [], idle  # type: ignore[return-value]
 
     def op(tx: Tx) -> tuple[list[Message], float | None]:
         conn = tx.conn
@@ -172,6 +179,34 @@ async def fetch(
     # A fetch wakes nobody unless it stored messages (dead letters): waking the
     # waiting consumers after every empty look would make them spin.
     return await engine.transact(op, durable=False, notify=bool(settles))
+
+
+_BUSY = object()  # _idle: there may be work, claim it on the writer
+_PEEK_TOPICS = 16  # patterns matching more topics than this skip the look
+
+
+def _idle(engine: SqliteEngine, conn: sqlite3.Connection, sub_id: int,
+          spec: SubscriptionSpec, now: float) -> float | None | object:
+    """When the subscription has nothing to deliver now: the next due time (or None);
+    otherwise _BUSY."""
+    row = conn.execute("SELECT cursor FROM tidings_subscriptions WHERE id = ?",
+                       (sub_id,)).fetchone()
+    if row is None:
+        return _BUSY
+    cursor = int(row[0])
+    ids = engine._matching_ids(conn, spec.pattern)
+    if len(ids) > _PEEK_TOPICS:
+        return _BUSY
+    for tid in ids:
+        last = conn.execute("SELECT max(position) FROM tidings_messages WHERE topic_id = ?",
+                            (tid,)).fetchone()[0]
+        if last is not None and last > cursor:
+            return _BUSY
+    due = conn.execute("SELECT min(due) FROM tidings_pending WHERE sub_id = ?",
+                       (sub_id,)).fetchone()[0]
+    if due is not None and due <= now:
+        return _BUSY
+    return None if due is None else float(due)
 
 
 async def settle(engine: SqliteEngine, handle: Any, items: Sequence[Settle], now: float) -> None:

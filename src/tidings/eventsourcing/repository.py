@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .. import topics as _topics
 from ..engines.store_base import SnapshotRow, StreamLoad
 from ..errors import DecodeError, InvalidArgument, NotFound
-from .aggregate import Aggregate, _resolver_of
+from .aggregate import _IMMUTABLE, Aggregate, _resolver_of
 from .records import Appended, RecordedEvent, check_stream_id
 from .snapshots import capture, restore, schema_of
 from .store import EventStore
@@ -59,9 +60,12 @@ class Repository(Generic[A]):
                                     or version < 1):
             raise InvalidArgument(f"version must be an int >= 1, got {version!r}")
         when = _timestamp(as_of) if as_of is not None else None
-        held = HELD_STREAMS.get()
-        if held is not None and version is None and when is None:
-            await _hold(self.store, held, id)
+        unit = UNIT.get()
+        if unit is not None and version is None and when is None:
+            mine = unit.lookup(self.cls, id)
+            if mine is not None:
+                return mine  # type: ignore[return-value]
+            await unit.hold(self.store, id)
         load = await self.store.backend.load(id, schema_of(self.cls), version, when)
         if load.current == 0:
             raise NotFound(f"{self.cls.__name__} {id!r} does not exist (no events in its stream)")
@@ -156,32 +160,68 @@ class Repository(Generic[A]):
         return agg.version
 
 
-#: Set while an inline command handler runs (see saga/coordinator.py): the streams it
-#: loads are locked in this process until its commit, so inline handlers of sagas
-#: running side by side take turns on a hot aggregate instead of conflicting.
-HELD_STREAMS: ContextVar[list[asyncio.Lock] | None] = ContextVar("tidings_held_streams",
-                                                                 default=None)
+class Unit:
+    """Inline command handlers of one saga, run back to back and committed together.
+
+    While one runs (the `UNIT` context variable is set), a repository `get` of an
+    aggregate that an earlier step of the unit saved returns a copy of that unsaved
+    state, and every stream it loads is locked in this process until the unit commits:
+    sagas running side by side take turns on a hot aggregate instead of conflicting.
+    """
+
+    def __init__(self) -> None:
+        self.aggregates: dict[str, Aggregate] = {}  # saved by the unit's steps, by id
+        self._held: list[asyncio.Lock] = []
+
+    def keep(self, saved: list[Any]) -> None:
+        """A step succeeded: what it saved is the unit's state from here on."""
+        for agg in saved:
+            self.aggregates[agg.id] = agg
+
+    def lookup(self, cls: type, id: str) -> Aggregate | None:
+        agg = self.aggregates.get(id)
+        return _clone(agg) if agg is not None and isinstance(agg, cls) else None
+
+    async def hold(self, store: EventStore, stream_id: str) -> None:
+        lock = store._locks.get(stream_id)
+        if lock is None:
+            lock = store._locks[stream_id] = asyncio.Lock()
+        if lock in self._held:
+            return
+        if not self._held:
+            await lock.acquire()
+        else:
+            # Waiting for a second stream while holding one could deadlock with a unit
+            # holding them the other way round: wait a little, then go on unlocked (the
+            # commit's version check still catches a conflict).
+            try:
+                async with asyncio.timeout(_SECOND_LOCK_WAIT):
+                    await lock.acquire()
+            except TimeoutError:
+                return
+        self._held.append(lock)
+
+    def release(self) -> None:
+        for lock in self._held:
+            lock.release()
+        self._held.clear()
 
 
-async def _hold(store: EventStore, held: list[asyncio.Lock], stream_id: str) -> None:
-    lock = store._locks.get(stream_id)
-    if lock is None:
-        lock = store._locks[stream_id] = asyncio.Lock()
-    if lock in held:
-        return
-    if held and lock.locked():
-        # Waiting for a second stream while holding one could deadlock with a handler
-        # that holds them the other way round: go on unlocked (the commit's version
-        # check still catches a conflict).
-        return
-    await lock.acquire()
-    held.append(lock)
+_SECOND_LOCK_WAIT = 0.05
+UNIT: ContextVar[Unit | None] = ContextVar("tidings_unit", default=None)
 
 
-def release_held(held: list[asyncio.Lock]) -> None:
-    for lock in held:
-        lock.release()
-    held.clear()
+def _clone(agg: Aggregate) -> Aggregate:
+    """A copy a step can change without touching the unit's state until it succeeds."""
+    new = object.__new__(type(agg))
+    for k, v in vars(agg).items():
+        if k == "_repository":
+            setattr(new, k, v)
+        elif k == "_pending":
+            setattr(new, k, list(v))
+        else:
+            setattr(new, k, v if isinstance(v, _IMMUTABLE) else copy.deepcopy(v))
+    return new
 
 
 def _timestamp(as_of: datetime | str) -> float:

@@ -15,11 +15,10 @@ Guarantees (on every engine):
 
 from __future__ import annotations
 
-import weakref
-
 import asyncio
 import contextlib
 import contextvars
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 

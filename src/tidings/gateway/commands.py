@@ -291,6 +291,12 @@ def routes(gw: Gateway) -> list[Route]:
                     remaining = deadline - time.monotonic()
                     if out["status"] in TERMINAL or remaining <= 0:
                         break
+                    waiter = getattr(gw.commands[name], "wait", None)
+                    if waiter is not None:  # e.g. a SagaRunner: told the moment it ends
+                        with contextlib.suppress(TimeoutError):
+                            state = await waiter(request_id, timeout=remaining)
+                            out = {"request_id": request_id, "saga": name, **outcome(state)}
+                        break
                     # woken by the saga's .ended message; a target that publishes none is
                     # looked at again every RECHECK seconds
                     with contextlib.suppress(TimeoutError):

@@ -32,13 +32,13 @@ from ..errors import (
     TidingsError,
 )
 from ..eventsourcing.records import NO_STREAM
-from ..eventsourcing.repository import HELD_STREAMS, release_held
+from ..eventsourcing.repository import UNIT, Unit
 from ..messages import Message, OutMessage, encode_data, new_id
 from .clock import Clock, SystemClock
-from .handlers import Command, CommandHandler
 from .definition import (
     CompensationStarted,
     Outcome,
+    Pending,
     ReplyIgnored,
     Saga,
     SagaCancelRequested,
@@ -53,6 +53,7 @@ from .definition import (
     evolve,
     on_outcome,
 )
+from .handlers import Command, CommandHandler
 
 if TYPE_CHECKING:
     from ..eventsourcing.aggregate import Aggregate
@@ -64,6 +65,7 @@ __all__ = ["Coordinator", "SagaRunner"]
 log = logging.getLogger("tidings.saga")
 
 _LIFECYCLE_START = (SagaStarted,)
+_UNIT_EVENTS = 64  # events of inline steps committed together at most
 _LIFECYCLE_END = (SagaCompleted, SagaCompensated)
 
 
@@ -361,21 +363,10 @@ class Coordinator:
         p = state.pending
         step = defn.steps[p.step]
         target = (step.action if p.kind == "action" else step.compensation)
-        saves: list[Aggregate] = []
-        headers = None
         outcome: Outcome | None
         if isinstance(target, str) or (p.kind == "action" and step.command is not None):
-            command = step.command if p.kind == "action" else step.compensation
-            handler = self._inline_handler(command) if p.inline else None  # type: ignore[arg-type]
-            if handler is not None:
-                held: list[asyncio.Lock] = []
-                try:
-                    outcome, saves, headers = await self._run_inline(handler, defn, state, held)
-                    if state.pending is p:
-                        await self._append(defn, state, sid, on_outcome(
-                            defn, state, outcome, self.clock.now()), saves, headers)
-                finally:
-                    release_held(held)
+            if self._inline_for(defn, p) is not None:
+                await self._run_inline_steps(defn, state, sid, queue)
                 return
             else:
                 # An inline attempt resumed where its handler is not inline (or absent) is
@@ -390,7 +381,7 @@ class Coordinator:
             return  # interrupted by a control message; look again
         if state.pending is p:
             await self._append(defn, state, sid, on_outcome(defn, state, outcome,
-                                                            self.clock.now()), saves, headers)
+                                                            self.clock.now()))
 
     async def _handle_item(self, defn: Saga, state: SagaState, sid: str, item: Any) -> bool:
         """Apply a control message or a reply; True when it settled the pending attempt."""
@@ -481,15 +472,54 @@ class Coordinator:
             return Outcome("error", error="a step must return a dict or None")
         return Outcome("ok", result=result)
 
-    async def _run_inline(self, handler: CommandHandler, defn: Saga, state: SagaState,
-                          held: list[asyncio.Lock]
-                          ) -> tuple[Outcome, list[Aggregate], dict[str, str]]:
-        """Run a command's inline handler for the attempt in flight.
+    def _inline_for(self, defn: Saga, p: Pending) -> CommandHandler | None:
+        """The inline handler that runs attempt `p` here, if it is an inline attempt."""
+        if not p.inline:
+            return None
+        step = defn.steps[p.step]
+        command = step.command if p.kind == "action" else step.compensation
+        return self._inline_handler(command) if isinstance(command, str) else None
 
-        What it changes (`cmd.save`) commits in the same transaction as the step's
-        outcome, so the saga's stream is the inbox: an attempt either took effect with
-        its outcome recorded, or not at all (and is run again after a crash).
+    async def _run_inline_steps(self, defn: Saga, state: SagaState, sid: str,
+                                queue: asyncio.Queue[Any]) -> None:
+        """Run inline attempts back to back and commit them, and all they changed, at once.
+
+        The saga's stream is the inbox: an attempt either took effect with its outcome
+        recorded, or not at all (and is run again after a crash). Consecutive inline
+        steps share one transaction (a unit of work: a later step sees the aggregates an
+        earlier one saved); the unit ends before anything that must be durable first — a
+        step that is not inline, a wait, the end of the saga, a control message.
         """
+        unit = Unit()
+        expected = state.stream_version
+        batch: list[Event] = []
+        messages: list[OutMessage] = []
+        try:
+            while len(batch) < _UNIT_EVENTS:
+                p = state.pending
+                handler = self._inline_for(defn, p) if p is not None else None
+                if p is None or handler is None:
+                    break
+                outcome = await self._run_inline(handler, defn, state, unit)
+                events, out = self._next_moves(
+                    defn, state, on_outcome(defn, state, outcome, self.clock.now()),
+                    self.clock.now())
+                batch += events
+                messages += out
+                if not queue.empty():
+                    break  # a cancel or a retry is applied once this much is recorded
+            from ..eventsourcing.transaction import commit
+
+            await commit(self.hub, list(unit.aggregates.values()),
+                         [(sid, batch, expected, f"saga.{defn.name}.steps")], messages,
+                         headers={"correlation-id": state.id})
+        finally:
+            unit.release()
+
+    async def _run_inline(self, handler: CommandHandler, defn: Saga, state: SagaState,
+                          unit: Unit) -> Outcome:
+        """Run a command's inline handler for the attempt in flight; what it saved joins
+        `unit` when it succeeds."""
         p = state.pending
         assert p is not None
         ev: StepStarted | CompensationStarted = (
@@ -500,12 +530,11 @@ class Coordinator:
         msg_id, command, data, headers = built
         msg = Message(msg_id, command, state.id, data, headers, time.time(), 0, 1)
         cmd = Command(command, msg.decode(), headers["idempotency-key"], headers, msg)
-
-        # Run in this task and commit straight after (no hop through another task): the
-        # less time between the handler's reads and the commit, the fewer conflicts.
-        # A cancel arriving meanwhile waits in the queue until the attempt is recorded.
+        outcome: Outcome
+        # Run in this task: a cancel arriving meanwhile waits in the queue until the
+        # attempt is recorded.
         async with handler.inline_slots():
-            token = HELD_STREAMS.set(held)  # released by the caller after the commit
+            token = UNIT.set(unit)
             try:
                 async with asyncio.timeout_at(self._loop_deadline(p.deadline)):
                     result = await handler.fn(cmd)
@@ -513,7 +542,7 @@ class Coordinator:
                 outcome = Outcome("timeout", error="the inline handler did not finish in time")
             except Rejected as exc:
                 outcome = Outcome("rejected", error=exc.reason)
-            except (ConcurrencyError, TidingsError, Exception) as exc:
+            except Exception as exc:
                 log.warning("saga %s: inline handler for %s failed: %r", state.id, command, exc)
                 outcome = Outcome("error", error=f"{type(exc).__name__}: {exc}")
             else:
@@ -523,12 +552,13 @@ class Coordinator:
                 else:
                     outcome = Outcome("ok", result=result)
             finally:
-                HELD_STREAMS.reset(token)
-        if outcome.kind == "rejected" and p.kind == "compensation":
+                UNIT.reset(token)
+        if outcome.kind == "ok":
+            unit.keep(cmd._saves)
+        elif outcome.kind == "rejected" and p.kind == "compensation":
             # as over messages: a compensation is never refused for good (see handlers.py)
             outcome = Outcome("error", error=f"compensation rejected: {outcome.error}")
-        saves = cmd._saves if outcome.kind == "ok" else []
-        return outcome, saves, {"causation-id": msg_id, "correlation-id": state.id}
+        return outcome
 
     def _loop_deadline(self, deadline: float | None) -> float | None:
         """The event loop's time for a deadline on the coordinator's clock."""
