@@ -185,6 +185,7 @@ async def test_snapshot_policy_and_partial_replay(hub: tidings.Hub) -> None:
     assert load.snapshot is not None and load.snapshot.version == 20
     assert [r[0] for r in load.rows] == [21, 22, 23, 24, 25]
     Account.applied = 0
+    hub.events.forget()  # what this process saved would spare even the tail
     b = await repo.get("snap-1")
     assert Account.applied == 5  # only the tail was replayed
     full = await hub.repository(Account).get("snap-1")  # no snapshot policy, same loader
@@ -194,6 +195,27 @@ async def test_snapshot_policy_and_partial_replay(hub: tidings.Hub) -> None:
     assert Account.applied == 5  # from the snapshot at 10
     assert old.balance == sum(range(1, 15)) and old.version == 15
     assert state(full) == state(a)
+
+
+async def test_a_load_starts_from_what_this_process_saved(hub: tidings.Hub) -> None:
+    repo = hub.repository(Account)
+    a = await opened(repo, "kept-1", 5, 7)
+    Account.applied = 0
+    b = await repo.get("kept-1")
+    assert Account.applied == 0 and state(b) == state(a)  # nothing replayed
+    # written past the repository (as another process would): only that is replayed
+    await hub.events.append("kept-1", [AgDeposited(amount=30)], expected_version=a.version)
+    Account.applied = 0
+    c = await repo.get("kept-1")
+    assert Account.applied == 1 and c.balance == 42 and c.version == a.version + 1
+    assert c.moves == [5, 7, 30] and b.moves == [5, 7]  # loads never share state
+    # a stale copy still cannot be saved over the newer stream
+    b.deposit(1)
+    with pytest.raises(tidings.ConcurrencyError):
+        await repo.save(b)
+    # temporal loads ignore it and read the stream
+    old = await repo.get("kept-1", version=2)
+    assert old.balance == 5
 
 
 async def test_snapshot_on_demand_and_batch_saves(hub: tidings.Hub) -> None:

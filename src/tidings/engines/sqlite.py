@@ -516,7 +516,8 @@ class SqliteEngine(Engine):
                 self._reader_conns.append(conn)
         return conn
 
-    def _read_inline(self, fn: Callable[[sqlite3.Connection], T]) -> T | object:
+    def _read_inline(self, fn: Callable[[sqlite3.Connection], T], atomic: bool = True
+                     ) -> T | object:
         """Run a small read on the event loop's own connection; _BUSY when it must wait.
 
         A point read from a WAL database takes microseconds, far less than the hop to a
@@ -529,7 +530,8 @@ class SqliteEngine(Engine):
             conn = self._inline_conn = _connect(self.path, writer=False)
             conn.execute("PRAGMA busy_timeout = 0")
         try:
-            conn.execute("BEGIN")
+            if atomic:
+                conn.execute("BEGIN")
         except sqlite3.OperationalError:
             return _BUSY
         try:
@@ -539,16 +541,21 @@ class SqliteEngine(Engine):
                 return _BUSY
             raise
         finally:
-            conn.execute("COMMIT")
+            if atomic:
+                conn.execute("COMMIT")
 
     async def _read_op(self, fn: Callable[[sqlite3.Connection], T], *,
-                       inline: bool = False) -> T:
-        """Run a read in one consistent snapshot; `inline` for small, bounded reads."""
+                       inline: bool = False, atomic: bool = True) -> T:
+        """Run a read in one consistent snapshot; `inline` for small, bounded reads.
+
+        `atomic=False` (inline only): each statement sees the newest commit, for reads
+        whose statements need no common snapshot.
+        """
         if self._closed or self._readers is None:
             raise EngineUnavailable("the SQLite engine is closed")
         if inline:
             try:
-                result = self._read_inline(fn)
+                result = self._read_inline(fn, atomic)
             except sqlite3.Error as exc:
                 raise EngineUnavailable(f"read from {self.url!r} failed: {exc}") from None
             if result is not _BUSY:

@@ -166,9 +166,10 @@ class SqliteStore(StoreBackend):
             await self.engine.transact(create, durable=True)
             self._created = True
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], T], inline: bool = True) -> T:
+    async def _read(self, fn: Callable[[sqlite3.Connection], T], inline: bool = True,
+                    atomic: bool = True) -> T:
         await self._ready()
-        return await self.engine._read_op(fn, inline=inline)
+        return await self.engine._read_op(fn, inline=inline, atomic=atomic)
 
     @staticmethod
     def _check_not_holding() -> None:
@@ -245,7 +246,7 @@ class SqliteStore(StoreBackend):
                                (stream_id,)).fetchone()
             return int(row[0] or 0)
 
-        return await self._read(op)
+        return await self._read(op, atomic=False)  # one statement
 
     async def last_position(self) -> int:
         def op(conn: sqlite3.Connection) -> int:
@@ -257,6 +258,10 @@ class SqliteStore(StoreBackend):
     async def load(
         self, stream_id: str, schema: str | None, to_version: int | None, as_of: float | None
     ) -> StreamLoad:
+        if to_version is None and as_of is None and schema is not None:
+            return await self._read(lambda conn: _load_latest(conn, stream_id, schema),
+                                    atomic=False)
+
         def op(conn: sqlite3.Connection) -> StreamLoad:
             current = int(conn.execute(
                 "SELECT max(version) FROM tidings_events WHERE stream_id = ?", (stream_id,)
@@ -374,6 +379,25 @@ def _duplicate(conn: sqlite3.Connection, first: int, stream_id: str,
             f"append to stream {stream_id!r}; give every new event a new id"
         )
     return AppendOutcome(rows[-1][2], [r[0] for r in rows], duplicate=True)
+
+
+def _load_latest(conn: sqlite3.Connection, stream_id: str, schema: str) -> StreamLoad:
+    """The newest state: the newest snapshot, then every event after it.
+
+    Two statements need no common snapshot here: events are only ever appended, and a
+    snapshot is written with the events it covers, so whatever commits between them
+    only adds events after the snapshot's version (replayed too).
+    """
+    row = conn.execute(
+        "SELECT version, schema, time, data FROM tidings_snapshots WHERE stream_id = ? AND "
+        "schema = ? ORDER BY version DESC LIMIT 1", (stream_id, schema)).fetchone()
+    snap = SnapshotRow(*row) if row else None
+    start = snap.version if snap else 0
+    rows = conn.execute(
+        "SELECT version, type, type_version, data FROM tidings_events "
+        "WHERE stream_id = ? AND version > ? ORDER BY version", (stream_id, start)).fetchall()
+    current = rows[-1][0] if rows else start
+    return StreamLoad(current, current, snap, rows)
 
 
 def append_in_tx(tx: Tx, stream_id: str, records: Sequence[NewRecord], expected: int | None,

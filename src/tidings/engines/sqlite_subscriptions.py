@@ -113,7 +113,7 @@ async def fetch(
         # Most wake-ups are for other topics: look first (a read on the loop's own
         # connection), and take the writer only when there is something to claim.
         idle = await engine._read_op(lambda conn: _idle(engine, conn, sub_id, spec, now),
-                                     inline=True)
+                                     inline=True, atomic=False)
         if idle is not _BUSY:
             return [], idle  # type: ignore[return-value]
 

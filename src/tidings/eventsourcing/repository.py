@@ -66,6 +66,12 @@ class Repository(Generic[A]):
             if mine is not None:
                 return mine  # type: ignore[return-value]
             await unit.hold(self.store, id)
+        if version is None and when is None:
+            kept = self.store.states.get(id)
+            if kept is not None and kept[0] is self.cls:
+                fresh = await self._from_kept(id, kept[1])
+                if fresh is not None:
+                    return fresh
         load = await self.store.backend.load(id, schema_of(self.cls), version, when)
         if load.current == 0:
             raise NotFound(f"{self.cls.__name__} {id!r} does not exist (no events in its stream)")
@@ -76,6 +82,21 @@ class Repository(Generic[A]):
                 f"{load.current}"
             )
         return await self._build(id, load, version, when)
+
+    async def _from_kept(self, id: str, kept: SnapshotRow) -> A | None:
+        """The aggregate from the state this process last saved, plus any newer events
+        (written by another process); None when the stream is not where it was."""
+        backend = self.store.backend
+        current = await backend.stream_version(id)
+        if current < kept.version:
+            return None
+        rows = []
+        if current > kept.version:
+            rows = [(r[2], r[4], r[5], r[8]) for r in await backend.read_stream(
+                id, kept.version + 1, current, current - kept.version)]
+            if len(rows) != current - kept.version:
+                return None
+        return await self._build(id, StreamLoad(current, current, kept, rows), None, None)
 
     async def _build(self, id: str, load: StreamLoad, version: int | None,
                      when: float | None) -> A:
@@ -122,6 +143,7 @@ class Repository(Generic[A]):
             h.update(headers)
         out = await self.store._append(agg.id, pending, expected, self.topic, h, snapshot)
         agg._pending = []
+        self.store.remember(agg)
         return out
 
     # snapshots -----------------------------------------------------------------

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import contextvars
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +90,11 @@ def _check_headers(headers: Mapping[str, str] | None, where: str) -> dict[str, s
     return out
 
 
+#: Aggregate states a process keeps (the least recently saved go first).
+STATES_KEPT = 10_000
+STATES_BYTES = 64 * 1024 * 1024
+
+
 def default_topic(stream_id: str) -> str:
     """The stream's category (the part before the first '-'), or 'events' if not a topic name."""
     category = stream_id.split("-", 1)[0]
@@ -105,9 +111,37 @@ class EventStore:
         self._hub = hub
         self.backend = backend
         self._projections: Any = None  # set by eventsourcing.projections
-        # stream id -> lock, held by inline command handlers (see repository.hold_streams)
+        # stream id -> lock, held by inline command handlers (see repository.Unit)
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary())
+        # stream id -> (aggregate class, its state as a snapshot) as this process last
+        # saved it: a load checks the stream's version and replays only what is newer
+        self.states: OrderedDict[str, tuple[type, SnapshotRow]] = OrderedDict()
+        self._states_bytes = 0
+
+    def forget(self) -> None:
+        """Drop the kept aggregate states: the next loads read the store."""
+        self.states.clear()
+        self._states_bytes = 0
+
+    def remember(self, agg: Any) -> None:
+        """Keep the state of an aggregate just saved (see `Repository.get`)."""
+        from .snapshots import capture, schema_of
+
+        states = self.states
+        old = states.pop(agg.id, None)
+        if old is not None:
+            self._states_bytes -= len(old[1].data)
+        try:
+            data = capture(agg)
+        except Exception:  # noqa: BLE001 - not encodable: it is loaded from the store
+            return
+        cls = type(agg)
+        states[agg.id] = (cls, SnapshotRow(agg.version, schema_of(cls), 0.0, data))
+        self._states_bytes += len(data)
+        while states and (len(states) > STATES_KEPT or self._states_bytes > STATES_BYTES):
+            _, (_, row) = states.popitem(last=False)
+            self._states_bytes -= len(row.data)
 
     @property
     def hub(self) -> Hub:

@@ -60,4 +60,6 @@ async def commit(
                           "atomically")
     await batch(items, list(messages), snapshots)
     for agg in aggregates:
-        agg._pending = []
+        if agg._pending:
+            agg._pending = []
+            store.remember(agg)
