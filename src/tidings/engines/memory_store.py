@@ -122,6 +122,19 @@ class MemoryStore(StoreBackend):
         topic: str,
         snapshot: SnapshotRow | None = None,
     ) -> AppendOutcome:
+        messages: list[OutMessage] = []
+        now = self._clock()
+        out = self._append(stream_id, records, expected, topic, snapshot, now, messages)
+        if messages:
+            self.engine._store(messages, now)
+            self.engine._notify()
+        return out
+
+    def _append(self, stream_id: str, records: Sequence[NewRecord], expected: int | None,
+                topic: str, snapshot: SnapshotRow | None, now: float,
+                messages: list[OutMessage]) -> AppendOutcome:
+        """Append to the tables; the events' messages go to `messages` (for the caller
+        to store, so a batch stores them all at once)."""
         t = self._tables
         dup = _duplicate(t, stream_id, records)
         if dup is not None:
@@ -137,10 +150,8 @@ class MemoryStore(StoreBackend):
                     f"event id {r.id!r} is already stored; give every new event a new id"
                 )
             seen.add(r.id)
-        now = self._clock()
         first = len(t.events) + 1
         rows: list[EventRow] = []
-        messages = []
         for i, r in enumerate(records):
             pos, version = first + i, current + 1 + i
             rows.append((pos, stream_id, version, r.id, r.type, r.type_version, now,
@@ -152,8 +163,6 @@ class MemoryStore(StoreBackend):
             t.ids[row[3]] = row[0]
         if snapshot is not None:
             _put_snapshot(t, stream_id, snapshot)
-        self.engine._store(messages, now)
-        self.engine._notify()
         return AppendOutcome(current + len(rows), [r[0] for r in rows])
 
     async def append_batch(
@@ -174,10 +183,13 @@ class MemoryStore(StoreBackend):
             versions[sid] = current + len(recs)
         # no await happens between the checks and the appends: nothing can interleave
         snaps = snapshots or {}
-        out = [await self.append(sid, recs, exp, topic, snaps.get(sid))
+        now = self._clock()
+        stored: list[OutMessage] = []
+        out = [self._append(sid, recs, exp, topic, snaps.get(sid), now, stored)
                for sid, recs, exp, topic in items]
-        if messages:
-            self.engine._store(list(messages), self._clock())
+        stored.extend(messages)
+        if stored:
+            self.engine._store(stored, now)
             self.engine._notify()
         return out
 

@@ -210,8 +210,8 @@ class Unit:
             lock = store._locks[stream_id] = asyncio.Lock()
         if lock in self._held:
             return
-        if not self._held:
-            await lock.acquire()
+        if not self._held or not lock.locked():
+            await lock.acquire()  # (a free lock is taken at once)
         else:
             # Waiting for a second stream while holding one could deadlock with a unit
             # holding them the other way round: wait a little, then go on unlocked (the

@@ -62,7 +62,9 @@ class CommandTarget(Protocol):
     its runs. A `start` that cannot take more work right now raises
     `tidings.BufferFull` (the client gets 429). Optional: `list(status)` (a
     list, or an async iterator, of such dicts) for `/v1/sagas` and the
-    dashboard.
+    dashboard; `wait(id, timeout)` returning that dict once the run ends (raising
+    TimeoutError), for `GET /v1/requests/{id}?wait` (without it the gateway waits
+    for the run's `.ended` message).
     """
 
     async def start(self, data: dict[str, Any], id: str) -> str: ...
