@@ -109,7 +109,7 @@ class Subscription:
 
     async def _fill(self, timeout: float | None = None, limit: int | None = None) -> None:
         engine = self._engine
-        changed = engine.changes()
+        changed = engine.changes(self.spec.pattern)
         settles, self._settles = self._settles, []
         n = self._batch if limit is None else max(1, min(limit, self._batch))
         now = time.time()

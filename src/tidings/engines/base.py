@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
 
+from .. import topics as _topics
 from ..messages import Message, OutMessage, Published
 from .delivery import SubscriptionSpec
 
@@ -96,6 +97,12 @@ class _Changes(asyncio.Event):
         self.future: asyncio.Future[None] | None = None
 
 
+def _fire(ev: _Changes) -> None:
+    ev.set()
+    if ev.future is not None and not ev.future.done():
+        ev.future.set_result(None)
+
+
 class Engine(ABC):
     """Storage for the log, subscriptions and event streams.
 
@@ -111,6 +118,7 @@ class Engine(ABC):
 
     def __init__(self) -> None:
         self._changed = _Changes()
+        self._by_pattern: dict[str, _Changes] = {}  # waiters for one topic pattern
         self._waiters = 0
 
     # lifecycle ---------------------------------------------------------------
@@ -180,16 +188,46 @@ class Engine(ABC):
     async def subscriptions(self) -> list[SubscriptionInfo]: ...
 
     # wake-ups ----------------------------------------------------------------
-    def _notify(self) -> None:
-        """Wake every waiter: something was stored or settled."""
-        old, self._changed = self._changed, _Changes()
-        old.set()
-        if old.future is not None and not old.future.done():
-            old.future.set_result(None)
+    def _notify(self, topics: Iterable[str] | None = None,
+                patterns: Iterable[str] = ()) -> None:
+        """Wake waiters: something was stored or settled.
 
-    def changes(self) -> asyncio.Event:
-        """An event set at the next change; take it *before* looking, then wait on it."""
-        return self._changed
+        With `topics` (what was stored), only the waiters for patterns matching one of
+        them, plus those for `patterns` (subscriptions whose deliveries were settled),
+        and every waiter for any change; without, everyone. Many subscriptions on one
+        hub then do not all look after every commit.
+        """
+        _fire(self._changed)
+        self._changed = _Changes()
+        by_pattern = self._by_pattern
+        if not by_pattern:
+            return
+        if topics is None:
+            self._by_pattern = {}
+            for ev in by_pattern.values():
+                _fire(ev)
+            return
+        woken = set(patterns)
+        names = set(topics)
+        if names:
+            for pattern in by_pattern:
+                if pattern not in woken:
+                    rx = _topics.matcher(pattern)
+                    if any(rx.match(t) for t in names):
+                        woken.add(pattern)
+        for pattern in woken:
+            if pattern in by_pattern:
+                _fire(by_pattern.pop(pattern))
+
+    def changes(self, pattern: str | None = None) -> asyncio.Event:
+        """An event set at the next change (with `pattern`: the next that may concern a
+        subscription to it); take it *before* looking, then wait on it."""
+        if pattern is None:
+            return self._changed
+        ev = self._by_pattern.get(pattern)
+        if ev is None:
+            ev = self._by_pattern[pattern] = _Changes()
+        return ev
 
     async def wait(self, event: asyncio.Event, timeout: float | None) -> None:
         """Wait for `event` (from `changes()`) or `timeout` seconds, whichever is first.

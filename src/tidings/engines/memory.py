@@ -114,7 +114,7 @@ class MemoryEngine(Engine):
 
     async def append(self, messages: Sequence[OutMessage]) -> list[Published]:
         out = self._store(messages, round(_time.time(), 6))
-        self._notify()
+        self._notify({m.topic for m in messages})
         return out
 
     def _matching(self, pattern: str) -> list[list[int]]:
@@ -229,7 +229,9 @@ class MemoryEngine(Engine):
                 self._dead_letter(sub.spec, p, "max_deliver", now)
             else:
                 p.due = now + s.delay
-        self._notify()
+        # its own waiters (room, a redelivery) and, for a dead letter, the dead-letter topic's
+        self._notify((sub.spec.dead_letter,) if sub.spec.dead_letter else (),
+                     (sub.spec.pattern,))
 
     async def delete_subscription(self, group: str, pattern: str) -> bool:
         return self._subs.pop((group, pattern), None) is not None

@@ -94,7 +94,7 @@ class MemoryTx(StoreTx):
     def _end_event(self, ok: bool) -> None:
         if ok and self._outbox:
             self._store.engine._store(self._outbox, self._now)
-            self._store.engine._notify()
+            self._store.engine._notify({m.topic for m in self._outbox})
         self._outbox.clear()
 
 
@@ -127,7 +127,7 @@ class MemoryStore(StoreBackend):
         out = self._append(stream_id, records, expected, topic, snapshot, now, messages)
         if messages:
             self.engine._store(messages, now)
-            self.engine._notify()
+            self.engine._notify((topic,))
         return out
 
     def _append(self, stream_id: str, records: Sequence[NewRecord], expected: int | None,
@@ -190,7 +190,7 @@ class MemoryStore(StoreBackend):
         stored.extend(messages)
         if stored:
             self.engine._store(stored, now)
-            self.engine._notify()
+            self.engine._notify({m.topic for m in stored})
         return out
 
     async def read_stream(

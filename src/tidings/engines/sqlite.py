@@ -124,6 +124,7 @@ class Tx:
         self.now = now
         self._position: int | None = None
         self._dirty = False  # positions were taken: new messages to wake readers for
+        self.topics: set[str] = set()  # the topics of what was stored
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         return self.conn.execute(sql, params)
@@ -198,6 +199,7 @@ class Tx:
                 i += 1
                 if m.topic != last_topic:
                     last_topic, last_tid = m.topic, topic_id(conn, m.topic)
+                    self.topics.add(m.topic)
                 h = m.headers
                 if h is not last_h:  # batches share one headers dict: encode it once
                     last_h, last_enc = h, (_enc_headers(h) if h else None)
@@ -225,7 +227,7 @@ class _Job:
     __slots__ = ("durable", "fn", "future", "notify", "result")
 
     def __init__(self, fn: Callable[[Tx], Any], future: asyncio.Future[Any], durable: bool,
-                 notify: bool = True):
+                 notify: bool | str = True):
         self.fn = fn
         self.future = future
         self.durable = durable
@@ -363,8 +365,8 @@ class SqliteEngine(Engine):
                 break
         conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> bool:
-        """Run the jobs in one transaction; True when it stored new messages."""
+    def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> set[str]:
+        """Run the jobs in one transaction; the topics of the messages it stored."""
         durable = self.durability == "full" and any(j.durable for j in jobs)
         sync = "FULL" if durable else "NORMAL"
         try:
@@ -376,7 +378,7 @@ class SqliteEngine(Engine):
             err = EngineUnavailable(f"cannot start a write on {self.url!r}: {exc}")
             for j in jobs:
                 j.result = err
-            return False
+            return set()
         tx = Tx(self, conn, self._now(conn))
         single = len(jobs) == 1
         for j in jobs:
@@ -399,7 +401,7 @@ class SqliteEngine(Engine):
             if single and isinstance(jobs[0].result, BaseException):
                 conn.execute("ROLLBACK")
                 self._forget_new_topics()
-                return False
+                return set()
             tx._finish()
             if tx.now - self._last_prune > 10.0:
                 self._last_prune = tx.now
@@ -409,7 +411,7 @@ class SqliteEngine(Engine):
                 )
             conn.execute("COMMIT")
             self._new_topics.clear()
-            return tx._dirty
+            return tx.topics if tx._dirty else set()
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -417,7 +419,7 @@ class SqliteEngine(Engine):
             err = EngineUnavailable(f"commit to {self.url!r} failed: {exc}")
             for j in jobs:
                 j.result = err
-            return False
+            return set()
 
     def _now(self, conn: sqlite3.Connection) -> float:
         """Commit time, never earlier than the last stored message's (time order = log order)."""
@@ -428,28 +430,34 @@ class SqliteEngine(Engine):
             return float(row[0])
         return now
 
-    def _resolve(self, jobs: list[_Job], wrote: bool) -> None:
-        stored = wrote
+    def _resolve(self, jobs: list[_Job], topics: set[str]) -> None:
+        patterns: list[str] = []
+        wake = bool(topics)
         for j in jobs:
-            if j.future.cancelled():
-                continue
             r = j.result
             if isinstance(r, tuple):
+                if isinstance(j.notify, str):
+                    patterns.append(j.notify)
+                wake = wake or bool(j.notify)
+            if j.future.cancelled():
+                continue
+            if isinstance(r, tuple):
                 j.future.set_result(r[1])
-                stored = stored or j.notify
             elif isinstance(r, sqlite3.Error):
                 j.future.set_exception(EngineUnavailable(f"{self.url}: {r}"))
             else:
                 j.future.set_exception(r)
-        if stored:
-            self._notify()
+        if wake:
+            self._notify(topics, patterns)
 
     async def transact(self, fn: Callable[[Tx], T], *, durable: bool = True,
-                       notify: bool = True) -> T:
+                       notify: bool | str = True) -> T:
         """Run `fn(tx)` on the writer thread inside a group-committed transaction.
 
         All of `fn`'s writes commit together or not at all; the call returns
         after the commit (fsynced when `durable` and durability is 'full').
+        The commit wakes the waiters for the topics it stored messages on; `notify`
+        False: no one else, a pattern: that subscription's waiters too (it settled).
         """
         if self._closed:
             raise EngineUnavailable("the SQLite engine is closed")

@@ -178,7 +178,7 @@ async def fetch(
 
     # A fetch wakes nobody unless it stored messages (dead letters): waking the
     # waiting consumers after every empty look would make them spin.
-    return await engine.transact(op, durable=False, notify=bool(settles))
+    return await engine.transact(op, durable=False, notify=spec.pattern if settles else False)
 
 
 _BUSY = object()  # _idle: there may be work, claim it on the writer
@@ -212,7 +212,7 @@ def _idle(engine: SqliteEngine, conn: sqlite3.Connection, sub_id: int,
 async def settle(engine: SqliteEngine, handle: Any, items: Sequence[Settle], now: float) -> None:
     sub_id, spec = handle
     await engine.transact(lambda tx: _settle_tx(engine, tx, sub_id, spec, items, now),
-                        durable=False)
+                          durable=False, notify=spec.pattern)
 
 
 async def delete_subscription(engine: SqliteEngine, group: str, pattern: str) -> bool:
