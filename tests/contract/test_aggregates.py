@@ -218,6 +218,54 @@ async def test_a_load_starts_from_what_this_process_saved(hub: tidings.Hub) -> N
     assert old.balance == 5
 
 
+class Tally(tidings.Aggregate):
+    """State a JSON round trip would change: a private set, a tuple, int keys."""
+
+    last: tuple[str, int] = ("", 0)
+    by_amount: dict[int, str] = {}  # noqa: RUF012 - copied per instance
+
+    def __init__(self, id: str) -> None:
+        super().__init__(id)
+        self._seen: set[str] = set()
+
+    def apply(self, event: Any) -> None:
+        if isinstance(event, AgOpened):
+            self._seen.add(event.owner)
+            self.last = (event.owner, len(self._seen))
+            self.by_amount = {**self.by_amount, len(self._seen): event.owner}
+
+
+async def test_a_kept_state_is_exactly_what_a_replay_gives(hub: tidings.Hub) -> None:
+    repo = hub.repository(Tally)
+    t = Tally("tally-1")
+    for who in ("a", "b", "a"):
+        t.record(AgOpened(owner=who))
+    await repo.save(t)
+    kept = await repo.get("tally-1")
+    hub.events.forget()
+    replayed = await repo.get("tally-1")
+    for agg in (kept, replayed):
+        assert agg._seen == {"a", "b"} and agg.last == ("a", 2)
+        assert agg.by_amount == {1: "a", 2: "a"} and agg.version == 3
+    kept._seen.add("z")  # a loaded copy shares nothing with what is kept
+    assert (await repo.get("tally-1"))._seen == {"a", "b"}
+
+
+async def test_an_atomic_commit_that_fails_late_leaves_nothing(hub: tidings.Hub) -> None:
+    from tidings.eventsourcing.transaction import commit
+
+    repo = hub.repository(Account)
+    taken = await opened(repo, "atomic-1", 5)
+    first = Account("atomic-2")
+    first.open("x")
+    clash = tidings.NewEvent(type="Clash", data={}, id=(await repo.history(taken.id))[0].id)
+    with pytest.raises(tidings.TidingsError):
+        await commit(hub, [first], [("atomic-3", [clash], tidings.NO_STREAM, "t")])
+    with pytest.raises(tidings.NotFound):
+        await repo.get("atomic-2")  # the first item did not stay behind
+    assert {m.key async for m in hub.read(">")} == {"atomic-1"}  # and no message either
+
+
 async def test_snapshot_on_demand_and_batch_saves(hub: tidings.Hub) -> None:
     repo = hub.repository(Account, snapshot_every=4)
     a = Account("snap-2")

@@ -26,7 +26,13 @@ from .test_coordinator import (
     read_all,
     seed,
     status_is,
+    until,
 )
+
+
+async def _available(hub: tidings.Hub, n: int) -> bool:
+    hub.events.forget()
+    return (await ledger(hub, "credit")).available == n
 
 
 def _race_saga(approved: list[str]) -> Saga:
@@ -116,7 +122,8 @@ def _blocking_service(hub: tidings.Hub, gate: _Blocking) -> None:
         return {"reserved": 1}
 
 
-_ONE_STEP = Saga("inline-one", [Step("credit", command="svc.credit.reserve")])
+_ONE_STEP = Saga("inline-one", [Step("credit", command="svc.credit.reserve", timeout=1.0,
+                                       retries=2, backoff=0.01)])
 
 
 @pytest.mark.parametrize("resume", ["inline", "message"])
@@ -134,7 +141,9 @@ async def test_an_attempt_cut_off_before_its_commit_runs_again_exactly_once(
     second = await env.hub(sqlite_url)
     if resume == "inline":
         ledger_service(second, "credit", "credit", inline=True)
-    else:  # resumed where the handler is a plain one: the attempt goes out as a message
+    else:  # resumed where the handler is a plain one: the inline attempt is not sent (an
+        # inline coordinator may still be running it); after its deadline, the next
+        # attempt goes out as a message
         ledger_service(second, "credit", "credit")
         env.serve(second)
     runner = second.sagas(_ONE_STEP)
@@ -143,7 +152,72 @@ async def test_an_attempt_cut_off_before_its_commit_runs_again_exactly_once(
     led = await ledger(second, "credit")
     assert led.held == {sid: 1} and led.available == 4  # once, not twice
     commands = await read_all(second, "svc.credit.reserve")
-    assert len(commands) == (1 if resume == "message" else 0)
+    if resume == "message":
+        assert [m.headers["saga-attempt"] for m in commands] == ["2"]
+        [failed] = [s for s in state["steps"] if s["event"] == "StepFailed"]
+        assert failed["attempt"] == 1 and "no reply" in failed["error"]
+    else:
+        assert commands == []
+
+
+async def test_a_coordinator_without_the_inline_handler_never_runs_the_step_twice(
+        env: Env, sqlite_url: str) -> None:
+    # W runs the step inline (slowly); G, a coordinator of the same saga without the
+    # handler (a gateway process, say), must not send it as a message meanwhile
+    w = await env.hub(sqlite_url)
+    await seed(w, "credit", 10)
+    gate = _Blocking()
+    _blocking_service(w, gate)
+    env.serve(w)  # W also handles the command should it arrive as a message
+    g = await env.hub(sqlite_url)
+    g.sagas(_ONE_STEP)
+    runner = w.sagas(_ONE_STEP)
+    sid = await runner.start({})
+    await asyncio.wait_for(gate.entered.wait(), WAIT)
+    await asyncio.sleep(0.3)  # G has seen the saga start and is driving it
+    gate.release.set()
+    state = await runner.wait(sid, timeout=WAIT)
+    assert state["status"] == "completed"
+    assert gate.runs == 1
+    assert await read_all(w, "svc.credit.reserve") == []
+    w.events.forget()
+    led = await ledger(w, "credit")
+    assert led.available == 9 and led.held == {sid: 1}
+
+
+async def test_after_an_attempt_went_out_as_a_message_the_step_stays_on_messages(
+        env: Env, sqlite_url: str) -> None:
+    # attempt 1 goes out as a message (no inline handler yet) and takes effect, but its
+    # reply is late; a coordinator with the inline handler then retries: the retry must
+    # meet the service's inbox (same idempotency key), not run inline a second time
+    first = await env.hub(sqlite_url)
+    await seed(first, "credit", 10)
+    defn = Saga("inline-late", [Step("credit", command="svc.credit.reserve", timeout=0.5,
+                                     retries=3, backoff=0.01)])
+    sid = await first.sagas(defn).start({})
+    await env.close(first)  # the command is stored; nobody has handled it yet
+    svc = await env.hub(sqlite_url)  # the service alone handles it...
+    ledger_service(svc, "credit", "credit")
+    env.serve(svc)
+    await until(lambda: _available(svc, 9))
+    lost = await svc.subscribe("saga.inline-late.replies", group="saga-coordinator")
+    for m in await lost.fetch(10, wait=WAIT):  # ...and its reply is lost
+        await m.ack()
+    await lost.close()
+    await env.close(svc)
+    await asyncio.sleep(0.5)  # attempt 1's deadline passes
+    assert (await ledger(await env.hub(sqlite_url), "credit")).available == 9
+    second = await env.hub(sqlite_url)
+    ledger_service(second, "credit", "credit", inline=True)
+    env.serve(second)
+    state = await second.sagas(defn).wait(sid, timeout=WAIT)
+    assert state["status"] == "completed"
+    second.events.forget()
+    led = await ledger(second, "credit")
+    assert led.available == 9 and led.held == {sid: 1}  # once, not twice
+    events = [rec.event async for rec in second.events.read(f"saga-inline-late-{sid}")]
+    started = [e for e in events if type(e).__name__ == "StepStarted"]
+    assert len(started) >= 2 and not any(e.inline for e in started)  # retried as messages
 
 
 async def test_an_inline_handler_that_times_out_is_retried(env: Env, url: str) -> None:
@@ -243,3 +317,81 @@ async def test_inline_must_be_a_bool(env: Env) -> None:
     hub = await env.hub("memory://")
     with pytest.raises(tidings.InvalidArgument, match="inline"):
         hub.handler("svc.x.do", inline="yes")  # type: ignore[arg-type]
+
+
+async def test_a_unit_never_waits_for_a_handler_slot_while_holding_a_stream(
+        env: Env, url: str) -> None:
+    # saga 1 holds X (step a) and needs handler b next; saga 2 holds b's only slot and
+    # needs X: saga 1 must commit and let X go instead of waiting for the slot
+    hub = await env.hub(url)
+    await seed(hub, "X", 100)
+    entered = asyncio.Event()
+
+    @hub.handler("svc.a", inline=True)
+    async def a(cmd: tidings.Command) -> dict[str, Any]:
+        led = await ledger(hub, "X")
+        led.record(SgReserved(saga=cmd.data["saga_id"] + ":a", amount=1))
+        cmd.save(led)
+        entered.set()
+        await asyncio.sleep(0.1)  # saga 2 takes b's slot meanwhile
+        return {}
+
+    @hub.handler("svc.b", inline=True)  # concurrency 1
+    async def b(cmd: tidings.Command) -> dict[str, Any]:
+        led = await ledger(hub, "X")
+        led.record(SgReserved(saga=cmd.data["saga_id"] + ":b", amount=1))
+        cmd.save(led)
+        return {}
+
+    one = hub.sagas(Saga("slot-1", [Step("a", command="svc.a", timeout=10),
+                                     Step("b", command="svc.b", timeout=10)]))
+    two = hub.sagas(Saga("slot-2", [Step("b", command="svc.b", timeout=10)]))
+    id1 = await one.start({})
+    await asyncio.wait_for(entered.wait(), WAIT)
+    id2 = await two.start({})
+    r1, r2 = await asyncio.gather(one.wait(id1, timeout=5.0), two.wait(id2, timeout=5.0))
+    assert r1["status"] == r2["status"] == "completed"  # not a timeout, not compensated
+    assert not [s for s in r1["steps"] + r2["steps"] if s["event"] == "StepFailed"]
+    assert (await ledger(hub, "X")).available == 97
+
+
+async def test_a_task_started_by_an_inline_handler_takes_no_lock_after_the_unit(
+        env: Env) -> None:
+    hub = await env.hub("memory://")
+    await seed(hub, "X", 100)
+    await seed(hub, "Y", 100)
+    background: list[asyncio.Task[None]] = []
+
+    @hub.handler("svc.r", inline=True, concurrency=8)
+    async def r(cmd: tidings.Command) -> dict[str, Any]:
+        led = await ledger(hub, cmd.data["lid"])
+        led.record(SgReserved(saga=cmd.data["saga_id"], amount=1))
+        cmd.save(led)
+
+        async def later() -> None:  # a fire-and-forget refresh, after the unit committed
+            await asyncio.sleep(0.05)
+            await ledger(hub, "Y")
+            await asyncio.sleep(30)
+
+        background.append(asyncio.create_task(later()))
+        return {}
+
+    runner = hub.sagas(Saga("leak", [Step("r", command="svc.r", timeout=10)]))
+    first = await runner.wait(await runner.start({"lid": "X"}), timeout=WAIT)
+    assert first["status"] == "completed"
+    await asyncio.sleep(0.2)
+    assert not any(lock.locked() for lock in hub.events._locks.values())
+    second = await runner.wait(await runner.start({"lid": "Y"}), timeout=5.0)
+    assert second["status"] == "completed"
+    for t in background:
+        t.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
+
+
+async def test_wait_and_get_tell_the_same_story(env: Env, url: str) -> None:
+    hub = await env.hub(url)
+    await seed(hub, "credit", 5)
+    ledger_service(hub, "credit", "credit", inline=True)
+    runner = hub.sagas(_ONE_STEP, clock=ManualClock())
+    sid = await runner.start({})
+    assert await runner.wait(sid, timeout=WAIT) == await runner.get(sid)

@@ -173,13 +173,22 @@ class MemoryStore(StoreBackend):
     ) -> list[AppendOutcome]:
         """Append to several streams and store `messages` (and `snapshots`), all or none."""
         t = self._tables
+        # Check everything before changing anything, so a failure leaves nothing behind.
         versions: dict[str, int] = {}  # a stream may appear twice: its running version
-        for sid, recs, exp, _topic in items:  # check everything before changing anything
+        new_ids: set[str] = set()
+        for sid, recs, exp, _topic in items:
             current = versions.get(sid)
             if current is None:
                 current = len(t.streams.get(sid, []))
-            if exp is not None and exp != current and _duplicate(t, sid, recs) is None:
+            if _duplicate(t, sid, recs) is not None:  # (raises on a conflicting id)
+                continue  # stored before: appends nothing
+            if exp is not None and exp != current:
                 raise ConcurrencyError(sid, exp, current)
+            for r in recs:
+                if r.id in t.ids or r.id in new_ids:
+                    raise EventIdConflict(
+                        f"event id {r.id!r} is already stored; give every new event a new id")
+                new_ids.add(r.id)
             versions[sid] = current + len(recs)
         # no await happens between the checks and the appends: nothing can interleave
         snaps = snapshots or {}

@@ -614,7 +614,7 @@ class SqliteEngine(Engine):
         def op(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
             return self._scan(conn, pattern, after, stop, limit)
 
-        rows = await self._read_op(op, inline=limit <= 1000)
+        rows = await self._read_op(op, inline=limit <= 256)
         return self._messages(rows)
 
     async def last_position(self) -> int:

@@ -66,6 +66,7 @@ SCHEMA = [
         error TEXT, failed_position INTEGER, updated REAL NOT NULL) WITHOUT ROWID""",
 ]
 
+_INLINE_ROWS = 256  # read_all pages up to this many rows run on the loop's connection
 _INSERT = f"INSERT INTO tidings_events ({EVENT_COLUMNS}) VALUES "
 _SELECT = f"SELECT {EVENT_COLUMNS} FROM tidings_events"
 #: One statement for what an append checks: is the first id stored already (then
@@ -238,7 +239,9 @@ class SqliteStore(StoreBackend):
                 (after, end, limit),
             ).fetchall()
 
-        return await self._read(op)
+        # A page across all streams can be large: on a reader thread unless it is small
+        # (one stream's events, read_stream, stay on the loop: streams are short).
+        return await self._read(op, inline=limit <= _INLINE_ROWS)
 
     async def stream_version(self, stream_id: str) -> int:
         def op(conn: sqlite3.Connection) -> int:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
+from collections import deque
 from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from .. import topics as _topics
 from ..engines.store_base import SnapshotRow, StreamLoad
 from ..errors import DecodeError, InvalidArgument, NotFound
-from .aggregate import _IMMUTABLE, Aggregate, _resolver_of
+from .aggregate import Aggregate, _resolver_of
 from .records import Appended, RecordedEvent, check_stream_id
 from .snapshots import capture, restore, schema_of
 from .store import EventStore
@@ -61,19 +63,22 @@ class Repository(Generic[A]):
             raise InvalidArgument(f"version must be an int >= 1, got {version!r}")
         when = _timestamp(as_of) if as_of is not None else None
         unit = UNIT.get()
+        took = False
         if unit is not None and version is None and when is None:
             mine = unit.lookup(self.cls, id)
             if mine is not None:
                 return mine  # type: ignore[return-value]
-            await unit.hold(self.store, id)
+            took = await unit.hold(self.store, id)
         if version is None and when is None:
             kept = self.store.states.get(id)
-            if kept is not None and kept[0] is self.cls:
-                fresh = await self._from_kept(id, kept[1])
+            if kept is not None and type(kept) is self.cls:
+                fresh = await self._from_kept(id, kept)
                 if fresh is not None:
                     return fresh
         load = await self.store.backend.load(id, schema_of(self.cls), version, when)
         if load.current == 0:
+            if took and unit is not None:
+                unit.let_go(id)  # nothing to guard: a stream being created is checked on commit
             raise NotFound(f"{self.cls.__name__} {id!r} does not exist (no events in its stream)")
         if load.target == 0 or (version is not None and load.target < version):
             at = f"time {as_of}" if when is not None else f"version {version}"
@@ -83,20 +88,26 @@ class Repository(Generic[A]):
             )
         return await self._build(id, load, version, when)
 
-    async def _from_kept(self, id: str, kept: SnapshotRow) -> A | None:
+    async def _from_kept(self, id: str, kept: A) -> A | None:
         """The aggregate from the state this process last saved, plus any newer events
         (written by another process); None when the stream is not where it was."""
         backend = self.store.backend
         current = await backend.stream_version(id)
-        if current < kept.version:
-            return None
+        gap = current - kept.version
+        if gap < 0 or gap > _KEPT_GAP:
+            return None  # elsewhere by far: a load from the newest snapshot is cheaper
         rows = []
-        if current > kept.version:
-            rows = [(r[2], r[4], r[5], r[8]) for r in await backend.read_stream(
-                id, kept.version + 1, current, current - kept.version)]
-            if len(rows) != current - kept.version:
+        if gap:
+            rows = await backend.read_stream(id, kept.version + 1, current, gap)
+            if len(rows) != gap:
                 return None
-        return await self._build(id, StreamLoad(current, current, kept, rows), None, None)
+        agg = cast(A, _clone(kept))
+        agg._repository = self
+        decode = self._resolver.decode
+        for r in rows:
+            agg.apply(decode(r[4], r[5], r[8], id))
+        agg.version = current
+        return agg
 
     async def _build(self, id: str, load: StreamLoad, version: int | None,
                      when: float | None) -> A:
@@ -182,18 +193,74 @@ class Repository(Generic[A]):
         return agg.version
 
 
+class Contended(Exception):
+    """A unit's step needs a stream a unit with priority holds: it runs again in a new unit."""
+
+
+class StreamLock:
+    """A stream held by one unit at a time; handed over in arrival order."""
+
+    __slots__ = ("__weakref__", "owner", "waiters")
+
+    def __init__(self) -> None:
+        self.owner: Unit | None = None
+        self.waiters: deque[tuple[asyncio.Future[None], Unit]] = deque()
+
+    def free(self) -> bool:
+        return self.owner is None and not self.waiters
+
+    async def take(self, unit: Unit) -> None:
+        if self.free():
+            self.owner = unit
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append((fut, unit))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if self.owner is unit:  # handed over just as the wait was cancelled
+                self.release()
+            else:
+                with contextlib.suppress(ValueError):
+                    self.waiters.remove((fut, unit))
+            raise
+
+    def release(self) -> None:
+        while self.waiters:
+            fut, unit = self.waiters.popleft()
+            if not fut.done():
+                self.owner = unit
+                fut.set_result(None)
+                return
+        self.owner = None
+
+
 class Unit:
     """Inline command handlers of one saga, run back to back and committed together.
 
     While one runs (the `UNIT` context variable is set), a repository `get` of an
     aggregate that an earlier step of the unit saved returns a copy of that unsaved
-    state, and every stream it loads is locked in this process until the unit commits:
+    state, and every stream it loads is held in this process until the unit commits:
     sagas running side by side take turns on a hot aggregate instead of conflicting.
+
+    Deadlock-free by wait-die: a unit that holds nothing always waits for a stream; one
+    that holds some waits for as long as it takes only behind units it has priority
+    over (`rank`: the older saga); behind others it waits 20 ms at most and then backs
+    off (`Contended`): it commits what it did, lets its streams go, and runs the step
+    again in a new unit. Unbounded waits only go from older to younger units, so a
+    cycle of waits cannot last.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rank: tuple[float, str] = (0.0, "")) -> None:
+        self.rank = rank
         self.aggregates: dict[str, Aggregate] = {}  # saved by the unit's steps, by id
-        self._held: list[asyncio.Lock] = []
+        self._held: list[StreamLock] = []
+        self._names: list[str] = []  # the held streams' ids, in step with _held
+        self.closed = False  # committed or abandoned: no longer in effect (see `close`)
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
 
     def keep(self, saved: list[Any]) -> None:
         """A step succeeded: what it saved is the unit's state from here on."""
@@ -204,46 +271,90 @@ class Unit:
         agg = self.aggregates.get(id)
         return _clone(agg) if agg is not None and isinstance(agg, cls) else None
 
-    async def hold(self, store: EventStore, stream_id: str) -> None:
+    async def hold(self, store: EventStore, stream_id: str) -> bool:
+        """Hold `stream_id` until the unit ends; True when this call took it."""
         lock = store._locks.get(stream_id)
         if lock is None:
-            lock = store._locks[stream_id] = asyncio.Lock()
-        if lock in self._held:
-            return
-        if not self._held or not lock.locked():
-            await lock.acquire()  # (a free lock is taken at once)
-        else:
-            # Waiting for a second stream while holding one could deadlock with a unit
-            # holding them the other way round: wait a little, then go on unlocked (the
-            # commit's version check still catches a conflict).
-            try:
-                async with asyncio.timeout(_SECOND_LOCK_WAIT):
-                    await lock.acquire()
-            except TimeoutError:
-                return
+            lock = store._locks[stream_id] = StreamLock()
+        if lock.owner is self or self.closed:
+            return False
+        if self._held and not lock.free():
+            ahead = [lock.owner] + [u for _, u in lock.waiters]
+            if not all(u is not None and self.rank < u.rank for u in ahead):
+                # a younger unit waits a little (the holder usually commits soon), then
+                # backs off: a wait that could close a cycle is always bounded
+                try:
+                    async with asyncio.timeout(_PATIENCE):
+                        await lock.take(self)
+                except TimeoutError:
+                    raise Contended(stream_id) from None
+                self._held.append(lock)
+                self._names.append(stream_id)
+                return True
+        await lock.take(self)
         self._held.append(lock)
+        self._names.append(stream_id)
+        return True
 
-    def release(self) -> None:
+    def let_go(self, stream_id: str) -> None:
+        """Release one stream before the unit ends."""
+        if stream_id in self._names:
+            i = self._names.index(stream_id)
+            del self._names[i]
+            self._held.pop(i).release()
+
+    def close(self) -> None:
+        """The unit is over: release its streams. A task a handler started (it inherits
+        the context) then loads as if there were no unit."""
+        self.closed = True
         for lock in self._held:
             lock.release()
         self._held.clear()
+        self._names.clear()
 
 
-_SECOND_LOCK_WAIT = 0.05
+_KEPT_GAP = 256  # newer events replayed onto a kept state at most
+_PATIENCE = 0.02  # how long a unit waits behind one without priority before backing off
 UNIT: ContextVar[Unit | None] = ContextVar("tidings_unit", default=None)
 
 
 def _clone(agg: Aggregate) -> Aggregate:
-    """A copy a step can change without touching the unit's state until it succeeds."""
+    """A copy of an aggregate that shares no mutable state with it (every attribute,
+    private ones too, with its own type: unlike a snapshot, nothing goes through JSON)."""
     new = object.__new__(type(agg))
+    d = new.__dict__
     for k, v in vars(agg).items():
         if k == "_repository":
-            setattr(new, k, v)
+            d[k] = v
         elif k == "_pending":
-            setattr(new, k, list(v))
+            d[k] = list(v)
         else:
-            setattr(new, k, v if isinstance(v, _IMMUTABLE) else copy.deepcopy(v))
+            d[k] = _copy_value(v)
     return new
+
+
+_ATOMIC = frozenset({int, float, str, bytes, bool, type(None)})
+
+
+def _copy_value(v: Any) -> Any:
+    t = type(v)
+    if t in _ATOMIC:
+        return v
+    atomic = _ATOMIC
+    if t is dict:
+        if all(type(x) in atomic for x in v.values()) and all(
+                type(k) in atomic for k in v):
+            return dict(v)
+    elif t is list:
+        if all(type(x) in atomic for x in v):
+            return list(v)
+    elif t is set:
+        if all(type(x) in atomic for x in v):
+            return set(v)
+    elif t is tuple or t is frozenset:
+        if all(type(x) in atomic for x in v):
+            return v
+    return copy.deepcopy(v)
 
 
 def _timestamp(as_of: datetime | str) -> float:

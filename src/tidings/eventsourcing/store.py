@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import sys
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -42,6 +43,7 @@ from .records import (
 
 if TYPE_CHECKING:
     from ..hub import Hub
+    from .repository import StreamLock
 
 __all__ = ["EventStore", "audit", "store_for"]
 
@@ -95,6 +97,11 @@ STATES_KEPT = 10_000
 STATES_BYTES = 64 * 1024 * 1024
 
 
+def _size(agg: Any) -> int:
+    """A rough size of a kept aggregate (its attributes, one level deep)."""
+    return int(sys.getsizeof(agg.__dict__) + sum(sys.getsizeof(v) for v in vars(agg).values()))
+
+
 def default_topic(stream_id: str) -> str:
     """The stream's category (the part before the first '-'), or 'events' if not a topic name."""
     category = stream_id.split("-", 1)[0]
@@ -112,11 +119,11 @@ class EventStore:
         self.backend = backend
         self._projections: Any = None  # set by eventsourcing.projections
         # stream id -> lock, held by inline command handlers (see repository.Unit)
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+        self._locks: weakref.WeakValueDictionary[str, StreamLock] = (
             weakref.WeakValueDictionary())
         # stream id -> (aggregate class, its state as a snapshot) as this process last
         # saved it: a load checks the stream's version and replays only what is newer
-        self.states: OrderedDict[str, tuple[type, SnapshotRow]] = OrderedDict()
+        self.states: OrderedDict[str, Any] = OrderedDict()
         self._states_bytes = 0
 
     def forget(self) -> None:
@@ -125,23 +132,20 @@ class EventStore:
         self._states_bytes = 0
 
     def remember(self, agg: Any) -> None:
-        """Keep the state of an aggregate just saved (see `Repository.get`)."""
-        from .snapshots import capture, schema_of
+        """Keep a copy of an aggregate just saved (see `Repository.get`)."""
+        from .repository import _clone
 
         states = self.states
         old = states.pop(agg.id, None)
         if old is not None:
-            self._states_bytes -= len(old[1].data)
-        try:
-            data = capture(agg)
-        except Exception:  # noqa: BLE001 - not encodable: it is loaded from the store
-            return
-        cls = type(agg)
-        states[agg.id] = (cls, SnapshotRow(agg.version, schema_of(cls), 0.0, data))
-        self._states_bytes += len(data)
+            self._states_bytes -= _size(old)
+        kept = _clone(agg)
+        kept._pending = []
+        states[agg.id] = kept
+        self._states_bytes += _size(kept)
         while states and (len(states) > STATES_KEPT or self._states_bytes > STATES_BYTES):
-            _, (_, row) = states.popitem(last=False)
-            self._states_bytes -= len(row.data)
+            _, gone = states.popitem(last=False)
+            self._states_bytes -= _size(gone)
 
     @property
     def hub(self) -> Hub:

@@ -32,7 +32,7 @@ from ..errors import (
     TidingsError,
 )
 from ..eventsourcing.records import NO_STREAM
-from ..eventsourcing.repository import UNIT, Unit
+from ..eventsourcing.repository import UNIT, Contended, Unit
 from ..messages import Message, OutMessage, encode_data, new_id
 from .clock import Clock, SystemClock
 from .definition import (
@@ -102,9 +102,8 @@ class Coordinator:
         self._inbox: dict[str, asyncio.Queue[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watching: set[str] = set()
-        # saga id -> resolved with the final state when its driver here ends
-        self._finished: dict[str, asyncio.Future[SagaState | None]] = {}
-        self._final: dict[str, SagaState] = {}
+        # saga id -> resolved when its driver here ends (wait() then reads the stream once)
+        self._finished: dict[str, asyncio.Future[None]] = {}
         self._local_starts: set[str] = set()  # started here, not yet seen by _follow
         self._inline: dict[str, CommandHandler] = {}  # command -> its inline handler here
         self._inline_seen = -1
@@ -177,11 +176,12 @@ class Coordinator:
             await commit(self.hub, [], appends, messages)
         except ConcurrencyError:
             self._local_starts.discard(saga_id)
-            self._sent.pop(saga_id, None)
             return saga_id  # started before: starting again is a no-op
         except BaseException:
-            self._local_starts.discard(saga_id)
-            self._sent.pop(saga_id, None)
+            if saga_id in self._local_starts:
+                self._local_starts.discard(saga_id)  # _follow drives it if it was stored
+            else:
+                self._drive(defn.name, saga_id)  # stored, and _follow skipped it: drive it
             raise
         self._drive(defn.name, saga_id, state)
         return saga_id
@@ -203,9 +203,8 @@ class Coordinator:
         self._drivers.pop(saga_id, None)
         queue = self._inbox.pop(saga_id, None)
         fut = self._finished.pop(saga_id, None)
-        final = self._final.pop(saga_id, None)
         if fut is not None and not fut.done():
-            fut.set_result(final)
+            fut.set_result(None)
         if (queue is not None and not queue.empty() and not task.cancelled()
                 and task.exception() is None and task.result() and not self.hub.closed):
             # a reply or a retry arrived as the driver finished: a new driver settles it
@@ -246,7 +245,6 @@ class Coordinator:
                 await asyncio.sleep(1.0)
                 state = await self.load(name, saga_id)
         self._sent.pop(saga_id, None)
-        self._final[saga_id] = state  # for wait(): no need to read the stream back
         return True
 
     async def _append(self, defn: Saga, state: SagaState, sid: str,
@@ -269,7 +267,7 @@ class Coordinator:
                     ) -> tuple[list[Event], list[OutMessage]]:
         """Apply `events` and the next move when it is immediate; the commands and end
         marker they call for."""
-        batch = [self._mark_inline(defn, ev) for ev in events]
+        batch = [self._mark_inline(defn, state, ev) for ev in events]
         for ev in batch:
             evolve(defn, state, ev, now)
         # Fold in the next move only when nothing waits in the saga's inbox: a cancel (or
@@ -278,7 +276,7 @@ class Coordinator:
         queue = self._inbox.get(state.id)
         nxt = advance(defn, state, now) if queue is None or queue.empty() else None
         if isinstance(nxt, list):
-            nxt = [self._mark_inline(defn, ev) for ev in nxt]
+            nxt = [self._mark_inline(defn, state, ev) for ev in nxt]
             for ev in nxt:
                 evolve(defn, state, ev, now)
             batch += nxt
@@ -295,9 +293,12 @@ class Coordinator:
                                                    "content-type": "application/json"}))
         return batch, messages
 
-    def _mark_inline(self, defn: Saga, ev: Event) -> Event:
-        """An attempt of a command with an inline handler here is run inline."""
-        if isinstance(ev, (StepStarted, CompensationStarted)) and not ev.inline:
+    def _mark_inline(self, defn: Saga, state: SagaState, ev: Event) -> Event:
+        """An attempt of a command with an inline handler here is run inline, unless an
+        earlier attempt of it went out as a message (the service's inbox has that one:
+        only the message path deduplicates against it)."""
+        if (isinstance(ev, (StepStarted, CompensationStarted)) and not ev.inline
+                and not state.messaged):
             step = defn.steps[ev.step]
             command = step.command if isinstance(ev, StepStarted) else step.compensation
             if isinstance(command, str) and self._inline_handler(command) is not None:
@@ -369,10 +370,12 @@ class Coordinator:
                 await self._run_inline_steps(defn, state, sid, queue)
                 return
             else:
-                # An inline attempt resumed where its handler is not inline (or absent) is
-                # sent as a message: it stored nothing, so the service sees it first here.
+                # An inline attempt is never sent from here: a coordinator with the inline
+                # handler may be running it. Its outcome moves the saga's stream (this
+                # driver's next write then conflicts and it looks again); otherwise its
+                # deadline passes here and the next attempt goes out as a message.
                 sent = f"{state.id}:{step.name}:{p.kind}:{p.attempt}"
-                if sent not in self._sent.get(state.id, ()):
+                if not p.inline and sent not in self._sent.get(state.id, ()):
                     await self._send(defn, state)  # resuming: this process has not sent it
                 outcome = await self._await_reply(defn, state, sid, queue)
         else:
@@ -490,7 +493,7 @@ class Coordinator:
         earlier one saved); the unit ends before anything that must be durable first — a
         step that is not inline, a wait, the end of the saga, a control message.
         """
-        unit = Unit()
+        unit = Unit((state.started, state.id))  # older sagas have priority on streams
         expected = state.stream_version
         batch: list[Event] = []
         messages: list[OutMessage] = []
@@ -501,6 +504,8 @@ class Coordinator:
                 if p is None or handler is None:
                     break
                 outcome = await self._run_inline(handler, defn, state, unit)
+                if outcome is None:
+                    break  # contended: commit what the unit did; the step runs again
                 events, out = self._next_moves(
                     defn, state, on_outcome(defn, state, outcome, self.clock.now()),
                     self.clock.now())
@@ -514,10 +519,10 @@ class Coordinator:
                          [(sid, batch, expected, f"saga.{defn.name}.steps")], messages,
                          headers={"correlation-id": state.id})
         finally:
-            unit.release()
+            unit.close()
 
     async def _run_inline(self, handler: CommandHandler, defn: Saga, state: SagaState,
-                          unit: Unit) -> Outcome:
+                          unit: Unit) -> Outcome | None:
         """Run a command's inline handler for the attempt in flight; what it saved joins
         `unit` when it succeeds."""
         p = state.pending
@@ -532,27 +537,34 @@ class Coordinator:
         cmd = Command(command, msg.decode(), headers["idempotency-key"], headers, msg)
         outcome: Outcome
         # Run in this task: a cancel arriving meanwhile waits in the queue until the
-        # attempt is recorded.
-        async with handler.inline_slots():
-            token = UNIT.set(unit)
-            try:
-                async with asyncio.timeout_at(self._loop_deadline(p.deadline)):
-                    result = await handler.fn(cmd)
-            except TimeoutError:
-                outcome = Outcome("timeout", error="the inline handler did not finish in time")
-            except Rejected as exc:
-                outcome = Outcome("rejected", error=exc.reason)
-            except Exception as exc:
-                log.warning("saga %s: inline handler for %s failed: %r", state.id, command, exc)
-                outcome = Outcome("error", error=f"{type(exc).__name__}: {exc}")
+        # attempt is recorded. Not bounded by the handler's `concurrency` (that is for
+        # deliveries): a saga runs one step at a time, and waiting for a slot while the
+        # unit holds streams could deadlock with a unit holding the slot.
+        token = UNIT.set(unit)
+        try:
+            async with asyncio.timeout_at(self._loop_deadline(p.deadline)):
+                result = await handler.fn(cmd)
+        except Contended:
+            if unit.aggregates or unit.holding:
+                return None  # not run: the unit ends here, the step starts the next one
+            raise  # pragma: no cover - a unit's first stream is always waited for
+        except TimeoutError:
+            # not "timeout": that means "may have taken effect", and an inline attempt
+            # that did not finish stored nothing
+            outcome = Outcome("error", error="the inline handler did not finish in time")
+        except Rejected as exc:
+            outcome = Outcome("rejected", error=exc.reason)
+        except Exception as exc:
+            log.warning("saga %s: inline handler for %s failed: %r", state.id, command, exc)
+            outcome = Outcome("error", error=f"{type(exc).__name__}: {exc}")
+        else:
+            if result is not None and not isinstance(result, dict):
+                outcome = Outcome("error", error="a command handler must return a dict "
+                                                 "or None")
             else:
-                if result is not None and not isinstance(result, dict):
-                    outcome = Outcome("error", error="a command handler must return a dict "
-                                                     "or None")
-                else:
-                    outcome = Outcome("ok", result=result)
-            finally:
-                UNIT.reset(token)
+                outcome = Outcome("ok", result=result)
+        finally:
+            UNIT.reset(token)
         if outcome.kind == "ok":
             unit.keep(cmd._saves)
         elif outcome.kind == "rejected" and p.kind == "compensation":
@@ -626,6 +638,8 @@ class Coordinator:
             started.append(m.headers.get("stream-id", ""))
             last = m.position
         prefix = f"saga-{name}-"
+        for sid in started:  # driven from their start here already, or resumed just below
+            self._local_starts.discard(sid[len(prefix):])
         for sid in started:
             if sid not in ended and sid.startswith(prefix):
                 self._drive(name, sid[len(prefix):])
@@ -668,9 +682,6 @@ class Coordinator:
                 fut = self._finished.get(saga_id)
                 if fut is not None:  # driven here: its end is the signal, no polling
                     await asyncio.wait({fut}, timeout=5.0)
-                    final = fut.result() if fut.done() else None
-                    if final is not None and (final.done or final.status == "stuck"):
-                        return final
                 # taken before loading, so a driver finishing in between is not missed
                 fut = self._finished.get(saga_id)
                 changed = self.hub.engine.changes()

@@ -282,6 +282,9 @@ class SagaState(msgspec.Struct):
     error: str | None = None  # why it is stuck
     cancel_requested: bool = False
     stuck_from: Status = "running"
+    #: an attempt of the current step (or compensation) went out as a message: the
+    #: service's inbox knows it by its idempotency key, so later attempts go that way too
+    messaged: bool = False
     stream_version: int = 0
     started: float = 0.0
     finished: float | None = None
@@ -308,6 +311,7 @@ def evolve(defn: Saga | None, state: SagaState, event: Event, time: float) -> No
         case StepStarted(step=i, attempt=a, deadline=d, inline=inl):
             s.pending = Pending(i, "action", a, d, inl)
             s.attempt, s.retry_at = a, None
+            s.messaged = s.messaged or not inl
             entry.update(step=i, attempt=a)
         case StepCompleted(step=i, attempt=a, result=r):
             s.pending = None
@@ -315,6 +319,7 @@ def evolve(defn: Saga | None, state: SagaState, event: Event, time: float) -> No
                 s.data.update(r)
             s.completed.append(i)
             s.step, s.attempt, s.base, s.uncertain = i + 1, 0, 0, False
+            s.messaged = False
             entry.update(step=i, attempt=a)
         case StepFailed(step=i, attempt=a, error=err, rejected=rej, retry_at=at,
                         compensate_self=me):
@@ -330,15 +335,17 @@ def evolve(defn: Saga | None, state: SagaState, event: Event, time: float) -> No
                 done = list(s.completed) + ([i] if s.uncertain else [])
                 s.to_compensate = _compensable(defn, done) if defn else []
                 s.attempt, s.base, s.retry_at, s.uncertain = 0, 0, None, False
+                s.messaged = False
         case CompensationStarted(step=i, attempt=a, deadline=d, inline=inl):
             s.pending = Pending(i, "compensation", a, d, inl)
             s.attempt, s.retry_at = a, None
+            s.messaged = s.messaged or not inl
             entry.update(step=i, attempt=a)
         case CompensationCompleted(step=i, attempt=a):
             s.pending = None
             if s.to_compensate and s.to_compensate[0] == i:
                 s.to_compensate.pop(0)
-            s.attempt, s.base = 0, 0
+            s.attempt, s.base, s.messaged = 0, 0, False
             entry.update(step=i, attempt=a)
         case CompensationFailed(step=i, attempt=a, error=err, retry_at=at):
             s.pending = None

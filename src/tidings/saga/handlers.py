@@ -89,13 +89,6 @@ class CommandHandler:
         self.concurrency = concurrency
         self.conflict_retries = conflict_retries
         self.inline = inline
-        self._slots: asyncio.Semaphore | None = None
-
-    def inline_slots(self) -> asyncio.Semaphore:
-        """Bounds inline runs (from a coordinator on this hub) by `concurrency`, too."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(max(self.concurrency, 1))
-        return self._slots
 
     def inbox_stream(self, key: str) -> str:
         return f"inbox-{self.command}-{key}"
