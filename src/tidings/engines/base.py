@@ -119,6 +119,8 @@ class Engine(ABC):
     def __init__(self) -> None:
         self._changed = _Changes()
         self._by_pattern: dict[str, _Changes] = {}  # waiters for one topic pattern
+        self._patterns_seen: set[str] = set()
+        self._topic_patterns: dict[str, set[str]] = {}  # topic -> seen patterns matching it
         self._waiters = 0
 
     # lifecycle ---------------------------------------------------------------
@@ -208,16 +210,25 @@ class Engine(ABC):
                 _fire(ev)
             return
         woken = set(patterns)
-        names = set(topics)
-        if names:
-            for pattern in by_pattern:
-                if pattern not in woken:
-                    rx = _topics.matcher(pattern)
-                    if any(rx.match(t) for t in names):
-                        woken.add(pattern)
+        for t in set(topics):
+            woken |= self._patterns_of(t, by_pattern)
         for pattern in woken:
             if pattern in by_pattern:
                 _fire(by_pattern.pop(pattern))
+
+    def _patterns_of(self, topic: str, by_pattern: dict[str, _Changes]) -> set[str]:
+        """The waited-for patterns `topic` matches (remembered per topic until a pattern
+        not seen before is waited for)."""
+        if not by_pattern.keys() <= self._patterns_seen:
+            self._patterns_seen |= by_pattern.keys()
+            self._topic_patterns.clear()
+        found = self._topic_patterns.get(topic)
+        if found is None:
+            found = {p for p in self._patterns_seen if _topics.matcher(p).match(topic)}
+            if len(self._topic_patterns) > 10_000:
+                self._topic_patterns.clear()
+            self._topic_patterns[topic] = found
+        return found & by_pattern.keys()
 
     def changes(self, pattern: str | None = None) -> asyncio.Event:
         """An event set at the next change (with `pattern`: the next that may concern a

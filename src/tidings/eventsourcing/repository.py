@@ -340,19 +340,18 @@ def _copy_value(v: Any) -> Any:
     t = type(v)
     if t in _ATOMIC:
         return v
-    atomic = _ATOMIC
+    only = _ATOMIC.issuperset  # of the types of every item: checked in C
     if t is dict:
-        if all(type(x) in atomic for x in v.values()) and all(
-                type(k) in atomic for k in v):
+        if only(map(type, v.values())) and only(map(type, v)):
             return dict(v)
     elif t is list:
-        if all(type(x) in atomic for x in v):
+        if only(map(type, v)):
             return list(v)
     elif t is set:
-        if all(type(x) in atomic for x in v):
+        if only(map(type, v)):
             return set(v)
     elif t is tuple or t is frozenset:
-        if all(type(x) in atomic for x in v):
+        if only(map(type, v)):
             return v
     return copy.deepcopy(v)
 
