@@ -808,12 +808,14 @@ async def test_after_restart_each_version_resumes_under_its_own_definition(
 
 
 # the race -----------------------------------------------------------------------------------------
-async def test_50_sagas_race_for_the_last_unit_of_stock(env: Env, url: str) -> None:
+@pytest.mark.parametrize("inline", [False, True], ids=["messages", "inline"])
+async def test_50_sagas_race_for_the_last_unit_of_stock(env: Env, url: str, inline: bool
+                                                        ) -> None:
     hub = await env.hub(url)
     await seed(hub, "stock", 1)
     await seed(hub, "credit", 1000)
-    ledger_service(hub, "stock", "stock", concurrency=4)
-    ledger_service(hub, "credit", "credit", concurrency=4)
+    ledger_service(hub, "stock", "stock", concurrency=4, inline=inline)
+    ledger_service(hub, "credit", "credit", concurrency=4, inline=inline)
     env.serve(hub)
     approved: list[str] = []
 
@@ -846,6 +848,15 @@ async def test_50_sagas_race_for_the_last_unit_of_stock(env: Env, url: str) -> N
     for s in states:
         if s["status"] == "compensated":
             assert "stock left" in s["reason"]
+    if inline:  # no round trip: no command, reply or inbox record; each attempt is inline
+        assert await read_all(hub, "svc.>") == []
+        assert await read_all(hub, "saga.race.replies") == []
+        assert await read_all(hub, "inbox") == []
+        loser = by_status["compensated"][0]
+        events = [rec.event async for rec in hub.events.read(f"saga-race-{loser}")]
+        started = [e for e in events
+                   if type(e).__name__ in ("StepStarted", "CompensationStarted")]
+        assert started and all(e.inline for e in started if e.step < 2)
 
 
 # the pivot ---------------------------------------------------------------------------------------
