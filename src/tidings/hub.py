@@ -477,7 +477,7 @@ class Hub:
             raise InvalidArgument("stop must be a position, a datetime or an ISO 8601 string")
         while True:
             self._check_open()
-            changed = engine.changes()
+            changed = engine.changes(pattern)  # woken by what may match, not every commit
             batch = await engine.read(pattern, after, end, page)
             for m in batch:
                 yield m
