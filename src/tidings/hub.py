@@ -582,8 +582,9 @@ class Hub:
         `clock` (first call only) replaces the system clock, for tests.
         """
         self._check_open()
-        from .saga.coordinator import Coordinator, SagaRunner
+        from .saga.coordinator import Coordinator
         from .saga.definition import Saga
+        from .saga.runner import SagaRunner
 
         if not isinstance(definition, Saga):
             raise InvalidArgument("hub.sagas() takes a tidings.Saga definition")

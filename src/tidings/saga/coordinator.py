@@ -17,8 +17,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -32,13 +31,11 @@ from ..errors import (
     TidingsError,
 )
 from ..eventsourcing.records import NO_STREAM
-from ..eventsourcing.repository import UNIT, Contended, Unit
-from ..messages import Message, OutMessage, encode_data, new_id
+from ..messages import OutMessage, encode_data, new_id
 from .clock import Clock, SystemClock
 from .definition import (
     CompensationStarted,
     Outcome,
-    Pending,
     ReplyIgnored,
     Saga,
     SagaCancelRequested,
@@ -53,19 +50,19 @@ from .definition import (
     evolve,
     on_outcome,
 )
-from .handlers import Command, CommandHandler
+from .handlers import CommandHandler
+from .inline import inline_for, run_inline_steps
 
 if TYPE_CHECKING:
     from ..eventsourcing.aggregate import Aggregate
     from ..eventsourcing.events import Event
     from ..hub import Hub
 
-__all__ = ["Coordinator", "SagaRunner"]
+__all__ = ["Coordinator"]
 
 log = logging.getLogger("tidings.saga")
 
 _LIFECYCLE_START = (SagaStarted,)
-_UNIT_EVENTS = 64  # events of inline steps committed together at most
 _LIFECYCLE_END = (SagaCompleted, SagaCompensated)
 
 
@@ -366,8 +363,8 @@ class Coordinator:
         target = (step.action if p.kind == "action" else step.compensation)
         outcome: Outcome | None
         if isinstance(target, str) or (p.kind == "action" and step.command is not None):
-            if self._inline_for(defn, p) is not None:
-                await self._run_inline_steps(defn, state, sid, queue)
+            if inline_for(self, defn, p) is not None:
+                await run_inline_steps(self, defn, state, sid, queue)
                 return
             else:
                 # An inline attempt is never sent from here: a coordinator with the inline
@@ -474,109 +471,6 @@ class Coordinator:
         if result is not None and not isinstance(result, dict):
             return Outcome("error", error="a step must return a dict or None")
         return Outcome("ok", result=result)
-
-    def _inline_for(self, defn: Saga, p: Pending) -> CommandHandler | None:
-        """The inline handler that runs attempt `p` here, if it is an inline attempt."""
-        if not p.inline:
-            return None
-        step = defn.steps[p.step]
-        command = step.command if p.kind == "action" else step.compensation
-        return self._inline_handler(command) if isinstance(command, str) else None
-
-    async def _run_inline_steps(self, defn: Saga, state: SagaState, sid: str,
-                                queue: asyncio.Queue[Any]) -> None:
-        """Run inline attempts back to back and commit them, and all they changed, at once.
-
-        The saga's stream is the inbox: an attempt either took effect with its outcome
-        recorded, or not at all (and is run again after a crash). Consecutive inline
-        steps share one transaction (a unit of work: a later step sees the aggregates an
-        earlier one saved); the unit ends before anything that must be durable first — a
-        step that is not inline, a wait, the end of the saga, a control message.
-        """
-        unit = Unit((state.started, state.id))  # older sagas have priority on streams
-        expected = state.stream_version
-        batch: list[Event] = []
-        messages: list[OutMessage] = []
-        try:
-            while len(batch) < _UNIT_EVENTS:
-                p = state.pending
-                handler = self._inline_for(defn, p) if p is not None else None
-                if p is None or handler is None:
-                    break
-                outcome = await self._run_inline(handler, defn, state, unit)
-                if outcome is None:
-                    break  # contended: commit what the unit did; the step runs again
-                events, out = self._next_moves(
-                    defn, state, on_outcome(defn, state, outcome, self.clock.now()),
-                    self.clock.now())
-                batch += events
-                messages += out
-                if not queue.empty():
-                    break  # a cancel or a retry is applied once this much is recorded
-            from ..eventsourcing.transaction import commit
-
-            await commit(self.hub, list(unit.aggregates.values()),
-                         [(sid, batch, expected, f"saga.{defn.name}.steps")], messages,
-                         headers={"correlation-id": state.id})
-        finally:
-            unit.close()
-
-    async def _run_inline(self, handler: CommandHandler, defn: Saga, state: SagaState,
-                          unit: Unit) -> Outcome | None:
-        """Run a command's inline handler for the attempt in flight; what it saved joins
-        `unit` when it succeeds."""
-        p = state.pending
-        assert p is not None
-        ev: StepStarted | CompensationStarted = (
-            StepStarted(step=p.step, attempt=p.attempt) if p.kind == "action"
-            else CompensationStarted(step=p.step, attempt=p.attempt))
-        built = self._command_parts(defn, state, ev)
-        assert built is not None
-        msg_id, command, data, headers = built
-        msg = Message(msg_id, command, state.id, data, headers, time.time(), 0, 1)
-        cmd = Command(command, msg.decode(), headers["idempotency-key"], headers, msg)
-        outcome: Outcome
-        # Run in this task: a cancel arriving meanwhile waits in the queue until the
-        # attempt is recorded. Not bounded by the handler's `concurrency` (that is for
-        # deliveries): a saga runs one step at a time, and waiting for a slot while the
-        # unit holds streams could deadlock with a unit holding the slot.
-        token = UNIT.set(unit)
-        try:
-            async with asyncio.timeout_at(self._loop_deadline(p.deadline)):
-                result = await handler.fn(cmd)
-        except Contended:
-            if unit.aggregates or unit.holding:
-                return None  # not run: the unit ends here, the step starts the next one
-            raise  # pragma: no cover - a unit's first stream is always waited for
-        except TimeoutError:
-            # not "timeout": that means "may have taken effect", and an inline attempt
-            # that did not finish stored nothing
-            outcome = Outcome("error", error="the inline handler did not finish in time")
-        except Rejected as exc:
-            outcome = Outcome("rejected", error=exc.reason)
-        except Exception as exc:
-            log.warning("saga %s: inline handler for %s failed: %r", state.id, command, exc)
-            outcome = Outcome("error", error=f"{type(exc).__name__}: {exc}")
-        else:
-            if result is not None and not isinstance(result, dict):
-                outcome = Outcome("error", error="a command handler must return a dict "
-                                                 "or None")
-            else:
-                outcome = Outcome("ok", result=result)
-        finally:
-            UNIT.reset(token)
-        if outcome.kind == "ok":
-            unit.keep(cmd._saves)
-        elif outcome.kind == "rejected" and p.kind == "compensation":
-            # as over messages: a compensation is never refused for good (see handlers.py)
-            outcome = Outcome("error", error=f"compensation rejected: {outcome.error}")
-        return outcome
-
-    def _loop_deadline(self, deadline: float | None) -> float | None:
-        """The event loop's time for a deadline on the coordinator's clock."""
-        if deadline is None:
-            return None
-        return asyncio.get_running_loop().time() + max(0.0, deadline - self.clock.now())
 
     async def _send(self, defn: Saga, state: SagaState) -> None:
         """Re-send the attempt in flight (after a restart); the engine drops a duplicate."""
@@ -724,68 +618,3 @@ def _log_crash(task: asyncio.Task[Any]) -> None:
         if isinstance(exc, (ClosedError, EngineUnavailable)):
             return
         log.error("saga task %s crashed", task.get_name(), exc_info=exc)
-
-
-class SagaRunner:
-    """The sagas of one definition on one hub (get it from `hub.sagas(defn)`)."""
-
-    def __init__(self, coordinator: Coordinator, defn: Saga) -> None:
-        self._c = coordinator
-        self.definition = defn
-
-    @property
-    def name(self) -> str:
-        return self.definition.name
-
-    async def start(self, data: dict[str, Any], id: str | None = None) -> str:
-        """Start a saga and return its id at once; the work runs asynchronously.
-
-        Starting again with the same `id` is a no-op that returns the same id.
-        """
-        self._c.hub._check_open()
-        return await self._c.start(self.definition, data, id)
-
-    async def get(self, id: str) -> dict[str, Any]:
-        """The saga's status, data, step history, and why it compensated or is stuck."""
-        state = await self._c.load(self.name, _check_id(id))
-        if not state.version:
-            raise NotFound(f"no saga {id!r} of {self.name!r}; check the id")
-        return view(state)
-
-    async def wait(self, id: str, timeout: float | None = None) -> dict[str, Any]:
-        """Wait until the saga is completed, compensated or stuck, and return `get(id)`."""
-        state = await self._c.wait(self.name, _check_id(id), timeout)
-        if not state.version:
-            raise NotFound(f"no saga {id!r} of {self.name!r}; check the id")
-        return view(state)
-
-    async def cancel(self, id: str, reason: str = "cancelled") -> None:
-        """Ask a running saga to stop and compensate what it did.
-
-        The compensations run in the coordinator, to completion, even if the
-        caller is cancelled. A saga past its pivot cannot be cancelled: it
-        finishes forward.
-        """
-        await self._c.control(self.name, _check_id(id), "cancel", reason)
-
-    async def retry(self, id: str) -> None:
-        """Resume a stuck saga (its failed compensation or forward step is tried again)."""
-        await self._c.control(self.name, _check_id(id), "retry", None)
-
-    async def list(self, status: str | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Every saga of this definition (optionally by status), oldest first."""
-        async for m in self._c.hub.read(f"saga.{self.name}.started"):
-            sid = m.headers.get("stream-id", "")
-            state = await self._c.load(self.name, sid[len(f"saga-{self.name}-"):])
-            if status is None or state.status == status:
-                yield view(state)
-
-
-def view(state: SagaState) -> dict[str, Any]:
-    return {
-        "id": state.id, "saga": state.name, "version": state.version, "status": state.status,
-        "data": state.data, "reason": state.reason, "error": state.error,
-        "started": state.started, "finished": state.finished,
-        "steps": state.history,
-    }
-

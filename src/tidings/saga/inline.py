@@ -1,0 +1,145 @@
+"""Inline command handlers: run by the coordinator itself, committed with the step.
+
+`@hub.handler(..., inline=True)` marks a handler the saga coordinator on the
+same hub runs in its own task. What the handler saves commits in ONE
+transaction with the step's outcome, so the saga's stream is the inbox: an
+attempt took effect with its outcome recorded, or not at all (then it runs
+again). Consecutive inline steps of a saga form a unit of work, committed
+together; the streams their handlers load are held in this process until the
+commit (see `eventsourcing.repository.Unit`: wait-die, so never a deadlock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..errors import Rejected
+from ..eventsourcing.repository import UNIT, Contended, Unit
+from ..messages import Message, OutMessage
+from .definition import (
+    CompensationStarted,
+    Outcome,
+    Pending,
+    Saga,
+    SagaState,
+    StepStarted,
+    on_outcome,
+)
+from .handlers import Command, CommandHandler
+
+if TYPE_CHECKING:
+    from ..eventsourcing.events import Event
+    from .coordinator import Coordinator
+
+__all__ = ["inline_for", "run_inline_steps"]
+
+log = logging.getLogger("tidings.saga")
+
+_UNIT_EVENTS = 64  # events of inline steps committed together at most
+
+
+def inline_for(coord: Coordinator, defn: Saga, p: Pending) -> CommandHandler | None:
+    """The inline handler that runs attempt `p` here, if it is an inline attempt."""
+    if not p.inline:
+        return None
+    step = defn.steps[p.step]
+    command = step.command if p.kind == "action" else step.compensation
+    return coord._inline_handler(command) if isinstance(command, str) else None
+
+async def run_inline_steps(coord: Coordinator, defn: Saga, state: SagaState, sid: str,
+                           queue: asyncio.Queue[Any]) -> None:
+    """Run inline attempts back to back and commit them, and all they changed, at once.
+
+    The saga's stream is the inbox: an attempt either took effect with its outcome
+    recorded, or not at all (and is run again after a crash). Consecutive inline
+    steps share one transaction (a unit of work: a later step sees the aggregates an
+    earlier one saved); the unit ends before anything that must be durable first — a
+    step that is not inline, a wait, the end of the saga, a control message.
+    """
+    unit = Unit((state.started, state.id))  # older sagas have priority on streams
+    expected = state.stream_version
+    batch: list[Event] = []
+    messages: list[OutMessage] = []
+    try:
+        while len(batch) < _UNIT_EVENTS:
+            p = state.pending
+            handler = inline_for(coord, defn, p) if p is not None else None
+            if p is None or handler is None:
+                break
+            outcome = await _run_inline(coord, handler, defn, state, unit)
+            if outcome is None:
+                break  # contended: commit what the unit did; the step runs again
+            events, out = coord._next_moves(
+                defn, state, on_outcome(defn, state, outcome, coord.clock.now()),
+                coord.clock.now())
+            batch += events
+            messages += out
+            if not queue.empty():
+                break  # a cancel or a retry is applied once this much is recorded
+        from ..eventsourcing.transaction import commit
+
+        await commit(coord.hub, list(unit.aggregates.values()),
+                     [(sid, batch, expected, f"saga.{defn.name}.steps")], messages,
+                     headers={"correlation-id": state.id})
+    finally:
+        unit.close()
+
+async def _run_inline(coord: Coordinator, handler: CommandHandler, defn: Saga,
+                      state: SagaState, unit: Unit) -> Outcome | None:
+    """Run a command's inline handler for the attempt in flight; what it saved joins
+    `unit` when it succeeds."""
+    p = state.pending
+    assert p is not None
+    ev: StepStarted | CompensationStarted = (
+        StepStarted(step=p.step, attempt=p.attempt) if p.kind == "action"
+        else CompensationStarted(step=p.step, attempt=p.attempt))
+    built = coord._command_parts(defn, state, ev)
+    assert built is not None
+    msg_id, command, data, headers = built
+    msg = Message(msg_id, command, state.id, data, headers, time.time(), 0, 1)
+    cmd = Command(command, msg.decode(), headers["idempotency-key"], headers, msg)
+    outcome: Outcome
+    # Run in this task: a cancel arriving meanwhile waits in the queue until the
+    # attempt is recorded. Not bounded by the handler's `concurrency` (that is for
+    # deliveries): a saga runs one step at a time, and waiting for a slot while the
+    # unit holds streams could deadlock with a unit holding the slot.
+    token = UNIT.set(unit)
+    try:
+        async with asyncio.timeout_at(_loop_deadline(coord, p.deadline)):
+            result = await handler.fn(cmd)
+    except Contended:
+        if unit.aggregates or unit.holding:
+            return None  # not run: the unit ends here, the step starts the next one
+        raise  # pragma: no cover - a unit's first stream is always waited for
+    except TimeoutError:
+        # not "timeout": that means "may have taken effect", and an inline attempt
+        # that did not finish stored nothing
+        outcome = Outcome("error", error="the inline handler did not finish in time")
+    except Rejected as exc:
+        outcome = Outcome("rejected", error=exc.reason)
+    except Exception as exc:
+        log.warning("saga %s: inline handler for %s failed: %r", state.id, command, exc)
+        outcome = Outcome("error", error=f"{type(exc).__name__}: {exc}")
+    else:
+        if result is not None and not isinstance(result, dict):
+            outcome = Outcome("error", error="a command handler must return a dict "
+                                             "or None")
+        else:
+            outcome = Outcome("ok", result=result)
+    finally:
+        UNIT.reset(token)
+    if outcome.kind == "ok":
+        unit.keep(cmd._saves)
+    elif outcome.kind == "rejected" and p.kind == "compensation":
+        # as over messages: a compensation is never refused for good (see handlers.py)
+        outcome = Outcome("error", error=f"compensation rejected: {outcome.error}")
+    return outcome
+
+def _loop_deadline(coord: Coordinator, deadline: float | None) -> float | None:
+    """The event loop's time for a deadline on the coordinator's clock."""
+    if deadline is None:
+        return None
+    return asyncio.get_running_loop().time() + max(0.0, deadline - coord.clock.now())

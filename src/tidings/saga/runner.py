@@ -1,0 +1,77 @@
+"""`hub.sagas(definition)`: start, inspect, wait for, cancel and retry one definition's sagas."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ..errors import NotFound
+from .coordinator import Coordinator, _check_id
+from .definition import Saga, SagaState
+
+__all__ = ["SagaRunner", "view"]
+
+
+class SagaRunner:
+    """The sagas of one definition on one hub (get it from `hub.sagas(defn)`)."""
+
+    def __init__(self, coordinator: Coordinator, defn: Saga) -> None:
+        self._c = coordinator
+        self.definition = defn
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    async def start(self, data: dict[str, Any], id: str | None = None) -> str:
+        """Start a saga and return its id at once; the work runs asynchronously.
+
+        Starting again with the same `id` is a no-op that returns the same id.
+        """
+        self._c.hub._check_open()
+        return await self._c.start(self.definition, data, id)
+
+    async def get(self, id: str) -> dict[str, Any]:
+        """The saga's status, data, step history, and why it compensated or is stuck."""
+        state = await self._c.load(self.name, _check_id(id))
+        if not state.version:
+            raise NotFound(f"no saga {id!r} of {self.name!r}; check the id")
+        return view(state)
+
+    async def wait(self, id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Wait until the saga is completed, compensated or stuck, and return `get(id)`."""
+        state = await self._c.wait(self.name, _check_id(id), timeout)
+        if not state.version:
+            raise NotFound(f"no saga {id!r} of {self.name!r}; check the id")
+        return view(state)
+
+    async def cancel(self, id: str, reason: str = "cancelled") -> None:
+        """Ask a running saga to stop and compensate what it did.
+
+        The compensations run in the coordinator, to completion, even if the
+        caller is cancelled. A saga past its pivot cannot be cancelled: it
+        finishes forward.
+        """
+        await self._c.control(self.name, _check_id(id), "cancel", reason)
+
+    async def retry(self, id: str) -> None:
+        """Resume a stuck saga (its failed compensation or forward step is tried again)."""
+        await self._c.control(self.name, _check_id(id), "retry", None)
+
+    async def list(self, status: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Every saga of this definition (optionally by status), oldest first."""
+        async for m in self._c.hub.read(f"saga.{self.name}.started"):
+            sid = m.headers.get("stream-id", "")
+            state = await self._c.load(self.name, sid[len(f"saga-{self.name}-"):])
+            if status is None or state.status == status:
+                yield view(state)
+
+
+def view(state: SagaState) -> dict[str, Any]:
+    return {
+        "id": state.id, "saga": state.name, "version": state.version, "status": state.status,
+        "data": state.data, "reason": state.reason, "error": state.error,
+        "started": state.started, "finished": state.finished,
+        "steps": state.history,
+    }
+
