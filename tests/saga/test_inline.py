@@ -355,10 +355,20 @@ async def test_a_task_started_by_an_inline_handler_takes_no_lock_after_the_unit(
     await asyncio.gather(*background, return_exceptions=True)
 
 
-async def test_wait_and_get_tell_the_same_story(env: Env, url: str) -> None:
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "messages"])
+async def test_wait_and_get_tell_the_same_story(env: Env, url: str, inline: bool) -> None:
+    # wait() answers from the driver's own state (no read): it must be what get() loads,
+    # times included, whatever the coordinator's clock says
     hub = await env.hub(url)
     await seed(hub, "credit", 5)
-    ledger_service(hub, "credit", "credit", inline=True)
-    runner = hub.sagas(_ONE_STEP, clock=ManualClock())
-    sid = await runner.start({})
-    assert await runner.wait(sid, timeout=WAIT) == await runner.get(sid)
+    await seed(hub, "stock", 1)
+    ledger_service(hub, "credit", "credit", inline=inline)
+    ledger_service(hub, "stock", "stock", inline=inline)
+    env.serve(hub)
+    runner = hub.sagas(_race_saga([]), clock=ManualClock())
+    for expected in ("completed", "compensated"):  # the second finds no stock left
+        sid = await runner.start({"amount": 1})
+        waited = await runner.wait(sid, timeout=WAIT)
+        assert waited["status"] == expected
+        assert waited == await runner.get(sid)
+        assert waited["started"] > 1e9  # the store's time, not the manual clock's

@@ -163,7 +163,7 @@ class MemoryStore(StoreBackend):
             t.ids[row[3]] = row[0]
         if snapshot is not None:
             _put_snapshot(t, stream_id, snapshot)
-        return AppendOutcome(current + len(rows), [r[0] for r in rows])
+        return AppendOutcome(current + len(rows), [r[0] for r in rows], time=now)
 
     async def append_batch(
         self,

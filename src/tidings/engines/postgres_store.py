@@ -556,4 +556,5 @@ async def _append_in_tx(sql: _Sql, tx: PgTx, stream_id: str, records: Sequence[N
         for i, r in enumerate(records, 1)
     ]
     n = len(records)
-    return AppendOutcome(current + n, list(range(last + 1, last + n + 1))), messages
+    return AppendOutcome(current + n, list(range(last + 1, last + n + 1)),
+                         time=float(now)), messages

@@ -437,4 +437,4 @@ def append_in_tx(tx: Tx, stream_id: str, records: Sequence[NewRecord], expected:
     tx.append(messages)
     if snapshot is not None:
         _put_snapshot(conn, stream_id, snapshot)
-    return AppendOutcome(current + len(rows), [r[0] for r in rows])
+    return AppendOutcome(current + len(rows), [r[0] for r in rows], time=now)

@@ -77,6 +77,7 @@ class AppendOutcome:
     version: int  # the stream's version after the append
     positions: list[int]
     duplicate: bool = False
+    time: float = 0.0  # the events' stored time (0.0 for a duplicate)
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..engines.store_base import AppendOutcome
 from ..errors import Unsupported
 from ..messages import OutMessage
 from .aggregate import Aggregate
@@ -29,10 +30,11 @@ async def commit(
     messages: Sequence[OutMessage] = (),
     *,
     headers: Mapping[str, str] | None = None,
-) -> None:
+) -> list[AppendOutcome]:
     """Save `aggregates` (optimistic concurrency from their loaded versions), append
     `(stream_id, events, expected_version, topic)` items and store `messages`,
-    atomically. Raises `ConcurrencyError` (nothing stored) on any conflict.
+    atomically. Raises `ConcurrencyError` (nothing stored) on any conflict. Returns
+    each append's outcome (aggregates first, then `appends`, in order).
     """
     store = hub.events
     backend: Any = store.backend
@@ -58,8 +60,9 @@ async def commit(
     if batch is None:
         raise Unsupported(f"the engine behind {hub.url!r} cannot append to several streams "
                           "atomically")
-    await batch(items, list(messages), snapshots)
+    outcomes: list[AppendOutcome] = await batch(items, list(messages), snapshots)
     for agg in aggregates:
         if agg._pending:
             agg._pending = []
             store.remember(agg)
+    return outcomes

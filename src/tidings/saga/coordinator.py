@@ -49,6 +49,7 @@ from .definition import (
     advance,
     evolve,
     on_outcome,
+    stamp,
 )
 from .handlers import CommandHandler
 from .inline import inline_for, run_inline_steps
@@ -99,8 +100,9 @@ class Coordinator:
         self._inbox: dict[str, asyncio.Queue[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watching: set[str] = set()
-        # saga id -> resolved when its driver here ends (wait() then reads the stream once)
-        self._finished: dict[str, asyncio.Future[None]] = {}
+        # saga id -> resolved with its final state when its driver here ends
+        self._finished: dict[str, asyncio.Future[SagaState | None]] = {}
+        self._final: dict[str, SagaState] = {}
         self._local_starts: set[str] = set()  # started here, not yet seen by _follow
         self._inline: dict[str, CommandHandler] = {}  # command -> its inline handler here
         self._inline_seen = -1
@@ -170,7 +172,7 @@ class Coordinator:
             appends.append((sid, batch, 1, f"saga.{defn.name}.steps"))
         self._local_starts.add(saga_id)
         try:
-            await commit(self.hub, [], appends, messages)
+            outcomes = await commit(self.hub, [], appends, messages)
         except ConcurrencyError:
             self._local_starts.discard(saga_id)
             return saga_id  # started before: starting again is a no-op
@@ -180,6 +182,7 @@ class Coordinator:
             else:
                 self._drive(defn.name, saga_id)  # stored, and _follow skipped it: drive it
             raise
+        stamp(state, 1 + len(batch), outcomes[-1].time)
         self._drive(defn.name, saga_id, state)
         return saga_id
 
@@ -200,8 +203,9 @@ class Coordinator:
         self._drivers.pop(saga_id, None)
         queue = self._inbox.pop(saga_id, None)
         fut = self._finished.pop(saga_id, None)
+        final = self._final.pop(saga_id, None)
         if fut is not None and not fut.done():
-            fut.set_result(None)
+            fut.set_result(final)
         if (queue is not None and not queue.empty() and not task.cancelled()
                 and task.exception() is None and task.result() and not self.hub.closed):
             # a reply or a retry arrived as the driver finished: a new driver settles it
@@ -242,6 +246,7 @@ class Coordinator:
                 await asyncio.sleep(1.0)
                 state = await self.load(name, saga_id)
         self._sent.pop(saga_id, None)
+        self._final[saga_id] = state  # for wait(): no need to read the stream back
         return True
 
     async def _append(self, defn: Saga, state: SagaState, sid: str,
@@ -257,8 +262,10 @@ class Coordinator:
 
         expected = state.stream_version
         batch, messages = self._next_moves(defn, state, events, self.clock.now())
-        await commit(self.hub, saves, [(sid, batch, expected, f"saga.{defn.name}.steps")],
-                     messages, headers=headers)
+        outcomes = await commit(self.hub, saves,
+                                [(sid, batch, expected, f"saga.{defn.name}.steps")],
+                                messages, headers=headers)
+        stamp(state, len(batch), outcomes[-1].time)
 
     def _next_moves(self, defn: Saga, state: SagaState, events: list[Event], now: float
                     ) -> tuple[list[Event], list[OutMessage]]:
@@ -576,6 +583,9 @@ class Coordinator:
                 fut = self._finished.get(saga_id)
                 if fut is not None:  # driven here: its end is the signal, no polling
                     await asyncio.wait({fut}, timeout=5.0)
+                    final = fut.result() if fut.done() else None
+                    if final is not None and (final.done or final.status == "stuck"):
+                        return final  # as stored: stamped with the store's times
                 # taken before loading, so a driver finishing in between is not missed
                 fut = self._finished.get(saga_id)
                 changed = self.hub.engine.changes()

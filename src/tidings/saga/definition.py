@@ -34,6 +34,7 @@ __all__ = [
     "advance",
     "evolve",
     "on_outcome",
+    "stamp",
 ]
 
 Action = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
@@ -373,6 +374,19 @@ def evolve(defn: Saga | None, state: SagaState, event: Event, time: float) -> No
     if "step" in entry and defn is not None and entry["step"] < len(defn.steps):
         entry["name"] = defn.steps[entry["step"]].name
     s.history.append(entry)
+
+
+def stamp(state: SagaState, n: int, time: float) -> None:
+    """Give the last `n` events folded into `state` the time the store gave them, so the
+    state a driver holds is the one a reader loads (evolve ran before the commit)."""
+    if not time or not n:
+        return  # a duplicate: the stored times are the first append's
+    for entry in state.history[-n:]:
+        entry["time"] = time
+        if entry["event"] == "SagaStarted":
+            state.started = time
+        elif entry["event"] in ("SagaCompleted", "SagaCompensated"):
+            state.finished = time
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from .definition import (
     SagaState,
     StepStarted,
     on_outcome,
+    stamp,
 )
 from .handlers import Command, CommandHandler
 
@@ -81,11 +82,13 @@ async def run_inline_steps(coord: Coordinator, defn: Saga, state: SagaState, sid
                 break  # a cancel or a retry is applied once this much is recorded
         from ..eventsourcing.transaction import commit
 
-        await commit(coord.hub, list(unit.aggregates.values()),
-                     [(sid, batch, expected, f"saga.{defn.name}.steps")], messages,
-                     headers={"correlation-id": state.id})
+        outcomes = await commit(coord.hub, list(unit.aggregates.values()),
+                                [(sid, batch, expected, f"saga.{defn.name}.steps")], messages,
+                                headers={"correlation-id": state.id})
+        stamp(state, len(batch), outcomes[-1].time)
     finally:
         unit.close()
+
 
 async def _run_inline(coord: Coordinator, handler: CommandHandler, defn: Saga,
                       state: SagaState, unit: Unit) -> Outcome | None:
