@@ -372,3 +372,31 @@ async def test_wait_and_get_tell_the_same_story(env: Env, url: str, inline: bool
         assert waited["status"] == expected
         assert waited == await runner.get(sid)
         assert waited["started"] > 1e9  # the store's time, not the manual clock's
+
+
+async def test_contention_is_not_a_failure_a_handler_can_catch(env: Env, url: str) -> None:
+    # a handler that turns every Exception into a rejection must not compensate a saga
+    # just because another saga held a stream for a moment
+    hub = await env.hub(url)
+    await seed(hub, "X", 100)
+    await seed(hub, "Y", 100)
+
+    @hub.handler("svc.both", inline=True)
+    async def both(cmd: tidings.Command) -> dict[str, Any]:
+        try:
+            first, second = ("X", "Y") if cmd.data["order"] == "xy" else ("Y", "X")
+            a = await ledger(hub, first)
+            await asyncio.sleep(0.03)  # long enough for the other saga to take its first
+            b = await ledger(hub, second)
+        except Exception as exc:  # noqa: BLE001 - the point of the test
+            raise Rejected(f"could not load: {exc!r}") from None
+        for led in (a, b):
+            led.record(SgReserved(saga=cmd.data["saga_id"], amount=1))
+        cmd.save(a, b)
+        return {}
+
+    runner = hub.sagas(Saga("contend", [Step("both", command="svc.both", timeout=10)]))
+    ids = [await runner.start({"order": o}) for o in ("xy", "yx", "xy", "yx")]
+    states = await asyncio.gather(*(runner.wait(i, timeout=WAIT) for i in ids))
+    assert [s["status"] for s in states] == ["completed"] * 4
+    assert (await ledger(hub, "X")).available == (await ledger(hub, "Y")).available == 96

@@ -193,8 +193,12 @@ class Repository(Generic[A]):
         return agg.version
 
 
-class Contended(Exception):
-    """A unit's step needs a stream a unit with priority holds: it runs again in a new unit."""
+class Contended(BaseException):
+    """A unit's step needs a stream a unit with priority holds: it runs again in a new unit.
+
+    A BaseException, like CancelledError: a handler's `except Exception` must not turn
+    this passing contention into a business failure (the step is simply run again).
+    """
 
 
 class StreamLock:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..engines.store_base import AppendOutcome
-from ..errors import Unsupported
+from ..errors import InvalidArgument, Unsupported
 from ..messages import OutMessage
 from .aggregate import Aggregate
 from .records import _Any
@@ -53,6 +53,8 @@ async def commit(
         if snap is not None:
             snapshots[agg.id] = snap
     for stream_id, events, expected, topic in appends:
+        if not events:
+            raise InvalidArgument(f"nothing to append to {stream_id!r}: give it events")
         exp = None if isinstance(expected, _Any) else int(expected)
         items.append((stream_id, store._records(events, headers), exp,
                       topic or default_topic(stream_id)))

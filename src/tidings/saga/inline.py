@@ -80,6 +80,8 @@ async def run_inline_steps(coord: Coordinator, defn: Saga, state: SagaState, sid
             messages += out
             if not queue.empty():
                 break  # a cancel or a retry is applied once this much is recorded
+        if not batch:
+            return  # backed off before any step ended: nothing to record
         from ..eventsourcing.transaction import commit
 
         outcomes = await commit(coord.hub, list(unit.aggregates.values()),
