@@ -61,6 +61,15 @@ def scratch_dir(label: str) -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+async def publish_batches(hub: Any, topic: str, payloads: Sequence[bytes], n: int) -> None:
+    """Publish `n` messages with `publish_many`, `len(payloads)` at a time."""
+    done = 0
+    while done < n:
+        size = min(len(payloads), n - done)
+        await hub.publish_many(topic, payloads[:size])
+        done += size
+
+
 def summary(samples: Sequence[float]) -> float:
     """The figure reported for repeated runs: their median."""
     return float(statistics.median(samples))

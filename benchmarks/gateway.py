@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 import tidings
 
 from . import progress, row, scratch_dir, summary
+from .saga import order
 
 SINGLE_TARGET = 5_000.0  # requests/s, 32 concurrent keep-alive clients
 BATCH_TARGET = 50_000.0  # messages/s, 100 messages per request
@@ -64,32 +65,18 @@ QUICK = Sizes(reps=1, seconds=0.25, warmup=0.1)
 
 
 async def shop(hub: tidings.Hub, inline: bool = False) -> dict[str, Any]:
-    """The shop's services and create-order saga, with ample credit and stock (so every
-    order runs all four steps): the app the latency server runs."""
-    sys.path.insert(0, ROOT)
-    from examples.shop.domain import Customer, Product
-    from examples.shop.saga import create_order
-    from examples.shop.services import PRICES, register_services
+    """The app the latency server runs: the saga benchmark's shop (every order runs all
+    four steps), over messages or with its handlers inline."""
+    from examples.shop.saga import create_order  # on the path since .saga is imported
 
-    register_services(hub, inline=inline)
-    for i in range(1, 21):
-        c = Customer(f"c-{i}")
-        c.register(10**9)
-        await hub.repository(Customer).save(c)
-        p = Product(f"p-{i}")
-        p.add(10**9, 10)
-        await hub.repository(Product).save(p)
-        PRICES[p.id] = 10
-    return {create_order.name: hub.sagas(create_order)}
+    from .saga import setup_shop
+
+    return {create_order.name: await setup_shop(hub, inline)}
 
 
 async def shop_inline(hub: tidings.Hub) -> dict[str, Any]:
     """The same shop with its handlers inline in the coordinator's transactions."""
     return await shop(hub, inline=True)
-
-
-def _order(i: int) -> dict[str, Any]:
-    return {"customer_id": f"c-{i % 20 + 1}", "product_id": f"p-{i % 20 + 1}", "quantity": 1}
 
 
 def _free_port() -> int:
@@ -216,10 +203,10 @@ class _Connections:
             w.close()
 
 
-async def _paced(rate: float, seconds: float, one: Callable[[int], Awaitable[float]]
-                 ) -> list[float]:
+async def _paced(rate: float, seconds: float,
+                 one: Callable[[int], Coroutine[Any, Any, float]]) -> list[float]:
     """Start `one(i)` at `rate` per second for `seconds`; their latencies in ms."""
-    tasks = []
+    tasks: list[asyncio.Task[float]] = []
     start = time.perf_counter()
     for i in range(max(1, int(rate * seconds))):
         delay = start + i / rate - time.perf_counter()
@@ -253,7 +240,7 @@ async def _command_latency(sizes: Sizes, inline: bool) -> list[float]:
             async def one(i: int) -> float:
                 t0 = time.perf_counter()
                 status, body = await call("POST", "/v1/commands/create-order",
-                                          json.dumps(_order(i)).encode())
+                                          json.dumps(order(i)).encode())
                 if status != 202:
                     raise RuntimeError(f"command refused: {status} {body[:200]!r}")
                 path = f"/v1/requests/{json.loads(body)['request_id']}?wait=30"
@@ -283,7 +270,7 @@ async def _in_process_saga_latency(sizes: Sizes, inline: bool) -> list[float]:
 
             async def one(i: int) -> float:
                 t0 = time.perf_counter()
-                state = await sagas.wait(await sagas.start(_order(i)), timeout=120)
+                state = await sagas.wait(await sagas.start(order(i)), timeout=120)
                 if state["status"] != "completed":
                     raise RuntimeError(f"order {i} did not complete: {state}")
                 return time.perf_counter() - t0

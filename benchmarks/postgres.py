@@ -41,7 +41,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import tidings
 
-from . import progress, row, summary
+from . import progress, publish_batches, row, summary
 
 TOPIC = "bench.orders"
 PAYLOAD_BYTES = 200
@@ -251,11 +251,7 @@ async def tidings_publish_many(base: str, payloads: list[bytes], n: int) -> floa
     hub = await tidings.connect(url)
     try:
         t0 = perf_counter()
-        done = 0
-        while done < n:
-            size = min(BATCH, n - done)
-            await hub.publish_many(TOPIC, payloads[:size])
-            done += size
+        await publish_batches(hub, TOPIC, payloads[:BATCH], n)
         return n / (perf_counter() - t0)
     finally:
         await hub.close()
@@ -274,11 +270,7 @@ async def tidings_end_to_end(base: str, payloads: list[bytes], n: int) -> float:
         done_all = asyncio.Event()
 
         async def publisher() -> None:
-            done = 0
-            while done < n:
-                size = min(BATCH, n - done)
-                await pub.publish_many(TOPIC, payloads[:size])
-                done += size
+            await publish_batches(pub, TOPIC, payloads[:BATCH], n)
 
         async def consumer(sub: tidings.Subscription) -> None:
             nonlocal got

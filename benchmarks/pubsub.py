@@ -21,7 +21,7 @@ from typing import Any
 
 import tidings
 
-from . import progress, row, scratch_dir, summary
+from . import progress, publish_batches, row, scratch_dir, summary
 
 TOPIC = "bench.orders"
 PAYLOAD_BYTES = 200
@@ -135,11 +135,7 @@ async def tidings_publish_many(directory: str, payloads: list[bytes], n: int) ->
     hub = await tidings.connect(_sqlite_url(directory), durability="full")
     try:
         t0 = perf_counter()
-        done = 0
-        while done < n:
-            size = min(BATCH, n - done)
-            await hub.publish_many(TOPIC, payloads[:size])
-            done += size
+        await publish_batches(hub, TOPIC, payloads[:BATCH], n)
         return n / (perf_counter() - t0)
     finally:
         await hub.close()
@@ -174,11 +170,7 @@ async def tidings_end_to_end(url: str, payloads: list[bytes], n: int, **options:
         sub = await hub.subscribe(TOPIC, group="bench", max_in_flight=MAX_IN_FLIGHT)
 
         async def publisher() -> None:
-            done = 0
-            while done < n:
-                size = min(BATCH, n - done)
-                await hub.publish_many(TOPIC, payloads[:size])
-                done += size
+            await publish_batches(hub, TOPIC, payloads[:BATCH], n)
 
         async def consumer() -> None:
             got = 0

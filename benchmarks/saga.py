@@ -24,7 +24,9 @@ from examples.shop.services import PRICES, register_services  # noqa: E402
 TARGETS = {"sqlite": 500.0, "memory": 2000.0}
 
 
-async def _setup(hub: tidings.Hub, inline: bool) -> Any:
+async def setup_shop(hub: tidings.Hub, inline: bool) -> Any:
+    """The shop on `hub` with ample credit and stock (every saga runs all four steps);
+    returns the create-order saga runner."""
     register_services(hub, inline=inline)
     for i in range(1, 21):  # ample credit and stock: every saga runs all four steps
         c = Customer(f"c-{i}")
@@ -37,19 +39,19 @@ async def _setup(hub: tidings.Hub, inline: bool) -> Any:
     return hub.sagas(create_order)
 
 
-def _order(i: int) -> dict[str, Any]:
+def order(i: int) -> dict[str, Any]:
     return {"customer_id": f"c-{i % 20 + 1}", "product_id": f"p-{i % 20 + 1}", "quantity": 1}
 
 
 async def _throughput(url: str, n: int, in_flight: int, inline: bool = False) -> float:
     async with await tidings.connect(url) as hub:
-        sagas = await _setup(hub, inline)
+        sagas = await setup_shop(hub, inline)
         runner = asyncio.create_task(hub.run())
         slots = asyncio.Semaphore(in_flight)
 
         async def one(i: int) -> None:
             async with slots:
-                sid = await sagas.start(_order(i))
+                sid = await sagas.start(order(i))
                 st = await sagas.wait(sid, timeout=300)
                 assert st["status"] == "completed", st
 
@@ -64,13 +66,13 @@ async def _throughput(url: str, n: int, in_flight: int, inline: bool = False) ->
 async def _latency(url: str, rate: float, seconds: float, inline: bool = False
                    ) -> tuple[float, float]:
     async with await tidings.connect(url) as hub:
-        sagas = await _setup(hub, inline)
+        sagas = await setup_shop(hub, inline)
         runner = asyncio.create_task(hub.run())
         lat: list[float] = []
 
         async def one(i: int) -> None:
             t0 = time.perf_counter()
-            sid = await sagas.start(_order(i))
+            sid = await sagas.start(order(i))
             await sagas.wait(sid, timeout=300)
             lat.append(time.perf_counter() - t0)
 
