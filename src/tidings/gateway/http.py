@@ -8,8 +8,8 @@ a JSON body that says what to do, and never a stack trace.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
@@ -49,6 +49,7 @@ log = logging.getLogger("tidings.gateway")
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
+T = TypeVar("T")
 
 #: Seconds a client is told to wait (Retry-After) when the gateway or the engine is busy.
 RETRY_AFTER = "1"
@@ -85,11 +86,17 @@ def json_response(content: Any, status: int = 200,
 
 async def read_json(request: Request) -> Any:
     """The request's body as JSON (whatever Content-Type says: `curl -d` sends a form type)."""
-    body = await request.body()
-    if not body:
+    return decode_body(await request.body())
+
+
+def decode_body(raw: bytes, decode: Callable[[bytes], T] = _decode) -> T:
+    """A request body through `decode`: empty or not JSON is 400, the wrong shape 422."""
+    if not raw:
         raise ApiError(400, "malformed_json", "the request body is empty; send a JSON object")
     try:
-        return _decode(body)
+        return decode(raw)
+    except msgspec.ValidationError as exc:
+        raise ApiError(422, "invalid_field", f"the request body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, "malformed_json", f"the request body is not valid JSON: {exc}") from None
 

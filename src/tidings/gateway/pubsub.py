@@ -25,7 +25,7 @@ from .. import topics as _topics
 from ..hub import envelope
 from ..messages import Message
 from .coalesce import Coalescer
-from .http import ApiError, convert, expect_object, json_response, read_json
+from .http import ApiError, convert, decode_body, expect_object, json_response, read_json
 from .limits import Admission
 from .sse import EventStream, frame
 
@@ -67,14 +67,7 @@ _decode_json = msgspec.json.Decoder().decode
 
 
 def _decode_publish(raw: bytes) -> PublishBody:
-    if not raw:
-        raise ApiError(400, "malformed_json", "the request body is empty; send a JSON object")
-    try:
-        return _decode_publish_body(raw)
-    except msgspec.ValidationError as exc:
-        raise ApiError(422, "invalid_field", f"the request body: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, "malformed_json", f"the request body is not valid JSON: {exc}") from None
+    return decode_body(raw, _decode_publish_body)
 
 
 class _PublishEndpoint:
