@@ -903,3 +903,47 @@ async def test_steps_after_the_pivot_retry_forward_and_a_rejection_there_is_stuc
     assert len(events_of(state["steps"], "StepFailed", step=2)) == 3
     assert not events_of(state["steps"], "CompensationStarted")
     assert (await ledger(hub, "credit")).available == 90
+
+
+# control requests are never lost or left waiting -----------------------------------------
+async def test_a_cancel_that_meets_another_writer_is_applied_not_lost(env: Env, url: str
+                                                                      ) -> None:
+    from tidings.saga.definition import ReplyIgnored
+
+    hub = await env.hub(url)
+    gate = Gate()
+    log = Log()
+    defn = Saga("moved", [Step("a", action=gate, compensation=log.action("undo-a")),
+                          Step("b", action=log.action("b"))])
+    runner = hub.sagas(defn, clock=ManualClock())
+    sid = await runner.start({})
+    await asyncio.wait_for(gate.entered.wait(), WAIT)
+    # another writer (a second coordinator, say) moves the saga's stream meanwhile: the
+    # driver's next write conflicts
+    stream = f"saga-moved-{sid}"
+    version = len([r async for r in hub.events.read(stream)])
+    await hub.events.append(stream, [ReplyIgnored(step=0, kind="action", attempt=99,
+                                                  reason="someone else")],
+                            expected_version=version)
+    cancelling = asyncio.create_task(runner.cancel(sid, "changed my mind"))
+    await asyncio.sleep(0.05)
+    gate.release.set()
+    await asyncio.wait_for(cancelling, WAIT)  # answered only once it is stored
+    state = await runner.wait(sid, timeout=WAIT)
+    assert state["status"] == "compensated" and "changed my mind" in state["reason"]
+    assert "b" not in log.names(sid) and log.names(sid) == ["undo-a"]
+    assert events_of(state["steps"], "SagaCancelRequested")
+
+
+async def test_cancel_through_a_process_without_the_sagas_version_is_refused(
+        env: Env, sqlite_url: str) -> None:
+    first = await env.hub(sqlite_url)
+    gate = Gate()
+    v1 = Saga("vers", [Step("a", action=gate)], version=1)
+    sid = await first.sagas(v1).start({})
+    await asyncio.wait_for(gate.entered.wait(), WAIT)
+    await env.close(first)
+    second = await env.hub(sqlite_url)
+    v2 = Saga("vers", [Step("a2", action=Gate())], version=2)
+    with pytest.raises(tidings.InvalidArgument, match="version 1"):
+        await asyncio.wait_for(second.sagas(v2).cancel(sid), WAIT)  # not a hang

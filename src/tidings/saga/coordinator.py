@@ -25,6 +25,7 @@ import msgspec
 from ..errors import (
     ClosedError,
     ConcurrencyError,
+    EngineUnavailable,
     InvalidArgument,
     NotFound,
     Rejected,
@@ -206,13 +207,23 @@ class Coordinator:
         final = self._final.pop(saga_id, None)
         if fut is not None and not fut.done():
             fut.set_result(final)
-        if (queue is not None and not queue.empty() and not task.cancelled()
-                and task.exception() is None and task.result() and not self.hub.closed):
+        if queue is None or queue.empty():
+            return
+        if (not task.cancelled() and task.exception() is None and task.result()
+                and not self.hub.closed):
             # a reply or a retry arrived as the driver finished: a new driver settles it
             self._drive(name, saga_id)
             fresh = self._inbox[saga_id]
             while not queue.empty():
                 fresh.put_nowait(queue.get_nowait())
+            return
+        # nobody drives it here any more: a waiting cancel or retry must not wait forever
+        while not queue.empty():
+            item = queue.get_nowait()
+            if not isinstance(item, _Reply) and not item[2].done():
+                item[2].set_exception(EngineUnavailable(
+                    f"saga {saga_id!r} is not driven by this process any more (it closed, "
+                    "or the driver failed); ask again"))
 
     # the driver ---------------------------------------------------------------------
     async def _driver(self, name: str, saga_id: str, state: SagaState | None) -> bool:
@@ -391,7 +402,21 @@ class Coordinator:
                                                             self.clock.now()))
 
     async def _handle_item(self, defn: Saga, state: SagaState, sid: str, item: Any) -> bool:
-        """Apply a control message or a reply; True when it settled the pending attempt."""
+        """Apply a control message or a reply; True when it settled the pending attempt.
+
+        When recording it fails (another writer moved the stream, the engine is away for a
+        moment), the item goes back to the front of the saga's queue before the error
+        propagates: the driver reloads and applies it then. Nothing taken is dropped.
+        """
+        try:
+            return await self._apply_item(defn, state, sid, item)
+        except BaseException:
+            queue = self._inbox.get(state.id)
+            if queue is not None:
+                _requeue(queue, item)
+            raise
+
+    async def _apply_item(self, defn: Saga, state: SagaState, sid: str, item: Any) -> bool:
         if isinstance(item, _Reply):
             p = state.pending
             if p is not None and (item.step, item.kind, item.attempt) == (p.step, p.kind,
@@ -405,14 +430,12 @@ class Coordinator:
                 step=item.step, kind=item.kind, attempt=item.attempt, reason=reason)])
             return False
         kind, arg, recorded = item
-        try:
-            if kind == "cancel" and not state.cancel_requested and state.status == "running":
-                await self._append(defn, state, sid, [SagaCancelRequested(reason=arg)])
-            elif kind == "retry" and state.status == "stuck":
-                await self._append(defn, state, sid, [SagaResumed()])
-        finally:
-            if not recorded.done():
-                recorded.set_result(None)  # the caller may return: it is in the stream
+        if kind == "cancel" and not state.cancel_requested and state.status == "running":
+            await self._append(defn, state, sid, [SagaCancelRequested(reason=arg)])
+        elif kind == "retry" and state.status == "stuck":
+            await self._append(defn, state, sid, [SagaResumed()])
+        if not recorded.done():
+            recorded.set_result(None)  # the caller may return: it is in the stream
         return False
 
     async def _wait(self, queue: asyncio.Queue[Any], until: float | None) -> None:
@@ -451,17 +474,27 @@ class Coordinator:
         call = asyncio.ensure_future(fn(dict(state.data, saga_id=state.id)))
         sleeper = (asyncio.ensure_future(self.clock.sleep_until(deadline))
                    if deadline is not None else None)
+        recording = True  # record what arrives while the action runs (a cancel, a reply)
         try:
             while not call.done() and not (sleeper is not None and sleeper.done()):
-                # while the action runs, record what arrives (a cancel, a stray reply)
-                getter = asyncio.ensure_future(queue.get())
-                waits = {call, getter} | ({sleeper} if sleeper else set())
+                getter = asyncio.ensure_future(queue.get()) if recording else None
+                waits = {call} | ({getter} if getter else set()) | ({sleeper} if sleeper
+                                                                     else set())
                 try:
                     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 finally:
-                    getter.cancel()
-                if getter.done() and not getter.cancelled():
-                    await self._handle_item(defn, state, sid, getter.result())
+                    if getter is not None:
+                        getter.cancel()
+                if getter is not None and getter.done() and not getter.cancelled():
+                    try:
+                        await self._handle_item(defn, state, sid, getter.result())
+                    except (ConcurrencyError, TidingsError):
+                        # back in the queue (see _handle_item): settle the action first,
+                        # the driver looks again afterwards
+                        recording = False
+        except BaseException:
+            call.cancel()  # the driver is going away: do not leave the action running
+            raise
         finally:
             if sleeper is not None:
                 sleeper.cancel()
@@ -566,6 +599,10 @@ class Coordinator:
         if kind == "cancel" and state.status != "running":
             raise InvalidArgument(f"saga {saga_id!r} is {state.status}; only a running "
                                   "saga can be cancelled")
+        if state.version not in self.defs.get(name, {}):
+            raise InvalidArgument(
+                f"saga {saga_id!r} runs version {state.version} of {name!r}, which this "
+                "process does not register; do this where that version is registered")
         self._drive(name, saga_id)
         queue = self._inbox.get(saga_id)
         if queue is not None:
