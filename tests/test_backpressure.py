@@ -360,3 +360,16 @@ async def test_many_publishers_through_a_small_window_all_finish() -> None:
         assert max(seen) <= 3 and hub._window.used == 0
     finally:
         await hub.close()
+
+
+async def test_a_window_waiter_cancelled_as_room_frees_is_simply_cancelled() -> None:
+    w = Window(1)
+    await w.acquire(1)
+    waiter = asyncio.create_task(w.acquire(1))
+    await asyncio.sleep(0)  # it waits for room
+    waiter.cancel()
+    w.release(1)  # in the same turn, before the waiter's own clean-up runs
+    with pytest.raises(asyncio.CancelledError):
+        await waiter  # a cancellation, not a ValueError from the waiter queue
+    assert w.used == 0
+    await asyncio.wait_for(w.acquire(1), 1.0)  # and the room is really free

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -136,3 +137,19 @@ async def test_closing_a_consumer_hands_back_what_it_prefetched() -> None:
         second = await hub.subscribe("a.b", group="g", ack_wait=30)
         got = await second.fetch(10, wait=1)
         assert [(m.data, m.attempt) for m in got] == [(b"2", 1), (b"3", 1), (b"4", 1)]
+
+
+async def test_flush_says_when_acks_could_not_be_recorded(tmp_path: Path) -> None:
+    hub = await tidings.connect(f"sqlite:///{tmp_path}/f.db")
+    try:
+        sub = await hub.subscribe("f.*", group="g")
+        await hub.publish("f.one", {"n": 1})
+        [msg] = await sub.fetch(1, wait=5)
+        await msg.ack()
+        await hub.engine.close()  # the engine goes away before the ack is written
+        with pytest.raises(tidings.EngineUnavailable):
+            await sub.flush()  # not "recorded": the caller is told
+        with pytest.raises(tidings.EngineUnavailable):
+            await sub.flush()  # and the ack is still there to try again
+    finally:
+        await hub.close()

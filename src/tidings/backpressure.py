@@ -8,6 +8,7 @@ hub uses it so that `publish` waits instead of growing memory).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 from collections import deque
 from collections.abc import AsyncIterator
@@ -214,7 +215,9 @@ class Window:
             if fut.done() and not fut.cancelled():
                 self.release(n)  # admitted, then cancelled: give the room back
             else:
-                self._waiters.remove((n, fut))
+                # a release in the same loop turn may have dropped our entry already
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove((n, fut))
                 self._admit()
             raise
 

@@ -68,17 +68,23 @@ class Subscription:
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # let a burst of acks gather into one write
         self._flushing = None
+        await self._settle_now()
+
+    async def _settle_now(self) -> None:
         items, self._settles = self._settles, []
         if items:
-            await self._engine.settle(self._handle, items, time.time())
+            try:
+                await self._engine.settle(self._handle, items, time.time())
+            except BaseException:
+                self._settles[:0] = items  # not recorded: the next flush or fetch carries them
+                raise
 
     async def flush(self) -> None:
-        """Wait until every ack/nack/term made so far has reached the engine."""
+        """Wait until every ack/nack/term made so far has reached the engine (raises the
+        engine's error if they could not be recorded; they are kept for the next try)."""
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
-        items, self._settles = self._settles, []
-        if items:
-            await self._engine.settle(self._handle, items, time.time())
+        await self._settle_now()
 
     def __aiter__(self) -> Subscription:
         return self
@@ -119,6 +125,9 @@ class Subscription:
         except asyncio.CancelledError:
             # The claim may still commit: hand whatever it took straight back.
             fetching.add_done_callback(self._release_claimed)
+            raise
+        except Exception:
+            self._settles[:0] = settles  # the fetch (and its settles) did not commit
             raise
         if msgs:
             for m in msgs:

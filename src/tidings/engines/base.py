@@ -220,6 +220,8 @@ class Engine(ABC):
         """The waited-for patterns `topic` matches (remembered per topic until a pattern
         not seen before is waited for)."""
         if not by_pattern.keys() <= self._patterns_seen:
+            if len(self._patterns_seen) > 1024:  # many short-lived patterns: start afresh
+                self._patterns_seen = set()
             self._patterns_seen |= by_pattern.keys()
             self._topic_patterns.clear()
         found = self._topic_patterns.get(topic)

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from ..errors import ConcurrencyError, EventIdConflict, InvalidArgument
+from ..errors import ConcurrencyError, EngineUnavailable, EventIdConflict, InvalidArgument
 from ..messages import OutMessage
 from .base import HOLDING_WRITER
 from .postgres import PgTx, PostgresEngine
@@ -248,6 +248,10 @@ class PostgresTx(StoreTx):
 _GROUP = 200
 
 
+_STOPPED = ("the event store stopped during the append; its outcome is unknown: retry it "
+            "(its event ids make a retry safe)")
+
+
 class PostgresStore(StoreBackend):
     engine: PostgresEngine
 
@@ -338,8 +342,14 @@ class PostgresStore(StoreBackend):
                 except EventIdConflict:
                     # an id reuse aborts the whole transaction: commit them one by one,
                     # so only the offending append fails
-                    for item in batch:
-                        await self._commit_one(*item)
+                    try:
+                        for item in batch:
+                            await self._commit_one(*item)
+                    except BaseException:
+                        for *_, fut in batch:  # not attempted: tell their appenders
+                            if not fut.done():
+                                fut.set_exception(EngineUnavailable(_STOPPED))
+                        raise
                     continue
                 except BaseException as exc:
                     for *_, fut in batch:
@@ -374,9 +384,12 @@ class PostgresStore(StoreBackend):
 
         try:
             out = await self.engine.transact(op, durable=True)
-        except Exception as exc:
+        except BaseException as exc:  # the appender must hear of it, even on cancellation
             if not fut.done():
-                fut.set_exception(exc)
+                fut.set_exception(exc if isinstance(exc, Exception) else
+                                  EngineUnavailable(_STOPPED))
+            if not isinstance(exc, Exception):
+                raise
             return
         if not fut.done():
             fut.set_result(out)

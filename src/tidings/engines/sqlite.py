@@ -269,6 +269,13 @@ class SqliteEngine(Engine):
         self.dedup_window = float(dedup_window)
         self.poll_interval = float(poll_interval)
         self.max_batch = int(max_batch)
+        if not 0 <= self.dedup_window < float("inf"):
+            raise InvalidArgument(f"dedup_window must be seconds >= 0, got {dedup_window!r}")
+        if not 0 < self.poll_interval <= 60:
+            raise InvalidArgument(
+                f"poll_interval must be seconds above 0 (at most 60), got {poll_interval!r}")
+        if self.max_batch < 1:
+            raise InvalidArgument(f"max_batch must be at least 1, got {max_batch!r}")
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
