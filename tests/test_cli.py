@@ -276,3 +276,14 @@ def test_terminal_output_is_readable_and_json_on_request(
     assert r.exit_code == 0, r.output
     [row] = [json.loads(line) for line in r.output.splitlines()]
     assert row["topic"] == "orders.created" and row["messages"] == 1
+
+
+@pytest.mark.parametrize(("spec", "says"), [
+    ("nosuch.mod:app", "cannot import 'nosuch.mod'"),
+    ("tidings:no_such_app", "has no 'no_such_app'"),
+])
+def test_serve_with_a_bad_app_is_a_clear_error(tidings_cli: Cli, spec: str, says: str) -> None:
+    r = tidings_cli.run("serve", "--app", spec, "--port", "0")
+    assert r.returncode == 2  # refused before the server starts
+    assert r.stderr.startswith("error: ") and says in r.stderr
+    assert "Traceback" not in r.stderr

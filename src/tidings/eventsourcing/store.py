@@ -121,8 +121,8 @@ class EventStore:
         # stream id -> lock, held by inline command handlers (see repository.Unit)
         self._locks: weakref.WeakValueDictionary[str, StreamLock] = (
             weakref.WeakValueDictionary())
-        # stream id -> (aggregate class, its state as a snapshot) as this process last
-        # saved it: a load checks the stream's version and replays only what is newer
+        # stream id -> a private copy of the aggregate as this process last saved it: a
+        # load checks the stream's version and replays only what is newer
         self.states: OrderedDict[str, Any] = OrderedDict()
         self._states_bytes = 0
 

@@ -12,7 +12,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from ..hub import connect
-from .app import create_app
+from .app import create_app, load_app
 from .auth import check_bind
 
 __all__ = ["GatewayServer", "run", "serve", "uvicorn_config"]
@@ -67,6 +67,8 @@ async def serve(
     if token is None:
         token = os.environ.get("TIDINGS_TOKEN") or None
     check_bind(host, token)
+    if isinstance(app, str):  # a bad spec is an InvalidArgument now, not a failed startup
+        app = load_app(app)
     hub = await connect(url)
     try:
         asgi = create_app(hub, token=token, max_body=max_body, app_module=app)
