@@ -20,12 +20,14 @@ anything else worth keeping in bench-results/latest.json (samples, sizes).
 
 from __future__ import annotations
 
+import asyncio
 import pkgutil
 import shutil
 import statistics
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -68,6 +70,30 @@ async def publish_batches(hub: Any, topic: str, payloads: Sequence[bytes], n: in
         size = min(len(payloads), n - done)
         await hub.publish_many(topic, payloads[:size])
         done += size
+
+
+async def paced(rate: float, seconds: float,
+                 one: Callable[[int], Coroutine[Any, Any, float]]) -> list[float]:
+    """Start `one(i)` at `rate` per second for `seconds`; their latencies in ms."""
+    tasks: list[asyncio.Task[float]] = []
+    start = time.perf_counter()
+    for i in range(max(1, int(rate * seconds))):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    return [x * 1000 for x in await asyncio.gather(*tasks)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The value below which a fraction `q` of `values` lies (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def paired_ratio(ours: Sequence[float], theirs: Sequence[float]) -> float:
+    """The median of the ratios of runs made side by side (robust to drift between pairs)."""
+    return summary([a / b for a, b in zip(ours, theirs, strict=True)])
 
 
 def summary(samples: Sequence[float]) -> float:

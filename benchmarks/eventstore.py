@@ -29,7 +29,7 @@ from typing import Any
 
 import tidings
 
-from . import progress, row, scratch_dir, summary
+from . import paired_ratio, progress, row, scratch_dir, summary
 
 MEMO = "m" * 40
 
@@ -246,9 +246,6 @@ async def tidings_scan(url: str) -> tuple[int, float]:
 # the run ---------------------------------------------------------------------------
 
 
-def _paired(ours: list[float], theirs: list[float]) -> float:
-    """The median of the ratios of runs made side by side (robust to drift between pairs)."""
-    return summary([a / b for a, b in zip(ours, theirs, strict=True)])
 
 
 
@@ -284,7 +281,7 @@ async def run(quick: bool) -> list[dict[str, Any]]:
     es_rate, td_rate = summary(es_rates), summary(td_rates)
     rows.append(row(f"append via repository, {aggregates:,} aggregates (sqlite, full)",
                     td_rate, "eventsourcing Application.save", es_rate, "events/s", 3.0,
-                    ratio=_paired(td_rates, es_rates),
+                    ratio=paired_ratio(td_rates, es_rates),
                     note="tidings: 100 saves in flight, group commit", samples=td_rates,
                     peer_samples=es_rates))
     rows.append(row("append via repository, one save at a time (sqlite, full)",
@@ -313,7 +310,7 @@ async def run(quick: bool) -> list[dict[str, Any]]:
                     "eventsourcing snapshot load", 1 / es_s, "loads/s", 1.0,
                     ms=td_s * 1e3, peer_ms=es_s * 1e3))
     rows.append(row("read_all scan (raw)", summary(scans_td), "sqlite3 SELECT same table",
-                    summary(scans_raw), "rows/s", 0.5, ratio=_paired(scans_td, scans_raw),
+                    summary(scans_raw), "rows/s", 0.5, ratio=paired_ratio(scans_td, scans_raw),
                     samples=scans_td, peer_samples=scans_raw))
     return rows
 

@@ -21,14 +21,13 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tidings
 
-from . import progress, row, scratch_dir, summary
+from . import paced, percentile, progress, row, scratch_dir, summary
 from .saga import order
 
 SINGLE_TARGET = 5_000.0  # requests/s, 32 concurrent keep-alive clients
@@ -203,19 +202,6 @@ class _Connections:
             w.close()
 
 
-async def _paced(rate: float, seconds: float,
-                 one: Callable[[int], Coroutine[Any, Any, float]]) -> list[float]:
-    """Start `one(i)` at `rate` per second for `seconds`; their latencies in ms."""
-    tasks: list[asyncio.Task[float]] = []
-    start = time.perf_counter()
-    for i in range(max(1, int(rate * seconds))):
-        delay = start + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i)))
-    return [x * 1000 for x in await asyncio.gather(*tasks)]
-
-
 refused = [0]  # 429s met by the latency run (a sign the sagas fell behind)
 
 
@@ -252,9 +238,9 @@ async def _command_latency(sizes: Sizes, inline: bool) -> list[float]:
                     if state.get("status") not in ("pending", "running"):
                         raise RuntimeError(f"order {i} did not complete: {state}")
 
-            await _paced(COMMAND_RATE, sizes.warmup, one)
+            await paced(COMMAND_RATE, sizes.warmup, one)
             try:
-                return await _paced(COMMAND_RATE, sizes.seconds * 2, one)
+                return await paced(COMMAND_RATE, sizes.seconds * 2, one)
             finally:
                 pool.close()
         finally:
@@ -276,8 +262,8 @@ async def _in_process_saga_latency(sizes: Sizes, inline: bool) -> list[float]:
                 return time.perf_counter() - t0
 
             try:
-                await _paced(COMMAND_RATE, sizes.warmup, one)
-                return await _paced(COMMAND_RATE, sizes.seconds * 2, one)
+                await paced(COMMAND_RATE, sizes.warmup, one)
+                return await paced(COMMAND_RATE, sizes.seconds * 2, one)
             finally:
                 runner.cancel()
                 await asyncio.gather(runner, return_exceptions=True)
@@ -324,7 +310,7 @@ async def run(quick: bool) -> list[dict[str, Any]]:
             f"command → completed over HTTP, median at {COMMAND_RATE:.0f}/s (sqlite, {mode})",
             p50, "in-process start+wait", local50, "ms", 1.0, ratio=LATENCY_TARGET_MS / p50,
             target_label=f"median ≤ {LATENCY_TARGET_MS:.0f} ms",
-            p99=_percentile(http_ms, 0.99), peer_p99=_percentile(local_ms, 0.99),
+            p99=percentile(http_ms, 0.99), peer_p99=percentile(local_ms, 0.99),
             orders=len(http_ms), refused_429=refused[0],
             note="GET /v1/requests/{id}?wait answers when the saga ends; the peer column is "
                  "the same sagas started and awaited in one process"))
@@ -339,8 +325,3 @@ async def run(quick: bool) -> list[dict[str, Any]]:
             samples=[s * BATCH for s in batches], cpus=cpus),
         *commands,
     ]
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]

@@ -41,7 +41,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import tidings
 
-from . import progress, publish_batches, row, summary
+from . import paired_ratio, progress, publish_batches, row, summary
 
 TOPIC = "bench.orders"
 PAYLOAD_BYTES = 200
@@ -234,8 +234,7 @@ async def _appends(base: str, s: Sizes) -> list[dict[str, Any]]:
     return [
         row("event appends through the repository, PostgreSQL", summary(ours),
             peer_name, peer, "events/s", APPEND_TARGET,
-            ratio=summary([a / b for a, b in zip(ours, theirs, strict=True)]) if theirs
-            else None,
+            ratio=paired_ratio(ours, theirs) if theirs else None,
             samples=ours, peer_samples=theirs, **sizes,
             note=f"median of {s.reps}, PostgreSQL defaults; tidings: {SAVES_IN_FLIGHT} saves "
                  "in flight; eventsourcing: psycopg 3, its own database on the same server"),

@@ -13,7 +13,7 @@ from typing import Any
 
 import tidings
 
-from . import progress, row, scratch_dir
+from . import paced, percentile, progress, row, scratch_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -68,27 +68,17 @@ async def _latency(url: str, rate: float, seconds: float, inline: bool = False
     async with await tidings.connect(url) as hub:
         sagas = await setup_shop(hub, inline)
         runner = asyncio.create_task(hub.run())
-        lat: list[float] = []
-
-        async def one(i: int) -> None:
+        async def one(i: int) -> float:
             t0 = time.perf_counter()
-            sid = await sagas.start(order(i))
-            await sagas.wait(sid, timeout=300)
-            lat.append(time.perf_counter() - t0)
+            await sagas.wait(await sagas.start(order(i)), timeout=300)
+            return time.perf_counter() - t0
 
-        tasks = []
-        start = time.perf_counter()
-        n = max(1, int(rate * seconds))
-        for i in range(n):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        lat.sort()
-        return statistics.median(lat) * 1000, lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
+        try:
+            ms = await paced(rate, seconds, one)
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        return statistics.median(ms), percentile(ms, 0.99)
 
 
 MODES = {"inline": True, "messages": False}
