@@ -91,6 +91,7 @@ class Rejected(TidingsError):
     """A command handler refused the command for a business reason (no retry)."""
 
     def __init__(self, reason: str = "rejected") -> None:
+        reason = reason if isinstance(reason, str) else str(reason)
         self.reason = reason
         super().__init__(reason)
 

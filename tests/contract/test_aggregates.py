@@ -251,6 +251,25 @@ async def test_a_kept_state_is_exactly_what_a_replay_gives(hub: tidings.Hub) -> 
     assert (await repo.get("tally-1"))._seen == {"a", "b"}
 
 
+
+async def test_events_recorded_after_a_save_but_not_saved_are_never_loaded(
+        hub: tidings.Hub) -> None:
+    # The process keeps the saved aggregate itself (no copy); a load must not see what
+    # its holder recorded afterwards and never saved.
+    repo = hub.repository(Tally)
+    t = Tally("tally-2")
+    t.record(AgOpened(owner="a"))
+    await repo.save(t)
+    t.record(AgOpened(owner="b"))  # recorded, never saved
+    loaded = await repo.get("tally-2")
+    assert loaded._seen == {"a"} and loaded.version == 1 and loaded is not t
+    loaded._seen.add("z")  # and the loaded copy is the caller's own
+    assert t._seen == {"a", "b"}
+    again = await repo.get("tally-2")
+    assert again._seen == {"a"}
+    await repo.save(t)  # saving it later makes it the kept state again
+    assert (await repo.get("tally-2"))._seen == {"a", "b"}
+
 async def test_an_atomic_commit_that_fails_late_leaves_nothing(hub: tidings.Hub) -> None:
     from tidings.eventsourcing.transaction import commit
 

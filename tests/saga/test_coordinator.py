@@ -296,6 +296,8 @@ async def test_bad_inputs(env: Env, url: str) -> None:
         await runner.wait("no-such-saga", timeout=WAIT)
     with pytest.raises(tidings.NotFound):
         await runner.cancel("no-such-saga")
+    with pytest.raises(tidings.InvalidArgument, match="reason is text"):
+        await runner.cancel("no-such-saga", reason=5)  # type: ignore[arg-type]
     with pytest.raises(tidings.NotFound):
         await runner.retry("no-such-saga")
     with pytest.raises(tidings.InvalidArgument, match="takes a tidings.Saga"):
@@ -424,6 +426,29 @@ async def test_duplicate_reply_is_recorded_and_ignored(env: Env, url: str) -> No
     assert "already completed" in ignored[1]["reason"]
     assert (await runner.get(sid))["status"] == "completed"
     assert (await ledger(hub, "credit")).available == 90
+
+
+async def test_a_reply_that_is_not_a_json_object_is_a_failed_attempt(env: Env, url: str
+                                                                       ) -> None:
+    """A service that is not a tidings handler answers with a JSON list: the saga
+    records a failed attempt (and stays loadable), it does not store the list."""
+    hub = await env.hub(url)
+    defn = Saga("foreign", [Step("ask", command="svc.foreign.ask", retries=0)])
+    runner = hub.sagas(defn, clock=ManualClock())
+    sid = await runner.start({})
+    await until(lambda: _commands(hub), "the command sent")
+    [cmd] = await read_all(hub, "svc.foreign.ask")
+    h = {k: v for k, v in cmd.headers.items() if k.startswith("saga-")}
+    await hub.publish(cmd.headers["reply-to"], [1, 2], key=cmd.key, headers={**h, "status": "ok"})
+    state = await runner.wait(sid, timeout=WAIT)
+    assert state["status"] == "compensated"
+    [failed] = events_of(state["steps"], "StepFailed")
+    assert "JSON object" in failed["error"]
+    assert (await runner.get(sid))["status"] == "compensated"
+
+
+async def _commands(hub: tidings.Hub) -> bool:
+    return bool(await read_all(hub, "svc.foreign.ask"))
 
 
 async def _ignored(runner: Any, sid: str, n: int) -> bool:

@@ -14,8 +14,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-import msgspec
-
 from ..errors import ConcurrencyError, EventIdConflict
 from ..messages import OutMessage
 from .memory import MemoryEngine
@@ -35,7 +33,6 @@ from .store_base import (
 __all__ = ["MemoryStore"]
 
 T = TypeVar("T")
-_enc = msgspec.json.Encoder().encode
 
 
 @dataclass(slots=True)
@@ -155,7 +152,7 @@ class MemoryStore(StoreBackend):
         for i, r in enumerate(records):
             pos, version = first + i, current + 1 + i
             rows.append((pos, stream_id, version, r.id, r.type, r.type_version, now,
-                         _enc(r.headers) if r.headers else None, r.data))
+                         r.headers or None, r.data))
             messages.append(_message(r, topic, stream_id, version, pos))
         t.events.extend(rows)
         t.streams.setdefault(stream_id, []).extend(range(first, first + len(rows)))

@@ -38,6 +38,9 @@ _UPCASTERS: dict[tuple[str, int], Upcaster] = {}
 _DECODERS: dict[type, Callable[[bytes], Any]] = {}
 #: class -> (type name, version, decoder) for classes already encoded once.
 _KNOWN: dict[type, tuple[str, int, Callable[[bytes], Any]]] = {}
+#: class -> (type name, version) of events built only by tidings itself with values of
+#: the right types (the saga coordinator's): encoded without the checking round trip
+TRUSTED: dict[type, tuple[str, int]] = {}
 #: Bumped on every registration, so cached decoders never outlive a change.
 _GENERATION = [0]
 
@@ -167,6 +170,13 @@ def encode_event(event: object) -> tuple[type, str, int, bytes]:
             "passed to the event"
         ) from None
     return cls, info[0], info[1], data
+
+
+def trust_events(*classes: type) -> None:
+    """Mark event classes tidings builds itself (never from user values of unchecked
+    type): recording them skips `encode_event`'s validating decode."""
+    for cls in classes:
+        TRUSTED[cls] = (event_type_name(cls), event_type_version(cls))
 
 
 def validate_raw(type_name: str, data: bytes) -> int:

@@ -70,7 +70,7 @@ class Repository(Generic[A]):
                 return mine  # type: ignore[return-value]
             took = await unit.hold(self.store, id)
         if version is None and when is None:
-            kept = self.store.states.get(id)
+            kept = self.store.kept(id)
             if kept is not None and type(kept) is self.cls:
                 fresh = await self._from_kept(id, kept)
                 if fresh is not None:

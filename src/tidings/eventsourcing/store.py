@@ -30,7 +30,7 @@ from .. import topics as _topics
 from ..engines.store_base import EventRow, NewRecord, SnapshotRow, StoreBackend, backend_for
 from ..errors import InvalidArgument, InvalidEvent, PayloadTooLarge
 from ..messages import new_id
-from .events import TypeResolver, encode_event, validate_raw
+from .events import TRUSTED, TypeResolver, encode_event, validate_raw
 from .records import (
     ANY,
     Appended,
@@ -121,9 +121,9 @@ class EventStore:
         # stream id -> lock, held by inline command handlers (see repository.Unit)
         self._locks: weakref.WeakValueDictionary[str, StreamLock] = (
             weakref.WeakValueDictionary())
-        # stream id -> a private copy of the aggregate as this process last saved it: a
-        # load checks the stream's version and replays only what is newer
-        self.states: OrderedDict[str, Any] = OrderedDict()
+        # stream id -> (the aggregate this process last saved, its version then, its
+        # size): a load copies it, checks the stream's version and replays what is newer
+        self.states: OrderedDict[str, tuple[Any, int, int]] = OrderedDict()
         self._states_bytes = 0
 
     def forget(self) -> None:
@@ -132,20 +132,29 @@ class EventStore:
         self._states_bytes = 0
 
     def remember(self, agg: Any) -> None:
-        """Keep a copy of an aggregate just saved (see `Repository.get`)."""
-        from .repository import _clone
-
+        """Keep the aggregate just saved (see `Repository.get`). Kept by reference, not
+        copied: a load copies it, and only if it is still as saved (same version,
+        nothing pending) — an aggregate changes only through the events it records."""
         states = self.states
         old = states.pop(agg.id, None)
         if old is not None:
-            self._states_bytes -= _size(old)
-        kept = _clone(agg)
-        kept._pending = []
-        states[agg.id] = kept
-        self._states_bytes += _size(kept)
+            self._states_bytes -= old[2]
+        size = _size(agg)
+        states[agg.id] = (agg, agg.version, size)
+        self._states_bytes += size
         while states and (len(states) > STATES_KEPT or self._states_bytes > STATES_BYTES):
             _, gone = states.popitem(last=False)
-            self._states_bytes -= _size(gone)
+            self._states_bytes -= gone[2]
+
+    def kept(self, stream_id: str) -> Any:
+        """The aggregate last saved to `stream_id` here, if it is unchanged since."""
+        entry = self.states.get(stream_id)
+        if entry is None:
+            return None
+        agg, version, _ = entry
+        if agg.version != version or agg._pending:
+            return None  # recorded events since (not saved, or saved by another path)
+        return agg
 
     @property
     def hub(self) -> Hub:
@@ -171,6 +180,14 @@ class EventStore:
 
     @staticmethod
     def _record(ev: object, common: dict[str, str], limit: int) -> NewRecord:
+        trusted = TRUSTED.get(type(ev))
+        if trusted is not None:
+            try:
+                data = _enc(ev)
+            except (TypeError, msgspec.EncodeError) as exc:
+                raise InvalidEvent(f"{type(ev).__name__} is not JSON-able: {exc}") from None
+            return _checked(NewRecord(new_id(), trusted[0], trusted[1], data, dict(common)),
+                            limit)
         if type(ev) is NewEvent and ev._encoded is not None and ev.headers is None:
             _, name, version, data = ev._encoded  # recorded by an aggregate: checked already
             return _checked(NewRecord(_event_id(ev.id), name, version, data, dict(common)), limit)

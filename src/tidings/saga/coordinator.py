@@ -531,9 +531,14 @@ class Coordinator:
         async for msg in sub:
             h = msg.headers
             try:
+                result = msg.decode() or None
+                outcome = Outcome(h.get("status", "ok"),  # type: ignore[arg-type]
+                                  result=result, error=h.get("error", ""))
+                if result is not None and not isinstance(result, dict):
+                    # (a reply not from hub.handler) the saga's data is JSON objects
+                    outcome = Outcome("error", error="a reply must be a JSON object or empty")
                 reply = _Reply(int(h["saga-step"]), h["saga-kind"], int(h["saga-attempt"]),
-                               Outcome(h.get("status", "ok"),  # type: ignore[arg-type]
-                                       result=msg.decode() or None, error=h.get("error", "")))
+                               outcome)
                 saga_id = h["saga-id"]
             except (KeyError, ValueError, TidingsError):
                 log.warning("dropping a malformed saga reply at position %d", msg.position)

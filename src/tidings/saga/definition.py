@@ -23,7 +23,7 @@ from typing import Any, Literal
 import msgspec
 
 from ..errors import InvalidArgument
-from ..eventsourcing.events import Event
+from ..eventsourcing.events import Event, trust_events
 
 __all__ = [
     "Outcome",
@@ -243,6 +243,8 @@ SAGA_EVENTS: tuple[type[Event], ...] = (
     CompensationCompleted, CompensationFailed, SagaCompleted, SagaCompensated, SagaStuck,
     SagaCancelRequested, SagaResumed, ReplyIgnored,
 )
+# built by the coordinator from checked values: stored without a validating round trip
+trust_events(*SAGA_EVENTS)
 
 Status = Literal["running", "completed", "compensating", "compensated", "stuck"]
 

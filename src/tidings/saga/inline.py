@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import types
+from collections.abc import Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import Rejected
@@ -113,8 +115,7 @@ async def _run_inline(coord: Coordinator, handler: CommandHandler, defn: Saga,
     # unit holds streams could deadlock with a unit holding the slot.
     token = UNIT.set(unit)
     try:
-        async with asyncio.timeout_at(_loop_deadline(coord, p.deadline)):
-            result = await handler.fn(cmd)
+        result = await _eager(handler.fn(cmd), coord, p.deadline)
     except Contended:
         if unit.aggregates or unit.holding:
             return None  # not run: the unit ends here, the step starts the next one
@@ -143,8 +144,40 @@ async def _run_inline(coord: Coordinator, handler: CommandHandler, defn: Saga,
         outcome = Outcome("error", error=f"compensation rejected: {outcome.error}")
     return outcome
 
-def _loop_deadline(coord: Coordinator, deadline: float | None) -> float | None:
-    """The event loop's time for a deadline on the coordinator's clock."""
-    if deadline is None:
-        return None
-    return asyncio.get_running_loop().time() + max(0.0, deadline - coord.clock.now())
+async def _eager(coro: Coroutine[Any, Any, Any], coord: Coordinator,
+                 deadline: float | None) -> Any:
+    """Run a handler's coroutine in this task; bounded by `deadline` (on the
+    coordinator's clock) only once it waits for something.
+
+    A handler whose loads and saves complete without waiting — the common case, on
+    memory:// and with SQLite's inline reads — then costs no timer. This is what
+    asyncio.timeout_at would do for such a handler anyway: a deadline can only
+    interrupt an await.
+    """
+    try:
+        waiting = coro.send(None)
+    except StopIteration as done:
+        return done.value
+    loop = asyncio.get_running_loop()
+    when = None if deadline is None else loop.time() + max(0.0, deadline - coord.clock.now())
+    async with asyncio.timeout_at(when):
+        return await _resume(coro, waiting)
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], waiting: Any) -> Generator[Any, None, Any]:
+    """Go on with a coroutine that yielded `waiting` to its task: pass what it waits
+    for up to this task, and the wake-up (or a cancellation) back down."""
+    while True:
+        try:
+            yield waiting
+        except BaseException as exc:  # cancelled (or thrown into) while it waits
+            try:
+                waiting = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                waiting = coro.send(None)
+            except StopIteration as done:
+                return done.value

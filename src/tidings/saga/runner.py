@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..errors import NotFound
+from ..errors import InvalidArgument, NotFound
 from .coordinator import Coordinator, _check_id
 from .definition import Saga, SagaState
 
@@ -52,6 +52,8 @@ class SagaRunner:
         caller is cancelled. A saga past its pivot cannot be cancelled: it
         finishes forward.
         """
+        if not isinstance(reason, str):
+            raise InvalidArgument(f"a cancel reason is text, got {type(reason).__name__}")
         await self._c.control(self.name, _check_id(id), "cancel", reason)
 
     async def retry(self, id: str) -> None:
