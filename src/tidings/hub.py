@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlsplit
 
 from . import topics as _topics
@@ -625,15 +625,27 @@ class Hub:
     def events(self) -> EventStore:
         """The event store: streams with optimistic concurrency, global order, subscriptions."""
         self._check_open()
-        from .eventsourcing.store import store_for
+        store: EventStore | None = self._extensions.get("eventsourcing")
+        if store is None:
+            from .eventsourcing.store import store_for
 
-        return store_for(self)
+            store = store_for(self)
+        return store
 
     def repository(self, cls: type[A], snapshot_every: int | None = None) -> Repository[A]:
         """Load and save aggregates of `cls`; snapshot every `snapshot_every` events if set."""
         from .eventsourcing.repository import Repository
 
-        return Repository(self.events, cls, snapshot_every=snapshot_every)
+        store = self.events
+        key = (cls, snapshot_every, type(snapshot_every))  # (True == 1, but is refused)
+        try:
+            repo = store._repositories.get(key)
+        except TypeError:  # unhashable arguments: the constructor says what is wrong
+            return Repository(store, cls, snapshot_every=snapshot_every)
+        if repo is None:
+            repo = store._repositories[key] = Repository(store, cls,
+                                                         snapshot_every=snapshot_every)
+        return cast("Repository[A]", repo)
 
     def projection(self, name: str, *, reset: Callable[[Any], Any] | None = None,
                    batch: int = 200) -> Callable[[HandlerT], HandlerT]:

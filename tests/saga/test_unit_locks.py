@@ -62,6 +62,7 @@ def test_units_never_share_a_stream_and_never_deadlock(plan: list[tuple[int, lis
         try:
             async with asyncio.timeout(5.0):  # a deadlock would hang here
                 await asyncio.gather(*(one(i, r, s) for i, (r, s) in enumerate(plan)))
+            assert not store._locks  # every lock let go of (none held, none waited for)
         finally:
             await hub.close()
         return outcomes

@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+import msgspec
+
 from ..errors import ConcurrencyError, EventIdConflict
 from ..messages import OutMessage
 from .memory import MemoryEngine
@@ -33,6 +35,9 @@ from .store_base import (
 __all__ = ["MemoryStore"]
 
 T = TypeVar("T")
+# headers as JSON, as the other engines store them: a row of plain values, which the
+# garbage collector stops tracking (a dict in it would keep every row tracked)
+_enc = msgspec.json.Encoder().encode
 
 
 @dataclass(slots=True)
@@ -152,7 +157,7 @@ class MemoryStore(StoreBackend):
         for i, r in enumerate(records):
             pos, version = first + i, current + 1 + i
             rows.append((pos, stream_id, version, r.id, r.type, r.type_version, now,
-                         r.headers or None, r.data))
+                         _enc(r.headers) if r.headers else None, r.data))
             messages.append(_message(r, topic, stream_id, version, pos))
         t.events.extend(rows)
         t.streams.setdefault(stream_id, []).extend(range(first, first + len(rows)))

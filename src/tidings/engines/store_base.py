@@ -47,9 +47,7 @@ T = TypeVar("T")
 EVENT_COLUMNS = "position, stream_id, version, id, type, type_version, time, headers, data"
 
 #: (position, stream_id, version, id, type, type_version, time, headers JSON or None, data)
-#: headers: JSON, or (memory://, which never serializes them) the dict itself, not to be
-#: changed
-EventRow = tuple[int, str, int, str, str, int, float, "bytes | dict[str, str] | None", bytes]
+EventRow = tuple[int, str, int, str, str, int, float, "bytes | None", bytes]
 
 #: (version, type, type_version, data): what rebuilding an aggregate needs of an event.
 LoadRow = tuple[int, str, int, bytes]

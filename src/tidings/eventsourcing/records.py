@@ -191,10 +191,7 @@ class RecordedEvent:
             return self._headers
         except AttributeError:
             raw = self._row[7]
-            if isinstance(raw, dict):
-                h: dict[str, str] = dict(raw)
-            else:
-                h = _dec_headers(raw) if raw else {}
+            h: dict[str, str] = _dec_headers(raw) if raw else {}
             self._headers = h
             return h
 

@@ -202,13 +202,16 @@ class Contended(BaseException):
 
 
 class StreamLock:
-    """A stream held by one unit at a time; handed over in arrival order."""
+    """A stream held by one unit at a time; handed over in arrival order. Lives in
+    `table` (the store's locks, by stream id) only while held or waited for."""
 
-    __slots__ = ("__weakref__", "owner", "waiters")
+    __slots__ = ("owner", "waiters", "_table", "_key")
 
-    def __init__(self) -> None:
+    def __init__(self, table: dict[str, StreamLock] | None = None, key: str = "") -> None:
         self.owner: Unit | None = None
         self.waiters: deque[tuple[asyncio.Future[None], Unit]] = deque()
+        self._table = table
+        self._key = key
 
     def free(self) -> bool:
         return self.owner is None and not self.waiters
@@ -227,6 +230,7 @@ class StreamLock:
             else:
                 with contextlib.suppress(ValueError):
                     self.waiters.remove((fut, unit))
+                self._drop_if_free()
             raise
 
     def release(self) -> None:
@@ -237,6 +241,12 @@ class StreamLock:
                 fut.set_result(None)
                 return
         self.owner = None
+        self._drop_if_free()
+
+    def _drop_if_free(self) -> None:
+        table = self._table
+        if table is not None and self.free() and table.get(self._key) is self:
+            del table[self._key]
 
 
 class Unit:
@@ -277,10 +287,13 @@ class Unit:
 
     async def hold(self, store: EventStore, stream_id: str) -> bool:
         """Hold `stream_id` until the unit ends; True when this call took it."""
-        lock = store._locks.get(stream_id)
+        if self.closed:
+            return False
+        locks = store._locks
+        lock = locks.get(stream_id)
         if lock is None:
-            lock = store._locks[stream_id] = StreamLock()
-        if lock.owner is self or self.closed:
+            lock = locks[stream_id] = StreamLock(locks, stream_id)
+        if lock.owner is self:
             return False
         if self._held and not lock.free():
             ahead = [lock.owner] + [u for _, u in lock.waiters]

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import contextvars
 import sys
-import weakref
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -99,7 +98,8 @@ STATES_BYTES = 64 * 1024 * 1024
 
 def _size(agg: Any) -> int:
     """A rough size of a kept aggregate (its attributes, one level deep)."""
-    return int(sys.getsizeof(agg.__dict__) + sum(sys.getsizeof(v) for v in vars(agg).values()))
+    d = agg.__dict__
+    return int(sys.getsizeof(d) + sum(map(sys.getsizeof, d.values())))
 
 
 def default_topic(stream_id: str) -> str:
@@ -119,8 +119,9 @@ class EventStore:
         self.backend = backend
         self._projections: Any = None  # set by eventsourcing.projections
         # stream id -> lock, held by inline command handlers (see repository.Unit)
-        self._locks: weakref.WeakValueDictionary[str, StreamLock] = (
-            weakref.WeakValueDictionary())
+        self._locks: dict[str, StreamLock] = {}
+        # (aggregate class, snapshot_every) -> its repository (see Hub.repository)
+        self._repositories: dict[tuple[type, int | None, type], Any] = {}
         # stream id -> (the aggregate this process last saved, its version then, its
         # size): a load copies it, checks the stream's version and replays what is newer
         self.states: OrderedDict[str, tuple[Any, int, int]] = OrderedDict()

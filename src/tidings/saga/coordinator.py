@@ -624,7 +624,8 @@ class Coordinator:
             while True:
                 fut = self._finished.get(saga_id)
                 if fut is not None:  # driven here: its end is the signal, no polling
-                    await asyncio.wait({fut}, timeout=5.0)
+                    if not fut.done():
+                        await asyncio.wait({fut}, timeout=5.0)
                     final = fut.result() if fut.done() else None
                     if final is not None and (final.done or final.status == "stuck"):
                         return final  # as stored: stamped with the store's times
