@@ -74,8 +74,10 @@ class MemoryEngine(Engine):
         return None
 
     # the log -----------------------------------------------------------------
-    def _store(self, batch: Sequence[OutMessage], now: float) -> list[Published]:
-        """Synchronous append (also used by the event store inside one 'transaction')."""
+    def _store(self, batch: Sequence[OutMessage], now: float, results: bool = True
+               ) -> list[Published]:
+        """Synchronous append (also used by the event store inside one 'transaction');
+        what each message became, unless `results` is False (then [])."""
         # Microseconds, as Message.time shows them: `start=msg.time` must include msg, and a
         # finer stored time could round up past it.
         now = round(max(now, self._last_time), 6)
@@ -93,10 +95,12 @@ class MemoryEngine(Engine):
             if m.client_id:
                 known = ids.get(m.id)
                 if known is not None and known[1] >= now - self.dedup_window:
-                    append(Published(known[0], m.id, True))
+                    if results:
+                        append(Published(known[0], m.id, True))
                     continue
                 if m.id in seen:
-                    append(Published(seen[m.id], m.id, True))
+                    if results:
+                        append(Published(seen[m.id], m.id, True))
                     continue
                 ids[m.id] = (pos + 1, now)
                 seen[m.id] = pos + 1
@@ -107,7 +111,8 @@ class MemoryEngine(Engine):
             recs[pos] = _Rec(pos, m.id, topic, m.key, m.data, m.headers or {}, now)
             positions.append(pos)
             sizes[topic] = sizes.get(topic, 0) + len(m.data)
-            append(Published(pos, m.id, False))
+            if results:
+                append(Published(pos, m.id, False))
         self._last = pos
         self._last_time = now
         return out

@@ -152,20 +152,31 @@ class MemoryStore(StoreBackend):
                     f"event id {r.id!r} is already stored; give every new event a new id"
                 )
             seen.add(r.id)
-        first = len(t.events) + 1
-        rows: list[EventRow] = []
-        for i, r in enumerate(records):
-            pos, version = first + i, current + 1 + i
-            rows.append((pos, stream_id, version, r.id, r.type, r.type_version, now,
-                         _enc(r.headers) if r.headers else None, r.data))
-            messages.append(_message(r, topic, stream_id, version, pos))
-        t.events.extend(rows)
-        t.streams.setdefault(stream_id, []).extend(range(first, first + len(rows)))
-        for row in rows:
-            t.ids[row[3]] = row[0]
+        return self._write(stream_id, records, topic, snapshot, now, messages)
+
+    def _write(self, stream_id: str, records: Sequence[NewRecord], topic: str,
+               snapshot: SnapshotRow | None, now: float, messages: list[OutMessage]
+               ) -> AppendOutcome:
+        """Append checked records (see `_append`)."""
+        t = self._tables
+        events, ids = t.events, t.ids
+        positions = t.streams.get(stream_id)
+        if positions is None:
+            positions = t.streams[stream_id] = []
+        pos, version = len(events), len(positions)
+        first = pos + 1
+        for r in records:
+            pos += 1
+            version += 1
+            events.append((pos, stream_id, version, r.id, r.type, r.type_version, now,
+                           _enc(r.headers) if r.headers else None, r.data))
+            positions.append(pos)
+            ids[r.id] = pos
+            messages.append(OutMessage(r.id, topic, stream_id, r.data,
+                                       event_headers(r, stream_id, version, pos), False))
         if snapshot is not None:
             _put_snapshot(t, stream_id, snapshot)
-        return AppendOutcome(current + len(rows), [r[0] for r in rows], time=now)
+        return AppendOutcome(version, list(range(first, pos + 1)), time=now)
 
     async def append_batch(
         self,
@@ -178,11 +189,14 @@ class MemoryStore(StoreBackend):
         # Check everything before changing anything, so a failure leaves nothing behind.
         versions: dict[str, int] = {}  # a stream may appear twice: its running version
         new_ids: set[str] = set()
+        dups: list[AppendOutcome | None] = []
         for sid, recs, exp, _topic in items:
             current = versions.get(sid)
             if current is None:
                 current = len(t.streams.get(sid, []))
-            if _duplicate(t, sid, recs) is not None:  # (raises on a conflicting id)
+            dup = _duplicate(t, sid, recs)  # (raises on a conflicting id)
+            dups.append(dup)
+            if dup is not None:
                 continue  # stored before: appends nothing
             if exp is not None and exp != current:
                 raise ConcurrencyError(sid, exp, current)
@@ -196,11 +210,12 @@ class MemoryStore(StoreBackend):
         snaps = snapshots or {}
         now = self._clock()
         stored: list[OutMessage] = []
-        out = [self._append(sid, recs, exp, topic, snaps.get(sid), now, stored)
-               for sid, recs, exp, topic in items]
+        out = [dup or self._write(sid, recs, topic, snaps.get(sid) if snaps else None, now,
+                                  stored)
+               for dup, (sid, recs, _exp, topic) in zip(dups, items, strict=True)]
         stored.extend(messages)
         if stored:
-            self.engine._store(stored, now)
+            self.engine._store(stored, now, results=False)
             self.engine._notify({m.topic for m in stored})
         return out
 
@@ -282,7 +297,3 @@ def _duplicate(t: _Tables, stream_id: str, records: Sequence[NewRecord]) -> Appe
     return AppendOutcome(rows[-1][2], [r[0] for r in rows], duplicate=True)
 
 
-def _message(r: NewRecord, topic: str, stream_id: str, version: int, position: int
-             ) -> OutMessage:
-    return OutMessage(r.id, topic, stream_id, r.data,
-                      event_headers(r, stream_id, version, position), False)

@@ -231,14 +231,9 @@ def backend_for(engine: Engine) -> StoreBackend:
 
 def event_headers(r: NewRecord, stream_id: str, version: int, position: int) -> dict[str, str]:
     """The headers of the message that publishes an event (its audit headers included)."""
-    h = dict(r.headers)
-    h["content-type"] = JSON
-    h["event-type"] = r.type
-    h["event-version"] = str(r.type_version)
-    h["stream-id"] = stream_id
-    h["stream-version"] = str(version)
-    h["event-position"] = str(position)
-    return h
+    return {**r.headers, "content-type": JSON, "event-type": r.type,
+            "event-version": str(r.type_version), "stream-id": stream_id,
+            "stream-version": str(version), "event-position": str(position)}
 
 
 def out_message(topic: str, data: object, key: str | None,

@@ -168,15 +168,17 @@ class EventStore:
         common.update(_check_headers(headers, "append"))
         limit = self._hub.max_payload
         records: list[NewRecord] = []
+        given = False  # ids given by the caller (new ones are unique)
         for ev in events:
-            records.append(self._record(ev, common, limit))
-        if not records:
-            return records
-        if len({r.id for r in records}) != len(records):
+            r = self._record(ev, common, limit)
+            if not records and not common.get("correlation-id"):
+                # the first event's id correlates the append (an event's own header wins)
+                common = {**common, "correlation-id": r.id}
+                r.headers.setdefault("correlation-id", r.id)
+            records.append(r)
+            given = given or (type(ev) is NewEvent and ev.id is not None)
+        if given and len({r.id for r in records}) != len(records):
             raise InvalidEvent("two events in one append share an id; give each event its own id")
-        correlation = common.get("correlation-id") or records[0].id
-        for r in records:
-            r.headers.setdefault("correlation-id", correlation)
         return records
 
     @staticmethod

@@ -190,7 +190,8 @@ class Coordinator:
     def _drive(self, name: str, saga_id: str, state: SagaState | None = None) -> None:
         if saga_id in self._drivers:
             return
-        self._inbox.setdefault(saga_id, asyncio.Queue())
+        if saga_id not in self._inbox:
+            self._inbox[saga_id] = asyncio.Queue()
         if saga_id not in self._finished:
             self._finished[saga_id] = asyncio.get_running_loop().create_future()
         task = asyncio.get_running_loop().create_task(
@@ -625,8 +626,8 @@ class Coordinator:
                 fut = self._finished.get(saga_id)
                 if fut is not None:  # driven here: its end is the signal, no polling
                     if not fut.done():
-                        await asyncio.wait({fut}, timeout=5.0)
-                    final = fut.result() if fut.done() else None
+                        await asyncio.shield(fut)  # (shared: one waiter's timeout is its own)
+                    final = fut.result()
                     if final is not None and (final.done or final.status == "stuck"):
                         return final  # as stored: stamped with the store's times
                 # taken before loading, so a driver finishing in between is not missed
