@@ -76,7 +76,7 @@ def audit(*, actor: str | None = None, correlation_id: str | None = None,
         _AUDIT.reset(token)
 
 
-def _check_headers(headers: Mapping[str, str] | None, where: str) -> dict[str, str]:
+def check_headers(headers: Mapping[str, str] | None, where: str) -> dict[str, str]:
     if headers is None:
         return {}
     if not isinstance(headers, Mapping):
@@ -164,8 +164,17 @@ class EventStore:
     # writing -------------------------------------------------------------------
     def _records(self, events: Iterable[object], headers: Mapping[str, str] | None
                  ) -> list[NewRecord]:
-        common = dict(_AUDIT.get() or {})
-        common.update(_check_headers(headers, "append"))
+        return self._records_with(events, {**(_AUDIT.get() or {}),
+                                           **check_headers(headers, "append")})
+
+    @staticmethod
+    def audit_headers() -> dict[str, str]:
+        """The headers `audit()` adds to appends in this context."""
+        return dict(_AUDIT.get() or {})
+
+    def _records_with(self, events: Iterable[object], common: dict[str, str]
+                      ) -> list[NewRecord]:
+        """Records of `events`, each with the (checked) `common` headers."""
         limit = self._hub.max_payload
         records: list[NewRecord] = []
         given = False  # ids given by the caller (new ones are unique)
@@ -200,7 +209,7 @@ class EventStore:
         if isinstance(ev, NewEvent):
             eid = ev.id
             encoded = ev._encoded
-            h.update(_check_headers(ev.headers, "event"))
+            h.update(check_headers(ev.headers, "event"))
             if ev.event is not None:
                 ev = ev.event
             else:

@@ -15,7 +15,7 @@ from ..errors import InvalidArgument, Unsupported
 from ..messages import OutMessage
 from .aggregate import Aggregate
 from .records import _Any
-from .store import default_topic
+from .store import check_headers, default_topic
 
 if TYPE_CHECKING:
     from ..hub import Hub
@@ -40,15 +40,17 @@ async def commit(
     backend: Any = store.backend
     items: list[tuple[str, Any, int | None, str]] = []
     snapshots: dict[str, Any] = {}
+    audit = store.audit_headers()
+    given = check_headers(headers, "append")
     for agg in aggregates:
         pending = agg._pending
         if not pending:
             continue
         # the repository the aggregate was loaded with: its topic and snapshot policy
         repo = getattr(agg, "_repository", None) or hub.repository(type(agg))
-        h = {"aggregate-type": type(agg).__name__, **(headers or {})}
+        h = {**audit, "aggregate-type": type(agg).__name__, **given}
         loaded = agg.version - len(pending)
-        items.append((agg.id, store._records(pending, h), loaded, repo.topic))
+        items.append((agg.id, store._records_with(pending, h), loaded, repo.topic))
         snap = repo._due_snapshot(agg, loaded)
         if snap is not None:
             snapshots[agg.id] = snap
@@ -56,7 +58,7 @@ async def commit(
         if not events:
             raise InvalidArgument(f"nothing to append to {stream_id!r}: give it events")
         exp = None if isinstance(expected, _Any) else int(expected)
-        items.append((stream_id, store._records(events, headers), exp,
+        items.append((stream_id, store._records_with(events, {**audit, **given}), exp,
                       topic or default_topic(stream_id)))
     batch = getattr(backend, "append_batch", None)
     if batch is None:

@@ -332,26 +332,27 @@ class Coordinator:
                  ) -> OutMessage | None:
         if ev.inline:
             return None  # run by an inline handler in the driver's own transaction
-        built = self._command_parts(defn, state, ev)
+        built = self._command_parts(
+            defn, state, ev.step, "action" if isinstance(ev, StepStarted) else "compensation",
+            ev.attempt)
         if built is None:
             return None  # a local function: run by the driver
         msg_id, command, data, headers = built
         self._sent.setdefault(state.id, set()).add(msg_id)
         return OutMessage(msg_id, command, state.id, data, headers, True)
 
-    def _command_parts(self, defn: Saga, state: SagaState,
-                       ev: StepStarted | CompensationStarted
-                       ) -> tuple[str, str, bytes, dict[str, str]] | None:
-        """(message id, command, payload, headers) of the command an attempt sends."""
-        step = defn.steps[ev.step]
-        kind = "action" if isinstance(ev, StepStarted) else "compensation"
+    def _command_parts(self, defn: Saga, state: SagaState, index: int, kind: str,
+                       attempt: int) -> tuple[str, str, bytes, dict[str, str]] | None:
+        """(message id, command, payload, headers) of the command attempt `attempt` of
+        step `index` sends (`kind`: its action or its compensation)."""
+        step = defn.steps[index]
         command = step.command if kind == "action" else step.compensation
         if not isinstance(command, str):
             return None
         headers = {
             "saga-id": state.id, "saga-name": defn.name, "saga-version": str(defn.version),
-            "saga-step": str(ev.step), "saga-step-name": step.name, "saga-kind": kind,
-            "saga-attempt": str(ev.attempt), "reply-to": f"saga.{defn.name}.replies",
+            "saga-step": str(index), "saga-step-name": step.name, "saga-kind": kind,
+            "saga-attempt": str(attempt), "reply-to": f"saga.{defn.name}.replies",
             "idempotency-key": _idempotency_key(state, step.name, kind),
             "correlation-id": state.id, "content-type": "application/json",
         }
@@ -360,7 +361,7 @@ class Coordinator:
             payload["reason"] = state.reason or "compensated"
         data, _ = encode_data(payload)
         # The same id every time this attempt is (re)sent: the engine keeps one copy.
-        return f"{state.id}:{step.name}:{kind}:{ev.attempt}", command, data, headers
+        return f"{state.id}:{step.name}:{kind}:{attempt}", command, data, headers
 
     async def _pump(self, defn: Saga, state: SagaState, sid: str,
                     queue: asyncio.Queue[Any]) -> None:

@@ -304,78 +304,129 @@ def _compensable(defn: Saga, steps: list[int]) -> list[int]:
 
 def evolve(defn: Saga | None, state: SagaState, event: Event, time: float) -> None:
     """Apply one stored event to `state` (in place): the only way state changes."""
-    s = state
-    s.stream_version += 1
-    name = type(event).__name__
-    entry: dict[str, Any] = {"event": name, "time": time}
-    match event:
-        case SagaStarted(saga=saga, version=version, data=data):
-            s.name, s.version, s.data, s.started = saga, version, dict(data), time
-        case StepStarted(step=i, attempt=a, deadline=d, inline=inl):
-            s.pending = Pending(i, "action", a, d, inl)
-            s.attempt, s.retry_at = a, None
-            s.messaged = s.messaged or not inl
-            entry.update(step=i, attempt=a)
-        case StepCompleted(step=i, attempt=a, result=r):
-            s.pending = None
-            if r:
-                s.data.update(r)
-            s.completed.append(i)
-            s.step, s.attempt, s.base, s.uncertain = i + 1, 0, 0, False
-            s.messaged = False
-            entry.update(step=i, attempt=a)
-        case StepFailed(step=i, attempt=a, error=err, rejected=rej, retry_at=at,
-                        compensate_self=me):
-            s.pending = None
-            entry.update(step=i, attempt=a, error=err, rejected=rej)
-            if me:
-                s.uncertain = True
-            if at is not None:
-                s.retry_at = at
-            elif defn is None or not defn.forward_only(i):
-                s.status = "compensating"
-                s.reason = f"step {defn.steps[i].name if defn else i} failed: {err}"
-                done = list(s.completed) + ([i] if s.uncertain else [])
-                s.to_compensate = _compensable(defn, done) if defn else []
-                s.attempt, s.base, s.retry_at, s.uncertain = 0, 0, None, False
-                s.messaged = False
-        case CompensationStarted(step=i, attempt=a, deadline=d, inline=inl):
-            s.pending = Pending(i, "compensation", a, d, inl)
-            s.attempt, s.retry_at = a, None
-            s.messaged = s.messaged or not inl
-            entry.update(step=i, attempt=a)
-        case CompensationCompleted(step=i, attempt=a):
-            s.pending = None
-            if s.to_compensate and s.to_compensate[0] == i:
-                s.to_compensate.pop(0)
-            s.attempt, s.base, s.messaged = 0, 0, False
-            entry.update(step=i, attempt=a)
-        case CompensationFailed(step=i, attempt=a, error=err, retry_at=at):
-            s.pending = None
-            s.retry_at = at
-            entry.update(step=i, attempt=a, error=err)
-        case SagaCompleted():
-            s.status, s.finished = "completed", time
-        case SagaCompensated(reason=r):
-            s.status, s.finished, s.reason = "compensated", time, r
-        case SagaStuck(error=err):
-            s.stuck_from = "compensating" if s.status == "compensating" else "running"
-            s.status, s.error = "stuck", err
-            entry.update(error=err)
-        case SagaCancelRequested(reason=r):
-            s.cancel_requested = True
-            s.reason = r
-        case SagaResumed():
-            if s.status == "stuck":
-                s.status = s.stuck_from
-            # keep counting attempts (a resent attempt 1 would reuse the first one's message
-            # id, dropped as a duplicate, and match its stale replies); fresh retry budget
-            s.error, s.base, s.retry_at = None, s.attempt, None
-        case ReplyIgnored(step=i, kind=k, attempt=a, reason=r):
-            entry.update(step=i, kind=k, attempt=a, reason=r)
+    state.stream_version += 1
+    entry: dict[str, Any] = {"event": type(event).__name__, "time": time}
+    apply = _APPLY.get(type(event))
+    if apply is not None:
+        apply(defn, state, event, time, entry)
     if "step" in entry and defn is not None and entry["step"] < len(defn.steps):
         entry["name"] = defn.steps[entry["step"]].name
-    s.history.append(entry)
+    state.history.append(entry)
+
+
+def _saga_started(defn: Saga | None, s: SagaState, e: SagaStarted, time: float,
+                  entry: dict[str, Any]) -> None:
+    s.name, s.version, s.data, s.started = e.saga, e.version, dict(e.data), time
+
+
+def _step_started(defn: Saga | None, s: SagaState, e: StepStarted, time: float,
+                  entry: dict[str, Any]) -> None:
+    s.pending = Pending(e.step, "action", e.attempt, e.deadline, e.inline)
+    s.attempt, s.retry_at = e.attempt, None
+    s.messaged = s.messaged or not e.inline
+    entry["step"], entry["attempt"] = e.step, e.attempt
+
+
+def _step_completed(defn: Saga | None, s: SagaState, e: StepCompleted, time: float,
+                    entry: dict[str, Any]) -> None:
+    s.pending = None
+    if e.result:
+        s.data.update(e.result)
+    s.completed.append(e.step)
+    s.step, s.attempt, s.base, s.uncertain = e.step + 1, 0, 0, False
+    s.messaged = False
+    entry["step"], entry["attempt"] = e.step, e.attempt
+
+
+def _step_failed(defn: Saga | None, s: SagaState, e: StepFailed, time: float,
+                 entry: dict[str, Any]) -> None:
+    i = e.step
+    s.pending = None
+    entry.update(step=i, attempt=e.attempt, error=e.error, rejected=e.rejected)
+    if e.compensate_self:
+        s.uncertain = True
+    if e.retry_at is not None:
+        s.retry_at = e.retry_at
+    elif defn is None or not defn.forward_only(i):
+        s.status = "compensating"
+        s.reason = f"step {defn.steps[i].name if defn else i} failed: {e.error}"
+        done = list(s.completed) + ([i] if s.uncertain else [])
+        s.to_compensate = _compensable(defn, done) if defn else []
+        s.attempt, s.base, s.retry_at, s.uncertain = 0, 0, None, False
+        s.messaged = False
+
+
+def _compensation_started(defn: Saga | None, s: SagaState, e: CompensationStarted,
+                          time: float, entry: dict[str, Any]) -> None:
+    s.pending = Pending(e.step, "compensation", e.attempt, e.deadline, e.inline)
+    s.attempt, s.retry_at = e.attempt, None
+    s.messaged = s.messaged or not e.inline
+    entry["step"], entry["attempt"] = e.step, e.attempt
+
+
+def _compensation_completed(defn: Saga | None, s: SagaState, e: CompensationCompleted,
+                            time: float, entry: dict[str, Any]) -> None:
+    s.pending = None
+    if s.to_compensate and s.to_compensate[0] == e.step:
+        s.to_compensate.pop(0)
+    s.attempt, s.base, s.messaged = 0, 0, False
+    entry["step"], entry["attempt"] = e.step, e.attempt
+
+
+def _compensation_failed(defn: Saga | None, s: SagaState, e: CompensationFailed,
+                         time: float, entry: dict[str, Any]) -> None:
+    s.pending = None
+    s.retry_at = e.retry_at
+    entry.update(step=e.step, attempt=e.attempt, error=e.error)
+
+
+def _saga_completed(defn: Saga | None, s: SagaState, e: SagaCompleted, time: float,
+                    entry: dict[str, Any]) -> None:
+    s.status, s.finished = "completed", time
+
+
+def _saga_compensated(defn: Saga | None, s: SagaState, e: SagaCompensated, time: float,
+                      entry: dict[str, Any]) -> None:
+    s.status, s.finished, s.reason = "compensated", time, e.reason
+
+
+def _saga_stuck(defn: Saga | None, s: SagaState, e: SagaStuck, time: float,
+                entry: dict[str, Any]) -> None:
+    s.stuck_from = "compensating" if s.status == "compensating" else "running"
+    s.status, s.error = "stuck", e.error
+    entry["error"] = e.error
+
+
+def _cancel_requested(defn: Saga | None, s: SagaState, e: SagaCancelRequested,
+                      time: float, entry: dict[str, Any]) -> None:
+    s.cancel_requested = True
+    s.reason = e.reason
+
+
+def _saga_resumed(defn: Saga | None, s: SagaState, e: SagaResumed, time: float,
+                  entry: dict[str, Any]) -> None:
+    if s.status == "stuck":
+        s.status = s.stuck_from
+    # keep counting attempts (a resent attempt 1 would reuse the first one's message
+    # id, dropped as a duplicate, and match its stale replies); fresh retry budget
+    s.error, s.base, s.retry_at = None, s.attempt, None
+
+
+def _reply_ignored(defn: Saga | None, s: SagaState, e: ReplyIgnored, time: float,
+                   entry: dict[str, Any]) -> None:
+    entry.update(step=e.step, kind=e.kind, attempt=e.attempt, reason=e.reason)
+
+
+#: how each saga event changes the state (and what its history entry shows)
+_APPLY: dict[type, Callable[..., None]] = {
+    SagaStarted: _saga_started, StepStarted: _step_started, StepCompleted: _step_completed,
+    StepFailed: _step_failed, CompensationStarted: _compensation_started,
+    CompensationCompleted: _compensation_completed,
+    CompensationFailed: _compensation_failed, SagaCompleted: _saga_completed,
+    SagaCompensated: _saga_compensated, SagaStuck: _saga_stuck,
+    SagaCancelRequested: _cancel_requested, SagaResumed: _saga_resumed,
+    ReplyIgnored: _reply_ignored,
+}
 
 
 def stamp(state: SagaState, n: int, time: float) -> None:

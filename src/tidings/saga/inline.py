@@ -22,12 +22,10 @@ from ..errors import Rejected
 from ..eventsourcing.repository import UNIT, Contended, Unit
 from ..messages import Message, OutMessage
 from .definition import (
-    CompensationStarted,
     Outcome,
     Pending,
     Saga,
     SagaState,
-    StepStarted,
     on_outcome,
     stamp,
 )
@@ -100,10 +98,7 @@ async def _run_inline(coord: Coordinator, handler: CommandHandler, defn: Saga,
     `unit` when it succeeds."""
     p = state.pending
     assert p is not None
-    ev: StepStarted | CompensationStarted = (
-        StepStarted(step=p.step, attempt=p.attempt) if p.kind == "action"
-        else CompensationStarted(step=p.step, attempt=p.attempt))
-    built = coord._command_parts(defn, state, ev)
+    built = coord._command_parts(defn, state, p.step, p.kind, p.attempt)
     assert built is not None
     msg_id, command, data, headers = built
     msg = Message(msg_id, command, state.id, data, headers, time.time(), 0, 1)
