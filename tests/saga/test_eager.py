@@ -100,3 +100,35 @@ async def test_a_handler_may_catch_a_cancellation_and_answer() -> None:
     await asyncio.sleep(0.01)
     task.cancel()
     assert await task == "cleaned up"  # as with a plain await
+
+
+# a saga driver's inbox ----------------------------------------------------------------
+async def test_the_inbox_keeps_order_and_wakes_a_waiting_getter() -> None:
+    from tidings.saga.coordinator import _Inbox
+
+    box = _Inbox()
+    assert box.empty()
+    with pytest.raises(asyncio.QueueEmpty):
+        box.get_nowait()
+    getter = asyncio.ensure_future(box.get())
+    await asyncio.sleep(0)
+    assert not getter.done()
+    box.put_nowait("a")
+    box.put_nowait("b")
+    assert await getter == "a"
+    assert box.get_nowait() == "b" and box.empty()
+
+
+async def test_a_cancelled_getter_leaves_the_item_for_the_next() -> None:
+    from tidings.saga.coordinator import _Inbox
+
+    box = _Inbox()
+    first = asyncio.ensure_future(box.get())
+    second = asyncio.ensure_future(box.get())
+    await asyncio.sleep(0)
+    box.put_nowait("x")
+    first.cancel()  # woken, but cancelled before it ran: the item stays
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert await second == "x"
+    assert box.empty() and not box._waiters

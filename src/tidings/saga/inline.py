@@ -33,7 +33,7 @@ from .handlers import Command, CommandHandler
 
 if TYPE_CHECKING:
     from ..eventsourcing.events import Event
-    from .coordinator import Coordinator
+    from .coordinator import Coordinator, _Inbox
 
 __all__ = ["inline_for", "run_inline_steps"]
 
@@ -51,7 +51,7 @@ def inline_for(coord: Coordinator, defn: Saga, p: Pending) -> CommandHandler | N
     return coord._inline_handler(command) if isinstance(command, str) else None
 
 async def run_inline_steps(coord: Coordinator, defn: Saga, state: SagaState, sid: str,
-                           queue: asyncio.Queue[Any]) -> None:
+                           queue: _Inbox) -> None:
     """Run inline attempts back to back and commit them, and all they changed, at once.
 
     The saga's stream is the inbox: an attempt either took effect with its outcome
