@@ -5,7 +5,8 @@ through one writer thread that group-commits whatever is queued into one
 transaction (each request in its own savepoint, so one failing request
 leaves the others intact). Other processes sharing the file take turns on
 SQLite's write lock (`BEGIN IMMEDIATE` with a busy timeout) and notice each
-other's commits with a cheap `PRAGMA data_version` poll.
+other's commits with a cheap `PRAGMA data_version` look, taken by the writer
+thread (its connection does not count its own commits; see `_look_for_others`).
 """
 
 from __future__ import annotations
@@ -288,7 +289,6 @@ class SqliteEngine(Engine):
         self._topic_known = 0
         self._topic_lock = threading.RLock()
         self._new_topics: list[tuple[str, int]] = []  # created in the open transaction
-        self._poller: asyncio.Task[None] | None = None
         self._closed = False
         self._synchronous: str | None = None
         self._last_prune = 0.0
@@ -318,22 +318,16 @@ class SqliteEngine(Engine):
                 f"cannot open {self.url!r}: {exc}; check the path and its permissions"
             ) from None
         self._readers = ThreadPoolExecutor(2, thread_name_prefix="tidings-sqlite-read")
+        self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
         self._thread = threading.Thread(
             target=self._writer, args=(conn,), name="tidings-sqlite-writer", daemon=True
         )
         self._thread.start()
-        self._watch_conn = _connect(self.path, writer=False)
-        self._data_version = self._watch_conn.execute("PRAGMA data_version").fetchone()[0]
-        self._poller = asyncio.create_task(self._poll(), name="tidings-sqlite-poll")
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
         if self._thread is not None:
             self._queue.put(_STOP)
             await asyncio.to_thread(self._thread.join)
@@ -343,7 +337,6 @@ class SqliteEngine(Engine):
             c.close()
         if self._inline_conn is not None:
             self._inline_conn.close()
-        self._watch_conn.close()
         self._notify()
 
     # the writer ----------------------------------------------------------------
@@ -352,7 +345,13 @@ class SqliteEngine(Engine):
         loop = self._loop
         assert loop is not None
         while True:
-            first = q.get()
+            try:
+                # idle: look for other processes' commits as often as poll_interval says
+                first = q.get(timeout=self.poll_interval)
+            except queue.Empty:
+                if self._waiters:
+                    self._look_for_others(conn)
+                continue
             if first is _STOP:
                 break
             jobs: list[_Job] = [first]
@@ -372,6 +371,24 @@ class SqliteEngine(Engine):
                 break
         conn.close()
 
+    def _look_for_others(self, conn: sqlite3.Connection) -> None:
+        """In the writer thread: wake every waiter if another connection (another
+        process, another hub on this file) committed since the last look.
+
+        The writer's own connection does not count its own commits in data_version, so
+        this process's writes (which wake exactly the waiters they concern) never
+        cause a wake-everyone, however busy it is.
+        """
+        try:
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.Error:
+            return
+        if version != self._data_version:
+            self._data_version = version
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._notify)
+
     def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> set[str]:
         """Run the jobs in one transaction; the topics of the messages it stored."""
         durable = self.durability == "full" and any(j.durable for j in jobs)
@@ -381,6 +398,7 @@ class SqliteEngine(Engine):
                 conn.execute(f"PRAGMA synchronous = {sync}")
                 self._synchronous = sync
             conn.execute("BEGIN IMMEDIATE")
+            self._look_for_others(conn)  # (before this transaction writes anything)
         except sqlite3.Error as exc:
             err = EngineUnavailable(f"cannot start a write on {self.url!r}: {exc}")
             for j in jobs:
@@ -682,16 +700,3 @@ class SqliteEngine(Engine):
         return await _subs.subscriptions(self)
 
     # wake-ups across processes ---------------------------------------------------------
-    async def _poll(self) -> None:
-        conn = self._watch_conn
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            if not self._waiters:
-                continue
-            try:
-                version = conn.execute("PRAGMA data_version").fetchone()[0]
-            except sqlite3.Error:
-                continue
-            if version != self._data_version:
-                self._data_version = version
-                self._notify()
