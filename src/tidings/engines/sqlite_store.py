@@ -69,11 +69,6 @@ SCHEMA = [
 _INLINE_ROWS = 256  # read_all pages up to this many rows run on the loop's connection
 _INSERT = f"INSERT INTO tidings_events ({EVENT_COLUMNS}) VALUES "
 _SELECT = f"SELECT {EVENT_COLUMNS} FROM tidings_events"
-#: One statement for what an append checks: is the first id stored already (then
-#: at which position), the stream's version, and the last global position.
-_STATE = ("SELECT (SELECT position FROM tidings_events WHERE id = ?), "
-          "(SELECT max(version) FROM tidings_events WHERE stream_id = ?), "
-          "(SELECT max(position) FROM tidings_events)")
 
 #: Set while a `transaction` function runs: it holds the writer, so writing
 #: through the store from inside it would wait for itself.
@@ -209,11 +204,7 @@ class SqliteStore(StoreBackend):
         snaps = snapshots or {}
 
         def op(tx: Tx) -> list[AppendOutcome]:
-            out = [append_in_tx(tx, sid, recs, exp, topic, snaps.get(sid))
-                   for sid, recs, exp, topic in items]
-            if messages:
-                tx.append(messages)
-            return out
+            return append_many_in_tx(tx, items, messages, snaps)
 
         return await self.engine.transact(op, durable=True)
 
@@ -406,35 +397,98 @@ def _load_latest(conn: sqlite3.Connection, stream_id: str, schema: str) -> Strea
 def append_in_tx(tx: Tx, stream_id: str, records: Sequence[NewRecord], expected: int | None,
                  topic: str, snapshot: SnapshotRow | None = None) -> AppendOutcome:
     """Append to one stream inside an open writer transaction (see `SqliteStore.append`)."""
+    snaps = {stream_id: snapshot} if snapshot is not None else None
+    return append_many_in_tx(tx, [(stream_id, records, expected, topic)], (), snaps)[0]
+
+
+def append_many_in_tx(tx: Tx, items: Sequence[tuple[str, Sequence[NewRecord], int | None, str]],
+                      messages: Sequence[OutMessage] = (),
+                      snapshots: Mapping[str, SnapshotRow] | None = None,
+                      ) -> list[AppendOutcome]:
+    """Append to several streams (each item: stream, records, expected version, topic),
+    then store `messages`, inside an open writer transaction: one statement checks
+    every item, one inserts every event, one publishes every message."""
+    if len(items) > _STATE_ITEMS:  # (a statement's parameters are bounded)
+        parts = [append_many_in_tx(tx, items[i:i + _STATE_ITEMS], (), snapshots)
+                 for i in range(0, len(items), _STATE_ITEMS)]
+        if messages:
+            tx.append(messages)
+        return [o for part in parts for o in part]
     conn = tx.conn
     # Positions are taken here, on the engine's single writer inside the
     # write transaction (and under SQLite's write lock across processes):
     # commit order is position order, so a reader that has seen position N
     # never later finds a smaller one appear.
-    known, current, last = conn.execute(_STATE, (records[0].id, stream_id)).fetchone()
-    if known is not None:
-        return _duplicate(conn, known, stream_id, records)
-    current = current or 0
-    if expected is not None and expected != current:
-        raise ConcurrencyError(stream_id, expected, current)
-    last = last or 0
+    known, versions, last = _state(conn, items)
     now = tx.now
-    rows = []
-    messages = []
-    for i, r in enumerate(records, 1):
-        pos, version = last + i, current + i
-        rows.append((pos, stream_id, version, r.id, r.type, r.type_version, now,
-                     _enc(r.headers) if r.headers else None, r.data))
-        messages.append(OutMessage(r.id, topic, stream_id, r.data,
-                                   event_headers(r, stream_id, version, pos), False))
+    out: list[AppendOutcome] = []
+    rows: list[tuple[Any, ...]] = []
+    published: list[OutMessage] = []
+    snaps: list[tuple[str, SnapshotRow]] = []
+    for stream_id, records, expected, topic in items:
+        first = known.get(records[0].id)
+        if first is not None:
+            out.append(_duplicate(conn, first, stream_id, records))
+            continue
+        current = versions.get(stream_id, 0)
+        if expected is not None and expected != current:
+            raise ConcurrencyError(stream_id, expected, current)
+        for i, r in enumerate(records, 1):
+            pos, version = last + i, current + i
+            rows.append((pos, stream_id, version, r.id, r.type, r.type_version, now,
+                         _enc(r.headers) if r.headers else None, r.data))
+            published.append(OutMessage(r.id, topic, stream_id, r.data,
+                                        event_headers(r, stream_id, version, pos), False))
+        n = len(records)
+        out.append(AppendOutcome(current + n, list(range(last + 1, last + n + 1)), time=now))
+        versions[stream_id] = current + n  # a stream may come twice
+        last += n
+        snapshot = snapshots.get(stream_id) if snapshots else None
+        if snapshot is not None:
+            snaps.append((stream_id, snapshot))
     try:
         insert_rows(conn, _INSERT, rows)
     except sqlite3.IntegrityError:
         raise EventIdConflict(
-            f"an event id in this append to {stream_id!r} is already stored; give "
-            "every new event a new id"
+            "an event id in this append is already stored (or given twice); give every new "
+            "event a new id"
         ) from None
-    tx.append(messages)
-    if snapshot is not None:
+    published.extend(messages)
+    if published:
+        tx.append(published)
+    for stream_id, snapshot in snaps:
         _put_snapshot(conn, stream_id, snapshot)
-    return AppendOutcome(current + len(rows), [r[0] for r in rows], time=now)
+    return out
+
+
+_STATE_ITEMS = 200  # items checked by one statement at most
+_state_sql: dict[tuple[int, int], str] = {}
+
+
+def _state(conn: sqlite3.Connection,
+           items: Sequence[tuple[str, Sequence[NewRecord], int | None, str]]
+           ) -> tuple[dict[str, int], dict[str, int], int]:
+    """What appending `items` must check, in one statement: where each item's first
+    event id is stored (if it is), each stream's version, and the last position."""
+    ids = list(dict.fromkeys(recs[0].id for _, recs, _, _ in items))
+    streams = list(dict.fromkeys(sid for sid, _, _, _ in items))
+    key = (len(ids), len(streams))
+    sql = _state_sql.get(key)
+    if sql is None:
+        sql = _state_sql[key] = (
+            "SELECT 0, id, position FROM tidings_events WHERE id IN "
+            f"({', '.join('?' * len(ids))}) UNION ALL "
+            "SELECT 1, stream_id, max(version) FROM tidings_events WHERE stream_id IN "
+            f"({', '.join('?' * len(streams))}) GROUP BY stream_id UNION ALL "
+            "SELECT 2, '', max(position) FROM tidings_events")
+    known: dict[str, int] = {}
+    versions: dict[str, int] = {}
+    last = 0
+    for kind, name, value in conn.execute(sql, [*ids, *streams]):
+        if kind == 0:
+            known[name] = value
+        elif kind == 1:
+            versions[name] = value or 0
+        else:
+            last = value or 0
+    return known, versions, last
