@@ -213,6 +213,13 @@ async def test_every_event_is_published_in_the_same_transaction(hub: tidings.Hub
         assert m.headers["event-position"] == str(r.position)
         assert m.headers["actor"] == "ann"
         assert m.decode(type(r.event)) == r.event
+        # exactly the event's own headers plus where it is, on every engine
+        assert m.headers == {**r.headers, "content-type": "application/json",
+                             "event-type": r.type, "event-version": str(r.type_version),
+                             "stream-id": "order-7", "stream-version": str(r.version),
+                             "event-position": str(r.position)}
+    read = [m async for m in hub.read("order")]  # read again: the same headers
+    assert [m.headers for m in read] == [m.headers for m in msgs]
     assert out.positions == [r.position for r in recs]
     assert [m.key async for m in hub.read("billing.events")] == ["order-8"]
     assert [m.key async for m in hub.read("events")] == ["weird id!"]

@@ -20,8 +20,21 @@ from .. import topics as _topics
 from ..messages import Message, OutMessage, Published, new_id
 from .base import Engine, Retention, Settle, SubscriptionInfo, TopicInfo
 from .delivery import Pending, SubscriptionSpec, dead_letter_headers, plan_fetch
+from .store_base import headers_of_event
 
 __all__ = ["MemoryEngine"]
+
+class EventHeaders(msgspec.Struct, gc=False):
+    """The headers of an event's message, as parts: the event store appends one per
+    event instead of a dict, and the dict is built when the message is first read
+    (most event messages never are). Not counted by the garbage collector either."""
+
+    own: bytes | None  # the event's own headers, JSON
+    type: str
+    type_version: int
+    stream_version: int
+    position: int  # the event's position in the event store
+
 
 class _Rec(msgspec.Struct, gc=False):
     """A stored message. Not tracked by the garbage collector: the log can hold millions,
@@ -32,8 +45,20 @@ class _Rec(msgspec.Struct, gc=False):
     topic: str
     key: str | None
     data: bytes
-    headers: dict[str, str]
+    headers: dict[str, str] | EventHeaders
     time: float
+
+
+def _headers(rec: _Rec) -> dict[str, str]:
+    h = rec.headers
+    if type(h) is EventHeaders:
+        h = rec.headers = headers_of_event(
+            _dec_headers(h.own) if h.own else {}, h.type, h.type_version, rec.key or "",
+            h.stream_version, h.position)
+    return h  # type: ignore[return-value]
+
+
+_dec_headers = msgspec.json.Decoder(dict[str, str]).decode
 
 
 @dataclass(slots=True)
@@ -136,7 +161,7 @@ class MemoryEngine(Engine):
 
     @staticmethod
     def _message(rec: _Rec, attempt: int = 0, sub: Any = None) -> Message:
-        return Message(rec.id, rec.topic, rec.key, rec.data, rec.headers, rec.time,
+        return Message(rec.id, rec.topic, rec.key, rec.data, _headers(rec), rec.time,
                        rec.position, attempt, sub)
 
     async def read(self, pattern: str, after: int, stop: int | None, limit: int) -> list[Message]:
@@ -192,7 +217,7 @@ class MemoryEngine(Engine):
             if rec is None:  # removed underneath (cannot happen: trim respects pending)
                 sub.pending.pop(p.position, None)
                 continue
-            msgs.append(Message(rec.id, rec.topic, rec.key, rec.data, rec.headers, rec.time,
+            msgs.append(Message(rec.id, rec.topic, rec.key, rec.data, _headers(rec), rec.time,
                                 rec.position, p.attempt))
         if plan.dead:
             self._notify()
@@ -203,7 +228,7 @@ class MemoryEngine(Engine):
         if spec.dead_letter is None or rec is None:
             return
         pos, id, topic, key, data, headers = (rec.position, rec.id, rec.topic, rec.key,
-                                              rec.data, rec.headers)
+                                              rec.data, _headers(rec))
         h = dead_letter_headers(
             headers, topic=topic, id=id, position=pos, group=spec.group, reason=reason,
             attempts=p.attempt,

@@ -12,13 +12,13 @@ import bisect
 import time as _time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
 from ..errors import ConcurrencyError, EventIdConflict
 from ..messages import OutMessage
-from .memory import MemoryEngine
+from .memory import EventHeaders, MemoryEngine
 from .store_base import (
     AppendOutcome,
     EventRow,
@@ -28,7 +28,6 @@ from .store_base import (
     StoreBackend,
     StoreTx,
     StreamLoad,
-    event_headers,
     out_message,
 )
 
@@ -168,12 +167,14 @@ class MemoryStore(StoreBackend):
         for r in records:
             pos += 1
             version += 1
-            events.append((pos, stream_id, version, r.id, r.type, r.type_version, now,
-                           _enc(r.headers) if r.headers else None, r.data))
+            own = _enc(r.headers) if r.headers else None
+            events.append((pos, stream_id, version, r.id, r.type, r.type_version, now, own,
+                           r.data))
             positions.append(pos)
             ids[r.id] = pos
-            messages.append(OutMessage(r.id, topic, stream_id, r.data,
-                                       event_headers(r, stream_id, version, pos), False))
+            # the message's headers as parts, made a dict when it is read (see EventHeaders)
+            lazy: Any = EventHeaders(own, r.type, r.type_version, version, pos)
+            messages.append(OutMessage(r.id, topic, stream_id, r.data, lazy, False))
         if snapshot is not None:
             _put_snapshot(t, stream_id, snapshot)
         return AppendOutcome(version, list(range(first, pos + 1)), time=now)

@@ -37,6 +37,7 @@ __all__ = [
     "StreamLoad",
     "backend_for",
     "event_headers",
+    "headers_of_event",
     "maybe_await",
     "out_message",
 ]
@@ -231,8 +232,14 @@ def backend_for(engine: Engine) -> StoreBackend:
 
 def event_headers(r: NewRecord, stream_id: str, version: int, position: int) -> dict[str, str]:
     """The headers of the message that publishes an event (its audit headers included)."""
-    return {**r.headers, "content-type": JSON, "event-type": r.type,
-            "event-version": str(r.type_version), "stream-id": stream_id,
+    return headers_of_event(r.headers, r.type, r.type_version, stream_id, version, position)
+
+
+def headers_of_event(own: dict[str, str], type: str, type_version: int, stream_id: str,
+                     version: int, position: int) -> dict[str, str]:
+    """`event_headers` from the parts: the event's own headers, its type, where it is."""
+    return {**own, "content-type": JSON, "event-type": type,
+            "event-version": str(type_version), "stream-id": stream_id,
             "stream-version": str(version), "event-position": str(position)}
 
 
