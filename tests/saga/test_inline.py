@@ -400,3 +400,89 @@ async def test_contention_is_not_a_failure_a_handler_can_catch(env: Env, url: st
     states = await asyncio.gather(*(runner.wait(i, timeout=WAIT) for i in ids))
     assert [s["status"] for s in states] == ["completed"] * 4
     assert (await ledger(hub, "X")).available == (await ledger(hub, "Y")).available == 96
+
+
+# a saga's start runs its first inline steps itself ----------------------------------------
+async def test_inline_steps_that_never_wait_finish_within_start(env: Env, url: str) -> None:
+    hub = await env.hub(url)
+    await seed(hub, "credit", 10)
+    await seed(hub, "stock", 10)
+    calls: list[str] = []
+    ledger_service(hub, "credit", "credit", inline=True, calls=calls)
+    ledger_service(hub, "stock", "stock", inline=True)
+    runner = hub.sagas(_race_saga([]))
+    sid = await runner.start({"amount": 2})
+    if not url.startswith("postgresql"):  # (there every load waits for the server)
+        # start() itself ran both steps and committed them with the start (the last, a
+        # local action, is the driver's)
+        state = await runner.get(sid)
+        done = [s["step"] for s in state["steps"] if s["event"] == "StepCompleted"]
+        assert done[:2] == [0, 1] and calls == [sid]
+        assert len({s["time"] for s in state["steps"][:5]}) == 1  # one transaction
+    final = await runner.wait(sid, timeout=WAIT)
+    assert final["status"] == "completed" and final == await runner.get(sid)
+    assert (await ledger(hub, "credit")).available == 8
+    # started again under its id: a no-op that runs no handler
+    assert await runner.start({"amount": 2}, id=sid) == sid
+    assert calls == [sid]
+
+
+async def test_a_handler_that_waits_is_finished_by_the_driver_and_runs_once(
+        env: Env, url: str) -> None:
+    hub = await env.hub(url)
+    await seed(hub, "credit", 10)
+    runs: list[str] = []
+    release = asyncio.Event()
+
+    @hub.handler("svc.slow.reserve", inline=True)
+    async def reserve(cmd: tidings.Command) -> dict[str, Any]:
+        runs.append("began")
+        led = await ledger(hub, "credit")
+        led.record(SgReserved(saga=cmd.data["saga_id"], amount=1))
+        cmd.save(led)
+        await release.wait()  # waits: start() must not wait for it
+        runs.append("ended")
+        return {"slow": True}
+
+    runner = hub.sagas(Saga("inline-slow-start", [
+        Step("slow", command="svc.slow.reserve", timeout=30)]))
+    sid = await asyncio.wait_for(runner.start({}), WAIT)  # returns while it waits
+    await asyncio.sleep(0.05)
+    assert runs == ["began"]
+    state = await runner.get(sid)
+    assert state["status"] == "running"
+    assert [s["event"] for s in state["steps"]] == ["SagaStarted", "StepStarted"]
+    release.set()
+    final = await runner.wait(sid, timeout=WAIT)
+    assert final["status"] == "completed" and final["data"]["slow"] is True
+    assert runs == ["began", "ended"]  # the one run, finished by the driver: not run twice
+    assert (await ledger(hub, "credit")).available == 9
+
+
+async def test_a_begun_handler_cut_off_by_a_close_runs_again_after_restart(
+        env: Env, sqlite_url: str) -> None:
+    first = await env.hub(sqlite_url)
+    await seed(first, "credit", 5)
+    seen: list[str] = []
+
+    @first.handler("svc.credit.reserve", inline=True)
+    async def stuck(cmd: tidings.Command) -> dict[str, Any]:
+        led = await ledger(first, "credit")
+        led.record(SgReserved(saga=cmd.data["saga_id"], amount=1))
+        cmd.save(led)
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            seen.append("called off")
+            raise
+        return {}
+
+    sid = await first.sagas(_ONE_STEP).start({})
+    await env.close(first)  # its driver goes away with the handler still waiting
+    assert seen == ["called off"]
+    second = await env.hub(sqlite_url)
+    ledger_service(second, "credit", "credit", inline=True)
+    state = await second.sagas(_ONE_STEP).wait(sid, timeout=WAIT)
+    assert state["status"] == "completed"
+    led = await ledger(second, "credit")
+    assert led.held == {sid: 1} and led.available == 4  # once: the cut-off run stored nothing

@@ -32,6 +32,8 @@ from ..errors import (
     TidingsError,
 )
 from ..eventsourcing.records import NO_STREAM
+from ..eventsourcing.repository import Unit
+from ..eventsourcing.transaction import commit
 from ..messages import OutMessage, encode_data, new_id
 from .clock import Clock, SystemClock
 from .definition import (
@@ -51,9 +53,10 @@ from .definition import (
     evolve,
     on_outcome,
     stamp,
+    stamp_first,
 )
 from .handlers import CommandHandler
-from .inline import inline_for, run_inline_steps
+from .inline import commit_unit, inline_for, run_inline_steps, run_unit
 
 if TYPE_CHECKING:
     from ..eventsourcing.aggregate import Aggregate
@@ -105,6 +108,8 @@ class Coordinator:
         self._finished: dict[str, asyncio.Future[SagaState | None]] = {}
         self._final: dict[str, SagaState] = {}
         self._local_starts: set[str] = set()  # started here, not yet seen by _follow
+        # saga id -> its start() waiting for its driver's first unit (see start)
+        self._launches: dict[str, _Launch] = {}
         self._inline: dict[str, CommandHandler] = {}  # command -> its inline handler here
         self._inline_seen = -1
         self._sent: dict[str, set[str]] = {}  # saga id -> command ids this process sent
@@ -156,44 +161,81 @@ class Coordinator:
     async def start(self, defn: Saga, data: dict[str, Any], saga_id: str | None) -> str:
         if not isinstance(data, dict):
             raise InvalidArgument("saga data must be a dict (JSON object)")
+        given = saga_id is not None
         saga_id = _check_id(saga_id) if saga_id is not None else new_id()
-        from ..eventsourcing.transaction import commit
-
         # The start and the first step's command commit together; the driver begins
         # from this state instead of reading the stream back.
         sid = stream_id(defn.name, saga_id)
+        if given and await self.hub.events.backend.stream_version(sid):
+            return saga_id  # started before: starting again is a no-op (and runs nothing)
+        state, started, batch, messages = self._starting(defn, saga_id, data)
+        appends: list[tuple[str, list[Event], int | Any, str]] = [
+            (sid, [started], NO_STREAM, f"saga.{defn.name}.started")]
+        if batch:
+            appends.append((sid, batch, 1, f"saga.{defn.name}.steps"))
+        launch: _Launch | None = None
+        if state.pending is not None and inline_for(self, defn, state.pending) is not None:
+            # The first steps are inline: the saga's driver runs them right away, in its
+            # own task. If they finish without waiting, it commits them with the start
+            # (one transaction, often the whole saga); if a handler waits (I/O, an
+            # aggregate another saga holds), the start is committed here, alone, and the
+            # driver commits the unit when it is done.
+            if saga_id in self._drivers:
+                return saga_id  # being started right now: this is the same start again
+            launch = _Launch(appends, messages)
+            self._local_starts.add(saga_id)
+            self._drive(defn.name, saga_id, state, launch)
+            asyncio.get_running_loop().call_soon(launch.look)  # right after its first step
+            done = await asyncio.shield(launch.ready)
+            if done is not None:  # the driver committed the start, with the unit
+                if done is True or isinstance(done, ConcurrencyError):
+                    return saga_id  # (a ConcurrencyError: started before, a no-op)
+                assert isinstance(done, BaseException)
+                raise done
+        self._local_starts.add(saga_id)
+        try:
+            outcomes = await commit(self.hub, [], appends, messages,
+                                    headers={"correlation-id": saga_id})
+        except BaseException as exc:
+            if launch is not None:  # its driver records nothing, or looks whether it was
+                launch.failed(stored=False if isinstance(exc, ConcurrencyError) else None)
+            if isinstance(exc, ConcurrencyError):
+                self._local_starts.discard(saga_id)
+                return saga_id  # started before: starting again is a no-op
+            if saga_id in self._local_starts:
+                self._local_starts.discard(saga_id)  # _follow drives it if it was stored
+            elif launch is None:
+                self._drive(defn.name, saga_id)  # stored, and _follow skipped it: drive it
+            raise
+        if launch is not None:
+            launch.stored(outcomes[-1].time)  # its driver commits its unit next
+            if saga_id not in self._drivers and not self.hub.closed:
+                self._drive(defn.name, saga_id)  # (its driver went away meanwhile)
+            return saga_id
+        stamp(state, 1 + len(batch), outcomes[-1].time)
+        self._drive(defn.name, saga_id, state)
+        return saga_id
+
+    def _starting(self, defn: Saga, saga_id: str, data: dict[str, Any]
+                  ) -> tuple[SagaState, SagaStarted, list[Event], list[OutMessage]]:
+        """A new saga's state, its SagaStarted, and its first move (events, messages)."""
         state = SagaState(id=saga_id)
         now = self.clock.now()
         started = SagaStarted(saga=defn.name, version=defn.version, data=data)
         evolve(defn, state, started, now)
         batch, messages = self._next_moves(defn, state, [], now)
-        appends: list[tuple[str, list[Event], int | Any, str]] = [
-            (sid, [started], NO_STREAM, f"saga.{defn.name}.started")]
-        if batch:
-            appends.append((sid, batch, 1, f"saga.{defn.name}.steps"))
-        self._local_starts.add(saga_id)
-        try:
-            outcomes = await commit(self.hub, [], appends, messages)
-        except ConcurrencyError:
-            self._local_starts.discard(saga_id)
-            return saga_id  # started before: starting again is a no-op
-        except BaseException:
-            if saga_id in self._local_starts:
-                self._local_starts.discard(saga_id)  # _follow drives it if it was stored
-            else:
-                self._drive(defn.name, saga_id)  # stored, and _follow skipped it: drive it
-            raise
-        stamp(state, 1 + len(batch), outcomes[-1].time)
-        self._drive(defn.name, saga_id, state)
-        return saga_id
+        return state, started, batch, messages
 
-    def _drive(self, name: str, saga_id: str, state: SagaState | None = None) -> None:
+    def _drive(self, name: str, saga_id: str, state: SagaState | None = None,
+               launch: _Launch | None = None) -> None:
         if saga_id in self._drivers:
             return
         if saga_id not in self._inbox:
             self._inbox[saga_id] = _Inbox()
         if saga_id not in self._finished:
             self._finished[saga_id] = asyncio.get_running_loop().create_future()
+        if launch is not None:
+            self._launches[saga_id] = launch
         task = asyncio.get_running_loop().create_task(
             self._driver(name, saga_id, state), name=f"tidings:saga:{saga_id}"
         )
@@ -203,6 +245,9 @@ class Coordinator:
 
     def _driver_done(self, name: str, saga_id: str, task: asyncio.Task[bool]) -> None:
         self._drivers.pop(saga_id, None)
+        launch = self._launches.pop(saga_id, None)
+        if launch is not None:
+            launch.abandon()  # (it went away first: the start goes on without it)
         queue = self._inbox.pop(saga_id, None)
         fut = self._finished.pop(saga_id, None)
         final = self._final.pop(saga_id, None)
@@ -228,7 +273,10 @@ class Coordinator:
 
     # the driver ---------------------------------------------------------------------
     async def _driver(self, name: str, saga_id: str, state: SagaState | None) -> bool:
-        """Drive one saga until it is finished or stuck; True when it got there."""
+        """Drive one saga until it is finished or stuck; True when it got there.
+
+        A saga's first inline unit runs here while its start() waits (`_launched`).
+        """
         queue = self._inbox[saga_id]
         if state is None:
             state = await self.load(name, saga_id)
@@ -245,7 +293,13 @@ class Coordinator:
         # recorded as ignored, and a retry resumes a stuck saga (whose driver starts here).
         while not (state.done or state.status == "stuck") or not queue.empty():
             try:
-                if state.done or state.status == "stuck":
+                launch = self._launches.pop(saga_id, None)
+                if launch is not None:
+                    going_on = await self._launched(defn, state, sid, queue, launch)
+                    if going_on is None:
+                        return False  # the start was not stored: nothing to drive
+                    state = going_on
+                elif state.done or state.status == "stuck":
                     await self._handle_item(defn, state, sid, queue.get_nowait())
                 else:
                     await self._pump(defn, state, sid, queue)
@@ -261,6 +315,62 @@ class Coordinator:
         self._final[saga_id] = state  # for wait(): no need to read the stream back
         return True
 
+    async def _launched(self, defn: Saga, state: SagaState, sid: str, queue: _Inbox,
+                        launch: _Launch) -> SagaState | None:
+        """A new saga's first unit, run while its start() waits (see start); the state
+        to go on from, or None when the start was not stored."""
+        unit = Unit((state.started, state.id))
+        expected = state.stream_version
+        try:
+            batch, messages = await run_unit(self, defn, state, unit, queue)
+            if not launch.ready.done():  # no handler waited: commit it all, here and now
+                launch.claimed = True
+                return await self._commit_launch(defn, state, sid, unit, launch, batch,
+                                                 messages)
+            stored = await launch.outcome()  # start() stores the start alone
+            if stored is None:  # its commit failed late: was it stored?
+                fresh = await self.load(defn.name, state.id)
+                if not fresh.version:
+                    return None
+                stamp_first(state, expected, fresh.started)
+            elif not stored:
+                return None
+            else:
+                stamp_first(state, expected, launch.time)
+            await commit_unit(self, defn, state, sid, unit, expected, batch, messages)
+            return state
+        finally:
+            unit.close()
+
+    async def _commit_launch(self, defn: Saga, state: SagaState, sid: str, unit: Unit,
+                             launch: _Launch, batch: list[Event],
+                             messages: list[OutMessage]) -> SagaState | None:
+        """Commit a saga's start with its first unit (for its start(), which waits)."""
+        appends = list(launch.appends)
+        if batch:
+            if len(appends) > 1:
+                appends[1] = (sid, [*appends[1][1], *batch], 1, appends[1][3])
+            else:  # (the start always has a first move when its first step is inline)
+                appends.append((sid, batch, 1, f"saga.{defn.name}.steps"))
+        try:
+            outcomes = await commit(self.hub, list(unit.aggregates.values()), appends,
+                                    [*launch.messages, *messages],
+                                    headers={"correlation-id": state.id})
+        except ConcurrencyError as exc:
+            self._local_starts.discard(state.id)
+            launch.ready.set_result(exc)  # started before: start() is a no-op
+            return None
+        except BaseException as exc:
+            launch.ready.set_result(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            self._local_starts.discard(state.id)  # (so _follow drives it if stored)
+            fresh = await self.load(defn.name, state.id)  # did it happen before it failed?
+            return fresh if fresh.version else None
+        stamp(state, sum(len(a[1]) for a in appends), outcomes[-1].time)
+        launch.ready.set_result(True)
+        return state
+
     async def _append(self, defn: Saga, state: SagaState, sid: str,
                       events: list[Event], saves: Sequence[Aggregate] = (),
                       headers: dict[str, str] | None = None) -> None:
@@ -270,8 +380,6 @@ class Coordinator:
         The saga's stream is its outbox: a command is published exactly when the
         event that decides to send it is stored.
         """
-        from ..eventsourcing.transaction import commit
-
         expected = state.stream_version
         batch, messages = self._next_moves(defn, state, events, self.clock.now())
         outcomes = await commit(self.hub, saves,
@@ -652,6 +760,50 @@ def _idempotency_key(state: SagaState, step: str, kind: str) -> str:
         # stores no change), so the retry is a new command, not a duplicate.
         key += f":resumed-{state.base}"
     return key
+
+
+class _Launch:
+    """A saga's start() and its driver running the first inline unit (see start)."""
+
+    __slots__ = ("_stored", "appends", "claimed", "messages", "ready", "time")
+
+    def __init__(self, appends: list[tuple[str, list[Event], int | Any, str]],
+                 messages: list[OutMessage]) -> None:
+        loop = asyncio.get_running_loop()
+        self.appends = appends  # the start's events
+        self.messages = messages  # and messages
+        #: the driver committed the start with its unit: True, or the exception; None:
+        #: a handler waits (or the driver went away), start() commits the start alone
+        self.ready: asyncio.Future[bool | BaseException | None] = loop.create_future()
+        self._stored: asyncio.Future[bool | None] = loop.create_future()
+        self.time = 0.0  # when start() stored the start
+        self.claimed = False  # the driver is committing the start (with its unit)
+
+    def look(self) -> None:
+        """Called right after the driver's first step: if its unit has not ended by
+        then, one of its handlers waits (and start() stores the start alone)."""
+        if not self.claimed and not self.ready.done():
+            self.ready.set_result(None)
+
+    def abandon(self) -> None:
+        """The driver went away: start() must not wait for it any longer."""
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def stored(self, time: float) -> None:
+        self.time = time
+        if not self._stored.done():
+            self._stored.set_result(True)
+
+    def failed(self, stored: bool | None) -> None:
+        """start()'s commit failed: the saga is not stored (False), or it is not known
+        (None: the commit may have happened before the failure)."""
+        if not self._stored.done():
+            self._stored.set_result(stored)
+
+    async def outcome(self) -> bool | None:
+        """Whether start() stored the start (None: not known, look)."""
+        return await asyncio.shield(self._stored)
 
 
 class _Inbox:

@@ -442,6 +442,19 @@ def stamp(state: SagaState, n: int, time: float) -> None:
             state.finished = time
 
 
+def stamp_first(state: SagaState, n: int, time: float) -> None:
+    """`stamp` for the first `n` events folded into `state` (a saga's start, stored
+    while its driver was already folding what came next)."""
+    if not time:
+        return
+    for entry in state.history[:n]:
+        entry["time"] = time
+        if entry["event"] == "SagaStarted":
+            state.started = time
+        elif entry["event"] in ("SagaCompleted", "SagaCompensated"):
+            state.finished = time
+
+
 @dataclass(frozen=True)
 class Wait:
     """Nothing to do until `until` (a retry's backoff)."""

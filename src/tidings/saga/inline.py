@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from ..eventsourcing.events import Event
     from .coordinator import Coordinator, _Inbox
 
-__all__ = ["inline_for", "run_inline_steps"]
+__all__ = ["commit_unit", "inline_for", "run_inline_steps", "run_unit"]
 
 log = logging.getLogger("tidings.saga")
 
@@ -62,40 +62,56 @@ async def run_inline_steps(coord: Coordinator, defn: Saga, state: SagaState, sid
     """
     unit = Unit((state.started, state.id))  # older sagas have priority on streams
     expected = state.stream_version
-    batch: list[Event] = []
-    messages: list[OutMessage] = []
     try:
-        while len(batch) < _UNIT_EVENTS:
-            p = state.pending
-            handler = inline_for(coord, defn, p) if p is not None else None
-            if p is None or handler is None:
-                break
-            outcome = await _run_inline(coord, handler, defn, state, unit)
-            if outcome is None:
-                break  # contended: commit what the unit did; the step runs again
-            events, out = coord._next_moves(
-                defn, state, on_outcome(defn, state, outcome, coord.clock.now()),
-                coord.clock.now())
-            batch += events
-            messages += out
-            if not queue.empty():
-                break  # a cancel or a retry is applied once this much is recorded
-        if not batch:
-            return  # backed off before any step ended: nothing to record
-        from ..eventsourcing.transaction import commit
-
-        outcomes = await commit(coord.hub, list(unit.aggregates.values()),
-                                [(sid, batch, expected, f"saga.{defn.name}.steps")], messages,
-                                headers={"correlation-id": state.id})
-        stamp(state, len(batch), outcomes[-1].time)
+        batch, messages = await run_unit(coord, defn, state, unit, queue)
+        await commit_unit(coord, defn, state, sid, unit, expected, batch, messages)
     finally:
         unit.close()
+
+
+async def commit_unit(coord: Coordinator, defn: Saga, state: SagaState, sid: str, unit: Unit,
+                      expected: int, batch: list[Event], messages: list[OutMessage]) -> None:
+    """Commit what a unit did: its events on the saga's stream (from `expected`), what
+    its handlers saved, and the messages its moves send."""
+    if not batch:
+        return  # backed off before any step ended: nothing to record
+    from ..eventsourcing.transaction import commit
+
+    outcomes = await commit(coord.hub, list(unit.aggregates.values()),
+                            [(sid, batch, expected, f"saga.{defn.name}.steps")], messages,
+                            headers={"correlation-id": state.id})
+    stamp(state, len(batch), outcomes[-1].time)
+
+
+async def run_unit(coord: Coordinator, defn: Saga, state: SagaState, unit: Unit,
+                   queue: _Inbox) -> tuple[list[Event], list[OutMessage]]:
+    """Run the inline attempts in flight back to back in `unit` (folding their
+    outcomes into `state`); the events and messages to commit with what the unit's
+    handlers saved."""
+    batch: list[Event] = []
+    messages: list[OutMessage] = []
+    while len(batch) < _UNIT_EVENTS:
+        p = state.pending
+        handler = inline_for(coord, defn, p) if p is not None else None
+        if p is None or handler is None:
+            break
+        outcome = await _run_inline(coord, handler, defn, state, unit)
+        if outcome is None:
+            break  # contended: commit what the unit did; the step runs again
+        now = coord.clock.now()
+        events, out = coord._next_moves(defn, state, on_outcome(defn, state, outcome, now),
+                                        now)
+        batch += events
+        messages += out
+        if not queue.empty():
+            break  # a cancel or a retry is applied once this much is recorded
+    return batch, messages
 
 
 async def _run_inline(coord: Coordinator, handler: CommandHandler, defn: Saga,
                       state: SagaState, unit: Unit) -> Outcome | None:
     """Run a command's inline handler for the attempt in flight; what it saved joins
-    `unit` when it succeeds."""
+    `unit` when it succeeds. None: contended (it did not run)."""
     p = state.pending
     assert p is not None
     built = coord._command_parts(defn, state, p.step, p.kind, p.attempt)
@@ -103,41 +119,50 @@ async def _run_inline(coord: Coordinator, handler: CommandHandler, defn: Saga,
     msg_id, command, data, headers = built
     msg = Message(msg_id, command, state.id, data, headers, time.time(), 0, 1)
     cmd = Command(command, msg.decode(), headers["idempotency-key"], headers, msg)
-    outcome: Outcome
     # Run in this task: a cancel arriving meanwhile waits in the queue until the
     # attempt is recorded. Not bounded by the handler's `concurrency` (that is for
     # deliveries): a saga runs one step at a time, and waiting for a slot while the
     # unit holds streams could deadlock with a unit holding the slot.
     token = UNIT.set(unit)
     try:
-        result = await _eager(handler.fn(cmd), coord, p.deadline)
-    except Contended:
+        try:
+            result = await _eager(handler.fn(cmd), coord, p.deadline)
+        except (Exception, Contended) as exc:
+            return _settle(state, p, command, unit, cmd, None, exc)
+        return _settle(state, p, command, unit, cmd, result, None)
+    finally:
+        UNIT.reset(token)
+
+
+def _settle(state: SagaState, p: Pending, command: str, unit: Unit, cmd: Command,
+            result: Any, exc: BaseException | None) -> Outcome | None:
+    """The outcome of an inline attempt that returned `result` or raised `exc`; what
+    it saved joins `unit` when it succeeded. None: it backed off (contended)."""
+    outcome: Outcome
+    if isinstance(exc, Contended):
         if unit.aggregates or unit.holding:
             return None  # not run: the unit ends here, the step starts the next one
-        raise  # pragma: no cover - a unit's first stream is always waited for
-    except TimeoutError:
+        raise exc  # pragma: no cover - a unit's first stream is always waited for
+    if isinstance(exc, TimeoutError):
         # not "timeout": that means "may have taken effect", and an inline attempt
         # that did not finish stored nothing
         outcome = Outcome("error", error="the inline handler did not finish in time")
-    except Rejected as exc:
+    elif isinstance(exc, Rejected):
         outcome = Outcome("rejected", error=exc.reason)
-    except Exception as exc:
+    elif exc is not None:
         log.warning("saga %s: inline handler for %s failed: %r", state.id, command, exc)
         outcome = Outcome("error", error=f"{type(exc).__name__}: {exc}")
+    elif result is not None and not isinstance(result, dict):
+        outcome = Outcome("error", error="a command handler must return a dict or None")
     else:
-        if result is not None and not isinstance(result, dict):
-            outcome = Outcome("error", error="a command handler must return a dict "
-                                             "or None")
-        else:
-            outcome = Outcome("ok", result=result)
-    finally:
-        UNIT.reset(token)
+        outcome = Outcome("ok", result=result)
     if outcome.kind == "ok":
         unit.keep(cmd._saves)
     elif outcome.kind == "rejected" and p.kind == "compensation":
         # as over messages: a compensation is never refused for good (see handlers.py)
         outcome = Outcome("error", error=f"compensation rejected: {outcome.error}")
     return outcome
+
 
 async def _eager(coro: Coroutine[Any, Any, Any], coord: Coordinator,
                  deadline: float | None) -> Any:
