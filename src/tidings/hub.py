@@ -634,17 +634,19 @@ class Hub:
 
     def repository(self, cls: type[A], snapshot_every: int | None = None) -> Repository[A]:
         """Load and save aggregates of `cls`; snapshot every `snapshot_every` events if set."""
-        from .eventsourcing.repository import Repository
-
         store = self.events
-        key = (cls, snapshot_every, type(snapshot_every))  # (True == 1, but is refused)
+        key: Any = (cls, snapshot_every, type(snapshot_every))  # (True == 1, but is refused)
         try:
             repo = store._repositories.get(key)
         except TypeError:  # unhashable arguments: the constructor says what is wrong
-            return Repository(store, cls, snapshot_every=snapshot_every)
+            repo = None
+            key = None
         if repo is None:
-            repo = store._repositories[key] = Repository(store, cls,
-                                                         snapshot_every=snapshot_every)
+            from .eventsourcing.repository import Repository
+
+            repo = Repository(store, cls, snapshot_every=snapshot_every)
+            if key is not None:
+                store._repositories[key] = repo
         return cast("Repository[A]", repo)
 
     def projection(self, name: str, *, reset: Callable[[Any], Any] | None = None,

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +68,7 @@ __all__ = ["Coordinator"]
 
 log = logging.getLogger("tidings.saga")
 
+_ENDED_KEPT = 1000  # final states of the sagas that ended here last, for wait()
 _LIFECYCLE_START = (SagaStarted,)
 _LIFECYCLE_END = (SagaCompleted, SagaCompensated)
 
@@ -108,6 +110,9 @@ class Coordinator:
         self._finished: dict[str, asyncio.Future[SagaState | None]] = {}
         self._final: dict[str, SagaState] = {}
         self._local_starts: set[str] = set()  # started here, not yet seen by _follow
+        # the final states of the sagas that ended here last (a saga often ends before
+        # its starter calls wait(): no need to read it back)
+        self._ended: OrderedDict[str, SagaState] = OrderedDict()
         # saga id -> its start() waiting for its driver's first unit (see start)
         self._launches: dict[str, _Launch] = {}
         self._inline: dict[str, CommandHandler] = {}  # command -> its inline handler here
@@ -186,7 +191,12 @@ class Coordinator:
             self._local_starts.add(saga_id)
             self._drive(defn.name, saga_id, state, launch)
             asyncio.get_running_loop().call_soon(launch.look)  # right after its first step
-            done = await asyncio.shield(launch.ready)
+            try:
+                done = await launch.ready
+            except asyncio.CancelledError:
+                if not launch.claimed:
+                    launch.failed(stored=False)  # nobody stores it now: the driver gives up
+                raise
             if done is not None:  # the driver committed the start, with the unit
                 if done is True or isinstance(done, ConcurrencyError):
                     return saga_id  # (a ConcurrencyError: started before, a no-op)
@@ -253,6 +263,7 @@ class Coordinator:
         final = self._final.pop(saga_id, None)
         if fut is not None and not fut.done():
             fut.set_result(final)
+
         if queue is None or queue.empty():
             return
         if (not task.cancelled() and task.exception() is None and task.result()
@@ -313,6 +324,11 @@ class Coordinator:
                 state = await self.load(name, saga_id)
         self._sent.pop(saga_id, None)
         self._final[saga_id] = state  # for wait(): no need to read the stream back
+        if state.done:  # and for a wait() that comes after its end
+            ended = self._ended
+            ended[saga_id] = state
+            if len(ended) > _ENDED_KEPT:
+                ended.popitem(last=False)
         return True
 
     async def _launched(self, defn: Saga, state: SagaState, sid: str, queue: _Inbox,
@@ -358,17 +374,17 @@ class Coordinator:
                                     headers={"correlation-id": state.id})
         except ConcurrencyError as exc:
             self._local_starts.discard(state.id)
-            launch.ready.set_result(exc)  # started before: start() is a no-op
+            launch.answer(exc)  # started before: start() is a no-op
             return None
         except BaseException as exc:
-            launch.ready.set_result(exc)
+            launch.answer(exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             self._local_starts.discard(state.id)  # (so _follow drives it if stored)
             fresh = await self.load(defn.name, state.id)  # did it happen before it failed?
             return fresh if fresh.version else None
         stamp(state, sum(len(a[1]) for a in appends), outcomes[-1].time)
-        launch.ready.set_result(True)
+        launch.answer(True)
         return state
 
     async def _append(self, defn: Saga, state: SagaState, sid: str,
@@ -730,6 +746,10 @@ class Coordinator:
 
     async def wait(self, name: str, saga_id: str, timeout: float | None) -> SagaState:
         """Wait until the saga is completed, compensated or stuck."""
+        ended = self._ended.get(saga_id)
+        if ended is not None:
+            return ended  # as stored: stamped with the store's times
+
         async def until_done() -> SagaState:
             while True:
                 fut = self._finished.get(saga_id)
@@ -785,6 +805,11 @@ class _Launch:
         if not self.claimed and not self.ready.done():
             self.ready.set_result(None)
 
+    def answer(self, done: bool | BaseException) -> None:
+        """The driver committed the start (True) or failed to (the exception)."""
+        if not self.ready.done():  # (start() may have been cancelled meanwhile)
+            self.ready.set_result(done)
+
     def abandon(self) -> None:
         """The driver went away: start() must not wait for it any longer."""
         if not self.ready.done():
@@ -803,7 +828,7 @@ class _Launch:
 
     async def outcome(self) -> bool | None:
         """Whether start() stored the start (None: not known, look)."""
-        return await asyncio.shield(self._stored)
+        return await self._stored
 
 
 class _Inbox:
