@@ -200,6 +200,10 @@ class Coordinator:
             if done is not None:  # the driver committed the start, with the unit
                 if done is True or isinstance(done, ConcurrencyError):
                     return saga_id  # (a ConcurrencyError: started before, a no-op)
+                if isinstance(done, asyncio.CancelledError):  # (the hub is closing)
+                    raise ClosedError(
+                        f"saga {saga_id!r} was starting as its hub closed; it may or may not "
+                        "be stored: start it again with the same id on an open hub")
                 assert isinstance(done, BaseException)
                 raise done
         self._local_starts.add(saga_id)
