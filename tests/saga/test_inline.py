@@ -486,3 +486,25 @@ async def test_a_begun_handler_cut_off_by_a_close_runs_again_after_restart(
     assert state["status"] == "completed"
     led = await ledger(second, "credit")
     assert led.held == {sid: 1} and led.available == 4  # once: the cut-off run stored nothing
+
+
+async def test_a_start_waiting_for_a_held_aggregate_still_commits_in_one_go(
+        env: Env, sqlite_url: str) -> None:
+    # Ten sagas on one ledger at once: each start's unit waits for the one before it to
+    # commit (the ledger is held meanwhile) — a wait start() sits out, so each saga is
+    # still one transaction: its start and its steps.
+    hub = await env.hub(sqlite_url)
+    await seed(hub, "credit", 100)
+    await seed(hub, "stock", 100)
+    ledger_service(hub, "credit", "credit", inline=True)
+    ledger_service(hub, "stock", "stock", inline=True)
+    runner = hub.sagas(_race_saga([]))
+    ids = await asyncio.gather(*(runner.start({"amount": 1}) for _ in range(10)))
+    for sid in ids:
+        state = await runner.wait(sid, timeout=WAIT)
+        assert state["status"] == "completed"
+        steps = state["steps"]
+        assert [s["event"] for s in steps[:5]] == [
+            "SagaStarted", "StepStarted", "StepCompleted", "StepStarted", "StepCompleted"]
+        assert len({s["time"] for s in steps[:5]}) == 1, steps  # one transaction
+    assert (await ledger(hub, "credit")).available == 90

@@ -7,7 +7,7 @@ import contextlib
 import copy
 import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar, cast
@@ -271,6 +271,9 @@ class Unit:
         self._held: list[StreamLock] = []
         self._names: list[str] = []  # the held streams' ids, in step with _held
         self.closed = False  # committed or abandoned: no longer in effect (see `close`)
+        self.waiting = False  # for a stream another unit holds
+        #: called (soon) after the unit's current wait for a stream ends (see `hold`)
+        self.after_wait: Callable[[], None] | None = None
 
     @property
     def holding(self) -> bool:
@@ -295,7 +298,23 @@ class Unit:
             lock = locks[stream_id] = StreamLock(locks, stream_id)
         if lock.owner is self:
             return False
-        if self._held and not lock.free():
+        if lock.free():
+            await lock.take(self)  # (at once)
+        else:
+            self.waiting = True
+            try:
+                await self._wait_for(lock, stream_id)
+            finally:
+                self.waiting = False
+                then, self.after_wait = self.after_wait, None
+                if then is not None:
+                    asyncio.get_running_loop().call_soon(then)
+        self._held.append(lock)
+        self._names.append(stream_id)
+        return True
+
+    async def _wait_for(self, lock: StreamLock, stream_id: str) -> None:
+        if self._held:
             ahead = [lock.owner] + [u for _, u in lock.waiters]
             if not all(u is not None and self.rank < u.rank for u in ahead):
                 # a younger unit waits a little (the holder usually commits soon), then
@@ -305,13 +324,8 @@ class Unit:
                         await lock.take(self)
                 except TimeoutError:
                     raise Contended(stream_id) from None
-                self._held.append(lock)
-                self._names.append(stream_id)
-                return True
+                return
         await lock.take(self)
-        self._held.append(lock)
-        self._names.append(stream_id)
-        return True
 
     def let_go(self, stream_id: str) -> None:
         """Release one stream before the unit ends."""

@@ -339,7 +339,7 @@ class Coordinator:
                         launch: _Launch) -> SagaState | None:
         """A new saga's first unit, run while its start() waits (see start); the state
         to go on from, or None when the start was not stored."""
-        unit = Unit((state.started, state.id))
+        unit = launch.unit = Unit((state.started, state.id))
         expected = state.stream_version
         try:
             batch, messages = await run_unit(self, defn, state, unit, queue)
@@ -789,7 +789,7 @@ def _idempotency_key(state: SagaState, step: str, kind: str) -> str:
 class _Launch:
     """A saga's start() and its driver running the first inline unit (see start)."""
 
-    __slots__ = ("_stored", "appends", "claimed", "messages", "ready", "time")
+    __slots__ = ("_stored", "appends", "claimed", "messages", "ready", "time", "unit")
 
     def __init__(self, appends: list[tuple[str, list[Event], int | Any, str]],
                  messages: list[OutMessage]) -> None:
@@ -802,12 +802,20 @@ class _Launch:
         self._stored: asyncio.Future[bool | None] = loop.create_future()
         self.time = 0.0  # when start() stored the start
         self.claimed = False  # the driver is committing the start (with its unit)
+        self.unit: Unit | None = None  # the driver's unit
 
     def look(self) -> None:
         """Called right after the driver's first step: if its unit has not ended by
-        then, one of its handlers waits (and start() stores the start alone)."""
-        if not self.claimed and not self.ready.done():
-            self.ready.set_result(None)
+        then, one of its handlers waits (and start() stores the start alone). A wait
+        for an aggregate another saga holds (until that one commits) is waited out:
+        look again once it ends."""
+        if self.claimed or self.ready.done():
+            return
+        unit = self.unit
+        if unit is not None and unit.waiting and not unit.closed:
+            unit.after_wait = self.look
+            return
+        self.ready.set_result(None)
 
     def answer(self, done: bool | BaseException) -> None:
         """The driver committed the start (True) or failed to (the exception)."""
