@@ -181,10 +181,10 @@ class Coordinator:
         launch: _Launch | None = None
         if state.pending is not None and inline_for(self, defn, state.pending) is not None:
             # The first steps are inline: the saga's driver runs them right away, in its
-            # own task. If they finish without waiting, it commits them with the start
-            # (one transaction, often the whole saga); if a handler waits (I/O, an
-            # aggregate another saga holds), the start is committed here, alone, and the
-            # driver commits the unit when it is done.
+            # own task. If they finish without waiting (a wait for an aggregate another
+            # saga holds is sat out), it commits them with the start: one transaction,
+            # often the whole saga. If a handler waits for anything else (I/O), the start
+            # is committed here, alone, and the driver commits the unit when it is done.
             if saga_id in self._drivers:
                 return saga_id  # being started right now: this is the same start again
             launch = _Launch(appends, messages)
