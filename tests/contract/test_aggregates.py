@@ -270,6 +270,29 @@ async def test_events_recorded_after_a_save_but_not_saved_are_never_loaded(
     await repo.save(t)  # saving it later makes it the kept state again
     assert (await repo.get("tally-2"))._seen == {"a", "b"}
 
+class Fragile(tidings.Aggregate):
+    """An apply that changes part of the state, then fails (a bug, but it happens)."""
+
+    seen: list[str] = []  # noqa: RUF012 - copied per instance
+
+    def apply(self, event: Any) -> None:
+        if isinstance(event, AgOpened):
+            self.seen.append(event.owner)
+            if event.owner == "boom":
+                raise ValueError("half applied")
+
+
+async def test_a_failed_apply_after_a_save_never_reaches_a_load(hub: tidings.Hub) -> None:
+    repo = hub.repository(Fragile)
+    f = Fragile("fragile-1")
+    f.record(AgOpened(owner="a"))
+    await repo.save(f)
+    with pytest.raises(ValueError):
+        f.record(AgOpened(owner="boom"))  # recorded nothing, but changed f
+    assert f.seen == ["a", "boom"] and not f.pending_events
+    assert (await repo.get("fragile-1")).seen == ["a"]  # what is stored, not f
+
+
 async def test_an_atomic_commit_that_fails_late_leaves_nothing(hub: tidings.Hub) -> None:
     from tidings.eventsourcing.transaction import commit
 

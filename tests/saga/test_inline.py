@@ -508,3 +508,77 @@ async def test_a_start_waiting_for_a_held_aggregate_still_commits_in_one_go(
             "SagaStarted", "StepStarted", "StepCompleted", "StepStarted", "StepCompleted"]
         assert len({s["time"] for s in steps[:5]}) == 1, steps  # one transaction
     assert (await ledger(hub, "credit")).available == 90
+
+
+# a start's first unit: the edges a review found ---------------------------------------------
+async def test_a_unit_meeting_another_writer_on_an_aggregate_runs_again(
+        env: Env, sqlite_url: str) -> None:
+    # Five sagas create the same (missing) ledger at once: streams that do not exist are
+    # not held, so all but one unit meet a conflict on commit. That is not "started
+    # before": each start is stored, and its step runs again.
+    hub = await env.hub(sqlite_url)
+    ledger_service(hub, "credit", "credit", inline=True)  # loads or creates the ledger
+    runner = hub.sagas(Saga("create-race", [
+        Step("credit", command="svc.credit.reserve", compensation="svc.credit.release")]))
+    ids = await asyncio.gather(*(runner.start({"amount": 0}, id=f"o-{i}") for i in range(5)))
+    for sid in ids:
+        assert (await runner.wait(sid, timeout=WAIT))["status"] == "completed"
+
+
+async def test_the_same_id_in_two_sagas_is_two_sagas(env: Env, url: str) -> None:
+    hub = await env.hub(url)
+    await seed(hub, "credit", 10)
+    ledger_service(hub, "credit", "credit", inline=True)
+    steps = [Step("credit", command="svc.credit.reserve", compensation="svc.credit.release")]
+    a, b = hub.sagas(Saga("two-a", steps)), hub.sagas(Saga("two-b", steps))
+    await a.start({"amount": 1}, id="order-1")
+    assert (await a.wait("order-1", timeout=WAIT))["status"] == "completed"
+    await b.start({"amount": 20}, id="order-1")  # more than is left: compensated
+    waited = await b.wait("order-1", timeout=WAIT)
+    assert waited["status"] == "compensated" and waited["saga"] == "two-b"
+    assert waited == await b.get("order-1")
+
+
+async def test_a_saga_started_from_inside_an_inline_handler_does_not_wait_for_it(
+        env: Env) -> None:
+    # The parent's unit holds the ledger; the child it starts needs the same ledger. The
+    # child's start must not sit out that wait (the parent waits for the start).
+    hub = await env.hub("memory://")
+    await seed(hub, "credit", 10)
+    ledger_service(hub, "credit", "credit", inline=True)
+    child = hub.sagas(Saga("child", [
+        Step("credit", command="svc.credit.reserve", compensation="svc.credit.release")]))
+
+    @hub.handler("svc.parent.do", inline=True)
+    async def do(cmd: tidings.Command) -> dict[str, Any]:
+        led = await ledger(hub, "credit")  # held by this unit from here on
+        led.record(SgReserved(saga=cmd.data["saga_id"], amount=1))
+        cmd.save(led)
+        return {"child": await child.start({"amount": 1})}
+
+    parent = hub.sagas(Saga("parent", [Step("do", command="svc.parent.do", timeout=30)]))
+    state = await parent.wait(await parent.start({}), timeout=WAIT)
+    assert state["status"] == "completed"
+    kid = await child.wait(state["data"]["child"], timeout=WAIT)
+    assert kid["status"] == "completed"
+    assert (await ledger(hub, "credit")).available == 8
+
+
+async def test_a_start_retried_after_its_caller_gave_up_is_stored_and_driven(
+        env: Env) -> None:
+    hub = await env.hub("memory://")
+    runs: list[int] = []
+
+    @hub.handler("svc.slow", inline=True)
+    async def slow(cmd: tidings.Command) -> dict[str, Any]:
+        runs.append(1)
+        await asyncio.sleep(0.1)
+        return {}
+
+    runner = hub.sagas(Saga("retried", [Step("x", command="svc.slow", timeout=30)]))
+    first = asyncio.create_task(runner.start({}, id="dup"))
+    await asyncio.sleep(0)  # inside start(), its driver's handler waiting
+    first.cancel()  # the caller timed out
+    await asyncio.gather(first, return_exceptions=True)
+    assert await runner.start({}, id="dup") == "dup"  # the retry
+    assert (await runner.wait("dup", timeout=WAIT))["status"] == "completed"

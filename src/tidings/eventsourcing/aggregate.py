@@ -72,7 +72,13 @@ class Aggregate:
         If `apply` raises, nothing is recorded.
         """
         encoded = encode_event(event)  # validates now, not at save time
-        self.apply(event)
+        try:
+            self.apply(event)
+        except BaseException:
+            # it may have changed part of the state: never load copies of this object
+            # (see EventStore.kept)
+            self._unsound = True
+            raise
         self.version += 1
         new = NewEvent(event, id=new_id(), headers=headers)
         new._encoded = encoded

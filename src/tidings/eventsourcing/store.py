@@ -153,8 +153,8 @@ class EventStore:
         if entry is None:
             return None
         agg, version, _ = entry
-        if agg.version != version or agg._pending:
-            return None  # recorded events since (not saved, or saved by another path)
+        if agg.version != version or agg._pending or agg.__dict__.get("_unsound"):
+            return None  # changed since (events recorded, or an apply that failed)
         return agg
 
     @property

@@ -33,7 +33,7 @@ from ..errors import (
     TidingsError,
 )
 from ..eventsourcing.records import NO_STREAM
-from ..eventsourcing.repository import Unit
+from ..eventsourcing.repository import UNIT, Unit
 from ..eventsourcing.transaction import commit
 from ..messages import OutMessage, encode_data, new_id
 from .clock import Clock, SystemClock
@@ -68,6 +68,7 @@ __all__ = ["Coordinator"]
 
 log = logging.getLogger("tidings.saga")
 
+_SIT_OUT = 0.25  # how long start() waits for an aggregate another saga holds, at most
 _ENDED_KEPT = 1000  # final states of the sagas that ended here last, for wait()
 _LIFECYCLE_START = (SagaStarted,)
 _LIFECYCLE_END = (SagaCompleted, SagaCompensated)
@@ -102,6 +103,7 @@ class Coordinator:
         self.hub = hub
         self.clock: Clock = clock or SystemClock()
         self.defs: dict[str, dict[int, Saga]] = {}
+        # (all keyed by the saga's stream id: ids are unique per saga name only)
         self._drivers: dict[str, asyncio.Task[bool]] = {}
         self._inbox: dict[str, _Inbox] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -113,11 +115,12 @@ class Coordinator:
         # the final states of the sagas that ended here last (a saga often ends before
         # its starter calls wait(): no need to read it back)
         self._ended: OrderedDict[str, SagaState] = OrderedDict()
-        # saga id -> its start() waiting for its driver's first unit (see start)
+        # -> its start() waiting for its driver's first unit (see start)
         self._launches: dict[str, _Launch] = {}
+        self._again: set[str] = set()  # to drive again once their ending driver is done
         self._inline: dict[str, CommandHandler] = {}  # command -> its inline handler here
         self._inline_seen = -1
-        self._sent: dict[str, set[str]] = {}  # saga id -> command ids this process sent
+        self._sent: dict[str, set[str]] = {}  # -> command ids this process sent
 
     # registration ---------------------------------------------------------------
     def register(self, defn: Saga) -> None:
@@ -179,16 +182,15 @@ class Coordinator:
         if batch:
             appends.append((sid, batch, 1, f"saga.{defn.name}.steps"))
         launch: _Launch | None = None
-        if state.pending is not None and inline_for(self, defn, state.pending) is not None:
+        if (state.pending is not None and inline_for(self, defn, state.pending) is not None
+                and sid not in self._drivers):  # (else: see _commit_launch)
             # The first steps are inline: the saga's driver runs them right away, in its
             # own task. If they finish without waiting (a wait for an aggregate another
             # saga holds is sat out), it commits them with the start: one transaction,
             # often the whole saga. If a handler waits for anything else (I/O), the start
             # is committed here, alone, and the driver commits the unit when it is done.
-            if saga_id in self._drivers:
-                return saga_id  # being started right now: this is the same start again
-            launch = _Launch(appends, messages)
-            self._local_starts.add(saga_id)
+            launch = _Launch(appends, messages, sit_out=UNIT.get() is None)
+            self._local_starts.add(sid)
             self._drive(defn.name, saga_id, state, launch)
             asyncio.get_running_loop().call_soon(launch.look)  # right after its first step
             try:
@@ -206,7 +208,7 @@ class Coordinator:
                         "be stored: start it again with the same id on an open hub")
                 assert isinstance(done, BaseException)
                 raise done
-        self._local_starts.add(saga_id)
+        self._local_starts.add(sid)
         try:
             outcomes = await commit(self.hub, [], appends, messages,
                                     headers={"correlation-id": saga_id})
@@ -214,19 +216,21 @@ class Coordinator:
             if launch is not None:  # its driver records nothing, or looks whether it was
                 launch.failed(stored=False if isinstance(exc, ConcurrencyError) else None)
             if isinstance(exc, ConcurrencyError):
-                self._local_starts.discard(saga_id)
+                self._local_starts.discard(sid)
                 return saga_id  # started before: starting again is a no-op
-            if saga_id in self._local_starts:
-                self._local_starts.discard(saga_id)  # _follow drives it if it was stored
+            if sid in self._local_starts:
+                self._local_starts.discard(sid)  # _follow drives it if it was stored
             elif launch is None:
                 self._drive(defn.name, saga_id)  # stored, and _follow skipped it: drive it
             raise
         if launch is not None:
             launch.stored(outcomes[-1].time)  # its driver commits its unit next
-            if saga_id not in self._drivers and not self.hub.closed:
+            if sid not in self._drivers and not self.hub.closed:
                 self._drive(defn.name, saga_id)  # (its driver went away meanwhile)
             return saga_id
         stamp(state, 1 + len(batch), outcomes[-1].time)
+        if sid in self._drivers:  # a driver of an earlier start with this id is ending:
+            self._again.add(sid)  # this saga is driven once it is gone
         self._drive(defn.name, saga_id, state)
         return saga_id
 
@@ -242,39 +246,50 @@ class Coordinator:
 
     def _drive(self, name: str, saga_id: str, state: SagaState | None = None,
                launch: _Launch | None = None) -> None:
-        if saga_id in self._drivers:
+        key = stream_id(name, saga_id)
+        if key in self._drivers:
             return
-        if saga_id not in self._inbox:
-            self._inbox[saga_id] = _Inbox()
-        if saga_id not in self._finished:
-            self._finished[saga_id] = asyncio.get_running_loop().create_future()
+        if key not in self._inbox:
+            self._inbox[key] = _Inbox()
+        if key not in self._finished:
+            self._finished[key] = asyncio.get_running_loop().create_future()
         if launch is not None:
-            self._launches[saga_id] = launch
+            self._launches[key] = launch
         task = asyncio.get_running_loop().create_task(
             self._driver(name, saga_id, state), name=f"tidings:saga:{saga_id}"
         )
-        self._drivers[saga_id] = task
+        self._drivers[key] = task
         task.add_done_callback(functools.partial(self._driver_done, name, saga_id))
         task.add_done_callback(_log_crash)
 
     def _driver_done(self, name: str, saga_id: str, task: asyncio.Task[bool]) -> None:
-        self._drivers.pop(saga_id, None)
-        launch = self._launches.pop(saga_id, None)
+        key = stream_id(name, saga_id)
+        self._drivers.pop(key, None)
+        launch = self._launches.pop(key, None)
         if launch is not None:
             launch.abandon()  # (it went away first: the start goes on without it)
-        queue = self._inbox.pop(saga_id, None)
-        fut = self._finished.pop(saga_id, None)
-        final = self._final.pop(saga_id, None)
+        queue = self._inbox.pop(key, None)
+        fut = self._finished.pop(key, None)
+        final = self._final.pop(key, None)
         if fut is not None and not fut.done():
             fut.set_result(final)
-
+        if key in self._again and not self.hub.closed:
+            # asked for while it was ending (a start stored meanwhile): look again
+            self._again.discard(key)
+            self._drive(name, saga_id)
+            if queue is not None:
+                fresh = self._inbox[key]
+                while not queue.empty():
+                    fresh.put_nowait(queue.get_nowait())
+            return
+        self._again.discard(key)
         if queue is None or queue.empty():
             return
         if (not task.cancelled() and task.exception() is None and task.result()
                 and not self.hub.closed):
             # a reply or a retry arrived as the driver finished: a new driver settles it
             self._drive(name, saga_id)
-            fresh = self._inbox[saga_id]
+            fresh = self._inbox[key]
             while not queue.empty():
                 fresh.put_nowait(queue.get_nowait())
             return
@@ -292,7 +307,8 @@ class Coordinator:
 
         A saga's first inline unit runs here while its start() waits (`_launched`).
         """
-        queue = self._inbox[saga_id]
+        key = stream_id(name, saga_id)
+        queue = self._inbox[key]
         if state is None:
             state = await self.load(name, saga_id)
         if not state.version:
@@ -308,7 +324,7 @@ class Coordinator:
         # recorded as ignored, and a retry resumes a stuck saga (whose driver starts here).
         while not (state.done or state.status == "stuck") or not queue.empty():
             try:
-                launch = self._launches.pop(saga_id, None)
+                launch = self._launches.pop(key, None)
                 if launch is not None:
                     going_on = await self._launched(defn, state, sid, queue, launch)
                     if going_on is None:
@@ -326,11 +342,11 @@ class Coordinator:
                 log.warning("saga %s: %s; retrying in a second", saga_id, exc)
                 await asyncio.sleep(1.0)
                 state = await self.load(name, saga_id)
-        self._sent.pop(saga_id, None)
-        self._final[saga_id] = state  # for wait(): no need to read the stream back
+        self._sent.pop(key, None)
+        self._final[key] = state  # for wait(): no need to read the stream back
         if state.done:  # and for a wait() that comes after its end
             ended = self._ended
-            ended[saga_id] = state
+            ended[key] = state
             if len(ended) > _ENDED_KEPT:
                 ended.popitem(last=False)
         return True
@@ -377,14 +393,23 @@ class Coordinator:
                                     [*launch.messages, *messages],
                                     headers={"correlation-id": state.id})
         except ConcurrencyError as exc:
-            self._local_starts.discard(state.id)
-            launch.answer(exc)  # started before: start() is a no-op
-            return None
+            if exc.stream_id != sid:
+                # one of the unit's aggregates moved meanwhile (another writer): the unit
+                # is void; start() stores the start alone, and the step runs again
+                launch.claimed = False
+                launch.answer(None)
+                if await launch.outcome() is False:
+                    return None
+            else:  # started before (another start with this id): start() is a no-op
+                self._local_starts.discard(sid)
+                launch.answer(exc)
+            fresh = await self.load(defn.name, state.id)  # go on from what is stored
+            return fresh if fresh.version and not fresh.done else None
         except BaseException as exc:
             launch.answer(exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            self._local_starts.discard(state.id)  # (so _follow drives it if stored)
+            self._local_starts.discard(sid)  # (so _follow drives it if stored)
             fresh = await self.load(defn.name, state.id)  # did it happen before it failed?
             return fresh if fresh.version else None
         stamp(state, sum(len(a[1]) for a in appends), outcomes[-1].time)
@@ -417,7 +442,7 @@ class Coordinator:
         # Fold in the next move only when nothing waits in the saga's inbox: a cancel (or
         # a reply) that arrived meanwhile is applied first, so a cancel between steps
         # stops the saga before the next step.
-        queue = self._inbox.get(state.id)
+        queue = self._inbox.get(stream_id(defn.name, state.id))
         nxt = advance(defn, state, now) if queue is None or queue.empty() else None
         if isinstance(nxt, list):
             nxt = [self._mark_inline(defn, state, ev) for ev in nxt]
@@ -466,7 +491,7 @@ class Coordinator:
         if built is None:
             return None  # a local function: run by the driver
         msg_id, command, data, headers = built
-        self._sent.setdefault(state.id, set()).add(msg_id)
+        self._sent.setdefault(stream_id(defn.name, state.id), set()).add(msg_id)
         return OutMessage(msg_id, command, state.id, data, headers, True)
 
     def _command_parts(self, defn: Saga, state: SagaState, index: int, kind: str,
@@ -520,7 +545,7 @@ class Coordinator:
                 # driver's next write then conflicts and it looks again); otherwise its
                 # deadline passes here and the next attempt goes out as a message.
                 sent = f"{state.id}:{step.name}:{p.kind}:{p.attempt}"
-                if not p.inline and sent not in self._sent.get(state.id, ()):
+                if not p.inline and sent not in self._sent.get(sid, ()):
                     await self._send(defn, state)  # resuming: this process has not sent it
                 outcome = await self._await_reply(defn, state, sid, queue)
         else:
@@ -541,7 +566,7 @@ class Coordinator:
         try:
             return await self._apply_item(defn, state, sid, item)
         except BaseException:
-            queue = self._inbox.get(state.id)
+            queue = self._inbox.get(sid)
             if queue is not None:
                 _requeue(queue, item)
             raise
@@ -678,7 +703,8 @@ class Coordinator:
             await msg.ack()
 
     async def _deliver(self, name: str, saga_id: str, item: Any) -> None:
-        queue = self._inbox.get(saga_id)
+        key = stream_id(name, saga_id)
+        queue = self._inbox.get(key)
         if queue is None:
             state = await self.load(name, saga_id)
             if not state.version:
@@ -693,7 +719,7 @@ class Coordinator:
                             expected_version=state.stream_version, topic=f"saga.{name}.steps")
                     return
             self._drive(name, saga_id)
-            queue = self._inbox[saga_id]
+            queue = self._inbox[key]
         queue.put_nowait(item)
 
     async def _follow(self, name: str) -> None:
@@ -708,7 +734,7 @@ class Coordinator:
             last = m.position
         prefix = f"saga-{name}-"
         for sid in started:  # driven from their start here already, or resumed just below
-            self._local_starts.discard(sid[len(prefix):])
+            self._local_starts.discard(sid)
         for sid in started:
             if sid not in ended and sid.startswith(prefix):
                 self._drive(name, sid[len(prefix):])
@@ -716,10 +742,10 @@ class Coordinator:
             sid = m.headers.get("stream-id", "")
             if sid.startswith(prefix):
                 saga_id = sid[len(prefix):]
-                if saga_id in self._local_starts:
-                    self._local_starts.discard(saga_id)  # driven here from its start
+                if sid in self._local_starts:
+                    self._local_starts.discard(sid)  # driven here from its start
                     continue
-                if saga_id not in self._drivers:
+                if sid not in self._drivers:
                     state = await self.load(name, saga_id)
                     if not state.done:
                         self._drive(name, saga_id)
@@ -739,7 +765,7 @@ class Coordinator:
                 f"saga {saga_id!r} runs version {state.version} of {name!r}, which this "
                 "process does not register; do this where that version is registered")
         self._drive(name, saga_id)
-        queue = self._inbox.get(saga_id)
+        queue = self._inbox.get(stream_id(name, saga_id))
         if queue is not None:
             # Returns once the driver has stored the request in the saga's stream, so a
             # crash after this call cannot lose it. Shielded: cancelling the caller does
@@ -750,13 +776,14 @@ class Coordinator:
 
     async def wait(self, name: str, saga_id: str, timeout: float | None) -> SagaState:
         """Wait until the saga is completed, compensated or stuck."""
-        ended = self._ended.get(saga_id)
+        key = stream_id(name, saga_id)
+        ended = self._ended.get(key)
         if ended is not None:
             return ended  # as stored: stamped with the store's times
 
         async def until_done() -> SagaState:
             while True:
-                fut = self._finished.get(saga_id)
+                fut = self._finished.get(key)
                 if fut is not None:  # driven here: its end is the signal, no polling
                     if not fut.done():
                         await asyncio.shield(fut)  # (shared: one waiter's timeout is its own)
@@ -764,7 +791,7 @@ class Coordinator:
                     if final is not None and (final.done or final.status == "stuck"):
                         return final  # as stored: stamped with the store's times
                 # taken before loading, so a driver finishing in between is not missed
-                fut = self._finished.get(saga_id)
+                fut = self._finished.get(key)
                 changed = self.hub.engine.changes()
                 state = await self.load(name, saga_id)
                 if state.done or state.status == "stuck" or not state.version:
@@ -789,11 +816,15 @@ def _idempotency_key(state: SagaState, step: str, kind: str) -> str:
 class _Launch:
     """A saga's start() and its driver running the first inline unit (see start)."""
 
-    __slots__ = ("_stored", "appends", "claimed", "messages", "ready", "time", "unit")
+    __slots__ = ("_stored", "appends", "claimed", "messages", "ready", "sit_out", "time",
+                 "unit")
 
     def __init__(self, appends: list[tuple[str, list[Event], int | Any, str]],
-                 messages: list[OutMessage]) -> None:
+                 messages: list[OutMessage], *, sit_out: bool) -> None:
         loop = asyncio.get_running_loop()
+        #: whether start() sits out waits for held aggregates (not when it is called
+        #: from inside a unit, which may hold them itself): for _SIT_OUT at most
+        self.sit_out = loop.time() + _SIT_OUT if sit_out else 0.0
         self.appends = appends  # the start's events
         self.messages = messages  # and messages
         #: the driver committed the start with its unit: True, or the exception; None:
@@ -813,12 +844,24 @@ class _Launch:
             return
         unit = self.unit
         if unit is not None and unit.waiting and not unit.closed:
-            unit.after_wait = self.look
-            return
+            loop = asyncio.get_running_loop()
+            left = self.sit_out - loop.time()
+            if left > 0:
+                if unit.after_wait is None:
+                    loop.call_later(left, self._enough)
+                unit.after_wait = self.look
+                return
         self.ready.set_result(None)
 
-    def answer(self, done: bool | BaseException) -> None:
-        """The driver committed the start (True) or failed to (the exception)."""
+    def _enough(self) -> None:
+        unit = self.unit
+        if unit is not None and unit.waiting:
+            self.sit_out = 0.0
+            self.look()
+
+    def answer(self, done: bool | BaseException | None) -> None:
+        """The driver committed the start (True), failed to (the exception), or leaves
+        it to start() (None)."""
         if not self.ready.done():  # (start() may have been cancelled meanwhile)
             self.ready.set_result(done)
 
