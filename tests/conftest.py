@@ -104,6 +104,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
 
 
+@pytest.fixture
+def no_idle_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Consumers never look again on their own: only a wake-up can make them fetch."""
+    import tidings.pubsub
+
+    monkeypatch.setattr(tidings.pubsub, "IDLE_CHECK", 3600.0)
+
+
 @pytest.fixture(params=[pytest.param(c, id=c.id, marks=c.marks) for c in ENGINES])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> EngineUnderTest:
     case: EngineCase = request.param

@@ -7,67 +7,37 @@ own writes must never wake every consumer."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.postgres._child import publish_elsewhere
 
 import tidings
-import tidings.pubsub
 
-ROOT = Path(__file__).resolve().parents[1]
 GUARD = 30.0
 
 
-def publish_elsewhere(url: str, topic: str) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.postgres._child", "publish", url, topic, "1"],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=GUARD, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["done"]
-
-
-@pytest.fixture
-def no_idle_poll(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Consumers never look again on their own: only a wake-up can make them fetch."""
-    monkeypatch.setattr(tidings.pubsub, "IDLE_CHECK", 3600.0)
-
-
-async def test_an_idle_process_hears_of_another_process_publish(
-        tmp_path: Path, no_idle_poll: None) -> None:
-    url = f"sqlite:///{tmp_path}/w.db"
-    async with await tidings.connect(url) as hub:
-        sub = await hub.subscribe("x.>", group="g")
-        assert await sub.fetch(10, wait=0.05) == []
-        waiting = asyncio.create_task(sub.fetch(1, wait=3600))
-        await asyncio.sleep(0.1)  # asleep now
-        await asyncio.to_thread(publish_elsewhere, url, "x.a")
-        got = await asyncio.wait_for(waiting, GUARD)
-        assert [m.data for m in got] == [b"item-0"]
-
-
-async def test_a_busy_process_hears_of_another_process_publish(
-        tmp_path: Path, no_idle_poll: None) -> None:
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+async def test_a_process_hears_of_another_process_publish(
+        tmp_path: Path, no_idle_poll: None, busy: bool) -> None:
+    # idle: the writer looks every poll_interval; busy (it never idles): at each
+    # transaction
     url = f"sqlite:///{tmp_path}/w.db"
     async with await tidings.connect(url) as hub:
         sub = await hub.subscribe("x.>", group="g")
         assert await sub.fetch(10, wait=0.05) == []
         stop = asyncio.Event()
 
-        async def busy() -> None:  # the writer never idles: looks happen at transactions
-            while not stop.is_set():
+        async def work() -> None:
+            while busy and not stop.is_set():
                 await hub.publish("busy.y", b"work")
 
-        writer = asyncio.create_task(busy())
+        writer = asyncio.create_task(work())
         try:
             waiting = asyncio.create_task(sub.fetch(1, wait=3600))
-            await asyncio.sleep(0.1)
-            await asyncio.to_thread(publish_elsewhere, url, "x.b")
+            await asyncio.sleep(0.1)  # asleep now
+            await asyncio.to_thread(publish_elsewhere, url, "x.a")
             got = await asyncio.wait_for(waiting, GUARD)
             assert [m.data for m in got] == [b"item-0"]
         finally:

@@ -1,9 +1,13 @@
-"""Child processes for the PostgreSQL tests (run with `python -m tests.postgres._child`)."""
+"""Child processes for the PostgreSQL tests (run with `python -m tests.postgres._child`),
+and `publish_elsewhere`, which runs one (for any engine's cross-process tests)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import tidings
 
@@ -43,6 +47,18 @@ async def publish(url: str, topic: str, count: int) -> None:
         for i in range(count):
             await hub.publish(topic, f"item-{i}")
         print("done", flush=True)
+
+
+def publish_elsewhere(url: str, topic: str, count: int = 1, guard: float = 30.0) -> None:
+    """Publish from another process: `count` messages 'item-0'… on `topic`."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.postgres._child", "publish", url, topic, str(count)],
+        capture_output=True, text=True, cwd=root, env=env, timeout=guard, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["done"]
 
 
 if __name__ == "__main__":

@@ -3,37 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import tidings
-import tidings.pubsub
+
+from ._child import publish_elsewhere
 
 asyncpg = pytest.importorskip("asyncpg")
 pytestmark = [pytest.mark.service]
 
-ROOT = Path(__file__).resolve().parents[2]
 GUARD = 30.0
-
-
-def publish_elsewhere(url: str, topic: str, count: int = 1) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.postgres._child", "publish", url, topic, str(count)],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=GUARD, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["done"]
-
-
-@pytest.fixture
-def no_idle_poll(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Consumers never look again on their own: only a wake-up can make them fetch."""
-    monkeypatch.setattr(tidings.pubsub, "IDLE_CHECK", 3600.0)
 
 
 async def test_waiting_consumer_gets_another_process_publish(
