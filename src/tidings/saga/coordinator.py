@@ -196,8 +196,7 @@ class Coordinator:
             try:
                 done = await launch.ready
             except asyncio.CancelledError:
-                if not launch.claimed:
-                    launch.failed(stored=False)  # nobody stores it now: the driver gives up
+                launch.failed(stored=False)  # start() stores nothing: the driver looks
                 raise
             if done is not None:  # the driver committed the start, with the unit
                 if done is True or isinstance(done, ConcurrencyError):
@@ -213,15 +212,16 @@ class Coordinator:
             outcomes = await commit(self.hub, [], appends, messages,
                                     headers={"correlation-id": saga_id})
         except BaseException as exc:
-            if launch is not None:  # its driver records nothing, or looks whether it was
+            if launch is not None:  # its driver looks at what is stored, and goes on
                 launch.failed(stored=False if isinstance(exc, ConcurrencyError) else None)
+            self._local_starts.discard(sid)
             if isinstance(exc, ConcurrencyError):
-                self._local_starts.discard(sid)
                 return saga_id  # started before: starting again is a no-op
-            if sid in self._local_starts:
-                self._local_starts.discard(sid)  # _follow drives it if it was stored
-            elif launch is None:
-                self._drive(defn.name, saga_id)  # stored, and _follow skipped it: drive it
+            # the commit may have landed before the failure: whoever drives it looks
+            if sid in self._drivers:
+                self._again.add(sid)
+            elif not self.hub.closed:
+                self._drive(defn.name, saga_id)
             raise
         if launch is not None:
             launch.stored(outcomes[-1].time)  # its driver commits its unit next
@@ -369,14 +369,20 @@ class Coordinator:
                 if not fresh.version:
                     return None
                 stamp_first(state, expected, fresh.started)
-            elif not stored:
-                return None
+            elif not stored:  # (another start stored it, or none did): as stored
+                return await self._go_on(defn, state.id)
             else:
                 stamp_first(state, expected, launch.time)
             await commit_unit(self, defn, state, sid, unit, expected, batch, messages)
             return state
         finally:
             unit.close()
+
+    async def _go_on(self, defn: Saga, saga_id: str) -> SagaState | None:
+        """After a launch that did not store what its driver did: the saga as stored,
+        to drive on (another start of this id may have stored it), or None."""
+        fresh = await self.load(defn.name, saga_id)
+        return fresh if fresh.version and not fresh.done else None
 
     async def _commit_launch(self, defn: Saga, state: SagaState, sid: str, unit: Unit,
                              launch: _Launch, batch: list[Event],
@@ -398,20 +404,17 @@ class Coordinator:
                 # is void; start() stores the start alone, and the step runs again
                 launch.claimed = False
                 launch.answer(None)
-                if await launch.outcome() is False:
-                    return None
+                await launch.outcome()
             else:  # started before (another start with this id): start() is a no-op
                 self._local_starts.discard(sid)
                 launch.answer(exc)
-            fresh = await self.load(defn.name, state.id)  # go on from what is stored
-            return fresh if fresh.version and not fresh.done else None
+            return await self._go_on(defn, state.id)
         except BaseException as exc:
             launch.answer(exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             self._local_starts.discard(sid)  # (so _follow drives it if stored)
-            fresh = await self.load(defn.name, state.id)  # did it happen before it failed?
-            return fresh if fresh.version else None
+            return await self._go_on(defn, state.id)  # did it land before it failed?
         stamp(state, sum(len(a[1]) for a in appends), outcomes[-1].time)
         launch.answer(True)
         return state
