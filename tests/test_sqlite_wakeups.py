@@ -35,7 +35,8 @@ async def test_a_process_hears_of_another_process_publish(
 
         writer = asyncio.create_task(work())
         try:
-            waiting = asyncio.create_task(sub.fetch(1, wait=3600))
+            await asyncio.sleep(0.05)  # (idle: nobody waits, the writer sleeps until work)
+            waiting = asyncio.create_task(sub.fetch(1, wait=3600))  # a waiter wakes it
             await asyncio.sleep(0.1)  # asleep now
             await asyncio.to_thread(publish_elsewhere, url, "x.a")
             got = await asyncio.wait_for(waiting, GUARD)

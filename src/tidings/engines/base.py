@@ -242,6 +242,11 @@ class Engine(ABC):
             ev = self._by_pattern[pattern] = _Changes()
         return ev
 
+    def _watch(self) -> None:
+        """Someone waits now, where nobody did: an engine shared across processes
+        starts looking for outside changes (see SqliteEngine)."""
+        return None
+
     async def wait(self, event: asyncio.Event, timeout: float | None) -> None:
         """Wait for `event` (from `changes()`) or `timeout` seconds, whichever is first.
 
@@ -255,6 +260,8 @@ class Engine(ABC):
             if isinstance(event, _Changes):
                 event.future = fut
         self._waiters += 1
+        if self._waiters == 1:
+            self._watch()
         try:
             # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancellation
             # that races with the event firing, leaving a consumer that never stops.

@@ -237,6 +237,7 @@ class _Job:
 
 
 _STOP = object()
+_WATCH = object()  # a waiter appeared: the idle writer starts looking (see _watch)
 _BUSY = object()  # an inline read met a lock: go to a reader thread
 
 
@@ -346,11 +347,14 @@ class SqliteEngine(Engine):
         assert loop is not None
         while True:
             try:
-                # idle: look for other processes' commits as often as poll_interval says
-                first = q.get(timeout=self.poll_interval)
+                # idle: look for other processes' commits as often as poll_interval says,
+                # while anyone waits (else sleep until there is work, or a waiter: _watch)
+                first = q.get(timeout=self.poll_interval if self._waiters else None)
             except queue.Empty:
-                if self._waiters:
-                    self._look_for_others(conn)
+                self._look_for_others(conn)
+                continue
+            if first is _WATCH:
+                self._look_for_others(conn)
                 continue
             if first is _STOP:
                 break
@@ -361,6 +365,8 @@ class SqliteEngine(Engine):
                     nxt = q.get_nowait()
                 except queue.Empty:
                     break
+                if nxt is _WATCH:
+                    continue  # (the transaction below looks anyway)
                 if nxt is _STOP:
                     stop = True
                     break
@@ -370,6 +376,10 @@ class SqliteEngine(Engine):
             if stop:
                 break
         conn.close()
+
+    def _watch(self) -> None:
+        if self._thread is not None and not self._closed:
+            self._queue.put(_WATCH)
 
     def _look_for_others(self, conn: sqlite3.Connection) -> None:
         """In the writer thread: wake every waiter if another connection (another
