@@ -167,13 +167,18 @@ async def seed(hub: tidings.Hub, lid: str, units: int) -> None:
 
 
 def ledger_service(hub: tidings.Hub, name: str, lid: str, *, concurrency: int = 1,
-                   calls: list[str] | None = None, inline: bool = False) -> None:
-    """`svc.<name>.reserve` / `svc.<name>.release` on the ledger `lid`."""
+                   calls: list[str] | None = None, inline: bool = False,
+                   before: Callable[[tidings.Command], Awaitable[None]] | None = None
+                   ) -> None:
+    """`svc.<name>.reserve` / `svc.<name>.release` on the ledger `lid` (`before`: run
+    first by each reserve)."""
 
     @hub.handler(f"svc.{name}.reserve", concurrency=concurrency, inline=inline)
     async def reserve(cmd: tidings.Command) -> dict[str, Any]:
         if calls is not None:
             calls.append(cmd.data["saga_id"])
+        if before is not None:
+            await before(cmd)
         led = await ledger(hub, lid)
         amount = int(cmd.data.get("amount", 1))
         if led.available < amount:

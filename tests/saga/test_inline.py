@@ -21,7 +21,6 @@ from tidings import ManualClock, Rejected, Saga, Step
 from .test_coordinator import (
     WAIT,
     Env,
-    SgReleased,
     SgReserved,
     ledger,
     ledger_service,
@@ -601,33 +600,19 @@ async def test_racing_and_abandoned_starts_never_lose_a_saga(
     await seed(hub, "stock", 20)
     modes = ["plain", "plain", "yield", "sleep", "reject", "raise"]
 
-    def service(name: str) -> None:
-        @hub.handler(f"svc.{name}.reserve", inline=True)
-        async def reserve(cmd: tidings.Command) -> dict[str, Any]:
-            mode = cmd.data[name]
-            if mode == "yield":
-                await asyncio.sleep(0)
-            elif mode == "sleep":
-                await asyncio.sleep(rnd.random() * 0.01)
-            led = await ledger(hub, name)
-            if mode == "raise":
-                raise RuntimeError("boom")
-            if mode == "reject" or led.available < 1:
-                raise Rejected("no")
-            led.record(SgReserved(saga=cmd.data["saga_id"], amount=1))
-            cmd.save(led)
-            return {}
+    async def chaos(cmd: tidings.Command) -> None:
+        mode = cmd.data[cmd.name.split(".")[1]]  # this service's mode for this saga
+        if mode == "yield":
+            await asyncio.sleep(0)
+        elif mode == "sleep":
+            await asyncio.sleep(rnd.random() * 0.01)
+        elif mode == "raise":
+            raise RuntimeError("boom")
+        elif mode == "reject":
+            raise Rejected("no")
 
-        @hub.handler(f"svc.{name}.release", inline=True)
-        async def release(cmd: tidings.Command) -> dict[str, Any]:
-            led = await ledger(hub, name)
-            if cmd.data["saga_id"] in led.held:
-                led.record(SgReleased(saga=cmd.data["saga_id"]))
-                cmd.save(led)
-            return {}
-
-    service("credit")
-    service("stock")
+    ledger_service(hub, "credit", "credit", inline=True, before=chaos)
+    ledger_service(hub, "stock", "stock", inline=True, before=chaos)
     runner = hub.sagas(Saga("fuzz", [
         Step("credit", command="svc.credit.reserve", compensation="svc.credit.release",
              timeout=30, retries=1, backoff=0.01),
