@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from tests.pgserver import FAST, PgServer, PgServerUnavailable
 
-__all__ = ["PgService", "postgres_server", "postgres_url"]
+__all__ = ["PgService", "needs", "postgres_server", "postgres_url", "unavailable"]
 
 ENV_URL = "TIDINGS_TEST_POSTGRES_URL"
 ENV_REQUIRE = "TIDINGS_REQUIRE_SERVICES"
@@ -84,11 +85,25 @@ class PgService:
             asyncio.run(drop())
 
 
-def _unavailable(reason: str) -> None:
+def unavailable(reason: str) -> None:
+    """Skip the test for a missing service or package, or fail it when everything is
+    required (`TIDINGS_REQUIRE_SERVICES=1`, as CI sets it)."""
     if os.environ.get(ENV_REQUIRE) == "1":
-        pytest.fail(f"PostgreSQL is required ({ENV_REQUIRE}=1) but unavailable: {reason}",
-                    pytrace=False)
-    pytest.skip(f"PostgreSQL unavailable: {reason}")
+        pytest.fail(f"required ({ENV_REQUIRE}=1) but unavailable: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def needs(module: str, reason: str = "") -> Any:
+    """`pytest.importorskip`, except that under `TIDINGS_REQUIRE_SERVICES=1` a missing
+    module fails the test (a skipped test proves nothing)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        unavailable(f"{module} is not installed ({exc}){': ' + reason if reason else ''}")
+
+
+def _unavailable(reason: str) -> None:
+    unavailable(f"PostgreSQL unavailable: {reason}")
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.pg_plugin import needs
 
-pytest.importorskip("typer", reason="the CLI needs the cli extra: pip install 'tidings[cli]'")
+needs("typer", reason="the CLI needs the cli extra: pip install 'tidings[cli]'")
 
 from typer.testing import CliRunner  # noqa: E402
 

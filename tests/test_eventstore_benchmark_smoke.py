@@ -12,14 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.pg_plugin import needs
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW_KEYS = {"name", "tidings", "peer_name", "peer", "unit", "ratio", "target"}
 
 
 def test_eventstore_benchmark_runs(tmp_path: Path) -> None:
-    pytest.importorskip("eventsourcing", reason="the peer library is in the bench extra")
+    needs("eventsourcing", reason="the peer library is in the bench extra")
     results = tmp_path / "latest.json"
     env = {**os.environ, "COLUMNS": "200", "TMPDIR": str(tmp_path)}
     proc = subprocess.run(

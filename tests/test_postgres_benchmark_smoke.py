@@ -14,16 +14,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.pg_plugin import needs
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW_KEYS = {"name", "tidings", "peer_name", "peer", "unit", "ratio", "target"}
 
 
 def test_postgres_benchmark_runs(tmp_path: Path, postgres_server: Any) -> None:
-    pytest.importorskip("eventsourcing", reason="the peer library is in the bench extra")
-    pytest.importorskip("psycopg", reason="eventsourcing's PostgreSQL persistence needs psycopg 3")
-    pytest.importorskip("psycopg_pool", reason="eventsourcing's PostgreSQL persistence needs it")
+    needs("eventsourcing", reason="the peer library is in the bench extra")
+    needs("psycopg", reason="eventsourcing's PostgreSQL persistence needs psycopg 3")
+    needs("psycopg_pool", reason="eventsourcing's PostgreSQL persistence needs it")
     results = tmp_path / "latest.json"
     env = {**os.environ, "COLUMNS": "200", "TMPDIR": str(tmp_path),
            "TIDINGS_BENCH_POSTGRES_URL": postgres_server.base_url}

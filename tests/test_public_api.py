@@ -7,6 +7,7 @@ import inspect
 import pkgutil
 
 import pytest
+from tests.pg_plugin import unavailable
 
 import tidings
 
@@ -112,7 +113,7 @@ def test_every_module_all_names_exist(module: str) -> None:
         mod = importlib.import_module(module)
     except ImportError as exc:  # an optional extra that is not installed
         if exc.name and not exc.name.startswith("tidings"):
-            pytest.skip(f"{module} needs {exc.name}")
+            unavailable(f"{module} needs {exc.name}")
         raise
     for name in getattr(mod, "__all__", []):
         assert hasattr(mod, name), f"{module}.__all__ lists {name!r}, which does not exist"

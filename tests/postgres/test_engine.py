@@ -7,6 +7,7 @@ import socket
 from typing import Any
 
 import pytest
+from tests.pg_plugin import needs
 
 import tidings
 from tidings import topics
@@ -14,7 +15,7 @@ from tidings.engines.postgres import PgTx, PostgresEngine
 from tidings.engines.postgres_sql import Migration, pattern_regex
 from tidings.messages import OutMessage
 
-asyncpg = pytest.importorskip("asyncpg")
+asyncpg = needs("asyncpg")
 pytestmark = [pytest.mark.service]
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from tests.pg_plugin import needs
 
 import tidings
 from tidings.engines.postgres import PostgresEngine
 from tidings.engines.postgres_store import PostgresStore
 from tidings.eventsourcing import Appended
 
-asyncpg = pytest.importorskip("asyncpg")
+asyncpg = needs("asyncpg")
 pytestmark = [pytest.mark.service]
 
 

@@ -7,11 +7,10 @@ other test's connections), so these need the PostgreSQL binaries, not just a URL
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 
 import pytest
-from tests.pg_plugin import ENV_REQUIRE
+from tests.pg_plugin import unavailable
 from tests.pgserver import FAST, PgServer, PgServerUnavailable
 
 import tidings
@@ -28,9 +27,7 @@ def server() -> Iterator[PgServer]:
         pg = PgServer(settings=dict(FAST))
         pg.start()
     except (PgServerUnavailable, OSError) as exc:
-        if os.environ.get(ENV_REQUIRE) == "1":
-            pytest.fail(f"PostgreSQL binaries are required ({ENV_REQUIRE}=1): {exc}")
-        pytest.skip(f"needs the PostgreSQL server binaries to restart a server: {exc}")
+        unavailable(f"needs the PostgreSQL server binaries to restart a server: {exc}")
     try:
         yield pg
     finally:

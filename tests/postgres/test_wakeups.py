@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from tests.pg_plugin import needs
 
 import tidings
 
 from ._child import publish_elsewhere
 
-asyncpg = pytest.importorskip("asyncpg")
+asyncpg = needs("asyncpg")
 pytestmark = [pytest.mark.service]
 
 GUARD = 30.0
