@@ -104,13 +104,12 @@ class Coordinator:
         self.clock: Clock = clock or SystemClock()
         self.defs: dict[str, dict[int, Saga]] = {}
         # (all keyed by the saga's stream id: ids are unique per saga name only)
-        self._drivers: dict[str, asyncio.Task[bool]] = {}
+        self._drivers: dict[str, asyncio.Task[SagaState | None]] = {}
         self._inbox: dict[str, _Inbox] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watching: set[str] = set()
         # saga id -> resolved with its final state when its driver here ends
         self._finished: dict[str, asyncio.Future[SagaState | None]] = {}
-        self._final: dict[str, SagaState] = {}
         self._local_starts: set[str] = set()  # started here, not yet seen by _follow
         # the final states of the sagas that ended here last (a saga often ends before
         # its starter calls wait(): no need to read it back)
@@ -262,7 +261,8 @@ class Coordinator:
         task.add_done_callback(functools.partial(self._driver_done, name, saga_id))
         task.add_done_callback(_log_crash)
 
-    def _driver_done(self, name: str, saga_id: str, task: asyncio.Task[bool]) -> None:
+    def _driver_done(self, name: str, saga_id: str,
+                     task: asyncio.Task[SagaState | None]) -> None:
         key = stream_id(name, saga_id)
         self._drivers.pop(key, None)
         launch = self._launches.pop(key, None)
@@ -270,28 +270,21 @@ class Coordinator:
             launch.abandon()  # (it went away first: the start goes on without it)
         queue = self._inbox.pop(key, None)
         fut = self._finished.pop(key, None)
-        final = self._final.pop(key, None)
+        final = None if task.cancelled() or task.exception() else task.result()
         if fut is not None and not fut.done():
             fut.set_result(final)
-        if key in self._again and not self.hub.closed:
-            # asked for while it was ending (a start stored meanwhile): look again
-            self._again.discard(key)
+        again = key in self._again  # asked for while it was ending (a start stored meanwhile)
+        self._again.discard(key)
+        waiting = queue is not None and not queue.empty()
+        if not self.hub.closed and (again or (waiting and final is not None)):
+            # look again; a reply or a retry that arrived as it finished goes along
             self._drive(name, saga_id)
             if queue is not None:
                 fresh = self._inbox[key]
                 while not queue.empty():
                     fresh.put_nowait(queue.get_nowait())
             return
-        self._again.discard(key)
-        if queue is None or queue.empty():
-            return
-        if (not task.cancelled() and task.exception() is None and task.result()
-                and not self.hub.closed):
-            # a reply or a retry arrived as the driver finished: a new driver settles it
-            self._drive(name, saga_id)
-            fresh = self._inbox[key]
-            while not queue.empty():
-                fresh.put_nowait(queue.get_nowait())
+        if queue is None:
             return
         # nobody drives it here any more: a waiting cancel or retry must not wait forever
         while not queue.empty():
@@ -302,8 +295,10 @@ class Coordinator:
                     "or the driver failed); ask again"))
 
     # the driver ---------------------------------------------------------------------
-    async def _driver(self, name: str, saga_id: str, state: SagaState | None) -> bool:
-        """Drive one saga until it is finished or stuck; True when it got there.
+    async def _driver(self, name: str, saga_id: str, state: SagaState | None
+                      ) -> SagaState | None:
+        """Drive one saga until it is finished or stuck; its final state when it got
+        there (for wait(): no need to read the stream back), else None.
 
         A saga's first inline unit runs here while its start() waits (`_launched`).
         """
@@ -312,13 +307,13 @@ class Coordinator:
         if state is None:
             state = await self.load(name, saga_id)
         if not state.version:
-            return False
+            return None
         defn = self.defs.get(name, {}).get(state.version)
         if defn is None:
             log.warning("saga %s needs %s version %d, which this process does not have; "
                         "leaving it to a coordinator that registers it", saga_id, name,
                         state.version)
-            return False
+            return None
         sid = stream_id(name, saga_id)
         # A finished or stuck saga still settles its inbox: a late or duplicate reply is
         # recorded as ignored, and a retry resumes a stuck saga (whose driver starts here).
@@ -328,7 +323,7 @@ class Coordinator:
                 if launch is not None:
                     going_on = await self._launched(defn, state, sid, queue, launch)
                     if going_on is None:
-                        return False  # the start was not stored: nothing to drive
+                        return None  # the start was not stored: nothing to drive
                     state = going_on
                 elif state.done or state.status == "stuck":
                     await self._handle_item(defn, state, sid, queue.get_nowait())
@@ -343,13 +338,12 @@ class Coordinator:
                 await asyncio.sleep(1.0)
                 state = await self.load(name, saga_id)
         self._sent.pop(key, None)
-        self._final[key] = state  # for wait(): no need to read the stream back
-        if state.done:  # and for a wait() that comes after its end
+        if state.done:  # for a wait() that comes after its end, too
             ended = self._ended
             ended[key] = state
             if len(ended) > _ENDED_KEPT:
                 ended.popitem(last=False)
-        return True
+        return state
 
     async def _launched(self, defn: Saga, state: SagaState, sid: str, queue: _Inbox,
                         launch: _Launch) -> SagaState | None:
@@ -388,12 +382,11 @@ class Coordinator:
                              launch: _Launch, batch: list[Event],
                              messages: list[OutMessage]) -> SagaState | None:
         """Commit a saga's start with its first unit (for its start(), which waits)."""
+        # the start's two appends (its SagaStarted, its first move), the unit's events
+        # joining the second
         appends = list(launch.appends)
-        if batch:
-            if len(appends) > 1:
-                appends[1] = (sid, [*appends[1][1], *batch], 1, appends[1][3])
-            else:  # (the start always has a first move when its first step is inline)
-                appends.append((sid, batch, 1, f"saga.{defn.name}.steps"))
+        _, (_, first, version, topic) = appends
+        appends[1] = (sid, [*first, *batch], version, topic)
         try:
             outcomes = await commit(self.hub, list(unit.aggregates.values()), appends,
                                     [*launch.messages, *messages],
