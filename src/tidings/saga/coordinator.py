@@ -423,6 +423,14 @@ class Coordinator:
         """
         expected = state.stream_version
         batch, messages = self._next_moves(defn, state, events, self.clock.now())
+        await self._commit_steps(defn, state, sid, expected, batch, saves, messages, headers)
+
+    async def _commit_steps(self, defn: Saga, state: SagaState, sid: str, expected: int,
+                            batch: list[Event], saves: Sequence[Aggregate],
+                            messages: list[OutMessage],
+                            headers: dict[str, str] | None) -> None:
+        """Commit events already folded into `state` (the stream at `expected`), the
+        aggregates saved with them and the messages they send; then stamp their times."""
         outcomes = await commit(self.hub, saves,
                                 [(sid, batch, expected, f"saga.{defn.name}.steps")],
                                 messages, headers=headers)

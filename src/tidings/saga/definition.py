@@ -432,22 +432,20 @@ _APPLY: dict[type, Callable[..., None]] = {
 def stamp(state: SagaState, n: int, time: float) -> None:
     """Give the last `n` events folded into `state` the time the store gave them, so the
     state a driver holds is the one a reader loads (evolve ran before the commit)."""
-    if not time or not n:
-        return  # a duplicate: the stored times are the first append's
-    for entry in state.history[-n:]:
-        entry["time"] = time
-        if entry["event"] == "SagaStarted":
-            state.started = time
-        elif entry["event"] in ("SagaCompleted", "SagaCompensated"):
-            state.finished = time
+    if n:  # (0 or no time: a duplicate, whose stored times are the first append's)
+        _stamp(state, state.history[-n:], time)
 
 
 def stamp_first(state: SagaState, n: int, time: float) -> None:
     """`stamp` for the first `n` events folded into `state` (a saga's start, stored
     while its driver was already folding what came next)."""
+    _stamp(state, state.history[:n], time)
+
+
+def _stamp(state: SagaState, entries: list[dict[str, Any]], time: float) -> None:
     if not time:
         return
-    for entry in state.history[:n]:
+    for entry in entries:
         entry["time"] = time
         if entry["event"] == "SagaStarted":
             state.started = time

@@ -27,7 +27,6 @@ from .definition import (
     Saga,
     SagaState,
     on_outcome,
-    stamp,
 )
 from .handlers import Command, CommandHandler
 
@@ -73,14 +72,10 @@ async def commit_unit(coord: Coordinator, defn: Saga, state: SagaState, sid: str
                       expected: int, batch: list[Event], messages: list[OutMessage]) -> None:
     """Commit what a unit did: its events on the saga's stream (from `expected`), what
     its handlers saved, and the messages its moves send."""
-    if not batch:
-        return  # backed off before any step ended: nothing to record
-    from ..eventsourcing.transaction import commit
-
-    outcomes = await commit(coord.hub, list(unit.aggregates.values()),
-                            [(sid, batch, expected, f"saga.{defn.name}.steps")], messages,
-                            headers={"correlation-id": state.id})
-    stamp(state, len(batch), outcomes[-1].time)
+    if batch:  # (none: it backed off before any step ended, nothing to record)
+        await coord._commit_steps(defn, state, sid, expected, batch,
+                                  list(unit.aggregates.values()), messages,
+                                  {"correlation-id": state.id})
 
 
 async def run_unit(coord: Coordinator, defn: Saga, state: SagaState, unit: Unit,
@@ -123,39 +118,30 @@ async def _run_inline(coord: Coordinator, handler: CommandHandler, defn: Saga,
     # attempt is recorded. Not bounded by the handler's `concurrency` (that is for
     # deliveries): a saga runs one step at a time, and waiting for a slot while the
     # unit holds streams could deadlock with a unit holding the slot.
+    outcome: Outcome
     token = UNIT.set(unit)
     try:
-        try:
-            result = await _eager(handler.fn(cmd), coord, p.deadline)
-        except (Exception, Contended) as exc:
-            return _settle(state, p, command, unit, cmd, None, exc)
-        return _settle(state, p, command, unit, cmd, result, None)
-    finally:
-        UNIT.reset(token)
-
-
-def _settle(state: SagaState, p: Pending, command: str, unit: Unit, cmd: Command,
-            result: Any, exc: BaseException | None) -> Outcome | None:
-    """The outcome of an inline attempt that returned `result` or raised `exc`; what
-    it saved joins `unit` when it succeeded. None: it backed off (contended)."""
-    outcome: Outcome
-    if isinstance(exc, Contended):
+        result = await _eager(handler.fn(cmd), coord, p.deadline)
+    except Contended:
         if unit.aggregates or unit.holding:
             return None  # not run: the unit ends here, the step starts the next one
-        raise exc  # pragma: no cover - a unit's first stream is always waited for
-    if isinstance(exc, TimeoutError):
+        raise  # pragma: no cover - a unit's first stream is always waited for
+    except TimeoutError:
         # not "timeout": that means "may have taken effect", and an inline attempt
         # that did not finish stored nothing
         outcome = Outcome("error", error="the inline handler did not finish in time")
-    elif isinstance(exc, Rejected):
+    except Rejected as exc:
         outcome = Outcome("rejected", error=exc.reason)
-    elif exc is not None:
+    except Exception as exc:
         log.warning("saga %s: inline handler for %s failed: %r", state.id, command, exc)
         outcome = Outcome("error", error=f"{type(exc).__name__}: {exc}")
-    elif result is not None and not isinstance(result, dict):
-        outcome = Outcome("error", error="a command handler must return a dict or None")
     else:
-        outcome = Outcome("ok", result=result)
+        if result is not None and not isinstance(result, dict):
+            outcome = Outcome("error", error="a command handler must return a dict or None")
+        else:
+            outcome = Outcome("ok", result=result)
+    finally:
+        UNIT.reset(token)
     if outcome.kind == "ok":
         unit.keep(cmd._saves)
     elif outcome.kind == "rejected" and p.kind == "compensation":
