@@ -594,7 +594,8 @@ class Hub:
         return SagaRunner(self._coordinator, definition)
 
     def handler(self, command: str, *, group: str | None = None,
-                concurrency: int = 1, inline: bool = False) -> Callable[[F], F]:
+                concurrency: int = 1, inline: bool = False,
+                ack_wait: float = 60.0) -> Callable[[F], F]:
         """Register a service's command handler (run by `hub.run()`).
 
         The function gets a `Command` and returns the reply (a dict); raise
@@ -606,16 +607,24 @@ class Hub:
         itself, and what it saves commits in one transaction with the step's
         outcome (no command or reply message, no inbox record: the saga's stream
         is the record). Commands arriving as messages are still handled as above.
+
+        `ack_wait`: how long a delivery is leased to this process before another
+        may take it (a process that dies holding a command gives it up then). A
+        command that comes back after its saga compensated the step changes
+        nothing (the compensation fenced it), so this only bounds how soon a
+        crashed service's commands are retried.
         """
         from .saga.handlers import CommandHandler
 
         if not isinstance(inline, bool):
             raise InvalidArgument(f"inline must be True or False, got {inline!r}")
+        if not _positive_seconds(ack_wait):
+            raise InvalidArgument(f"ack_wait must be a number of seconds > 0, got {ack_wait!r}")
 
         def register(fn: F) -> F:
             self._command_handlers.append(
                 CommandHandler(self, command, fn, group=group, concurrency=concurrency,
-                               inline=inline))
+                               inline=inline, ack_wait=float(ack_wait)))
             return fn
 
         return register

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -175,14 +176,51 @@ def test_delay_formula_and_no_overflow_for_endless_retries() -> None:
 
 
 def test_error_after_retries_compensates_earlier_steps_only() -> None:
-    defn = Saga("er", [local("a"), cmd("b", retries=2)])
+    defn = Saga("er", [local("a"), local("b", retries=2)])
     sim = Sim(defn)
     state = sim.run([OK, error(), error(), error("still broken"), OK])
     assert state.status == "compensated"
     final = sim.of(StepFailed)[-1]
     assert final.retry_at is None and not final.compensate_self
-    assert compensated_steps(sim) == [0]  # the erroring step made no change
+    assert compensated_steps(sim) == [0]  # the erroring local step made no change
     assert "still broken" in state.reason
+    assert state.fence is None
+
+
+def test_a_command_that_errored_over_messages_is_compensated_and_fenced() -> None:
+    # The handler failed and stored nothing, but its delivery can come back (a crash
+    # before the ack): the step is uncertain, so it is compensated, and its compensation
+    # fences the command so that a late delivery changes nothing.
+    defn = Saga("er2", [local("a"), cmd("b", retries=2)])
+    sim = Sim(defn)
+    state = sim.run([OK, error(), error(), error("still broken"), OK, OK])
+    assert state.status == "compensated"
+    final = sim.of(StepFailed)[-1]
+    assert final.retry_at is None and final.compensate_self
+    assert compensated_steps(sim) == [1, 0]
+    assert state.fence == 1 and sim.replay().fence == 1
+
+
+def test_inline_attempts_are_never_fenced() -> None:
+    # an inline attempt commits with the saga's stream or not at all: nothing is left
+    # in flight, so an error there is certain and a timeout stored nothing
+    defn = Saga("er3", [local("a"), cmd("b", retries=1)])
+    sim = Sim(defn)
+    sim.step()  # a
+    sim.step(OK)
+    [started] = sim.step()
+    sim.events[-1] = msgspec.structs.replace(started, inline=True)
+    sim.state = sim.replay()
+    sim.step(error())
+    sim.step()  # backoff
+    [again] = sim.step()
+    assert isinstance(again, StepStarted)
+    sim.events[-1] = msgspec.structs.replace(again, inline=True)
+    sim.state = sim.replay()
+    sim.step(error())
+    state = sim.run([OK])
+    assert state.status == "compensated"
+    assert compensated_steps(sim) == [0] and state.fence is None
 
 
 # timeouts ------------------------------------------------------------------------------------
@@ -213,6 +251,7 @@ def test_timed_out_step_without_compensation_is_not_compensated() -> None:
     sim = Sim(defn)
     state = sim.run([OK, TIMEOUT, OK])
     assert state.status == "compensated"
+    assert state.fence == 1  # (the coordinator fences it itself)
     assert compensated_steps(sim) == [0]
 
 

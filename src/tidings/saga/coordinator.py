@@ -48,6 +48,7 @@ from .definition import (
     SagaResumed,
     SagaStarted,
     SagaState,
+    StepFailed,
     StepStarted,
     Wait,
     advance,
@@ -56,7 +57,7 @@ from .definition import (
     stamp,
     stamp_first,
 )
-from .handlers import CommandHandler
+from .handlers import FENCE_COMMAND, FENCE_KEY, CommandHandler, fence_append
 from .inline import commit_unit, inline_for, run_inline_steps, run_unit
 
 if TYPE_CHECKING:
@@ -431,10 +432,25 @@ class Coordinator:
                             headers: dict[str, str] | None) -> None:
         """Commit events already folded into `state` (the stream at `expected`), the
         aggregates saved with them and the messages they send; then stamp their times."""
-        outcomes = await commit(self.hub, saves,
-                                [(sid, batch, expected, f"saga.{defn.name}.steps")],
-                                messages, headers=headers)
+        fence = await self._fence(defn, state, batch)
+        appends: list[Any] = [] if fence is None else [fence]
+        appends.append((sid, batch, expected, f"saga.{defn.name}.steps"))  # (last: stamped)
+        outcomes = await commit(self.hub, saves, appends, messages, headers=headers)
         stamp(state, len(batch), outcomes[-1].time)
+
+    async def _fence(self, defn: Saga, state: SagaState, batch: list[Event]
+                     ) -> tuple[str, list[Event], int, str] | None:
+        """The fence of a step given up on here whose compensation is not a command
+        (a command compensation fences in the service, with its own effects): its
+        command, if it has not run, must never run now."""
+        i = state.fence
+        if i is None or isinstance(defn.steps[i].compensation, str):
+            return None
+        if not any(isinstance(ev, StepFailed) and ev.step == i and ev.retry_at is None
+                   for ev in batch):
+            return None
+        return await fence_append(self.hub, str(defn.steps[i].command),
+                                  _forward_key(state, defn.steps[i].name))
 
     def _next_moves(self, defn: Saga, state: SagaState, events: list[Event], now: float
                     ) -> tuple[list[Event], list[OutMessage]]:
@@ -471,7 +487,9 @@ class Coordinator:
         earlier attempt of it went out as a message (the service's inbox has that one:
         only the message path deduplicates against it)."""
         if (isinstance(ev, (StepStarted, CompensationStarted)) and not ev.inline
-                and not state.messaged):
+                and not state.messaged
+                # a fencing compensation runs where the command's inbox is, as a message
+                and not (isinstance(ev, CompensationStarted) and ev.step == state.fence)):
             step = defn.steps[ev.step]
             command = step.command if isinstance(ev, StepStarted) else step.compensation
             if isinstance(command, str) and self._inline_handler(command) is not None:
@@ -516,6 +534,10 @@ class Coordinator:
         payload = dict(state.data, saga_id=state.id)
         if kind == "compensation":
             payload["reason"] = state.reason or "compensated"
+            if index == state.fence and isinstance(step.command, str):
+                # the step's command may still arrive: the handler fences it
+                headers[FENCE_COMMAND] = step.command
+                headers[FENCE_KEY] = _forward_key(state, step.name)
         data, _ = encode_data(payload)
         # The same id every time this attempt is (re)sent: the engine keeps one copy.
         return f"{state.id}:{step.name}:{kind}:{attempt}", command, data, headers
@@ -805,6 +827,12 @@ class Coordinator:
 
         async with asyncio.timeout(timeout):
             return await until_done()
+
+
+def _forward_key(state: SagaState, step: str) -> str:
+    """The idempotency key a step's command went out under, before the saga gave up
+    on it (a step that is compensated is before the pivot, so never resumed)."""
+    return f"{state.id}:{step}:action"
 
 
 def _idempotency_key(state: SagaState, step: str, kind: str) -> str:

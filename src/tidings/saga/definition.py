@@ -277,6 +277,10 @@ class SagaState(msgspec.Struct):
     #: an attempt of the current forward step timed out, so it may have taken effect:
     #: if the saga compensates before the step completes, the step is compensated too
     uncertain: bool = False
+    #: the step the saga gave up on while a delivery of its command may still be in
+    #: flight (an attempt went out as a message and timed out or failed): its
+    #: compensation fences the command, so a late delivery changes nothing
+    fence: int | None = None
     pending: Pending | None = None
     completed: list[int] = msgspec.field(default_factory=list)
     to_compensate: list[int] = msgspec.field(default_factory=list)
@@ -352,6 +356,8 @@ def _step_failed(defn: Saga | None, s: SagaState, e: StepFailed, time: float,
         s.reason = f"step {defn.steps[i].name if defn else i} failed: {e.error}"
         done = list(s.completed) + ([i] if s.uncertain else [])
         s.to_compensate = _compensable(defn, done) if defn else []
+        if s.uncertain and s.messaged and defn and isinstance(defn.steps[i].command, str):
+            s.fence = i
         s.attempt, s.base, s.retry_at, s.uncertain = 0, 0, None, False
         s.messaged = False
 
@@ -525,14 +531,17 @@ def on_outcome(defn: Saga, state: SagaState, outcome: Outcome, now: float) -> li
                                retry_at=now + step.delay(n))]
         if outcome.kind == "rejected":
             return [StepFailed(step=p.step, attempt=p.attempt, error=err, rejected=True)]
+        # A timed-out attempt may still take effect, and so may a command message whose
+        # handler failed (its delivery can come back, e.g. after a crash before its ack):
+        # remember it (compensate_self), so the step is compensated and its command fenced
+        uncertain = outcome.kind == "timeout" or (
+            outcome.kind == "error" and not p.inline and step.command is not None)
         if n <= step.retries:
-            # a timed-out attempt may still take effect: remember it (compensate_self)
             return [StepFailed(step=p.step, attempt=p.attempt, error=err,
-                               retry_at=now + step.delay(n),
-                               compensate_self=outcome.kind == "timeout")]
-        # out of retries; a timed-out command may still have taken effect: undo it too
+                               retry_at=now + step.delay(n), compensate_self=uncertain)]
+        # out of retries: an uncertain attempt is undone too
         return [StepFailed(step=p.step, attempt=p.attempt, error=err,
-                           compensate_self=outcome.kind == "timeout")]
+                           compensate_self=uncertain)]
     if outcome.kind == "ok":
         return [CompensationCompleted(step=p.step, attempt=p.attempt)]
     err = outcome.error or outcome.kind

@@ -7,6 +7,14 @@ the aggregates' events, the inbox record (keyed by the command's idempotency
 key) and the reply message are stored in ONE transaction. A duplicate
 command finds the inbox record and gets the stored reply again, without
 running the handler.
+
+A compensation of a step whose command may still be in flight somewhere (it
+timed out or failed, and a delivery held by a dead process can come back when
+its lease expires) carries a *fence*: the forward command's name and
+idempotency key. Its handler commits, with the compensation, an
+`InboxRecorded(status="fenced")` under that key unless the command already
+ran — so the command, when it arrives, finds the fence and changes nothing.
+Both writes expect the inbox stream to be new, so exactly one of them wins.
 """
 
 from __future__ import annotations
@@ -29,11 +37,16 @@ from ..pubsub import feed
 if TYPE_CHECKING:
     from ..hub import Hub
 
-__all__ = ["Command", "CommandHandler", "InboxRecorded"]
+__all__ = ["Command", "CommandHandler", "InboxRecorded", "fence_append", "inbox_stream"]
 
 log = logging.getLogger("tidings.handler")
 
 HandlerFn = Callable[["Command"], Awaitable[Any]]
+
+#: headers of a compensation that fences its step's command (see the module docstring)
+FENCE_COMMAND, FENCE_KEY = "saga-fence-command", "saga-fence-key"
+#: what a fenced command replies (the saga gave up on it before it ran)
+FENCED = "fenced: the saga compensated this step before the command ran; it changed nothing"
 
 
 class InboxRecorded(Event):
@@ -41,7 +54,7 @@ class InboxRecorded(Event):
 
     event_type = "tidings.InboxRecorded"
     command: str
-    status: str  # ok | rejected
+    status: str  # ok | rejected | fenced (compensated before it ran: it never will)
     result: dict[str, Any] | None = None
     error: str = ""
 
@@ -78,7 +91,8 @@ class CommandHandler:
     """Runs one `@hub.handler` function for its command topic."""
 
     def __init__(self, hub: Hub, command: str, fn: HandlerFn, *, group: str | None,
-                 concurrency: int, conflict_retries: int = 10, inline: bool = False) -> None:
+                 concurrency: int, conflict_retries: int = 10, inline: bool = False,
+                 ack_wait: float = 60.0) -> None:
         _topics.validate_topic(command)
         if not inspect.iscoroutinefunction(fn):
             raise InvalidArgument(f"handler {getattr(fn, '__name__', fn)!r} must be async")
@@ -89,14 +103,15 @@ class CommandHandler:
         self.concurrency = concurrency
         self.conflict_retries = conflict_retries
         self.inline = inline
+        self.ack_wait = ack_wait
 
     def inbox_stream(self, key: str) -> str:
-        return f"inbox-{self.command}-{key}"
+        return inbox_stream(self.command, key)
 
     async def run(self) -> None:
         sub = await self.hub.subscribe(self.command, group=self.group, ordered=True,
                                        max_in_flight=max(self.concurrency, 1) * 4,
-                                       ack_wait=60.0, max_deliver=50)
+                                       ack_wait=self.ack_wait, max_deliver=50)
         try:
             await feed(sub, self._one, self.concurrency)
         finally:
@@ -121,10 +136,14 @@ class CommandHandler:
         key = msg.headers.get("idempotency-key") or msg.id
         stream = self.inbox_stream(key)
         for _ in range(self.conflict_retries):
-            stored = await self._stored(stream)
+            stored = await _stored(self.hub, stream)
             if stored is not None:
-                await self._reply(msg, stored.status, stored.result, stored.error)
+                if stored.status == "fenced":  # its saga gave up on it: never runs now
+                    await self._reply(msg, "rejected", None, stored.error or FENCED)
+                else:
+                    await self._reply(msg, stored.status, stored.result, stored.error)
                 return
+            fence = await _fence_of(self.hub, msg.headers)
             cmd = Command(self.command, _decode(msg), key, msg.headers, msg)
             try:
                 result = await self.fn(cmd)
@@ -148,18 +167,13 @@ class CommandHandler:
             record = InboxRecorded(command=self.command, status=status, result=data, error=error)
             saves = cmd._saves if status == "ok" else []
             try:
-                await self._commit(msg, stream, record, saves)
+                await self._commit(msg, stream, record, saves, fence)
                 return
             except ConcurrencyError:
-                continue  # a duplicate raced us, or an aggregate moved: look again
+                # a duplicate raced us, an aggregate moved, or the fenced command ran
+                # meanwhile (then the compensation runs again and undoes it): look again
+                continue
         raise RuntimeError(f"command {key!r} kept conflicting; will be redelivered")
-
-    async def _stored(self, stream: str) -> InboxRecorded | None:
-        async for rec in self.hub.events.read(stream, to_version=1):
-            ev = rec.event
-            if isinstance(ev, InboxRecorded):
-                return ev
-        return None
 
     def _reply_message(self, msg: Message, status: str, result: dict[str, Any] | None,
                        error: str) -> OutMessage | None:
@@ -182,14 +196,54 @@ class CommandHandler:
             await self.hub.engine.append([out])
 
     async def _commit(self, msg: Message, stream: str, record: InboxRecorded,
-                      saves: list[Aggregate]) -> None:
+                      saves: list[Aggregate], fence: InboxAppend | None) -> None:
         from ..eventsourcing.transaction import commit
 
         reply = self._reply_message(msg, record.status, record.result, record.error)
-        appends = [(stream, [record], NO_STREAM, "inbox")]
+        appends: list[InboxAppend] = [(stream, [record], NO_STREAM, "inbox")]
+        if fence is not None and record.status == "ok":
+            appends.append(fence)
         await commit(self.hub, saves, appends, [reply] if reply else [],
                      headers={"causation-id": msg.id,
                               "correlation-id": msg.headers.get("correlation-id", msg.id)})
+
+
+InboxAppend = tuple[str, list[Event], int, str]
+
+
+def inbox_stream(command: str, key: str) -> str:
+    """The stream holding the outcome of command `command` under idempotency key `key`."""
+    return f"inbox-{command}-{key}"
+
+
+async def _stored(hub: Hub, stream: str) -> InboxRecorded | None:
+    async for rec in hub.events.read(stream, to_version=1):
+        ev = rec.event
+        if isinstance(ev, InboxRecorded):
+            return ev
+    return None
+
+
+async def fence_append(hub: Hub, command: str, key: str) -> InboxAppend | None:
+    """The append that fences command `command` under `key` (its inbox records that
+    its saga gave up on it), or None if it already ran or is fenced.
+
+    Commit it atomically with what the saga does instead: it expects the inbox
+    stream not to exist, as the command's own commit does, so exactly one of
+    them is stored; a conflict means the command ran meanwhile — look again.
+    """
+    stream = inbox_stream(command, key)
+    if await _stored(hub, stream) is not None:
+        return None
+    return (stream, [InboxRecorded(command=command, status="fenced", error=FENCED)],
+            NO_STREAM, "inbox")
+
+
+async def _fence_of(hub: Hub, headers: Mapping[str, str]) -> InboxAppend | None:
+    command, key = headers.get(FENCE_COMMAND), headers.get(FENCE_KEY)
+    if not command or not key or headers.get("saga-kind") != "compensation":
+        return None
+    return await fence_append(hub, command, key)
 
 
 def _decode(msg: Message) -> Any:
