@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.integration.test_shop_crash import _kill
 from tests.saga.test_coordinator import events_of, ledger, seed, until
 
 import tidings
@@ -31,14 +31,6 @@ def _spawn(url: str, hold: bool) -> subprocess.Popen[str]:
     assert p.stdout is not None
     assert p.stdout.readline().strip() == "ready"
     return p
-
-
-def _kill(p: subprocess.Popen[str]) -> None:
-    if p.poll() is None:
-        os.kill(p.pid, signal.SIGKILL)
-    p.wait(timeout=10)
-    if p.stdout is not None:
-        p.stdout.close()
 
 
 async def _line(p: subprocess.Popen[str]) -> str:
