@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar, overload
 
@@ -77,7 +77,8 @@ class OutMessage(msgspec.Struct, array_like=True, gc=False):
 
 
 class _Settler(Protocol):
-    def _settle(self, msg: Message, kind: str, delay: float) -> None: ...
+    def _settle(self, msg: Message, kind: str, delay: float, wait: bool
+                ) -> Awaitable[None] | None: ...
 
 
 def encode_data(data: object) -> tuple[bytes, str]:
@@ -195,7 +196,7 @@ class Message:
         """The payload: JSON value, str or bytes by content type, or an instance of `type`."""
         return decode_data(self.data, self.headers.get("content-type"), type)
 
-    def _do(self, kind: str, delay: float = 0.0) -> None:
+    async def _do(self, kind: str, delay: float, wait: bool) -> None:
         if self._sub is None:
             raise InvalidArgument(
                 "this message was read by replay (hub.read), not delivered by a subscription; "
@@ -203,15 +204,28 @@ class Message:
             )
         if self._settled:
             return  # settling twice is harmless: the first decision stands
+        stored = self._sub._settle(self, kind, delay, wait)
         self._settled = True
-        self._sub._settle(self, kind, delay)
+        if stored is not None:
+            await stored
 
-    async def ack(self) -> None:
-        """Mark the message done for this subscription; it will not be delivered again."""
-        self._do("ack")
+    async def ack(self, wait: bool = False) -> None:
+        """Mark the message done for this subscription.
 
-    async def nack(self, delay: float = 0.0) -> None:
-        """Ask for redelivery after `delay` seconds (counts as an attempt)."""
+        Acks are batched: without `wait` this returns at once and the ack is
+        stored with the consumer's next write (its next fetch, or a flush a
+        moment later), so a crash in between delivers the message again (at
+        least once). With `wait=True` it returns once the ack is stored, and
+        after that the message is never delivered to this subscription again;
+        it raises the engine's error if the ack could not be stored.
+        """
+        await self._do("ack", 0.0, wait)
+
+    async def nack(self, delay: float = 0.0, wait: bool = False) -> None:
+        """Ask for redelivery after `delay` seconds (counts as an attempt).
+
+        `wait=True` returns once the decision is stored, as for `ack`.
+        """
         # NaN or infinity would park the message forever: never redelivered, never dead-lettered.
         if (
             not isinstance(delay, (int, float))
@@ -219,11 +233,14 @@ class Message:
             or not 0 <= delay < math.inf
         ):
             raise InvalidArgument(f"nack delay must be a finite number >= 0 seconds, got {delay!r}")
-        self._do("nack", delay)
+        await self._do("nack", delay, wait)
 
-    async def term(self) -> None:
-        """Stop redelivering; the message goes to the dead-letter topic if one is set."""
-        self._do("term")
+    async def term(self, wait: bool = False) -> None:
+        """Stop redelivering; the message goes to the dead-letter topic if one is set.
+
+        `wait=True` returns once the decision is stored, as for `ack`.
+        """
+        await self._do("term", 0.0, wait)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able view (data as text when it is text, else base64 under `data_b64`)."""

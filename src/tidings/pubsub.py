@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, get_type_hints
 
 from .engines.base import Engine, Settle
 from .engines.delivery import SubscriptionSpec
-from .errors import ClosedError
+from .errors import ClosedError, InvalidArgument
 from .messages import Message
 
 if TYPE_CHECKING:
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 __all__ = ["Handler", "Subscription"]
 
 log = logging.getLogger("tidings.pubsub")
+
+#: The largest position an engine stores (a signed 64-bit integer).
+MAX_POSITION = 2**63 - 1
 
 #: How long an idle consumer sleeps at most between looks (a safety net under wake-ups).
 IDLE_CHECK = 1.0
@@ -45,6 +48,7 @@ class Subscription:
         self._batch = max(1, min(batch, spec.max_in_flight))
         self._buf: deque[Message] = deque()
         self._settles: list[Settle] = []
+        self._waiters: list[asyncio.Future[None]] = []  # ack(wait=True) callers of _settles
         self._flushing: asyncio.Task[None] | None = None  # scheduled, gathering acks
         self._inflight: set[asyncio.Task[None]] = set()  # flushes not yet committed
         self._closed = False
@@ -57,13 +61,32 @@ class Subscription:
     def pattern(self) -> str:
         return self.spec.pattern
 
-    def _settle(self, msg: Message, kind: str, delay: float) -> None:
-        self._settles.append(Settle(msg.position, kind, delay))  # type: ignore[arg-type]
+    def _settle(self, msg: Message, kind: str, delay: float, wait: bool
+                ) -> asyncio.Future[None] | None:
+        position = msg.position
+        if type(position) is not int or not 0 <= position <= MAX_POSITION:
+            # Refused alone: a settle the engine cannot store would be queued again and
+            # fail every later fetch of this consumer.
+            raise InvalidArgument(f"message position must be an integer from 0 to "
+                                  f"{MAX_POSITION}, got {position!r}; settle messages as "
+                                  "a subscription delivered them")
+        self._settles.append(Settle(position, kind, delay))  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] | None = None
+        if wait:
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
         if self._flushing is None:
-            task = asyncio.get_running_loop().create_task(self._flush())
+            task = loop.create_task(self._flush())
             self._flushing = task
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
+        return waiter
+
+    def _take_settles(self) -> tuple[list[Settle], list[asyncio.Future[None]]]:
+        taken = self._settles, self._waiters
+        self._settles, self._waiters = [], []
+        return taken
 
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # let a burst of acks gather into one write
@@ -71,13 +94,15 @@ class Subscription:
         await self._settle_now()
 
     async def _settle_now(self) -> None:
-        items, self._settles = self._settles, []
+        items, waiters = self._take_settles()
         if items:
             try:
                 await self._engine.settle(self._handle, items, time.time())
-            except BaseException:
+            except BaseException as exc:
                 self._settles[:0] = items  # not recorded: the next flush or fetch carries them
+                _answer(waiters, exc)
                 raise
+            _answer(waiters, None)
 
     async def flush(self) -> None:
         """Wait until every ack/nack/term made so far has reached the engine (raises the
@@ -116,10 +141,14 @@ class Subscription:
     async def _fill(self, timeout: float | None = None, limit: int | None = None) -> None:
         engine = self._engine
         changed = engine.changes(self.spec.pattern)
-        settles, self._settles = self._settles, []
+        settles, waiters = self._take_settles()
         n = self._batch if limit is None else max(1, min(limit, self._batch))
         now = time.time()
         fetching = asyncio.ensure_future(engine.fetch(self._handle, n, now, settles))
+        if waiters:  # the fetch commits the settles it carries, or none of them
+            fetching.add_done_callback(
+                lambda f: _answer(waiters, f.exception() if not f.cancelled()
+                                  else asyncio.CancelledError()))
         try:
             msgs, next_due = await asyncio.shield(fetching)
         except asyncio.CancelledError:
@@ -169,6 +198,19 @@ class Subscription:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def _answer(waiters: list[asyncio.Future[None]], exc: BaseException | None) -> None:
+    """Tell `ack(wait=True)` callers whether the write carrying their settles committed."""
+    for w in waiters:
+        if w.done():
+            continue  # the caller stopped waiting
+        if exc is None:
+            w.set_result(None)
+        elif isinstance(exc, asyncio.CancelledError):
+            w.cancel()
+        else:
+            w.set_exception(exc)
 
 
 async def feed(sub: Subscription,

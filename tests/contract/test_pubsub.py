@@ -292,6 +292,36 @@ async def test_ack_settles_for_good(hub: tidings.Hub) -> None:
     assert await pending(hub, "g") == 0
 
 
+async def test_ack_wait_returns_once_stored(
+        hub: tidings.Hub, engine: Any, open_hub: Callable[..., Awaitable[tidings.Hub]]) -> None:
+    await hub.publish_many("a.b", [b"ack", b"nack", b"term"])
+    sub = await hub.subscribe("a.b", group="g", ack_wait=30, dead_letter="dl.g")
+    a, n, t = await take(sub, 3)
+    await a.ack(wait=True)
+    await n.nack(delay=60, wait=True)
+    await t.term(wait=True)
+    await a.ack(wait=True)  # settling twice returns at once, the first decision stands
+    # seen by anyone reading the store now, not only after this consumer's next write
+    other = await open_hub() if engine.durable else hub
+    assert await pending(other, "g") == 1  # only the nacked one, parked for 60 s
+    assert [m.data for m in await read_all(other, "dl.g")] == [b"term"]
+
+
+async def test_a_settle_the_engine_cannot_store_is_refused_alone(hub: tidings.Hub) -> None:
+    await hub.publish_many("a.b", [b"1", b"2"])
+    sub = await hub.subscribe("a.b", group="g", ack_wait=30)
+    one, two = await take(sub, 2)
+    forged = tidings.Message("", "", None, b"", {}, 0.0, 2**63, sub=one._sub)
+    with pytest.raises(tidings.InvalidArgument, match="position"):
+        await forged.ack()
+    await one.ack(wait=True)  # the consumer keeps working: nothing bad was queued
+    await two.nack()
+    [again] = await take(sub, 1)
+    assert (again.data, again.attempt) == (b"2", 2)
+    await again.ack(wait=True)
+    assert await pending(hub, "g") == 0
+
+
 async def test_nack_redelivers_with_next_attempt(hub: tidings.Hub) -> None:
     await hub.publish("a.b", b"x")
     sub = await hub.subscribe("a.b", group="g", ack_wait=30)

@@ -44,6 +44,15 @@ async def consumer(url: str, group: str, count: int) -> None:
         await sub.close()
 
 
+async def acker(url: str, wait: bool) -> None:
+    """Ack every message of 'acks.t' (group 'g'), printing each position once its ack returned."""
+    async with await tidings.connect(url) as hub:
+        sub = await hub.subscribe("acks.t", group="g", ack_wait=1.0, max_in_flight=100)
+        async for msg in sub:
+            await msg.ack(wait=wait)
+            print(msg.position, flush=True)
+
+
 async def produce(url: str, count: int) -> None:
     async with await tidings.connect(url) as hub:
         for i in range(count):
@@ -57,5 +66,7 @@ if __name__ == "__main__":
         asyncio.run(publisher(url, rest[0]))
     elif role == "consumer":
         asyncio.run(consumer(url, rest[0], int(rest[1])))
+    elif role == "acker":
+        asyncio.run(acker(url, rest[0] == "wait"))
     elif role == "produce":
         asyncio.run(produce(url, int(rest[0])))
