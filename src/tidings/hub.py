@@ -40,6 +40,11 @@ if TYPE_CHECKING:
     from .eventsourcing.projections import HandlerT, Projections
     from .eventsourcing.repository import Repository
     from .eventsourcing.store import EventStore
+    from .saga.clock import Clock
+    from .saga.coordinator import Coordinator
+    from .saga.definition import Saga
+    from .saga.handlers import CommandHandler
+    from .saga.runner import SagaRunner
 
     A = TypeVar("A", bound=Aggregate)
 
@@ -48,6 +53,7 @@ __all__ = ["DEFAULT_URL", "Hub", "connect"]
 DEFAULT_URL = "sqlite:///./tidings.db"
 MAX_KEY_LENGTH = 255
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+X = TypeVar("X")
 Start = str | int | datetime
 
 
@@ -183,10 +189,10 @@ class Hub:
         self._handlers: list[Handler] = []
         self._subs: set[Subscription] = set()
         self._closed = False
-        self._extensions: dict[str, Any] = {}  # per-hub state of other modules (event store, …)
+        self._extensions: dict[type[Any], Any] = {}  # see `extension`
         self._background: set[asyncio.Task[Any]] = set()
-        self._command_handlers: list[Any] = []
-        self._coordinator: Any = None
+        self._command_handlers: list[CommandHandler] = []
+        self._coordinator: Coordinator | None = None
 
     @property
     def url(self) -> str:
@@ -196,9 +202,24 @@ class Hub:
     def closed(self) -> bool:
         return self._closed
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """Raise `ClosedError` if the hub is closed (every operation starts with it)."""
         if self._closed:
             raise closed_error()
+
+    def extension(self, kind: type[X], make: Callable[[Hub], X]) -> X:
+        """The hub's one `kind` object (the event store, its projections, …), made by
+        `make(hub)` on first use. Lets a module keep per-hub state without the hub
+        knowing it."""
+        found = self._extensions.get(kind)
+        if found is None:
+            found = self._extensions[kind] = make(self)
+        return cast("X", found)
+
+    @property
+    def command_handlers(self) -> tuple[CommandHandler, ...]:
+        """The command handlers registered with `hub.handler`, in order."""
+        return tuple(self._command_handlers)
 
     # publishing ----------------------------------------------------------------
     def _out(
@@ -239,7 +260,7 @@ class Hub:
         is not stored again (`Published.duplicate` is True). Waits (does not
         fail) while the engine's pending window is full.
         """
-        self._check_open()
+        self.check_open()
         out = self._out(topic, data, key, headers, id)
         await self._window.acquire(1)
         try:
@@ -255,7 +276,7 @@ class Hub:
         Items are payloads, or dicts `{"data": ..., "key"?, "headers"?, "id"?,
         "topic"?}` when wrapped with `tidings.envelope(...)`.
         """
-        self._check_open()
+        self.check_open()
         _topics.validate_topic(topic)
         key = _check_key(key)
         limit = self.max_payload
@@ -348,7 +369,7 @@ class Hub:
         first created; afterwards it resumes where it was acked. The default
         dead-letter topic is `$dlq.<group>`.
         """
-        self._check_open()
+        self.check_open()
         spec = self._spec(pattern, group, ack_wait, max_deliver, dead_letter, ordered,
                           max_in_flight)
         start_after = await self._resolve_start(start)
@@ -417,7 +438,7 @@ class Hub:
     async def run(self) -> None:
         """Run every registered subscriber and command handler until the hub closes or
         this task is cancelled."""
-        self._check_open()
+        self.check_open()
         if not self._handlers and not self._command_handlers:
             raise InvalidArgument(
                 "no subscribers registered; decorate handlers with @hub.subscriber or @hub.handler"
@@ -452,7 +473,7 @@ class Hub:
         Ends at the last message stored when called, or at `stop` (a position,
         inclusive, or a time, exclusive); with `follow=True` it keeps tailing.
         """
-        self._check_open()
+        self.check_open()
         _topics.validate_pattern(pattern)
         if isinstance(page, bool) or not isinstance(page, int) or page < 1:
             raise InvalidArgument(f"page must be an int >= 1, got {page!r}")
@@ -476,7 +497,7 @@ class Hub:
         else:
             raise InvalidArgument("stop must be a position, a datetime or an ISO 8601 string")
         while True:
-            self._check_open()
+            self.check_open()
             changed = engine.changes(pattern)  # woken by what may match, not every commit
             batch = await engine.read(pattern, after, end, page)
             for m in batch:
@@ -501,7 +522,7 @@ class Hub:
 
         Messages still unacked in a subscription are never trimmed.
         """
-        self._check_open()
+        self.check_open()
         _topics.validate_topic(topic)
         for name, v in (("max_age", max_age), ("max_messages", max_messages),
                         ("max_bytes", max_bytes)):
@@ -512,7 +533,7 @@ class Hub:
 
     async def trim(self) -> int:
         """Apply retention limits now; returns how many messages were removed."""
-        self._check_open()
+        self.check_open()
         return await self.engine.trim(time.time())
 
     async def _trim_every(self, interval: float) -> None:
@@ -528,7 +549,7 @@ class Hub:
     # introspection ---------------------------------------------------------------
     async def topics(self) -> list[dict[str, Any]]:
         """Topics with message counts, and subscriptions with their lag."""
-        self._check_open()
+        self.check_open()
         subs = await self.engine.subscriptions()
         out = []
         for t in await self.engine.topics():
@@ -574,14 +595,14 @@ class Hub:
         return f"<tidings.Hub {self.url} {'closed' if self._closed else 'open'}>"
 
     # sagas ---------------------------------------------------------------------------
-    def sagas(self, definition: Any, *, clock: Any = None) -> Any:
+    def sagas(self, definition: Saga, *, clock: Clock | None = None) -> SagaRunner:
         """The sagas of `definition` on this hub: `start`, `get`, `wait`, `cancel`, `retry`.
 
         The first call starts this hub's coordinator, which resumes every
         unfinished saga of the definition (a killed coordinator loses nothing).
         `clock` (first call only) replaces the system clock, for tests.
         """
-        self._check_open()
+        self.check_open()
         from .saga.coordinator import Coordinator
         from .saga.definition import Saga
         from .saga.runner import SagaRunner
@@ -633,13 +654,10 @@ class Hub:
     @property
     def events(self) -> EventStore:
         """The event store: streams with optimistic concurrency, global order, subscriptions."""
-        self._check_open()
-        store: EventStore | None = self._extensions.get("eventsourcing")
-        if store is None:
-            from .eventsourcing.store import store_for
+        self.check_open()
+        from .eventsourcing.store import store_for
 
-            store = store_for(self)
-        return store
+        return store_for(self)
 
     def repository(self, cls: type[A], snapshot_every: int | None = None) -> Repository[A]:
         """Load and save aggregates of `cls`; snapshot every `snapshot_every` events if set."""

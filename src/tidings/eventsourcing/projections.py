@@ -125,14 +125,14 @@ class Projections:
     # status ----------------------------------------------------------------------
     async def status(self, name: str) -> ProjectionStatus:
         """The projection's checkpoint, status and lag (also for one not registered here)."""
-        self._store.hub._check_open()
+        self._store.hub.check_open()
         states = {s.name: s for s in await self._store.backend.projections()}
         head = await self._store.backend.last_position()
         return _status(states.get(name) or ProjectionState(name), head)
 
     async def statuses(self) -> list[ProjectionStatus]:
         """Every projection registered here or stored, by name."""
-        self._store.hub._check_open()
+        self._store.hub.check_open()
         states = {s.name: s for s in await self._store.backend.projections()}
         head = await self._store.backend.last_position()
         names = sorted(set(states) | set(self._registry))
@@ -160,7 +160,7 @@ class Projections:
             if st.status != "running" or st.position >= head:
                 return
             while True:
-                self._store.hub._check_open()
+                self._store.hub.check_open()
                 st, n = await self._batch(p)
                 if progress is not None:
                     progress(st.position, max(head, st.position))
@@ -274,6 +274,4 @@ def _status(st: ProjectionState, head: int) -> ProjectionStatus:
 
 
 def projections_for(store: EventStore) -> Projections:
-    if store._projections is None:
-        store._projections = Projections(store)
-    return store._projections  # type: ignore[no-any-return]
+    return store.hub.extension(Projections, lambda hub: Projections(store))

@@ -56,7 +56,7 @@ class Repository(Generic[A]):
         it. Raises `NotFound` if the stream does not exist (or did not exist
         yet at `version`/`as_of`).
         """
-        self.store.hub._check_open()
+        self.store.hub.check_open()
         check_stream_id(id)
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)
                                     or version < 1):

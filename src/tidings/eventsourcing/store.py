@@ -117,7 +117,6 @@ class EventStore:
     def __init__(self, hub: Hub, backend: StoreBackend) -> None:
         self._hub = hub
         self.backend = backend
-        self._projections: Any = None  # set by eventsourcing.projections
         # stream id -> lock, held by inline command handlers (see repository.Unit)
         self._locks: dict[str, StreamLock] = {}
         # (aggregate class, snapshot_every) -> its repository (see Hub.repository)
@@ -271,7 +270,7 @@ class EventStore:
         headers: Mapping[str, str] | None,
         snapshot: SnapshotRow | None,
     ) -> Appended:
-        self._hub._check_open()
+        self._hub.check_open()
         check_stream_id(stream_id)
         expected = _expected(expected_version)
         if topic is None:
@@ -300,7 +299,7 @@ class EventStore:
         `UnknownEventType`); with `raw=True` nothing is decoded until you ask
         (`rec.event`), and `rec.data` / `rec.json()` give the stored data.
         """
-        self._hub._check_open()
+        self._hub.check_open()
         check_stream_id(stream_id)
         _check_int("from_version", from_version, 1)
         if to_version is not None:
@@ -336,7 +335,7 @@ class EventStore:
         Decoding works as in `read` (`raw=True` for a fast scan that decodes
         only the events you touch).
         """
-        self._hub._check_open()
+        self._hub.check_open()
         _check_int("from_position", from_position, 1)
         _check_int("page", page, 1)
         return self._read_all(from_position, to_position, page, raw,
@@ -389,7 +388,7 @@ class EventStore:
         is set once it has delivered everything stored; with `markers=True` a
         `CaughtUp(position)` is also yielded at that point, once.
         """
-        self._hub._check_open()
+        self._hub.check_open()
         _check_int("from_position", from_position, 1)
         _check_int("page", page, 1)
         return AllSubscription(self, from_position, markers, page,
@@ -397,12 +396,12 @@ class EventStore:
 
     async def stream_version(self, stream_id: str) -> int:
         """The stream's current version (0: no such stream)."""
-        self._hub._check_open()
+        self._hub.check_open()
         return await self.backend.stream_version(check_stream_id(stream_id))
 
     async def last_position(self) -> int:
         """The global position of the newest event (0: none yet)."""
-        self._hub._check_open()
+        self._hub.check_open()
         return await self.backend.last_position()
 
 
@@ -508,7 +507,4 @@ def _expected(value: object) -> int | None:
 
 def store_for(hub: Hub) -> EventStore:
     """The hub's event store (one per hub)."""
-    store = hub._extensions.get("eventsourcing")
-    if store is None:
-        store = hub._extensions["eventsourcing"] = EventStore(hub, backend_for(hub.engine))
-    return store
+    return hub.extension(EventStore, lambda h: EventStore(h, backend_for(h.engine)))

@@ -497,7 +497,7 @@ class Coordinator:
         return ev
 
     def _inline_handler(self, command: str) -> CommandHandler | None:
-        handlers = self.hub._command_handlers
+        handlers = self.hub.command_handlers
         if len(handlers) != self._inline_seen:
             self._inline_seen = len(handlers)
             self._inline = {h.command: h for h in handlers if h.inline}

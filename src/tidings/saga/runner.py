@@ -28,7 +28,7 @@ class SagaRunner:
 
         Starting again with the same `id` is a no-op that returns the same id.
         """
-        self._c.hub._check_open()
+        self._c.hub.check_open()
         return await self._c.start(self.definition, data, id)
 
     async def get(self, id: str) -> dict[str, Any]:
