@@ -196,18 +196,17 @@ class Message:
         """The payload: JSON value, str or bytes by content type, or an instance of `type`."""
         return decode_data(self.data, self.headers.get("content-type"), type)
 
-    async def _do(self, kind: str, delay: float, wait: bool) -> None:
+    def _do(self, kind: str, delay: float, wait: bool) -> Awaitable[None] | None:
         if self._sub is None:
             raise InvalidArgument(
                 "this message was read by replay (hub.read), not delivered by a subscription; "
                 "there is nothing to ack"
             )
         if self._settled:
-            return  # settling twice is harmless: the first decision stands
+            return None  # settling twice is harmless: the first decision stands
         stored = self._sub._settle(self, kind, delay, wait)
         self._settled = True
-        if stored is not None:
-            await stored
+        return stored
 
     async def ack(self, wait: bool = False) -> None:
         """Mark the message done for this subscription.
@@ -219,7 +218,14 @@ class Message:
         after that the message is never delivered to this subscription again;
         it raises the engine's error if the ack could not be stored.
         """
-        await self._do("ack", 0.0, wait)
+        sub = self._sub
+        if sub is None or self._settled:  # (the hot path inlines `_do`)
+            stored = self._do("ack", 0.0, wait)
+        else:
+            stored = sub._settle(self, "ack", 0.0, wait)
+            self._settled = True
+        if stored is not None:
+            await stored
 
     async def nack(self, delay: float = 0.0, wait: bool = False) -> None:
         """Ask for redelivery after `delay` seconds (counts as an attempt).
@@ -233,14 +239,18 @@ class Message:
             or not 0 <= delay < math.inf
         ):
             raise InvalidArgument(f"nack delay must be a finite number >= 0 seconds, got {delay!r}")
-        await self._do("nack", delay, wait)
+        stored = self._do("nack", delay, wait)
+        if stored is not None:
+            await stored
 
     async def term(self, wait: bool = False) -> None:
         """Stop redelivering; the message goes to the dead-letter topic if one is set.
 
         `wait=True` returns once the decision is stored, as for `ack`.
         """
-        await self._do("term", 0.0, wait)
+        stored = self._do("term", 0.0, wait)
+        if stored is not None:
+            await stored
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able view (data as text when it is text, else base64 under `data_b64`)."""

@@ -64,20 +64,19 @@ class Subscription:
     def _settle(self, msg: Message, kind: str, delay: float, wait: bool
                 ) -> asyncio.Future[None] | None:
         position = msg.position
-        if type(position) is not int or not 0 <= position <= MAX_POSITION:
+        if not 0 <= position <= MAX_POSITION:
             # Refused alone: a settle the engine cannot store would be queued again and
             # fail every later fetch of this consumer.
-            raise InvalidArgument(f"message position must be an integer from 0 to "
+            raise InvalidArgument(f"message position must be from 0 to "
                                   f"{MAX_POSITION}, got {position!r}; settle messages as "
                                   "a subscription delivered them")
         self._settles.append(Settle(position, kind, delay))  # type: ignore[arg-type]
-        loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] | None = None
         if wait:
-            waiter = loop.create_future()
+            waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
         if self._flushing is None:
-            task = loop.create_task(self._flush())
+            task = asyncio.get_running_loop().create_task(self._flush())
             self._flushing = task
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
