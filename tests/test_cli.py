@@ -20,7 +20,7 @@ needs("typer", reason="the CLI needs the cli extra: pip install 'tidings[cli]'")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from tidings import cli  # noqa: E402
+from tidings import cli, cli_base  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -255,7 +255,7 @@ def test_terminal_output_is_readable_and_json_on_request(
 ) -> None:
     url = f"sqlite:///{tmp_path / 'tty.db'}"
     runner = CliRunner()
-    monkeypatch.setattr(cli, "_is_terminal", lambda: True)
+    monkeypatch.setattr(cli_base, "is_terminal", lambda: True)
     monkeypatch.setenv("COLUMNS", "200")
 
     r = runner.invoke(cli.app, ["--url", url, "publish", "orders.created", '{"total": 3}',

@@ -8,21 +8,30 @@ Needs the `cli` extra (`pip install 'tidings[cli]'`); `import tidings` does not 
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import importlib.util
 import os
 import subprocess
 import sys
-from collections.abc import Coroutine
-from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import msgspec
 
-from .errors import InvalidArgument, TidingsError
-from .hub import DEFAULT_URL, Hub, connect
+from .cli_base import (
+    JsonOption,
+    StartOption,
+    UrlOption,
+    app,
+    demo_app,
+    emit_json,
+    fail,
+    run,
+    settings,
+    source_checkout_file,
+)
+from .errors import InvalidArgument
+from .hub import Hub, connect
 from .messages import Message
 
 try:
@@ -35,84 +44,10 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 __all__ = ["app", "main"]
 
-T = TypeVar("T")
-
-app = typer.Typer(
-    name="tidings",
-    help="Event-driven toolkit: publish, subscribe, replay and inspect topics.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,  # a bug shows a plain traceback; TidingsErrors never do
-)
-demo_app = typer.Typer(help="Runnable demos (they write to the --url engine).",
-                       no_args_is_help=True)
-app.add_typer(demo_app, name="demo")
-
-UrlOption = Annotated[str | None, typer.Option(
-    "--url", help="Engine URL (overrides the global --url and TIDINGS_URL).", show_default=False)]
-JsonOption = Annotated[bool, typer.Option(
-    "--json", help="Print JSON lines even on a terminal.")]
-StartOption = Annotated[str, typer.Option(
-    "--start", help="beginning, end, a position, or an ISO 8601 time.")]
-
-
-class _Settings(msgspec.Struct):
-    url: str
-    json: bool
-
-
-@app.callback()
-def _global(
-    ctx: typer.Context,
-    url: Annotated[str, typer.Option(
-        "--url", envvar="TIDINGS_URL",
-        help="Engine URL: sqlite:///path.db or memory://")] = DEFAULT_URL,
-    as_json: JsonOption = False,
-) -> None:
-    ctx.obj = _Settings(url, as_json)
-
-
-def _settings(ctx: typer.Context, url: str | None, as_json: bool) -> tuple[str, bool]:
-    """The engine URL and whether to print JSON lines, from command, global and stdout."""
-    base = ctx.find_root().obj
-    if not isinstance(base, _Settings):  # invoked without the callback (tests calling app)
-        base = _Settings(os.environ.get("TIDINGS_URL", DEFAULT_URL), False)
-    return url or base.url, as_json or base.json or not _is_terminal()
-
-
-def _is_terminal() -> bool:
-    return sys.stdout.isatty()
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run `coro`; turn tidings errors, Ctrl-C and a closed pipe into clean exits."""
-    try:
-        return asyncio.run(coro)
-    except TidingsError as exc:
-        _fail(str(exc), 2 if isinstance(exc, InvalidArgument) else 1)
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    except BrokenPipeError:
-        # The reader went away (`tidings read '>' | head`): stop quietly, like cat does.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        raise typer.Exit(0) from None
-
-
-def _emit_json(obj: Any) -> None:
-    sys.stdout.write(msgspec.json.encode(obj).decode() + "\n")
-    sys.stdout.flush()  # one line at a time, so a pipe sees messages as they arrive
-
-
 def _print_message(console: Console | None, msg: Message) -> None:
     d = msg.to_dict()
     if console is None:
-        _emit_json(d)
+        emit_json(d)
         return
     data = d["data"] if "data_b64" not in d else f"<{len(msg.data)} bytes>"
     shown = data if isinstance(data, str) else msgspec.json.encode(data).decode()
@@ -163,7 +98,7 @@ def publish(
     as_json: JsonOption = False,
 ) -> None:
     """Publish one message and print where it was stored."""
-    engine_url, json_out = _settings(ctx, url, as_json)
+    engine_url, json_out = settings(ctx, url, as_json)
 
     async def go() -> None:
         payload = _parse_data(data, raw)
@@ -172,13 +107,13 @@ def publish(
             p = await hub.publish(topic, payload, key=key, headers=headers, id=id)
         out = {"topic": topic, "position": p.position, "id": p.id, "duplicate": p.duplicate}
         if json_out:
-            _emit_json(out)
+            emit_json(out)
         else:
             note = " (duplicate id: already stored, not stored again)" if p.duplicate else ""
             Console().print(f"published [bold cyan]{escape(topic)}[/] at position "
                             f"{p.position}, id {escape(p.id)}{note}")
 
-    _run(go())
+    run(go())
 
 
 @app.command()
@@ -203,7 +138,7 @@ def subscribe(
 
     `--start` applies only when the group is new; afterwards it resumes where it acked.
     """
-    engine_url, json_out = _settings(ctx, url, as_json)
+    engine_url, json_out = settings(ctx, url, as_json)
     console = None if json_out else Console()
 
     async def go() -> None:
@@ -222,7 +157,7 @@ def subscribe(
                             await msg.ack()
                     seen += len(batch)
 
-    _run(go())
+    run(go())
 
 
 @app.command()
@@ -238,7 +173,7 @@ def read(
     as_json: JsonOption = False,
 ) -> None:
     """Replay stored messages without a subscription (nothing is acked or changed)."""
-    engine_url, json_out = _settings(ctx, url, as_json)
+    engine_url, json_out = settings(ctx, url, as_json)
     console = None if json_out else Console()
 
     async def go() -> None:
@@ -246,22 +181,22 @@ def read(
             async for msg in hub.read(pattern, start=start, stop=stop, follow=follow):
                 _print_message(console, msg)
 
-    _run(go())
+    run(go())
 
 
 @app.command()
 def topics(ctx: typer.Context, url: UrlOption = None, as_json: JsonOption = False) -> None:
     """Topics with message counts, and the subscriptions reading them with their lag."""
-    engine_url, json_out = _settings(ctx, url, as_json)
+    engine_url, json_out = settings(ctx, url, as_json)
 
     async def go() -> list[dict[str, Any]]:
         async with await _with_hub(engine_url) as hub:
             return await hub.topics()
 
-    rows = _run(go())
+    rows = run(go())
     if json_out:
         for row in rows:
-            _emit_json(row)
+            emit_json(row)
         return
     console = Console()
     if not rows:
@@ -282,22 +217,10 @@ def topics(ctx: typer.Context, url: UrlOption = None, as_json: JsonOption = Fals
 
 
 # demos ----------------------------------------------------------------------------------
-def _source_checkout_file(relative: str) -> Path | None:
-    """A file shipped with the repository (examples/, benchmarks/), not with the package.
-
-    Looked up in the current directory, then in the checkout an editable install runs from.
-    """
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        candidate = root / relative
-        if candidate.exists():
-            return candidate
-    return None
-
-
 def _load_example(relative: str) -> ModuleType:
-    path = _source_checkout_file(relative)
+    path = source_checkout_file(relative)
     if path is None:
-        _fail(f"{relative} is not here; the demos ship with the tidings source repository, "
+        fail(f"{relative} is not here; the demos ship with the tidings source repository, "
               "so run this from a checkout of it", 1)
     spec = importlib.util.spec_from_file_location(f"tidings_demo_{path.stem}", path)
     assert spec is not None and spec.loader is not None
@@ -309,9 +232,9 @@ def _load_example(relative: str) -> ModuleType:
 @demo_app.command("walkthrough")
 def demo_walkthrough(ctx: typer.Context, url: UrlOption = None) -> None:
     """Pub/sub, fan-out, competing consumers, redelivery, dead letters, replay, backpressure."""
-    engine_url, _ = _settings(ctx, url, False)
+    engine_url, _ = settings(ctx, url, False)
     module = _load_example("examples/walkthrough.py")
-    _run(module.walkthrough(engine_url))
+    run(module.walkthrough(engine_url))
 
 
 # benchmarks -----------------------------------------------------------------------------
@@ -329,10 +252,10 @@ def bench(
     url: UrlOption = None,
 ) -> None:
     """Run the benchmarks (tidings and its peers side by side; a table at the end)."""
-    engine_url, _ = _settings(ctx, url, False)
-    package = _source_checkout_file("benchmarks/__main__.py")
+    engine_url, _ = settings(ctx, url, False)
+    package = source_checkout_file("benchmarks/__main__.py")
     if package is None:
-        _fail("the benchmarks are not here; they ship with the tidings source repository: "
+        fail("the benchmarks are not here; they ship with the tidings source repository: "
               "run 'make bench' (or 'tidings bench') from a checkout of it", 1)
     root = package.parent.parent
     env = {**os.environ, "TIDINGS_URL": engine_url}

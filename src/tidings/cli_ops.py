@@ -10,8 +10,17 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli import JsonOption, UrlOption, _fail, _run, _settings, _source_checkout_file, app
-from .cli import demo_app as _demo_app
+from .cli_base import (
+    JsonOption,
+    UrlOption,
+    app,
+    demo_app,
+    emit_json,
+    fail,
+    run,
+    settings,
+    source_checkout_file,
+)
 from .errors import InvalidArgument
 
 AppOption = Annotated[str | None, typer.Option(
@@ -21,9 +30,9 @@ DEFAULT_APP = "examples.shop:app"
 
 def _checkout_on_path() -> None:
     """Make `examples.*` importable from a source checkout (the demos ship with the repo)."""
-    found = _source_checkout_file("examples/shop/__init__.py")
+    found = source_checkout_file("examples/shop/__init__.py")
     if found is None:
-        _fail("examples/shop is not here; the shop ships with the tidings source repository, "
+        fail("examples/shop is not here; the shop ships with the tidings source repository, "
               "so run this from a checkout of it", 1)
     root = str(found.parents[2])
     if root not in sys.path:
@@ -48,7 +57,7 @@ def _load(spec: str) -> Any:
 
 
 # the shop demo -----------------------------------------------------------------------
-@_demo_app.command("shop")
+@demo_app.command("shop")
 def demo_shop(
     ctx: typer.Context,
     orders: Annotated[int, typer.Option("--orders", min=1, help="How many orders.")] = 200,
@@ -59,11 +68,11 @@ def demo_shop(
     url: UrlOption = None,
 ) -> None:
     """The e-commerce create-order saga end to end: N orders, a summary, the invariants."""
-    engine_url, _ = _settings(ctx, url, False)
+    engine_url, _ = settings(ctx, url, False)
     _checkout_on_path()
     from examples.shop import demo
 
-    raise typer.Exit(_run(demo.run(engine_url, orders=orders, seed_=seed, inline=inline)))
+    raise typer.Exit(run(demo.run(engine_url, orders=orders, seed_=seed, inline=inline)))
 
 
 # sagas ---------------------------------------------------------------------------------
@@ -84,11 +93,10 @@ async def _runners(url: str, spec: str) -> tuple[Any, dict[str, Any]]:
 
 
 def _print_rows(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
-    from .cli import _emit_json
 
     if as_json:
         for r in rows:
-            _emit_json(r)
+            emit_json(r)
         return
     from rich.console import Console
     from rich.table import Table
@@ -111,10 +119,10 @@ def sagas_list(
     as_json: JsonOption = False,
 ) -> None:
     """Saga instances with their status (JSON lines when piped)."""
-    engine_url, as_json = _settings(ctx, url, as_json)
+    engine_url, as_json = settings(ctx, url, as_json)
     valid = ("running", "completed", "compensating", "compensated", "stuck")
     if status is not None and status not in valid:
-        _fail(f"--status must be one of {', '.join(valid)}")
+        fail(f"--status must be one of {', '.join(valid)}")
 
     async def go() -> list[dict[str, Any]]:
         hub, runners = await _runners(engine_url, app_spec or DEFAULT_APP)
@@ -128,7 +136,7 @@ def sagas_list(
         finally:
             await hub.close()
 
-    _print_rows(_run(go()), as_json, ["id", "saga", "status", "steps", "reason"])
+    _print_rows(run(go()), as_json, ["id", "saga", "status", "steps", "reason"])
 
 
 @app.command("saga")
@@ -143,7 +151,7 @@ def saga_show(
     as_json: JsonOption = False,
 ) -> None:
     """One saga: status, data and step history; --retry resumes it when stuck."""
-    engine_url, as_json = _settings(ctx, url, as_json)
+    engine_url, as_json = settings(ctx, url, as_json)
 
     async def go() -> dict[str, Any]:
         from .errors import NotFound
@@ -163,11 +171,10 @@ def saga_show(
         finally:
             await hub.close()
 
-    state = _run(go())
+    state = run(go())
     if as_json:
-        from .cli import _emit_json
 
-        _emit_json(state)
+        emit_json(state)
         return
     from rich.console import Console
 
@@ -194,7 +201,7 @@ def _on_hub(url: str, app_spec: str | None, fn: Any) -> Any:
         async with await connect(url) as hub:
             return await fn(hub)
 
-    return _run(go())
+    return run(go())
 
 
 @app.command("events")
@@ -209,11 +216,11 @@ def events_show(
     as_json: JsonOption = False,
 ) -> None:
     """A stream's history, and its state at a version or time."""
-    engine_url, as_json = _settings(ctx, url, as_json)
+    engine_url, as_json = settings(ctx, url, as_json)
     from .eventsourcing import cli as es_cli
 
     if version is not None and version < 1:
-        _fail("--version must be >= 1")
+        fail("--version must be >= 1")
     _on_hub(engine_url, app_spec, lambda hub: es_cli.show_events(
         hub, stream_id, version=version, as_of=as_of, as_json=as_json, app=app_spec))
 
@@ -232,7 +239,7 @@ def projections_rebuild(
     as_json: JsonOption = False,
 ) -> None:
     """Reset a projection's read model and replay every event into it (with progress)."""
-    engine_url, as_json = _settings(ctx, url, as_json)
+    engine_url, as_json = settings(ctx, url, as_json)
     from .eventsourcing import cli as es_cli
 
     _on_hub(engine_url, app_spec, lambda hub: es_cli._rebuild(hub, name, app_spec, as_json))
@@ -246,7 +253,7 @@ def projections_status(
     as_json: JsonOption = False,
 ) -> None:
     """Each projection's position, lag, status and error."""
-    engine_url, as_json = _settings(ctx, url, as_json)
+    engine_url, as_json = settings(ctx, url, as_json)
     from .eventsourcing import cli as es_cli
 
     _on_hub(engine_url, app_spec, lambda hub: es_cli._statuses(hub, app_spec, as_json))
@@ -256,7 +263,7 @@ def projections_status(
 @app.command("migrate")
 def migrate(ctx: typer.Context, url: UrlOption = None) -> None:
     """Create or upgrade tidings' schema (PostgreSQL; SQLite and memory need nothing)."""
-    engine_url, _ = _settings(ctx, url, False)
+    engine_url, _ = settings(ctx, url, False)
 
     async def go() -> int:
         from .hub import connect
@@ -266,7 +273,7 @@ def migrate(ctx: typer.Context, url: UrlOption = None) -> None:
             done = int(getattr(hub.engine, "migrations_applied", 0))
             return done + (int(await fn()) if fn is not None else 0)
 
-    n = _run(go())
+    n = run(go())
     typer.echo(f"{n} migration(s) applied to {engine_url}")
 
 
@@ -283,17 +290,17 @@ def serve(
     url: UrlOption = None,
 ) -> None:
     """The HTTP gateway and dashboard (JSON over HTTP under /v1)."""
-    engine_url, _ = _settings(ctx, url, False)
+    engine_url, _ = settings(ctx, url, False)
     if app_spec and app_spec.startswith("examples."):
         _checkout_on_path()
     try:
         from .gateway.server import run as run_server
     except ImportError as exc:
-        _fail(f"the gateway needs the server extra ({exc}); pip install 'tidings[server]'", 1)
+        fail(f"the gateway needs the server extra ({exc}); pip install 'tidings[server]'", 1)
     from .errors import TidingsError
 
     try:
         run_server(engine_url, host, port, token, app_spec)  # uvloop when installed
     except TidingsError as exc:
-        _fail(str(exc), 2 if isinstance(exc, InvalidArgument) else 1)
+        fail(str(exc), 2 if isinstance(exc, InvalidArgument) else 1)
 
