@@ -212,7 +212,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, float]] = []
 
-    def _settle(self, msg: Message, kind: str, delay: float) -> None:
+    def _settle(self, msg: Message, kind: str, delay: float, wait: bool) -> None:
         self.calls.append((kind, delay))
 
 
