@@ -18,6 +18,7 @@ import msgspec
 
 from ..errors import ConcurrencyError, EventIdConflict, InvalidArgument
 from ..messages import OutMessage
+from .base import HOLDING_WRITER
 from .sqlite import SqliteEngine, Tx, insert_rows
 from .store_base import (
     EVENT_COLUMNS,
@@ -72,7 +73,7 @@ _SELECT = f"SELECT {EVENT_COLUMNS} FROM tidings_events"
 
 #: Set while a `transaction` function runs: it holds the writer, so writing
 #: through the store from inside it would wait for itself.
-from .sqlite import HOLDING_WRITER as _HOLDING  # noqa: E402
+_HOLDING = HOLDING_WRITER
 
 
 class _Aborted(Exception):
