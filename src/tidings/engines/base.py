@@ -15,13 +15,16 @@ import contextvars
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
 from .. import topics as _topics
 from ..messages import Message, OutMessage, Published
 from .delivery import SubscriptionSpec
+
+if TYPE_CHECKING:
+    from .store_base import StoreBackend
 
 __all__ = [
     "Engine",
@@ -129,6 +132,16 @@ class Engine(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    # event streams -------------------------------------------------------------
+    @abstractmethod
+    def event_store(self) -> StoreBackend:
+        """A new event-store backend on this engine (`hub.events` keeps the one it uses).
+
+        Its streams live next to this engine's log, and each event is also stored as a
+        message on it in the same transaction. An engine that cannot hold event streams
+        raises `Unsupported`, saying where to keep them.
+        """
 
     # the log -----------------------------------------------------------------
     @abstractmethod

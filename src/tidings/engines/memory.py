@@ -20,7 +20,7 @@ from .. import topics as _topics
 from ..messages import Message, OutMessage, Published, new_id
 from .base import Engine, Retention, Settle, SubscriptionInfo, TopicInfo
 from .delivery import Pending, SubscriptionSpec, dead_letter_headers, plan_fetch
-from .store_base import headers_of_event
+from .store_base import StoreBackend, headers_of_event
 
 __all__ = ["MemoryEngine"]
 
@@ -97,6 +97,11 @@ class MemoryEngine(Engine):
 
     async def close(self) -> None:
         return None
+
+    def event_store(self) -> StoreBackend:
+        from .memory_store import MemoryStore  # (it imports this module)
+
+        return MemoryStore(self)
 
     # the log -----------------------------------------------------------------
     def _store(self, batch: Sequence[OutMessage], now: float, results: bool = True

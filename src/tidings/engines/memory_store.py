@@ -27,8 +27,8 @@ from .store_base import (
     SnapshotRow,
     StoreBackend,
     StoreTx,
+    StreamAppend,
     StreamLoad,
-    out_message,
 )
 
 __all__ = ["MemoryStore"]
@@ -53,8 +53,9 @@ class _Tables:
 class MemoryTx(StoreTx):
     """The in-memory transaction: `state` is a dict kept for the projection's read model.
 
-    Messages published through it are stored when the event's handler
-    succeeds; `state` changes are not undone on failure (no durability to protect).
+    Messages published through it are stored when the event's handler succeeds
+    (outside an event: when the transaction's function returns); `state` changes
+    are not undone on failure (no durability to protect).
     """
 
     def __init__(self, store: MemoryStore) -> None:
@@ -63,40 +64,40 @@ class MemoryTx(StoreTx):
         self._now = store._clock()
         self._outbox: list[OutMessage] = []
         self.state: dict[str, object] = {}
-        self.record: object = None
 
     @property
     def now(self) -> float:
         return self._now
 
-    def events_after(self, position: int, limit: int) -> list[EventRow]:
+    async def events_after(self, position: int, limit: int) -> list[EventRow]:
         return self._t.events[position : position + limit]
 
-    def projection(self, name: str) -> ProjectionState | None:
+    async def projection(self, name: str) -> ProjectionState | None:
         st = self._t.projections.get(name)
         self.state = self._t.read_models.setdefault(name, {})
         return replace(st) if st is not None else None
 
-    def save_projection(self, state: ProjectionState, now: float) -> None:
+    async def save_projection(self, state: ProjectionState, now: float) -> None:
         state.updated = now
         self._t.projections[state.name] = replace(state)
 
     def publish_messages(self, messages: Sequence[OutMessage]) -> None:
         self._outbox.extend(messages)
 
-    def publish(self, topic: str, data: object, *, key: str | None = None,
-                headers: dict[str, str] | None = None) -> None:
-        """Publish a message atomically with this projection's progress."""
-        self._outbox.append(out_message(topic, data, key, headers))
+    async def begin_event(self) -> None:
+        self._flush()  # published outside any event's handler: keep
 
-    def _begin_event(self) -> None:
-        self._outbox.clear()
+    async def end_event(self, ok: bool) -> None:
+        if ok:
+            self._flush()
+        else:
+            self._outbox.clear()
 
-    def _end_event(self, ok: bool) -> None:
-        if ok and self._outbox:
-            self._store.engine._store(self._outbox, self._now)
-            self._store.engine._notify({m.topic for m in self._outbox})
-        self._outbox.clear()
+    def _flush(self) -> None:
+        if self._outbox:
+            outbox, self._outbox = self._outbox, []
+            self._store.engine._store(outbox, self._now)
+            self._store.engine._notify({m.topic for m in outbox})
 
 
 class MemoryStore(StoreBackend):
@@ -181,11 +182,10 @@ class MemoryStore(StoreBackend):
 
     async def append_batch(
         self,
-        items: Sequence[tuple[str, Sequence[NewRecord], int | None, str]],
-        messages: Sequence[OutMessage],
+        items: Sequence[StreamAppend],
+        messages: Sequence[OutMessage] = (),
         snapshots: Mapping[str, SnapshotRow] | None = None,
     ) -> list[AppendOutcome]:
-        """Append to several streams and store `messages` (and `snapshots`), all or none."""
         t = self._tables
         # Check everything before changing anything, so a failure leaves nothing behind.
         versions: dict[str, int] = {}  # a stream may appear twice: its running version
@@ -271,7 +271,10 @@ class MemoryStore(StoreBackend):
         # Serializes projection work in this process; the memory engine has no
         # other process to race with.
         async with self._tables.lock:
-            return await fn(MemoryTx(self))
+            tx = MemoryTx(self)
+            result = await fn(tx)
+            tx._flush()
+            return result
 
 
 def _put_snapshot(t: _Tables, stream_id: str, snapshot: SnapshotRow) -> None:

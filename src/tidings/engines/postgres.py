@@ -58,6 +58,7 @@ from .postgres_sql import (
 from .postgres_sql import (
     apply_migrations as _apply_migrations,
 )
+from .store_base import StoreBackend
 
 __all__ = ["PgTx", "PostgresEngine"]
 
@@ -181,6 +182,11 @@ class PostgresEngine(Engine):
             return
         await self.conns.close()
         self._notify()
+
+    def event_store(self) -> StoreBackend:
+        from .postgres_store import PostgresStore  # (it imports this module)
+
+        return PostgresStore(self)
 
     # migrations ----------------------------------------------------------------
     async def migrate(self) -> int:

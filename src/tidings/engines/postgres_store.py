@@ -45,9 +45,9 @@ from .store_base import (
     SnapshotRow,
     StoreBackend,
     StoreTx,
+    StreamAppend,
     StreamLoad,
     event_headers,
-    out_message,
 )
 
 __all__ = ["EVENTSTORE_MIGRATIONS", "PostgresStore", "PostgresTx"]
@@ -190,7 +190,6 @@ class PostgresTx(StoreTx):
         self._sql = sql
         self._tx = tx
         self.conn: Any = tx.conn
-        self.record: object = None
         self._outbox: list[OutMessage] = []
 
     @property
@@ -203,11 +202,6 @@ class PostgresTx(StoreTx):
 
     async def execute(self, sql: str, *args: Any) -> str:
         return str(await self.conn.execute(sql, *args))
-
-    def publish(self, topic: str, data: object, *, key: str | None = None,
-                headers: dict[str, str] | None = None) -> None:
-        """Publish a message atomically with this projection's progress."""
-        self._outbox.append(out_message(topic, data, key, headers))
 
     def publish_messages(self, messages: Sequence[OutMessage]) -> None:
         self._outbox.extend(messages)
@@ -231,11 +225,11 @@ class PostgresTx(StoreTx):
         await self.conn.execute(self._sql.save_projection, state.name, state.position,
                                 state.status, state.error, state.failed_position, now)
 
-    async def _begin_event(self) -> None:
+    async def begin_event(self) -> None:
         await self._flush()  # published outside any event's handler: keep
         await self.conn.execute("SAVEPOINT tidings_event")
 
-    async def _end_event(self, ok: bool) -> None:
+    async def end_event(self, ok: bool) -> None:
         if ok:
             await self._flush()
         else:
@@ -396,12 +390,10 @@ class PostgresStore(StoreBackend):
 
     async def append_batch(
         self,
-        items: Sequence[tuple[str, Sequence[NewRecord], int | None, str]],
-        messages: Sequence[OutMessage],
+        items: Sequence[StreamAppend],
+        messages: Sequence[OutMessage] = (),
         snapshots: Mapping[str, SnapshotRow] | None = None,
     ) -> list[AppendOutcome]:
-        """Append to several streams and store `messages` (and `snapshots`), all in one
-        transaction (or none)."""
         self._check_not_holding()
         await self._ready()
         snaps = snapshots or {}

@@ -38,6 +38,7 @@ from .base import (
     TopicInfo,
 )
 from .delivery import SubscriptionSpec
+from .store_base import StoreBackend
 
 __all__ = ["HOLDING_WRITER", "SqliteEngine", "Tx"]
 
@@ -339,6 +340,11 @@ class SqliteEngine(Engine):
         if self._inline_conn is not None:
             self._inline_conn.close()
         self._notify()
+
+    def event_store(self) -> StoreBackend:
+        from .sqlite_store import SqliteStore  # (it imports this module)
+
+        return SqliteStore(self)
 
     # the writer ----------------------------------------------------------------
     def _writer(self, conn: sqlite3.Connection) -> None:

@@ -18,6 +18,7 @@ import msgspec
 
 from ..errors import ConcurrencyError, EventIdConflict, InvalidArgument
 from ..messages import OutMessage
+from .base import HOLDING_WRITER
 from .sqlite import SqliteEngine, Tx, insert_rows
 from .store_base import (
     EVENT_COLUMNS,
@@ -28,9 +29,9 @@ from .store_base import (
     SnapshotRow,
     StoreBackend,
     StoreTx,
+    StreamAppend,
     StreamLoad,
     event_headers,
-    out_message,
 )
 
 __all__ = ["SqliteStore", "SqliteTx"]
@@ -72,7 +73,7 @@ _SELECT = f"SELECT {EVENT_COLUMNS} FROM tidings_events"
 
 #: Set while a `transaction` function runs: it holds the writer, so writing
 #: through the store from inside it would wait for itself.
-from .sqlite import HOLDING_WRITER as _HOLDING  # noqa: E402
+_HOLDING = HOLDING_WRITER
 
 
 class _Aborted(Exception):
@@ -85,12 +86,13 @@ class SqliteTx(StoreTx):
     `conn`/`execute`/`executemany` act on the same SQLite transaction that
     will store the projection's checkpoint. The writer thread waits while
     this code runs, so the connection is never used by two threads at once.
+    The protocol's async methods run their statement directly and never
+    suspend: no hop to a thread per call.
     """
 
     def __init__(self, tx: Tx) -> None:
         self._tx = tx
         self.conn: sqlite3.Connection = tx.conn
-        self.record: object = None
 
     @property
     def now(self) -> float:
@@ -102,27 +104,22 @@ class SqliteTx(StoreTx):
     def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
         return self.conn.executemany(sql, rows)
 
-    def publish(self, topic: str, data: object, *, key: str | None = None,
-                headers: dict[str, str] | None = None) -> None:
-        """Publish a message atomically with this projection's progress."""
-        self._tx.append([out_message(topic, data, key, headers)])
-
     def publish_messages(self, messages: Sequence[OutMessage]) -> None:
         self._tx.append(messages)
 
-    def events_after(self, position: int, limit: int) -> list[EventRow]:
+    async def events_after(self, position: int, limit: int) -> list[EventRow]:
         return self.conn.execute(
             f"{_SELECT} WHERE position > ? ORDER BY position LIMIT ?", (position, limit)
         ).fetchall()
 
-    def projection(self, name: str) -> ProjectionState | None:
+    async def projection(self, name: str) -> ProjectionState | None:
         row = self.conn.execute(
             "SELECT name, position, status, error, failed_position, updated "
             "FROM tidings_projections WHERE name = ?", (name,)
         ).fetchone()
         return ProjectionState(*row) if row else None
 
-    def save_projection(self, state: ProjectionState, now: float) -> None:
+    async def save_projection(self, state: ProjectionState, now: float) -> None:
         state.updated = now
         self.conn.execute(
             "INSERT OR REPLACE INTO tidings_projections "
@@ -131,10 +128,10 @@ class SqliteTx(StoreTx):
              state.updated),
         )
 
-    def _begin_event(self) -> None:
+    async def begin_event(self) -> None:
         self.conn.execute("SAVEPOINT tidings_event")
 
-    def _end_event(self, ok: bool) -> None:
+    async def end_event(self, ok: bool) -> None:
         if not ok:
             self.conn.execute("ROLLBACK TO tidings_event")
         self.conn.execute("RELEASE tidings_event")
@@ -193,12 +190,10 @@ class SqliteStore(StoreBackend):
 
     async def append_batch(
         self,
-        items: Sequence[tuple[str, Sequence[NewRecord], int | None, str]],
-        messages: Sequence[OutMessage],
+        items: Sequence[StreamAppend],
+        messages: Sequence[OutMessage] = (),
         snapshots: Mapping[str, SnapshotRow] | None = None,
     ) -> list[AppendOutcome]:
-        """Append to several streams and store `messages` (and `snapshots`), all in one
-        transaction (or none)."""
         self._check_not_holding()
         await self._ready()
         snaps = snapshots or {}
@@ -401,7 +396,7 @@ def append_in_tx(tx: Tx, stream_id: str, records: Sequence[NewRecord], expected:
     return append_many_in_tx(tx, [(stream_id, records, expected, topic)], (), snaps)[0]
 
 
-def append_many_in_tx(tx: Tx, items: Sequence[tuple[str, Sequence[NewRecord], int | None, str]],
+def append_many_in_tx(tx: Tx, items: Sequence[StreamAppend],
                       messages: Sequence[OutMessage] = (),
                       snapshots: Mapping[str, SnapshotRow] | None = None,
                       ) -> list[AppendOutcome]:
@@ -465,8 +460,7 @@ _STATE_ITEMS = 200  # items checked by one statement at most
 _state_sql: dict[tuple[int, int], str] = {}
 
 
-def _state(conn: sqlite3.Connection,
-           items: Sequence[tuple[str, Sequence[NewRecord], int | None, str]]
+def _state(conn: sqlite3.Connection, items: Sequence[StreamAppend]
            ) -> tuple[dict[str, int], dict[str, int], int]:
     """What appending `items` must check, in one statement: where each item's first
     event id is stored (if it is), each stream's version, and the last position."""

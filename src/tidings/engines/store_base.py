@@ -14,11 +14,10 @@ commit order equals position order).
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import TypeVar
 
 from .. import topics as _topics
 from ..messages import JSON, OutMessage, encode_data, new_id
@@ -34,11 +33,10 @@ __all__ = [
     "SnapshotRow",
     "StoreBackend",
     "StoreTx",
+    "StreamAppend",
     "StreamLoad",
-    "backend_for",
     "event_headers",
     "headers_of_event",
-    "maybe_await",
     "out_message",
 ]
 
@@ -63,6 +61,11 @@ class NewRecord:
     type_version: int
     data: bytes
     headers: dict[str, str]
+
+
+#: One stream's part of `StoreBackend.append_batch`: (stream id, its new records, the
+#: version it must be at or None for any, the topic its events are published on).
+StreamAppend = tuple[str, Sequence[NewRecord], int | None, str]
 
 
 @dataclass(slots=True)
@@ -102,52 +105,76 @@ class ProjectionState:
 
 
 class StoreTx(ABC):
-    """A write transaction on the store, open while an async function runs.
+    """A write transaction on the event store, lent to async code by `StoreBackend.transaction`.
 
-    Projection handlers receive it as `tx`: their own writes through it
-    commit with the projection's checkpoint, or not at all.
+    Projection handlers receive it as `tx`: their own writes through it commit with the
+    projection's checkpoint, or not at all. Every method that reads or writes the store
+    is async and returns its value. An engine whose driver is synchronous (SQLite, whose
+    writer connection is lent to the event loop) does the work inside without
+    suspending, so an await costs no hop to a thread.
 
-    The methods below may return their result directly (SQLite, memory) or
-    an awaitable of it (PostgreSQL, whose driver is async); callers pass
-    what they get through `maybe_await`.
+    Engines add their own ways to write the read model (`tx.conn` and `tx.execute` on
+    the SQL engines, `tx.state` on memory); the methods below are the ones the library
+    itself uses, and the only ones it uses.
     """
 
-    @abstractmethod
-    def events_after(self, position: int, limit: int
-                     ) -> list[EventRow] | Awaitable[list[EventRow]]: ...
-
-    @abstractmethod
-    def projection(self, name: str
-                   ) -> ProjectionState | None | Awaitable[ProjectionState | None]: ...
-
-    @abstractmethod
-    def save_projection(self, state: ProjectionState, now: float) -> None | Awaitable[None]: ...
-
-    @abstractmethod
-    def publish_messages(self, messages: Sequence[OutMessage]) -> None:
-        """Store pub/sub messages in this transaction."""
+    #: The event whose handler is running (a `RecordedEvent`), set before each call.
+    record: object = None
 
     @property
     @abstractmethod
-    def now(self) -> float: ...
-
-    # one event's writes, undone alone if its handler fails
-    @abstractmethod
-    def _begin_event(self) -> None | Awaitable[None]: ...
+    def now(self) -> float:
+        """The transaction's time, fixed when it began (what checkpoints are stamped with)."""
 
     @abstractmethod
-    def _end_event(self, ok: bool) -> None | Awaitable[None]: ...
+    async def events_after(self, position: int, limit: int) -> list[EventRow]:
+        """Up to `limit` events with a position above `position`, in position order."""
 
+    @abstractmethod
+    async def projection(self, name: str) -> ProjectionState | None:
+        """The projection's stored state (None: never saved), read for an update.
 
-async def maybe_await(value: T | Awaitable[T]) -> T:
-    """`value`, awaited first if it is awaitable (see `StoreTx`)."""
-    if inspect.isawaitable(value):
-        return await cast("Awaitable[T]", value)
-    return value
+        From this call until the transaction ends, no other transaction runs the same
+        projection, in this process or (on a shared engine) in another.
+        """
+
+    @abstractmethod
+    async def save_projection(self, state: ProjectionState, now: float) -> None:
+        """Store `state`, its `updated` set to `now`, to commit with this transaction."""
+
+    @abstractmethod
+    def publish_messages(self, messages: Sequence[OutMessage]) -> None:
+        """Store pub/sub messages with this transaction; never waits.
+
+        Inside an event (`begin_event`) they are stored only if that event ends well.
+        An engine may write them at once (SQLite: into the event's savepoint) or keep
+        them until the event ends.
+        """
+
+    def publish(self, topic: str, data: object, *, key: str | None = None,
+                headers: dict[str, str] | None = None) -> None:
+        """Publish a message atomically with this projection's progress (never waits)."""
+        self.publish_messages([out_message(topic, data, key, headers)])
+
+    @abstractmethod
+    async def begin_event(self) -> None:
+        """Start one event's writes, so that `end_event(False)` can undo them alone.
+
+        A projection calls it before each handler: a failing handler then leaves
+        nothing behind, while the events before it in the batch stay written.
+        """
+
+    @abstractmethod
+    async def end_event(self, ok: bool) -> None:
+        """End the event begun last: keep its writes and the messages it published if
+        `ok`, else undo them all (what was written before `begin_event` stays)."""
 
 
 class StoreBackend(ABC):
-    """Event streams on one engine."""
+    """Event streams on one engine (made by `Engine.event_store()`).
+
+    The library reaches an engine's event store through these methods only.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -170,19 +197,48 @@ class StoreBackend(ABC):
         """
 
     @abstractmethod
+    async def append_batch(
+        self,
+        items: Sequence[StreamAppend],
+        messages: Sequence[OutMessage] = (),
+        snapshots: Mapping[str, SnapshotRow] | None = None,
+    ) -> list[AppendOutcome]:
+        """Append to several streams and store `messages`, all in one transaction or none.
+
+        What a command handler or a saga commits: the aggregates it changed, its
+        inbox record, its reply or next commands. Each item (stream id, records,
+        expected version, topic) is checked and published as `append` does it; a
+        stream may come twice, the second item checked against the version the
+        first leaves. `messages` are stored after the events' own messages, in
+        the same transaction. `snapshots` (by stream id) are stored with their
+        stream's new events, and not for an item that appends nothing.
+
+        Returns one outcome per item, in order; an item whose first record's id
+        is stored already as the start of that same append appends nothing and
+        returns the stored outcome with `duplicate=True`. Raises
+        `ConcurrencyError` when a stream is not at its expected version and
+        `EventIdConflict` when an id is reused otherwise; either way nothing is
+        stored.
+        """
+
+    @abstractmethod
     async def read_stream(
         self, stream_id: str, from_version: int, to_version: int | None, limit: int
-    ) -> list[EventRow]: ...
+    ) -> list[EventRow]:
+        """Up to `limit` of the stream's events with `from_version <= version <= to_version`
+        (None: to the end), in version order."""
 
     @abstractmethod
     async def read_all(self, after: int, stop: int | None, limit: int) -> list[EventRow]:
         """Up to `limit` events with `after < position <= stop`, in position order."""
 
     @abstractmethod
-    async def stream_version(self, stream_id: str) -> int: ...
+    async def stream_version(self, stream_id: str) -> int:
+        """The stream's latest version (0: no such stream)."""
 
     @abstractmethod
-    async def last_position(self) -> int: ...
+    async def last_position(self) -> int:
+        """The position of the newest event (0: none yet)."""
 
     @abstractmethod
     async def load(
@@ -191,43 +247,23 @@ class StoreBackend(ABC):
         """Snapshot (matching `schema` exactly) plus the events after it, in one read."""
 
     @abstractmethod
-    async def save_snapshot(self, stream_id: str, snapshot: SnapshotRow) -> None: ...
+    async def save_snapshot(self, stream_id: str, snapshot: SnapshotRow) -> None:
+        """Store (or replace) the stream's snapshot at `snapshot.version`, on its own."""
 
     @abstractmethod
-    async def projections(self) -> list[ProjectionState]: ...
+    async def projections(self) -> list[ProjectionState]:
+        """Every stored projection state, by name."""
 
     @abstractmethod
     async def transaction(self, fn: Callable[[StoreTx], Awaitable[T]]) -> T:
         """Run the async `fn(tx)` inside one write transaction, committed when it returns.
 
         An exception from `fn` rolls everything back and is re-raised. `fn`
-        must not write through the hub or the store while it runs (it holds
-        the engine's writer): it writes through `tx`.
+        must not write through the hub or the store while it runs (it may hold
+        the engine's writer or the log's lock, and would wait for itself): it
+        writes through `tx`. An engine where such a write would wait for itself
+        refuses it with `InvalidArgument` (see `base.HOLDING_WRITER`).
         """
-
-
-def backend_for(engine: Engine) -> StoreBackend:
-    """The event-store backend of an engine."""
-    from .memory import MemoryEngine
-    from .sqlite import SqliteEngine
-
-    if isinstance(engine, SqliteEngine):
-        from .sqlite_store import SqliteStore
-
-        return SqliteStore(engine)
-    if isinstance(engine, MemoryEngine):
-        from .memory_store import MemoryStore
-
-        return MemoryStore(engine)
-    from .postgres import PostgresEngine
-
-    if isinstance(engine, PostgresEngine):
-        from .postgres_store import PostgresStore
-
-        return PostgresStore(engine)
-    from ..errors import Unsupported
-
-    raise Unsupported(f"the engine behind {engine.url!r} has no event store")
 
 
 def event_headers(r: NewRecord, stream_id: str, version: int, position: int) -> dict[str, str]:

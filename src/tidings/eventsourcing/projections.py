@@ -12,9 +12,10 @@ On SQLite a batch (`batch` events, default 200) holds the engine's writer
 while its handlers run, so handlers should be quick and must not write
 through the hub: other writers wait for the batch to commit. On PostgreSQL
 a batch is one transaction, which holds the log's lock once a handler has
-published through `tx` (appenders wait for it the same way). The `tx`
-methods used here may be async (PostgreSQL): each result goes through
-`maybe_await`.
+published through `tx` (appenders wait for it the same way). Only the
+`StoreTx` protocol's methods are used here; each event's writes run between
+`tx.begin_event()` and `tx.end_event(ok)`, so a failing handler's writes are
+undone alone.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from ..engines.store_base import ProjectionState, StoreTx, maybe_await
+from ..engines.store_base import ProjectionState, StoreTx
 from ..errors import ClosedError, InvalidArgument, NotFound, TidingsError
 from .events import event_type_name
 from .records import RecordedEvent
@@ -169,33 +170,33 @@ class Projections:
 
     async def _batch(self, p: Projection) -> tuple[ProjectionState, int]:
         async def body(tx: StoreTx) -> tuple[ProjectionState, int]:
-            st = await maybe_await(tx.projection(p.name)) or ProjectionState(p.name)
+            st = await tx.projection(p.name) or ProjectionState(p.name)
             if st.status != "running":
                 return st, 0
-            rows = await maybe_await(tx.events_after(st.position, p.batch))
+            rows = await tx.events_after(st.position, p.batch)
             for row in rows:
                 if p.types is not None and row[4] not in p.types:
                     st.position = row[0]
                     continue
                 rec = RecordedEvent(row, _DEFAULT_RESOLVER)
-                tx.record = rec  # type: ignore[attr-defined]
-                await maybe_await(tx._begin_event())
+                tx.record = rec
+                await tx.begin_event()
                 try:
                     r = p.handler(rec.event if p.typed else rec, tx)
                     if inspect.isawaitable(r):
                         await r
                 except Exception as exc:  # noqa: BLE001 - recorded as the projection's status
-                    await maybe_await(tx._end_event(False))
+                    await tx.end_event(False)
                     st.status = "failed"
                     st.error = f"{type(exc).__name__}: {exc}"
                     st.failed_position = rec.position
                     log.error("projection %r stopped at event %d (%s %r v%d): %s", p.name,
                               rec.position, rec.type, rec.stream_id, rec.version, st.error)
                     break
-                await maybe_await(tx._end_event(True))
+                await tx.end_event(True)
                 st.position = rec.position
             if rows:
-                await maybe_await(tx.save_projection(st, tx.now))
+                await tx.save_projection(st, tx.now)
             return st, len(rows)
 
         return await self._store.backend.transaction(body)
@@ -244,12 +245,12 @@ class Projections:
         p = self._get(name)
 
         async def reset(tx: StoreTx) -> None:
-            await maybe_await(tx.projection(p.name))
+            await tx.projection(p.name)  # (also: no other runner until this commits)
             if p.reset is not None:
                 r = p.reset(tx)
                 if inspect.isawaitable(r):
                     await r
-            await maybe_await(tx.save_projection(ProjectionState(p.name), tx.now))
+            await tx.save_projection(ProjectionState(p.name), tx.now)
 
         async with self._locks.setdefault(p.name, asyncio.Lock()):
             await self._store.backend.transaction(reset)
@@ -259,10 +260,10 @@ class Projections:
     async def retry(self, name: str) -> ProjectionStatus:
         """Clear a failed projection's error so it resumes at the event that failed."""
         async def clear(tx: StoreTx) -> None:
-            st = await maybe_await(tx.projection(name))
+            st = await tx.projection(name)
             if st is not None and st.status != "running":
                 st.status, st.error, st.failed_position = "running", None, None
-                await maybe_await(tx.save_projection(st, tx.now))
+                await tx.save_projection(st, tx.now)
 
         await self._store.backend.transaction(clear)
         return await self.status(name)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .. import topics as _topics
-from ..engines.store_base import EventRow, NewRecord, SnapshotRow, StoreBackend, backend_for
+from ..engines.store_base import EventRow, NewRecord, SnapshotRow, StoreBackend
 from ..errors import InvalidArgument, InvalidEvent, PayloadTooLarge
 from ..messages import new_id
 from .events import TRUSTED, TypeResolver, encode_event, validate_raw
@@ -507,4 +507,4 @@ def _expected(value: object) -> int | None:
 
 def store_for(hub: Hub) -> EventStore:
     """The hub's event store (one per hub)."""
-    return hub.extension(EventStore, lambda h: EventStore(h, backend_for(h.engine)))
+    return hub.extension(EventStore, lambda h: EventStore(h, h.engine.event_store()))

@@ -8,10 +8,10 @@ without its inbox record (which would apply a redelivered command twice).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ..engines.store_base import AppendOutcome
-from ..errors import InvalidArgument, Unsupported
+from ..engines.store_base import AppendOutcome, SnapshotRow, StreamAppend
+from ..errors import InvalidArgument
 from ..messages import OutMessage
 from .aggregate import Aggregate
 from .records import _Any
@@ -33,13 +33,13 @@ async def commit(
 ) -> list[AppendOutcome]:
     """Save `aggregates` (optimistic concurrency from their loaded versions), append
     `(stream_id, events, expected_version, topic)` items and store `messages`,
-    atomically. Raises `ConcurrencyError` (nothing stored) on any conflict. Returns
-    each append's outcome (aggregates first, then `appends`, in order).
+    atomically (one `StoreBackend.append_batch`). Raises `ConcurrencyError` (nothing
+    stored) on any conflict. Returns each append's outcome (aggregates with new events
+    first, then `appends`, in order).
     """
     store = hub.events
-    backend: Any = store.backend
-    items: list[tuple[str, Any, int | None, str]] = []
-    snapshots: dict[str, Any] = {}
+    items: list[StreamAppend] = []
+    snapshots: dict[str, SnapshotRow] = {}
     audit = store.audit_headers()
     given = check_headers(headers, "append")
     for agg in aggregates:
@@ -60,11 +60,7 @@ async def commit(
         exp = None if isinstance(expected, _Any) else int(expected)
         items.append((stream_id, store._records_with(events, {**audit, **given}), exp,
                       topic or default_topic(stream_id)))
-    batch = getattr(backend, "append_batch", None)
-    if batch is None:
-        raise Unsupported(f"the engine behind {hub.url!r} cannot append to several streams "
-                          "atomically")
-    outcomes: list[AppendOutcome] = await batch(items, list(messages), snapshots)
+    outcomes = await store.backend.append_batch(items, messages, snapshots)
     for agg in aggregates:
         if agg._pending:
             agg._pending = []

@@ -1,0 +1,118 @@
+"""The event-store protocol's own promises, called directly on each engine's store.
+
+`append_batch` is what every command handler's and saga's commit runs;
+`StoreTx.begin_event` / `end_event` are what undo one projection event's
+writes alone. Both are checked here as `store_base.py` documents them.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import tidings
+from tidings.engines.store_base import (
+    NewRecord,
+    ProjectionState,
+    SnapshotRow,
+    StoreBackend,
+    StoreTx,
+)
+from tidings.messages import OutMessage, new_id
+
+
+def rec(eid: str | None = None) -> NewRecord:
+    return NewRecord(eid or new_id(), "SbHappened", 1, b'{"n": 1}', {})
+
+
+def msg(topic: str) -> OutMessage:
+    return OutMessage(new_id(), topic, None, b"{}", {"content-type": "application/json"}, False)
+
+
+async def topics(hub: tidings.Hub) -> list[str]:
+    return [m.topic async for m in hub.read(">")]
+
+
+def backend(hub: tidings.Hub) -> StoreBackend:
+    return hub.events.backend
+
+
+async def test_append_batch_stores_every_stream_and_message_together(hub: tidings.Hub) -> None:
+    out = await backend(hub).append_batch(
+        [("sb-1", [rec(), rec()], 0, "sb.a"), ("sb-2", [rec()], None, "sb.b")],
+        [msg("sb.reply")])
+    assert [(o.version, o.positions, o.duplicate) for o in out] == [
+        (2, [1, 2], False), (1, [3], False)]
+    assert await topics(hub) == ["sb.a", "sb.a", "sb.b", "sb.reply"]  # events' first
+    assert [await backend(hub).stream_version(s) for s in ("sb-1", "sb-2")] == [2, 1]
+
+
+async def test_append_batch_checks_a_stream_given_twice_against_its_first_part(
+        hub: tidings.Hub) -> None:
+    b = backend(hub)
+    out = await b.append_batch([("sb-1", [rec()], 0, "sb"), ("sb-1", [rec()], 1, "sb")])
+    assert [o.version for o in out] == [1, 2]
+    with pytest.raises(tidings.ConcurrencyError):
+        await b.append_batch([("sb-2", [rec()], 0, "sb"), ("sb-2", [rec()], 0, "sb")])
+    assert await b.stream_version("sb-2") == 0
+
+
+async def test_append_batch_stores_nothing_on_a_conflict(hub: tidings.Hub) -> None:
+    b = backend(hub)
+    first = rec()
+    await b.append_batch([("sb-1", [first], 0, "sb")])
+    before = await topics(hub)
+    with pytest.raises(tidings.ConcurrencyError):  # the last item is behind
+        await b.append_batch([("sb-2", [rec()], 0, "sb"), ("sb-1", [rec()], 0, "sb")],
+                             [msg("sb.reply")], {"sb-2": SnapshotRow(1, "s", 1.0, b"{}")})
+    with pytest.raises(tidings.EventIdConflict):  # an id stored already, elsewhere
+        await b.append_batch([("sb-2", [rec()], 0, "sb"), ("sb-3", [rec(), first], 0, "sb")],
+                             [msg("sb.reply")])
+    assert await b.stream_version("sb-2") == 0 and await b.last_position() == 1
+    assert await topics(hub) == before
+    assert (await b.load("sb-2", "s", None, None)).snapshot is None
+
+
+async def test_append_batch_repeated_appends_nothing_again(hub: tidings.Hub) -> None:
+    b = backend(hub)
+    again = [rec(), rec()]
+    first = await b.append_batch([("sb-1", again, 0, "sb")])
+    snap = SnapshotRow(2, "s", 1.0, b"{}")
+    out = await b.append_batch([("sb-1", again, 0, "sb"), ("sb-2", [rec()], 0, "sb")],
+                               (), {"sb-1": snap, "sb-2": SnapshotRow(1, "s", 1.0, b"{}")})
+    assert (out[0].version, out[0].positions, out[0].duplicate) == (
+        2, first[0].positions, True)
+    assert (out[1].positions, out[1].duplicate) == ([3], False)
+    assert (await b.load("sb-1", "s", None, None)).snapshot is None  # nothing appended: none
+    assert (await b.load("sb-2", "s", None, None)).snapshot is not None
+    with pytest.raises(tidings.EventIdConflict):  # the same first id, another append
+        await b.append_batch([("sb-3", again[:1], 0, "sb")])
+
+
+async def test_a_tx_undoes_one_event_alone_and_keeps_the_rest(hub: tidings.Hub) -> None:
+    async def work(tx: StoreTx) -> None:
+        tx.publish("tx.before", {"n": 0})  # outside any event: commits with the transaction
+        await tx.begin_event()
+        tx.publish("tx.undone", {"n": 1})
+        await tx.end_event(False)
+        await tx.begin_event()
+        tx.publish("tx.kept", {"n": 2})
+        await tx.end_event(True)
+
+    await backend(hub).transaction(work)
+    assert await topics(hub) == ["tx.before", "tx.kept"]
+
+
+async def test_a_tx_whose_function_fails_stores_nothing(hub: tidings.Hub) -> None:
+    async def work(tx: StoreTx) -> None:
+        tx.publish("tx.before", {"n": 0})
+        await tx.begin_event()
+        tx.publish("tx.kept", {"n": 2})
+        await tx.end_event(True)
+        await tx.save_projection(await tx.projection("p") or ProjectionState("p"), tx.now)
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError):
+        await backend(hub).transaction(work)
+    if hub.url.startswith("memory"):
+        return  # memory keeps no undo log for what a failed function wrote through its tx
+    assert await topics(hub) == [] and await backend(hub).projections() == []
