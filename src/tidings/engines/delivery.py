@@ -182,8 +182,8 @@ def plan_settle(spec: SubscriptionSpec, rows: Mapping[int, Pending], items: Sequ
     `rows` holds (at least) the pending rows of the settled positions. A
     position with no row (already acked or dead-lettered, never taken) or with
     a row that is not out (attempt 0: parked behind its key, or its only
-    delivery released) is ignored, and so
-    is any later settle of a position already decided in this batch.
+    delivery released) is ignored, and so is any later settle of a position
+    already settled in this batch.
 
     - ack: the row is deleted;
     - nack: due again at `now + delay`, or, if that was its last attempt
@@ -249,8 +249,9 @@ def split_settles(items: Sequence[Settle]) -> tuple[list[int], list[int], list[S
     (`attempt > 0`), so an engine may apply them as conditional writes without
     reading the rows ("delete where attempt > 0"; "attempt - 1 and due now
     where attempt > 0") and plan the rest (nacks, terms) with `plan_settle`:
-    together that is exactly `plan_settle` over all the items, whichever order
-    the three parts are applied in (tests/test_planners.py checks it).
+    together that is exactly `plan_settle` over all the items
+    (tests/test_planners.py checks it). The three parts never share a
+    position, so they may be applied in any order.
     """
     acks = [s.position for s in items if s.kind == "ack"]
     releases = [s.position for s in items if s.kind == "release"]
