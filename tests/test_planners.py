@@ -79,7 +79,7 @@ def test_release_undoes_the_attempt_and_is_due_at_once() -> None:
 def test_unknown_and_parked_positions_are_ignored() -> None:
     rows = rows_of(Pending(4, "a", 0, 0.0))
     for kind in ("ack", "nack", "term", "release"):
-        assert settle(rows, Settle(3, kind), Settle(4, kind)) == SettlePlan()  # type: ignore[arg-type]
+        assert settle(rows, Settle(3, kind), Settle(4, kind)) == SettlePlan()
 
 
 def test_the_first_decision_per_position_stands() -> None:
@@ -302,11 +302,11 @@ def test_trim_properties(messages: list[tuple[int, float, int]], r: Retention, n
     # read only as far as the limits needed
     set_cuts = [c for c, limit in zip(found, (r.max_messages, r.max_age, r.max_bytes),
                                       strict=True) if limit is not None]
+    newest = [m[0] for m in reversed(messages)]
     if None in set_cuts:
         assert read == len(messages)
     else:
-        newest = [m[0] for m in reversed(messages)]
-        assert read == max((newest.index(c) + 1 for c in set_cuts), default=0)
+        assert read == max((newest.index(c) + 1 for c in set_cuts if c is not None), default=0)
 
     # the floor: never at or above it, and only the floor holds the cut back
     cut = plan_trim(r, found, floor).cut
