@@ -1,20 +1,44 @@
-"""Subscription bookkeeping, with no I/O: what to deliver, park or dead-letter next.
+"""Subscription bookkeeping, with no I/O: what to deliver, park, settle or dead-letter next.
 
 Every engine keeps, per durable subscription, a cursor (the highest position
 taken from the log) and a bounded set of pending rows (taken but not yet
-acked). `plan_fetch` is the whole delivery policy — at-least-once with
-`ack_wait` leases, `max_deliver`, `max_in_flight`, per-key ordering — as a
-pure function, so it is tested exhaustively and engines only move bytes.
+acked). The whole delivery policy is two pure functions, tested exhaustively,
+whose plans the engines only persist:
+
+- `plan_fetch`: at-least-once with `ack_wait` leases, `max_deliver`,
+  `max_in_flight`, per-key ordering;
+- `plan_settle`: what a batch of acks, nacks, terms and releases does to the
+  pending rows (`split_settles` says which of them an engine may apply as
+  conditional writes without reading the rows first).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import msgspec
 
-__all__ = ["Pending", "Plan", "SubscriptionSpec", "dead_letter_headers", "plan_fetch"]
+from ..messages import Message, OutMessage, new_id
+
+if TYPE_CHECKING:
+    from .base import Settle
+
+__all__ = [
+    "MAX_DELIVER",
+    "TERMINATED",
+    "Dead",
+    "Pending",
+    "Plan",
+    "SettlePlan",
+    "SubscriptionSpec",
+    "dead_letter",
+    "dead_letter_headers",
+    "plan_fetch",
+    "plan_settle",
+    "split_settles",
+]
 
 _NO_KEY = object()  # ordered subscriptions treat keyless messages as one sequence
 
@@ -48,7 +72,8 @@ class Pending(msgspec.Struct, gc=False):
 
 @dataclass(slots=True)
 class Plan:
-    """What one fetch does: rows to (re)deliver, rows to add, rows to dead-letter."""
+    """What one fetch does: rows to (re)deliver, rows to add, rows to dead-letter
+    (reason `MAX_DELIVER`: their last attempt's lease ran out)."""
 
     deliver: list[Pending] = field(default_factory=list)
     added: list[Pending] = field(default_factory=list)
@@ -124,8 +149,132 @@ def plan_fetch(
     return plan
 
 
+#: Why a message was dead-lettered (its `tidings-reason` header).
+Reason = Literal["max_deliver", "terminated"]
+MAX_DELIVER: Reason = "max_deliver"  # its last attempt failed (nacked, or its lease ran out)
+TERMINATED: Reason = "terminated"  # the consumer called term()
+
+
+class Dead(NamedTuple):
+    """A pending row to remove and dead-letter, and why (its attempts go in the headers)."""
+
+    row: Pending
+    reason: Reason
+
+
+@dataclass(slots=True)
+class SettlePlan:
+    """What one batch of settles does to a subscription's pending rows."""
+
+    #: Acked: remove these rows.
+    delete: list[int] = field(default_factory=list)
+    #: Store these rows as they are now: nacked (a new `due`) or released (the attempt
+    #: undone, due at once).
+    update: list[Pending] = field(default_factory=list)
+    #: Remove these rows and dead-letter their messages, in this order.
+    dead: list[Dead] = field(default_factory=list)
+
+
+def plan_settle(spec: SubscriptionSpec, rows: Mapping[int, Pending], items: Sequence[Settle],
+                now: float) -> SettlePlan:
+    """Decide a batch of settles, in order; the first decision per position stands.
+
+    `rows` holds (at least) the pending rows of the settled positions. A
+    position with no row (already acked or dead-lettered, never taken) or with
+    a row that is not out (attempt 0: parked behind its key, or its only
+    delivery released) is ignored, and so is any later settle of a position
+    already settled in this batch.
+
+    - ack: the row is deleted;
+    - nack: due again at `now + delay`, or, if that was its last attempt
+      (`attempt >= max_deliver`), dead-lettered (`MAX_DELIVER`);
+    - term: dead-lettered (`TERMINATED`);
+    - release (handed back unseen): the delivery is not an attempt, so
+      `attempt - 1`, due at once.
+
+    The rows given are not changed; updated rows are new ones.
+    """
+    plan = _decide(spec, rows, items, now)
+    n = len(plan.delete) + len(plan.update) + len(plan.dead)
+    if n > 1 and len(_positions(plan.delete, plan.update, plan.dead)) < n:
+        plan = _decide(spec, rows, _first_per_position(items), now)  # (rare) a repeat
+    return plan
+
+
+def _decide(spec: SubscriptionSpec, rows: Mapping[int, Pending], items: Iterable[Settle],
+            now: float) -> SettlePlan:
+    """`plan_settle` for items that settle each position at most once."""
+    plan = SettlePlan()
+    update, dead = plan.update, plan.dead
+    get, acked = rows.get, plan.delete.append
+    for s in items:
+        position = s.position
+        row = get(position)
+        if row is None or not row.attempt:
+            continue
+        kind = s.kind
+        if kind == "ack":
+            acked(position)
+        elif kind == "release":
+            update.append(Pending(position, row.key, row.attempt - 1, now))
+        elif kind == "term":
+            dead.append(Dead(row, TERMINATED))
+        elif row.attempt >= spec.max_deliver:
+            dead.append(Dead(row, MAX_DELIVER))
+        else:
+            update.append(Pending(position, row.key, row.attempt, now + s.delay))
+    return plan
+
+
+def _positions(positions: list[int], rows: list[Pending], dead: list[Dead]) -> set[int]:
+    """The distinct positions among a plan's parts (a set built in C for the usual
+    all-acks batch: checking for repeats after the fact costs less than per item)."""
+    out = set(positions)
+    if rows or dead:
+        out.update([r.position for r in rows], [d.row.position for d in dead])
+    return out
+
+
+def _first_per_position(items: Iterable[Settle]) -> list[Settle]:
+    first: dict[int, Settle] = {}
+    for s in items:
+        first.setdefault(s.position, s)
+    return list(first.values())
+
+
+def split_settles(items: Sequence[Settle]) -> tuple[list[int], list[int], list[Settle]]:
+    """The first settle per position, as (acked positions, released positions, the rest).
+
+    Acks and releases depend on their row only through "is it out"
+    (`attempt > 0`), so an engine may apply them as conditional writes without
+    reading the rows ("delete where attempt > 0"; "attempt - 1 and due now
+    where attempt > 0") and plan the rest (nacks, terms) with `plan_settle`:
+    together that is exactly `plan_settle` over all the items
+    (tests/test_planners.py checks it). The three parts never share a
+    position, so they may be applied in any order.
+    """
+    acks = [s.position for s in items if s.kind == "ack"]
+    releases = [s.position for s in items if s.kind == "release"]
+    rest = [s for s in items if s.kind != "ack" and s.kind != "release"]
+    n = len(items)
+    if n > 1 and len(set(acks).union(releases, [s.position for s in rest])) < n:
+        return split_settles(_first_per_position(items))  # (rare) a repeat
+    return acks, releases, rest
+
+
+def dead_letter(spec: SubscriptionSpec, message: Message, dead: Dead) -> OutMessage:
+    """The dead letter of `message` for `spec.dead_letter` (which must be set): the same
+    key and data, with `dead_letter_headers`."""
+    assert spec.dead_letter is not None
+    headers = dead_letter_headers(
+        message.headers, topic=message.topic, id=message.id, position=message.position,
+        group=spec.group, reason=dead.reason, attempts=dead.row.attempt,
+    )
+    return OutMessage(new_id(), spec.dead_letter, message.key, message.data, headers)
+
+
 def dead_letter_headers(
-    headers: dict[str, str] | None,
+    headers: Mapping[str, str] | None,
     *,
     topic: str,
     id: str,

@@ -17,9 +17,18 @@ from typing import Any
 import msgspec
 
 from .. import topics as _topics
-from ..messages import Message, OutMessage, Published, new_id
+from ..messages import Message, OutMessage, Published
 from .base import Engine, Retention, Settle, SubscriptionInfo, TopicInfo
-from .delivery import Pending, SubscriptionSpec, dead_letter_headers, plan_fetch
+from .delivery import (
+    MAX_DELIVER,
+    Dead,
+    Pending,
+    SubscriptionSpec,
+    dead_letter,
+    plan_fetch,
+    plan_settle,
+)
+from .retention import limit_cuts, plan_trim, trim_floor
 from .store_base import StoreBackend, headers_of_event
 
 __all__ = ["MemoryEngine"]
@@ -65,6 +74,8 @@ _dec_headers = msgspec.json.Decoder(dict[str, str]).decode
 class _Sub:
     spec: SubscriptionSpec
     cursor: int
+    #: In position order without sorting: rows are only ever added above the cursor (so
+    #: above every row already there), and a changed row keeps its key's place.
     pending: dict[int, Pending] = field(default_factory=dict)
 
 
@@ -202,7 +213,7 @@ class MemoryEngine(Engine):
         sub = self._subs.get(handle)
         if sub is None:
             return [], None
-        pending = sorted(sub.pending.values(), key=lambda p: p.position)
+        pending = list(sub.pending.values())  # in position order (see _Sub)
         want = min(limit, sub.spec.max_in_flight)
         found = self._scan(sub.spec.pattern, sub.cursor, None, want)
         cands = [(p, self._recs[p].key) for p in found]
@@ -211,7 +222,8 @@ class MemoryEngine(Engine):
             plan.cursor = max(plan.cursor, self._last)  # nothing more matches up to here
         for p in plan.dead:
             del sub.pending[p.position]
-            self._dead_letter(sub.spec, p, "max_deliver", now)
+        if plan.dead:
+            self._dead_letter(sub.spec, [Dead(p, MAX_DELIVER) for p in plan.dead], now)
         for p in plan.added:
             sub.pending[p.position] = p
         sub.cursor = plan.cursor
@@ -228,17 +240,15 @@ class MemoryEngine(Engine):
             self._notify()
         return msgs, plan.next_due
 
-    def _dead_letter(self, spec: SubscriptionSpec, p: Pending, reason: str, now: float) -> None:
-        rec = self._recs.get(p.position)
-        if spec.dead_letter is None or rec is None:
+    def _dead_letter(self, spec: SubscriptionSpec, dead: Sequence[Dead], now: float) -> None:
+        """Append the dead letters of rows already removed (a trimmed message has none)."""
+        if spec.dead_letter is None:
             return
-        pos, id, topic, key, data, headers = (rec.position, rec.id, rec.topic, rec.key,
-                                              rec.data, _headers(rec))
-        h = dead_letter_headers(
-            headers, topic=topic, id=id, position=pos, group=spec.group, reason=reason,
-            attempts=p.attempt,
-        )
-        self._store([OutMessage(new_id(), spec.dead_letter, key, data, h)], now)
+        recs = self._recs
+        out = [dead_letter(spec, self._message(recs[d.row.position]), d)
+               for d in dead if d.row.position in recs]
+        if out:
+            self._store(out, now, results=False)
 
     async def settle(self, handle: Any, items: Sequence[Settle], now: float) -> None:
         self._settle(handle, items, now)
@@ -247,23 +257,16 @@ class MemoryEngine(Engine):
         sub = self._subs.get(handle)
         if sub is None:
             return
-        for s in items:
-            p = sub.pending.get(s.position)
-            if p is None or p.attempt == 0:
-                continue  # already settled, dead-lettered, or reclaimed and parked
-            if s.kind == "ack":
-                del sub.pending[s.position]
-            elif s.kind == "release":
-                p.attempt -= 1
-                p.due = now
-            elif s.kind == "term":
-                del sub.pending[s.position]
-                self._dead_letter(sub.spec, p, "terminated", now)
-            elif p.attempt >= sub.spec.max_deliver:
-                del sub.pending[s.position]
-                self._dead_letter(sub.spec, p, "max_deliver", now)
-            else:
-                p.due = now + s.delay
+        pending = sub.pending
+        plan = plan_settle(sub.spec, pending, items, now)
+        for position in plan.delete:
+            del pending[position]
+        for row in plan.update:
+            pending[row.position] = row
+        if plan.dead:
+            for d in plan.dead:
+                del pending[d.row.position]
+            self._dead_letter(sub.spec, plan.dead, now)
         # its own waiters (room, a redelivery) and, for a dead letter, the dead-letter topic's
         self._notify((sub.spec.dead_letter,) if sub.spec.dead_letter else (),
                      (sub.spec.pattern,))
@@ -275,41 +278,22 @@ class MemoryEngine(Engine):
     async def set_retention(self, topic: str, retention: Retention) -> None:
         self._retention[topic] = retention
 
-    def _floor(self, topic: str) -> int:
-        """The lowest position any matching subscription still needs (trim stays below)."""
-        floor = self._last + 1
-        for sub in self._subs.values():
-            if _topics.matches(sub.spec.pattern, topic):
-                low = min(sub.pending, default=sub.cursor + 1)
-                floor = min(floor, low, sub.cursor + 1)
-        return floor
-
     async def trim(self, now: float) -> int:
         removed = 0
+        subs = [(sub.spec.pattern, sub.cursor, min(sub.pending, default=None))
+                for sub in self._subs.values()]
+        recs = self._recs
         for topic, r in self._retention.items():
             ps = self._by_topic.get(topic)
             if not ps:
                 continue
-            cut = 0  # remove positions <= cut
-            if r.max_messages is not None and len(ps) > r.max_messages:
-                cut = max(cut, ps[len(ps) - r.max_messages - 1])
-            if r.max_age is not None:
-                for p in ps:
-                    if self._recs[p].time < now - r.max_age:
-                        cut = max(cut, p)
-                    else:
-                        break
-            if r.max_bytes is not None:
-                total = 0
-                for p in reversed(ps):
-                    total += len(self._recs[p].data)
-                    if total > r.max_bytes:
-                        cut = max(cut, p)
-                        break
-            cut = min(cut, self._floor(topic) - 1)
+            newest_first = ((p, recs[p].time, len(recs[p].data)) for p in reversed(ps))
+            cut = plan_trim(r, limit_cuts(r, newest_first, now), trim_floor(topic, subs)).cut
+            if cut is None:
+                continue
             n = bisect.bisect_right(ps, cut)
             for p in ps[:n]:
-                self._bytes[topic] -= len(self._recs.pop(p).data)
+                self._bytes[topic] -= len(recs.pop(p).data)
             del ps[:n]
             removed += n
         return removed

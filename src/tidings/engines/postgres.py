@@ -32,7 +32,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
-from .. import topics as _topics
 from ..errors import EngineUnavailable, InvalidArgument
 from ..messages import Message, OutMessage, Published, new_id
 from .base import (
@@ -44,7 +43,16 @@ from .base import (
     SubscriptionInfo,
     TopicInfo,
 )
-from .delivery import Pending, SubscriptionSpec, dead_letter_headers, plan_fetch
+from .delivery import (
+    MAX_DELIVER,
+    Dead,
+    Pending,
+    SubscriptionSpec,
+    dead_letter,
+    plan_fetch,
+    plan_settle,
+    split_settles,
+)
 from .postgres_conn import Attempt, Connections
 from .postgres_sql import (
     LOG_MIGRATIONS,
@@ -58,6 +66,7 @@ from .postgres_sql import (
 from .postgres_sql import (
     apply_migrations as _apply_migrations,
 )
+from .retention import LimitCuts, plan_trim, subscription_floor, trim_floor
 from .store_base import StoreBackend
 
 __all__ = ["PgTx", "PostgresEngine"]
@@ -433,10 +442,13 @@ class PostgresEngine(Engine):
         sub_id, spec = handle
         regex = pattern_regex(spec.pattern)
         sql = self.sql
-        acks, releases, others = _split(settles)
+        # Acks and releases are conditional writes (see `split_settles`: with the plan of the
+        # nacks and terms, the same as `plan_settle` over all of them), committed first, in
+        # the same round trip as the BEGIN; nacks and terms are planned under the lock.
+        acks, releases, others = split_settles(settles)
         wake = (self._channel, self._origin)
         begin = sql.begin_claim(sub_id, lock=bool(others), notify=wake if others else None)
-        if acks or releases:  # committed first, in the same round trip as the BEGIN
+        if acks or releases:
             begin = sql.settle_simple(sub_id, acks, releases, now, wake) + "; " + begin
 
         async def op(conn: Any, attempt: Attempt) -> tuple[list[Message], float | None]:
@@ -472,8 +484,7 @@ class PostgresEngine(Engine):
                     plan.cursor = max(plan.cursor, last or 0)  # nothing else matches up to last
                 if plan.dead:
                     await self._dead_letter(tx, sub_id, spec,
-                                            {p.position: p.attempt for p in plan.dead},
-                                            "max_deliver")
+                                            [Dead(p, MAX_DELIVER) for p in plan.dead])
                 added = {p.position for p in plan.added}
                 again = [p for p in plan.deliver if p.position not in added]
                 need = [p.position for p in again if p.position not in found]
@@ -481,10 +492,11 @@ class PostgresEngine(Engine):
                     for r in await conn.fetch(sql.by_position, need):
                         found[r[0]] = tuple(r)
                 dead = {p.position for p in plan.dead}
-                low = min((p.position for p in pending if p.position not in dead),
-                          default=plan.cursor + 1)
-                if plan.added:
-                    low = min(low, plan.added[0].position)
+                lowest = min((p.position for p in pending if p.position not in dead),
+                             default=None)
+                if plan.added and (lowest is None or plan.added[0].position < lowest):
+                    lowest = plan.added[0].position
+                low = subscription_floor(plan.cursor, lowest)  # the new `floor` column
                 if plan.added or again or plan.cursor != cursor or low != floor:
                     await ending.commit_with(sql.claim_commit(
                         sub_id, plan.added, again,
@@ -501,46 +513,32 @@ class PostgresEngine(Engine):
 
     async def _settle_others(self, tx: PgTx, sub_id: int, spec: SubscriptionSpec,
                              items: Sequence[Settle]) -> None:
-        """Nacks and terms (acks and releases went with the BEGIN)."""
-        conn, sql, now = tx.conn, self.sql, tx.now
-        attempts = dict(await conn.fetch(sql.pending_rows, sub_id, [s.position for s in items]))
-        later: dict[int, float] = {}
-        dead: dict[int, int] = {}
-        terms: dict[int, int] = {}
-        for s in items:
-            a = attempts.get(s.position)
-            if not a:
-                continue  # already settled, dead-lettered, or reclaimed and parked
-            if s.kind == "term":
-                terms[s.position] = a
-            elif a >= spec.max_deliver:
-                dead[s.position] = a
-            else:
-                later[s.position] = now + s.delay
-        if later:
-            await conn.execute(sql.set_due, sub_id, list(later), list(later.values()))
-        if terms:
-            await self._dead_letter(tx, sub_id, spec, terms, "terminated")
-        if dead:
-            await self._dead_letter(tx, sub_id, spec, dead, "max_deliver")
+        """Nacks and terms, planned on their rows (acks and releases went with the BEGIN)."""
+        conn, sql = tx.conn, self.sql
+        rows = {position: Pending(position, None, attempt, 0.0) for position, attempt in
+                await conn.fetch(sql.pending_rows, sub_id, [s.position for s in items])}
+        plan = plan_settle(spec, rows, items, tx.now)
+        if plan.update:  # nacks: only their due changes
+            await conn.execute(sql.set_due, sub_id, [p.position for p in plan.update],
+                               [p.due for p in plan.update])
+        if plan.dead:
+            await self._dead_letter(tx, sub_id, spec, plan.dead)
 
     async def _dead_letter(self, tx: PgTx, sub_id: int, spec: SubscriptionSpec,
-                           attempts: dict[int, int], reason: str) -> None:
-        """Remove pending rows and append their messages to the dead-letter topic, atomically."""
-        rows = await tx.conn.fetch(self.sql.remove_pending, sub_id, list(attempts))
+                           dead: Sequence[Dead]) -> None:
+        """Remove pending rows and append their messages to the dead-letter topic, atomically
+        (in the plan's order; a trimmed message has none)."""
+        rows = await tx.conn.fetch(self.sql.remove_pending, sub_id,
+                                   [d.row.position for d in dead])
         if spec.dead_letter is None or not rows:
             return
-        out = []
-        for m in await self._messages(tx.conn, rows):
-            h = dead_letter_headers(
-                dict(m.headers), topic=m.topic, id=m.id, position=m.position,
-                group=spec.group, reason=reason, attempts=attempts[m.position])
-            out.append(OutMessage(new_id(), spec.dead_letter, m.key, m.data, h))
-        await tx.append(out)
+        messages = {m.position: m for m in await self._messages(tx.conn, rows)}
+        await tx.append([dead_letter(spec, messages[d.row.position], d)
+                         for d in dead if d.row.position in messages])
 
     async def settle(self, handle: Any, items: Sequence[Settle], now: float) -> None:
         sub_id, spec = handle
-        acks, releases, others = _split(items)
+        acks, releases, others = split_settles(items)  # as in fetch
         wake = (self._channel, self._origin)
         simple = self.sql.settle_simple(sub_id, acks, releases, now, wake)
         begin = self.sql.begin_claim(sub_id, lock=True, notify=wake)
@@ -594,28 +592,27 @@ class PostgresEngine(Engine):
                 subs = await conn.fetch(sql.sub_floors)
                 for tid, name, text in topics:
                     r = Retention(**json.loads(text))
-                    cut = 0
-                    if r.max_messages is not None:
-                        cut = max(cut, await conn.fetchval(sql.cut_count, tid,
-                                                           r.max_messages) or 0)
-                    if r.max_age is not None:
-                        cut = max(cut, await conn.fetchval(sql.cut_age, tid,
-                                                           now - r.max_age) or 0)
-                    if r.max_bytes is not None:
-                        cut = max(cut, await conn.fetchval(sql.cut_bytes, tid,
-                                                           r.max_bytes) or 0)
-                    floor = _FAR
-                    for pattern, cursor, low in subs:
-                        if _topics.matches(pattern, name):
-                            mark = cursor + 1 if low is None else min(low, cursor + 1)
-                            floor = min(floor, mark)
-                    cut = min(cut, floor - 1)
-                    if cut > 0:
+                    cuts = await self._limit_cuts(conn, tid, r, now)
+                    cut = plan_trim(r, cuts, trim_floor(name, subs)).cut
+                    if cut is not None:
                         status = await conn.execute(sql.trim, tid, cut)
                         removed += int(status.split()[-1])
             return removed
 
         return await self._run(op, "trimming")
+
+    async def _limit_cuts(self, conn: Any, tid: int, r: Retention, now: float) -> LimitCuts:
+        """`retention.limit_cuts`, asked of the topic's (topic_id, position) index instead of
+        read row by row; the same definitions (tests/test_planners.py compares them)."""
+        sql = self.sql
+        return LimitCuts(
+            None if r.max_messages is None else await conn.fetchval(sql.cut_count, tid,
+                                                                    r.max_messages),
+            None if r.max_age is None else await conn.fetchval(sql.cut_age, tid,
+                                                               now - r.max_age),
+            None if r.max_bytes is None else await conn.fetchval(sql.cut_bytes, tid,
+                                                                 r.max_bytes),
+        )
 
     # introspection -------------------------------------------------------------
     async def topics(self) -> list[TopicInfo]:
@@ -646,10 +643,3 @@ class PostgresEngine(Engine):
     def _on_notification(self, payload: str) -> None:
         if payload != self._origin:  # our own commits woke our waiters already
             self._notify()
-
-
-def _split(items: Sequence[Settle]) -> tuple[list[int], list[int], list[Settle]]:
-    """Acks and releases (plain row changes) apart from nacks and terms (which need a look)."""
-    acks = [s.position for s in items if s.kind == "ack"]
-    releases = [s.position for s in items if s.kind == "release"]
-    return acks, releases, [s for s in items if s.kind in ("nack", "term")]

@@ -122,7 +122,10 @@ _NUL = ("NULL::text, NULL::int, NULL::float8, NULL::int, NULL::text, NULL::float
 # committed claims. The rows: (0, cursor), (1, counter, how many new messages may be
 # taken), (2, pending row…), (3, candidate message…), (4, floor). Every position up to
 # the counter is visible (commit order is position order), so a cursor may move up to
-# it. Ordered subscriptions read each pending row's key from its message.
+# it. Ordered subscriptions read each pending row's key from its message. "How many may
+# be taken" is `plan_fetch`'s own room, computed here to read no more candidates than it
+# can take: min(limit, max_in_flight - live rows), a live row being one not due for its
+# dead letter (attempt < max_deliver or due > now); `plan_fetch` still decides.
 _CLAIM_FUNCTION = (
     "CREATE FUNCTION {s}.tidings_claim(p_sub int, p_regex text, p_limit int, "
     "p_max_in_flight int, p_max_deliver int, p_now float8, p_ordered bool) "
@@ -400,6 +403,11 @@ class Statements:
     def settle_simple(self, sub_id: int, acks: Sequence[int], releases: Sequence[int],
                       now: float, notify: tuple[str, str]) -> str:
         """Acks and releases in a transaction of their own, then COMMIT.
+
+        The rows' part of `plan_settle` in SQL: an ack deletes its row, a release
+        undoes its attempt and makes it due now, each only if the row is out
+        (`attempt > 0`), as `split_settles` documents; positions come deduplicated
+        from it (one decision per position).
 
         They need no subscription lock (they only delete or postpone their rows), and
         committing them before a claim takes the lock keeps the lock order: a claim that

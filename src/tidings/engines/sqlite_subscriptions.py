@@ -1,8 +1,9 @@
 """The SQLite engine's durable subscriptions and retention (see `sqlite.py` for the writer).
 
 Each function runs its SQL through the engine's writer (`engine.transact`) or
-a reader snapshot (`engine._read_op`); the delivery policy itself is the pure
-`plan_fetch`.
+a reader snapshot (`engine._read_op`); the decisions are the pure planners'
+(`plan_fetch`, `plan_settle`, `plan_trim`): this module loads their inputs and
+writes their plans back.
 """
 
 from __future__ import annotations
@@ -14,10 +15,20 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from .. import topics as _topics
-from ..messages import Message, OutMessage, new_id
+from ..messages import Message
 from .base import Retention, Settle, SubscriptionInfo, TopicInfo
-from .delivery import Pending, SubscriptionSpec, dead_letter_headers, plan_fetch
+from .delivery import (
+    MAX_DELIVER,
+    Dead,
+    Pending,
+    SettlePlan,
+    SubscriptionSpec,
+    dead_letter,
+    plan_fetch,
+    plan_settle,
+    split_settles,
+)
+from .retention import LimitCuts, plan_trim, trim_floor
 
 if TYPE_CHECKING:
     from .sqlite import SqliteEngine, Tx
@@ -49,60 +60,73 @@ async def subscribe(engine: SqliteEngine, spec: SubscriptionSpec, start_after: i
     return (sub_id, spec)
 
 
-def _settle_tx(engine: SqliteEngine, tx: Tx, sub_id: int, spec: SubscriptionSpec, items: Sequence[Settle],
-               now: float) -> None:
-    conn = tx.conn
-    acks = []
-    for s in items:
-        if s.kind == "ack":
-            acks.append((sub_id, s.position))
-            continue
-        if s.kind == "release":
-            conn.execute(
-                "UPDATE tidings_pending SET attempt = attempt - 1, due = ? "
-                "WHERE sub_id = ? AND position = ? AND attempt > 0",
-                (now, sub_id, s.position),
-            )
-            continue
-        row = conn.execute(
-            "SELECT attempt, key FROM tidings_pending WHERE sub_id = ? AND position = ?",
-            (sub_id, s.position),
-        ).fetchone()
-        if row is None or row[0] == 0:
-            continue
-        if s.kind == "term" or row[0] >= spec.max_deliver:
-            conn.execute("DELETE FROM tidings_pending WHERE sub_id = ? AND position = ?",
-                         (sub_id, s.position))
-            reason = "terminated" if s.kind == "term" else "max_deliver"
-            _dead_letter(engine, tx, spec, s.position, reason, row[0])
-        else:
-            conn.execute(
-                "UPDATE tidings_pending SET due = ? WHERE sub_id = ? AND position = ?",
-                (now + s.delay, sub_id, s.position),
-            )
+def _settle_tx(engine: SqliteEngine, tx: Tx, sub_id: int, spec: SubscriptionSpec,
+               items: Sequence[Settle], now: float) -> None:
+    """Settle `items` alone: acks and releases as conditional writes, then the rest
+    planned on its rows (a range of the primary key)."""
+    rest = _settle_simple(tx.conn, sub_id, items, now)
+    if rest:
+        rows = {r[0]: Pending(*r) for r in tx.conn.execute(
+            "SELECT position, key, attempt, due FROM tidings_pending "
+            "WHERE sub_id = ? AND position BETWEEN ? AND ?",
+            (sub_id, min(s.position for s in rest), max(s.position for s in rest)))}
+        _persist_settle(engine, tx, sub_id, spec, plan_settle(spec, rows, rest, now))
+
+
+def _settle_simple(conn: sqlite3.Connection, sub_id: int, items: Sequence[Settle],
+                   now: float) -> list[Settle]:
+    """Apply the acks and releases of `items`; returns the rest (nacks and terms).
+
+    The rows' part of `plan_settle` as conditional writes, as `split_settles`
+    documents (an ack deletes its row, a release undoes its attempt and makes
+    it due now, each only if the row is out): no need to read the rows of the
+    batch's acks first, the hot path.
+    """
+    acks, releases, rest = split_settles(items)
     if acks:
         conn.executemany(
             "DELETE FROM tidings_pending WHERE sub_id = ? AND position = ? AND attempt > 0",
-            acks,
+            [(sub_id, p) for p in acks],
         )
+    if releases:
+        conn.executemany(
+            "UPDATE tidings_pending SET attempt = attempt - 1, due = ? "
+            "WHERE sub_id = ? AND position = ? AND attempt > 0",
+            [(now, sub_id, p) for p in releases],
+        )
+    return rest
 
 
-def _dead_letter(engine: SqliteEngine, tx: Tx, spec: SubscriptionSpec, position: int, reason: str,
-                 attempts: int) -> None:
+def _persist_settle(engine: SqliteEngine, tx: Tx, sub_id: int, spec: SubscriptionSpec,
+                    plan: SettlePlan) -> None:
+    conn = tx.conn
+    gone = [(sub_id, p) for p in plan.delete]
+    gone += [(sub_id, d.row.position) for d in plan.dead]
+    if gone:
+        conn.executemany("DELETE FROM tidings_pending WHERE sub_id = ? AND position = ?", gone)
+    if plan.update:
+        conn.executemany(
+            "UPDATE tidings_pending SET attempt = ?, due = ? WHERE sub_id = ? AND position = ?",
+            [(p.attempt, p.due, sub_id, p.position) for p in plan.update],
+        )
+    if plan.dead:
+        _dead_letter(engine, tx, spec, plan.dead)
+
+
+def _dead_letter(engine: SqliteEngine, tx: Tx, spec: SubscriptionSpec,
+                 dead: Sequence[Dead]) -> None:
+    """Append the dead letters of rows already removed (a trimmed message has none)."""
     if spec.dead_letter is None:
         return
-    row = tx.execute(
-        f"SELECT {_MSG_COLS} FROM tidings_messages WHERE position = ?", (position,)
-    ).fetchone()
-    if row is None:
+    found = {r[0]: r for r in tx.execute(
+        f"SELECT {_MSG_COLS} FROM tidings_messages WHERE position IN "
+        f"({','.join(str(int(d.row.position)) for d in dead)})")}
+    if not found:
         return
     engine._refresh_topics(tx.conn)
-    (m,) = engine._messages([row])
-    h = dead_letter_headers(
-        dict(m.headers), topic=m.topic, id=m.id, position=position, group=spec.group,
-        reason=reason, attempts=attempts,
-    )
-    tx.append([OutMessage(new_id(), spec.dead_letter, m.key, m.data, h)])
+    messages = {m.position: m for m in engine._messages(list(found.values()))}
+    tx.append([dead_letter(spec, messages[d.row.position], d)
+               for d in dead if d.row.position in messages])
 
 
 async def fetch(
@@ -119,8 +143,7 @@ async def fetch(
 
     def op(tx: Tx) -> tuple[list[Message], float | None]:
         conn = tx.conn
-        if settles:
-            _settle_tx(engine, tx, sub_id, spec, settles, now)
+        rest = _settle_simple(conn, sub_id, settles, now) if settles else ()
         row = conn.execute(
             "SELECT cursor FROM tidings_subscriptions WHERE id = ?", (sub_id,)
         ).fetchone()
@@ -133,6 +156,15 @@ async def fetch(
                 "WHERE sub_id = ? ORDER BY position", (sub_id,)
             )
         ]
+        if rest:  # nacks and terms, planned on the rows just read, which go on as they are now
+            held = {p.position: p for p in pending}
+            done = plan_settle(spec, held, rest, now)
+            _persist_settle(engine, tx, sub_id, spec, done)
+            for position in [*done.delete, *(d.row.position for d in done.dead)]:
+                del held[position]
+            for p in done.update:
+                held[p.position] = p  # keeps its place: still in position order
+            pending = list(held.values())
         room = spec.max_in_flight - len(pending)
         want = max(0, min(limit, room + sum(1 for p in pending
                                             if p.attempt >= spec.max_deliver)))
@@ -144,10 +176,10 @@ async def fetch(
             last = conn.execute(
                 "SELECT value FROM tidings_meta WHERE name = 'position'").fetchone()
             plan.cursor = max(plan.cursor, int(last[0]) if last else 0)
-        for p in plan.dead:
-            conn.execute("DELETE FROM tidings_pending WHERE sub_id = ? AND position = ?",
-                         (sub_id, p.position))
-            _dead_letter(engine, tx, spec, p.position, "max_deliver", p.attempt)
+        if plan.dead:
+            conn.executemany("DELETE FROM tidings_pending WHERE sub_id = ? AND position = ?",
+                             [(sub_id, p.position) for p in plan.dead])
+            _dead_letter(engine, tx, spec, [Dead(p, MAX_DELIVER) for p in plan.dead])
         if plan.added:
             conn.executemany(
                 "INSERT INTO tidings_pending (sub_id, position, key, attempt, due) "
@@ -239,61 +271,56 @@ async def set_retention(engine: SqliteEngine, topic: str, retention: Retention) 
     await engine.transact(op, durable=True)
 
 
-def _floor(engine: SqliteEngine, conn: sqlite3.Connection, topic: str) -> int:
-    floor: int | None = None
-    for sub_id, pattern, cursor in conn.execute(
-        "SELECT id, pattern, cursor FROM tidings_subscriptions"
-    ).fetchall():
-        if not _topics.matches(pattern, topic):
-            continue
-        low = conn.execute("SELECT min(position) FROM tidings_pending WHERE sub_id = ?",
-                           (sub_id,)).fetchone()[0]
-        mark = cursor + 1 if low is None else min(low, cursor + 1)
-        floor = mark if floor is None else min(floor, mark)
-    return floor if floor is not None else 2**62
-
-
 async def trim(engine: SqliteEngine, now: float) -> int:
     def op(tx: Tx) -> int:
         conn = tx.conn
-        removed = 0
-        for tid, name, text in conn.execute(
+        topics = conn.execute(
             "SELECT id, name, retention FROM tidings_topics WHERE retention IS NOT NULL"
-        ).fetchall():
+        ).fetchall()
+        if not topics:
+            return 0
+        subs = conn.execute(
+            "SELECT s.pattern, s.cursor, (SELECT min(position) FROM tidings_pending p "
+            "WHERE p.sub_id = s.id) FROM tidings_subscriptions s").fetchall()
+        removed = 0
+        for tid, name, text in topics:
             r = Retention(**json.loads(text))
-            cut = 0
-            if r.max_messages is not None:
-                row = conn.execute(
-                    "SELECT position FROM tidings_messages WHERE topic_id = ? "
-                    "ORDER BY position DESC LIMIT 1 OFFSET ?", (tid, r.max_messages)
-                ).fetchone()
-                if row:
-                    cut = max(cut, row[0])
-            if r.max_age is not None:
-                row = conn.execute(
-                    "SELECT max(position) FROM tidings_messages WHERE topic_id = ? "
-                    "AND time < ?", (tid, now - r.max_age)
-                ).fetchone()
-                if row and row[0] is not None:
-                    cut = max(cut, row[0])
-            if r.max_bytes is not None:
-                row = conn.execute(
-                    "SELECT position FROM (SELECT position, sum(length(data)) OVER "
-                    "(ORDER BY position DESC) AS total FROM tidings_messages "
-                    "WHERE topic_id = ?) WHERE total > ? LIMIT 1", (tid, r.max_bytes)
-                ).fetchone()
-                if row:
-                    cut = max(cut, row[0])
-            cut = min(cut, _floor(engine, conn, name) - 1)
-            if cut > 0:
+            plan = plan_trim(r, _limit_cuts(conn, tid, r, now), trim_floor(name, subs))
+            if plan.cut is not None:
                 cur = conn.execute(
                     "DELETE FROM tidings_messages WHERE topic_id = ? AND position <= ?",
-                    (tid, cut),
+                    (tid, plan.cut),
                 )
                 removed += cur.rowcount
         return removed
 
     return await engine.transact(op, durable=False)
+
+
+def _limit_cuts(conn: sqlite3.Connection, tid: int, r: Retention, now: float) -> LimitCuts:
+    """`retention.limit_cuts`, asked of the topic's (topic_id, position) index instead of
+    read row by row; the same definitions (tests/test_planners.py compares them)."""
+    count = age = by_bytes = None
+    if r.max_messages is not None:  # the (max_messages + 1)-th newest
+        row = conn.execute(
+            "SELECT position FROM tidings_messages WHERE topic_id = ? "
+            "ORDER BY position DESC LIMIT 1 OFFSET ?", (tid, r.max_messages)
+        ).fetchone()
+        count = row[0] if row else None
+    if r.max_age is not None:  # the newest stored before now - max_age
+        age = conn.execute(
+            "SELECT max(position) FROM tidings_messages WHERE topic_id = ? AND time < ?",
+            (tid, now - r.max_age),
+        ).fetchone()[0]
+    if r.max_bytes is not None:  # the newest where the sizes from the newest down pass it
+        row = conn.execute(
+            "SELECT position FROM (SELECT position, sum(length(data)) OVER "
+            "(ORDER BY position DESC) AS total FROM tidings_messages "
+            "WHERE topic_id = ?) WHERE total > ? ORDER BY position DESC LIMIT 1",
+            (tid, r.max_bytes),
+        ).fetchone()
+        by_bytes = row[0] if row else None
+    return LimitCuts(count, age, by_bytes)
 
 
 # introspection -------------------------------------------------------------
