@@ -203,6 +203,7 @@ class Coordinator:
         run = self._runs.get(sid)
         if run is not None:  # the driver of an earlier start with this id is ending:
             run.drive_again = True  # this saga is driven once it is gone
+            run.sent.update(sent)
         else:
             self.drive(defn.name, saga_id, state, sent=sent)
 
@@ -232,7 +233,7 @@ class Coordinator:
                 run.drive_again  # (a start stored while it was ending)
                 or (final is not None and not run.inbox.empty())):
             # look again; a reply or a retry that arrived as it finished goes along
-            self.drive(run.name, run.saga_id, inbox=run.inbox)
+            self.drive(run.name, run.saga_id, inbox=run.inbox, sent=run.sent)
             return
         # nobody drives it here any more: a waiting cancel or retry must not wait forever
         for msg in run.inbox.take_all() if not run.inbox.empty() else ():
