@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 import types
-from collections.abc import Callable, Coroutine, Generator, Sequence
+from collections.abc import Coroutine, Generator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import Rejected
@@ -29,7 +29,7 @@ from .definition import (
     on_outcome,
 )
 from .handlers import Command, CommandHandler
-from .moves import command_message
+from .moves import InlineLookup, command_message
 from .unit import Contended, Unit
 
 if TYPE_CHECKING:
@@ -75,8 +75,7 @@ class InlineDriver(Protocol):
         ...
 
 
-def inline_for(inline: Callable[[str], CommandHandler | None], defn: Saga, p: Pending
-               ) -> CommandHandler | None:
+def inline_for(inline: InlineLookup, defn: Saga, p: Pending) -> CommandHandler | None:
     """The inline handler (looked up with `inline`) that runs attempt `p` here, if it
     is an inline attempt."""
     if not p.inline:
