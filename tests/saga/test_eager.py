@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from tidings.saga.clock import SystemClock
+from tidings.saga.definition import Outcome
+from tidings.saga.inbox import Inbox, Reply
 from tidings.saga.inline import _eager
 
 
@@ -103,32 +105,44 @@ async def test_a_handler_may_catch_a_cancellation_and_answer() -> None:
 
 
 # a saga driver's inbox ----------------------------------------------------------------
-async def test_the_inbox_keeps_order_and_wakes_a_waiting_getter() -> None:
-    from tidings.saga.coordinator import _Inbox
+A = Reply(0, "action", 1, Outcome("ok"))
+B = Reply(1, "action", 1, Outcome("ok"))
 
-    box = _Inbox()
+
+async def test_the_inbox_keeps_order_and_wakes_a_waiting_getter() -> None:
+    box = Inbox()
     assert box.empty()
     with pytest.raises(asyncio.QueueEmpty):
         box.get_nowait()
     getter = asyncio.ensure_future(box.get())
     await asyncio.sleep(0)
     assert not getter.done()
-    box.put_nowait("a")
-    box.put_nowait("b")
-    assert await getter == "a"
-    assert box.get_nowait() == "b" and box.empty()
+    box.put_nowait(A)
+    box.put_nowait(B)
+    assert await getter is A
+    assert box.get_nowait() is B and box.empty()
 
 
 async def test_a_cancelled_getter_leaves_the_item_for_the_next() -> None:
-    from tidings.saga.coordinator import _Inbox
-
-    box = _Inbox()
+    box = Inbox()
     first = asyncio.ensure_future(box.get())
     second = asyncio.ensure_future(box.get())
     await asyncio.sleep(0)
-    box.put_nowait("x")
+    box.put_nowait(A)
     first.cancel()  # woken, but cancelled before it ran: the item stays
     with pytest.raises(asyncio.CancelledError):
         await first
-    assert await second == "x"
+    assert await second is A
     assert box.empty() and not box._waiters
+
+
+async def test_a_message_put_back_comes_first_and_wakes_a_waiting_getter() -> None:
+    box = Inbox()
+    box.put_nowait(B)
+    assert box.get_nowait() is B
+    getter = asyncio.ensure_future(box.get())
+    await asyncio.sleep(0)
+    box.put_nowait(A)
+    box.put_back(B)  # (taken only to learn that something arrived)
+    assert await getter is B
+    assert box.take_all() == [A] and box.empty()

@@ -17,6 +17,7 @@ import pytest
 
 import tidings
 from tidings import ManualClock, Rejected, Saga, Step
+from tidings.saga.unit import StreamLocks
 
 from .test_coordinator import (
     WAIT,
@@ -348,7 +349,8 @@ async def test_a_task_started_by_an_inline_handler_takes_no_lock_after_the_unit(
     first = await runner.wait(await runner.start({"lid": "X"}), timeout=WAIT)
     assert first["status"] == "completed"
     await asyncio.sleep(0.2)
-    assert not hub.events._locks  # nothing held, nobody waiting: no lock left behind
+    # nothing held, nobody waiting: no lock left behind
+    assert not hub.extension(StreamLocks, StreamLocks).by_id
     second = await runner.wait(await runner.start({"lid": "Y"}), timeout=5.0)
     assert second["status"] == "completed"
     for t in background:

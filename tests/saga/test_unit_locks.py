@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tidings
-from tidings.eventsourcing.repository import Contended, Unit
+from tidings.saga.unit import Contended, StreamLocks, Unit
 
 STREAMS = ["a", "b", "c", "d"]
 
@@ -35,18 +35,19 @@ def test_units_never_share_a_stream_and_never_deadlock(plan: list[tuple[int, lis
     async def run() -> dict[int, str]:
         hub = await tidings.connect("memory://")
         store = hub.events
+        locks = StreamLocks(hub)
         holders: dict[str, Unit] = {}
         outcomes: dict[int, str] = {}
 
         async def one(i: int, rank: int, steps: list[tuple[str, int]]) -> None:
-            unit = Unit((float(rank), f"u{i}"))
+            unit = Unit(locks, (float(rank), f"u{i}"))
             mine: list[str] = []
             try:
                 for stream, pause in steps:
                     await asyncio.sleep(pause / 1000)
                     if stream in mine:
                         continue
-                    await unit.hold(store, stream)
+                    await unit.hold_stream(store, stream)
                     assert stream not in holders, f"{stream} held twice"
                     holders[stream] = unit
                     mine.append(stream)
@@ -62,7 +63,7 @@ def test_units_never_share_a_stream_and_never_deadlock(plan: list[tuple[int, lis
         try:
             async with asyncio.timeout(5.0):  # a deadlock would hang here
                 await asyncio.gather(*(one(i, r, s) for i, (r, s) in enumerate(plan)))
-            assert not store._locks  # every lock let go of (none held, none waited for)
+            assert not locks.by_id  # every lock let go of (none held, none waited for)
         finally:
             await hub.close()
         return outcomes

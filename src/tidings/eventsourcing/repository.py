@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import copy
 import logging
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from .. import topics as _topics
 from ..engines.store_base import SnapshotRow, StreamLoad
@@ -20,10 +17,43 @@ from .records import Appended, RecordedEvent, check_stream_id
 from .snapshots import capture, restore, schema_of
 from .store import EventStore
 
-__all__ = ["Repository"]
+if TYPE_CHECKING:
+    # (the type of EventStore._locks, which nothing uses any more: it goes with the
+    # store's rework; the streams units hold are kept by tidings.saga.unit)
+    from ..saga.unit import StreamLock as StreamLock
+
+__all__ = ["CURRENT_UNIT", "Repository", "UnitOfWork"]
 
 A = TypeVar("A", bound=Aggregate)
 log = logging.getLogger("tidings.eventsourcing")
+
+
+class UnitOfWork(Protocol):
+    """A unit of work that the current task's loads join (see `CURRENT_UNIT`).
+
+    The saga coordinator runs inline command handlers in one (`tidings.saga.unit.Unit`):
+    a handler's `repository.get` then sees what an earlier step of the unit saved, and
+    holds the streams it loads until the unit commits. Loads at a `version` or `as_of`
+    a time never join it.
+    """
+
+    def saved(self, stream_id: str) -> Aggregate | None:
+        """The aggregate a step of the unit saved on `stream_id`, not committed yet."""
+        ...
+
+    async def hold_stream(self, store: EventStore, stream_id: str) -> bool:
+        """Keep other units off `stream_id` until this one ends (waiting for it if need
+        be); True when this call took it."""
+        ...
+
+    def release_stream(self, stream_id: str) -> None:
+        """Let go of a stream this unit took (its load found nothing to guard)."""
+        ...
+
+
+#: The unit of work loads in this context join, if any: set by whoever runs one (the
+#: saga coordinator, around an inline handler), inherited by the tasks it starts.
+CURRENT_UNIT: ContextVar[UnitOfWork | None] = ContextVar("tidings_unit", default=None)
 
 
 class Repository(Generic[A]):
@@ -62,13 +92,13 @@ class Repository(Generic[A]):
                                     or version < 1):
             raise InvalidArgument(f"version must be an int >= 1, got {version!r}")
         when = _timestamp(as_of) if as_of is not None else None
-        unit = UNIT.get()
+        unit = CURRENT_UNIT.get() if version is None and when is None else None
         took = False
-        if unit is not None and version is None and when is None:
-            mine = unit.lookup(self.cls, id)
-            if mine is not None:
-                return mine  # type: ignore[return-value]
-            took = await unit.hold(self.store, id)
+        if unit is not None:
+            mine = unit.saved(id)
+            if isinstance(mine, self.cls):
+                return _clone(mine)  # (a copy: the unit's own stays as saved)
+            took = await unit.hold_stream(self.store, id)
         if version is None and when is None:
             kept = self.store.kept(id)
             if kept is not None and type(kept) is self.cls:
@@ -78,7 +108,7 @@ class Repository(Generic[A]):
         load = await self.store.backend.load(id, schema_of(self.cls), version, when)
         if load.current == 0:
             if took and unit is not None:
-                unit.let_go(id)  # nothing to guard: a stream being created is checked on commit
+                unit.release_stream(id)  # nothing to guard: a stream being created is checked on commit
             raise NotFound(f"{self.cls.__name__} {id!r} does not exist (no events in its stream)")
         if load.target == 0 or (version is not None and load.target < version):
             at = f"time {as_of}" if when is not None else f"version {version}"
@@ -101,7 +131,7 @@ class Repository(Generic[A]):
             rows = await backend.read_stream(id, kept.version + 1, current, gap)
             if len(rows) != gap:
                 return None
-        agg = cast(A, _clone(kept))
+        agg = _clone(kept)
         agg._repository = self
         decode = self._resolver.decode
         for r in rows:
@@ -193,163 +223,10 @@ class Repository(Generic[A]):
         return agg.version
 
 
-class Contended(BaseException):
-    """A unit's step needs a stream a unit with priority holds: it runs again in a new unit.
-
-    A BaseException, like CancelledError: a handler's `except Exception` must not turn
-    this passing contention into a business failure (the step is simply run again).
-    """
-
-
-class StreamLock:
-    """A stream held by one unit at a time; handed over in arrival order. Lives in
-    `table` (the store's locks, by stream id) only while held or waited for."""
-
-    __slots__ = ("owner", "waiters", "_table", "_key")
-
-    def __init__(self, table: dict[str, StreamLock] | None = None, key: str = "") -> None:
-        self.owner: Unit | None = None
-        self.waiters: deque[tuple[asyncio.Future[None], Unit]] = deque()
-        self._table = table
-        self._key = key
-
-    def free(self) -> bool:
-        return self.owner is None and not self.waiters
-
-    async def take(self, unit: Unit) -> None:
-        if self.free():
-            self.owner = unit
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiters.append((fut, unit))
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if self.owner is unit:  # handed over just as the wait was cancelled
-                self.release()
-            else:
-                with contextlib.suppress(ValueError):
-                    self.waiters.remove((fut, unit))
-                self._drop_if_free()
-            raise
-
-    def release(self) -> None:
-        while self.waiters:
-            fut, unit = self.waiters.popleft()
-            if not fut.done():
-                self.owner = unit
-                fut.set_result(None)
-                return
-        self.owner = None
-        self._drop_if_free()
-
-    def _drop_if_free(self) -> None:
-        table = self._table
-        if table is not None and self.free() and table.get(self._key) is self:
-            del table[self._key]
-
-
-class Unit:
-    """Inline command handlers of one saga, run back to back and committed together.
-
-    While one runs (the `UNIT` context variable is set), a repository `get` of an
-    aggregate that an earlier step of the unit saved returns a copy of that unsaved
-    state, and every stream it loads is held in this process until the unit commits:
-    sagas running side by side take turns on a hot aggregate instead of conflicting.
-
-    Deadlock-free by wait-die: a unit that holds nothing always waits for a stream; one
-    that holds some waits for as long as it takes only behind units it has priority
-    over (`rank`: the older saga); behind others it waits 20 ms at most and then backs
-    off (`Contended`): it commits what it did, lets its streams go, and runs the step
-    again in a new unit. Unbounded waits only go from older to younger units, so a
-    cycle of waits cannot last.
-    """
-
-    def __init__(self, rank: tuple[float, str] = (0.0, "")) -> None:
-        self.rank = rank
-        self.aggregates: dict[str, Aggregate] = {}  # saved by the unit's steps, by id
-        self._held: list[StreamLock] = []
-        self._names: list[str] = []  # the held streams' ids, in step with _held
-        self.closed = False  # committed or abandoned: no longer in effect (see `close`)
-        self.waiting = False  # for a stream another unit holds
-        #: called (soon) after the unit's current wait for a stream ends (see `hold`)
-        self.after_wait: Callable[[], None] | None = None
-
-    @property
-    def holding(self) -> bool:
-        return bool(self._held)
-
-    def keep(self, saved: list[Any]) -> None:
-        """A step succeeded: what it saved is the unit's state from here on."""
-        for agg in saved:
-            self.aggregates[agg.id] = agg
-
-    def lookup(self, cls: type, id: str) -> Aggregate | None:
-        agg = self.aggregates.get(id)
-        return _clone(agg) if agg is not None and isinstance(agg, cls) else None
-
-    async def hold(self, store: EventStore, stream_id: str) -> bool:
-        """Hold `stream_id` until the unit ends; True when this call took it."""
-        if self.closed:
-            return False
-        locks = store._locks
-        lock = locks.get(stream_id)
-        if lock is None:
-            lock = locks[stream_id] = StreamLock(locks, stream_id)
-        if lock.owner is self:
-            return False
-        if lock.free():
-            await lock.take(self)  # (at once)
-        else:
-            self.waiting = True
-            try:
-                await self._wait_for(lock, stream_id)
-            finally:
-                self.waiting = False
-                then, self.after_wait = self.after_wait, None
-                if then is not None:
-                    asyncio.get_running_loop().call_soon(then)
-        self._held.append(lock)
-        self._names.append(stream_id)
-        return True
-
-    async def _wait_for(self, lock: StreamLock, stream_id: str) -> None:
-        if self._held:
-            ahead = [lock.owner] + [u for _, u in lock.waiters]
-            if not all(u is not None and self.rank < u.rank for u in ahead):
-                # a younger unit waits a little (the holder usually commits soon), then
-                # backs off: a wait that could close a cycle is always bounded
-                try:
-                    async with asyncio.timeout(_PATIENCE):
-                        await lock.take(self)
-                except TimeoutError:
-                    raise Contended(stream_id) from None
-                return
-        await lock.take(self)
-
-    def let_go(self, stream_id: str) -> None:
-        """Release one stream before the unit ends."""
-        if stream_id in self._names:
-            i = self._names.index(stream_id)
-            del self._names[i]
-            self._held.pop(i).release()
-
-    def close(self) -> None:
-        """The unit is over: release its streams. A task a handler started (it inherits
-        the context) then loads as if there were no unit."""
-        self.closed = True
-        for lock in self._held:
-            lock.release()
-        self._held.clear()
-        self._names.clear()
-
-
 _KEPT_GAP = 256  # newer events replayed onto a kept state at most
-_PATIENCE = 0.02  # how long a unit waits behind one without priority before backing off
-UNIT: ContextVar[Unit | None] = ContextVar("tidings_unit", default=None)
 
 
-def _clone(agg: Aggregate) -> Aggregate:
+def _clone(agg: A) -> A:
     """A copy of an aggregate that shares no mutable state with it (every attribute,
     private ones too, with its own type: unlike a snapshot, nothing goes through JSON)."""
     new = object.__new__(type(agg))

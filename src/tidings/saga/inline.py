@@ -6,7 +6,7 @@ transaction with the step's outcome, so the saga's stream is the inbox: an
 attempt took effect with its outcome recorded, or not at all (then it runs
 again). Consecutive inline steps of a saga form a unit of work, committed
 together; the streams their handlers load are held in this process until the
-commit (see `eventsourcing.repository.Unit`: wait-die, so never a deadlock).
+commit (see `saga.unit`: wait-die, so never a deadlock).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import asyncio
 import logging
 import time
 import types
-from collections.abc import Coroutine, Generator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine, Generator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import Rejected
-from ..eventsourcing.repository import UNIT, Contended, Unit
+from ..eventsourcing.repository import CURRENT_UNIT
 from ..messages import Message, OutMessage
 from .definition import (
     Outcome,
@@ -29,28 +29,63 @@ from .definition import (
     on_outcome,
 )
 from .handlers import Command, CommandHandler
+from .moves import InlineLookup, command_message
+from .unit import Contended, Unit
 
 if TYPE_CHECKING:
+    from ..eventsourcing.aggregate import Aggregate
     from ..eventsourcing.events import Event
-    from .coordinator import Coordinator, _Inbox
+    from .clock import Clock
+    from .inbox import Inbox
 
-__all__ = ["commit_unit", "inline_for", "run_inline_steps", "run_unit"]
+__all__ = ["InlineDriver", "commit_unit", "inline_for", "run_inline_steps", "run_unit"]
 
 log = logging.getLogger("tidings.saga")
 
 _UNIT_EVENTS = 64  # events of inline steps committed together at most
 
 
-def inline_for(coord: Coordinator, defn: Saga, p: Pending) -> CommandHandler | None:
-    """The inline handler that runs attempt `p` here, if it is an inline attempt."""
+class InlineDriver(Protocol):
+    """What running a saga's inline steps needs from its driver (`run.SagaRun`)."""
+
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def inbox(self) -> Inbox: ...
+
+    def inline_handler(self, command: str) -> CommandHandler | None: ...
+
+    def new_unit(self, state: SagaState) -> Unit:
+        """A unit of work for the saga's next inline steps (older sagas have priority)."""
+        ...
+
+    def next_moves(self, defn: Saga, state: SagaState, events: list[Event], now: float
+                   ) -> tuple[list[Event], list[OutMessage]]:
+        """Fold `events` (and the next move, when it is immediate) into `state`: the
+        events to commit and the messages to send with them (see `moves.next_moves`)."""
+        ...
+
+    async def commit_steps(self, defn: Saga, state: SagaState, expected: int,
+                           batch: list[Event], saves: Sequence[Aggregate],
+                           messages: list[OutMessage], headers: dict[str, str] | None
+                           ) -> None:
+        """Commit events folded into `state` (its stream at `expected`), the aggregates
+        saved with them and the messages they send; then stamp their times."""
+        ...
+
+
+def inline_for(inline: InlineLookup, defn: Saga, p: Pending) -> CommandHandler | None:
+    """The inline handler (looked up with `inline`) that runs attempt `p` here, if it
+    is an inline attempt."""
     if not p.inline:
         return None
     step = defn.steps[p.step]
     command = step.command if p.kind == "action" else step.compensation
-    return coord._inline_handler(command) if isinstance(command, str) else None
+    return inline(command) if isinstance(command, str) else None
 
-async def run_inline_steps(coord: Coordinator, defn: Saga, state: SagaState, sid: str,
-                           queue: _Inbox) -> None:
+
+async def run_inline_steps(driver: InlineDriver, defn: Saga, state: SagaState) -> None:
     """Run inline attempts back to back and commit them, and all they changed, at once.
 
     The saga's stream is the inbox: an attempt either took effect with its outcome
@@ -59,69 +94,70 @@ async def run_inline_steps(coord: Coordinator, defn: Saga, state: SagaState, sid
     earlier one saved); the unit ends before anything that must be durable first — a
     step that is not inline, a wait, the end of the saga, a control message.
     """
-    unit = Unit((state.started, state.id))  # older sagas have priority on streams
+    unit = driver.new_unit(state)
     expected = state.stream_version
     try:
-        batch, messages = await run_unit(coord, defn, state, unit, queue)
-        await commit_unit(coord, defn, state, sid, unit, expected, batch, messages)
+        batch, messages = await run_unit(driver, defn, state, unit)
+        await commit_unit(driver, defn, state, unit, expected, batch, messages)
     finally:
         unit.close()
 
 
-async def commit_unit(coord: Coordinator, defn: Saga, state: SagaState, sid: str, unit: Unit,
+async def commit_unit(driver: InlineDriver, defn: Saga, state: SagaState, unit: Unit,
                       expected: int, batch: list[Event], messages: list[OutMessage]) -> None:
     """Commit what a unit did: its events on the saga's stream (from `expected`), what
     its handlers saved, and the messages its moves send."""
     if batch:  # (none: it backed off before any step ended, nothing to record)
-        await coord._commit_steps(defn, state, sid, expected, batch,
+        await driver.commit_steps(defn, state, expected, batch,
                                   list(unit.aggregates.values()), messages,
                                   {"correlation-id": state.id})
 
 
-async def run_unit(coord: Coordinator, defn: Saga, state: SagaState, unit: Unit,
-                   queue: _Inbox) -> tuple[list[Event], list[OutMessage]]:
+async def run_unit(driver: InlineDriver, defn: Saga, state: SagaState, unit: Unit
+                   ) -> tuple[list[Event], list[OutMessage]]:
     """Run the inline attempts in flight back to back in `unit` (folding their
     outcomes into `state`); the events and messages to commit with what the unit's
     handlers saved."""
     batch: list[Event] = []
     messages: list[OutMessage] = []
+    inbox = driver.inbox
     while len(batch) < _UNIT_EVENTS:
         p = state.pending
-        handler = inline_for(coord, defn, p) if p is not None else None
+        handler = inline_for(driver.inline_handler, defn, p) if p is not None else None
         if p is None or handler is None:
             break
-        outcome = await _run_inline(coord, handler, defn, state, unit)
+        outcome = await _run_inline(driver, handler, defn, state, unit)
         if outcome is None:
             break  # contended: commit what the unit did; the step runs again
-        now = coord.clock.now()
-        events, out = coord._next_moves(defn, state, on_outcome(defn, state, outcome, now),
+        now = driver.clock.now()
+        events, out = driver.next_moves(defn, state, on_outcome(defn, state, outcome, now),
                                         now)
         batch += events
         messages += out
-        if not queue.empty():
+        if not inbox.empty():
             break  # a cancel or a retry is applied once this much is recorded
     return batch, messages
 
 
-async def _run_inline(coord: Coordinator, handler: CommandHandler, defn: Saga,
+async def _run_inline(driver: InlineDriver, handler: CommandHandler, defn: Saga,
                       state: SagaState, unit: Unit) -> Outcome | None:
     """Run a command's inline handler for the attempt in flight; what it saved joins
     `unit` when it succeeds. None: contended (it did not run)."""
     p = state.pending
     assert p is not None
-    built = coord._command_parts(defn, state, p.step, p.kind, p.attempt)
+    built = command_message(defn, state, p.step, p.kind, p.attempt)
     assert built is not None
-    msg_id, command, data, headers = built
-    msg = Message(msg_id, command, state.id, data, headers, time.time(), 0, 1)
+    command, headers = built.topic, built.headers
+    msg = Message(built.id, command, state.id, built.data, headers, time.time(), 0, 1)
     cmd = Command(command, msg.decode(), headers["idempotency-key"], headers, msg)
     # Run in this task: a cancel arriving meanwhile waits in the queue until the
     # attempt is recorded. Not bounded by the handler's `concurrency` (that is for
     # deliveries): a saga runs one step at a time, and waiting for a slot while the
     # unit holds streams could deadlock with a unit holding the slot.
     outcome: Outcome
-    token = UNIT.set(unit)
+    token = CURRENT_UNIT.set(unit)  # the handler's loads join the unit
     try:
-        result = await _eager(handler.fn(cmd), coord, p.deadline)
+        result = await _eager(handler.fn(cmd), driver, p.deadline)
     except Contended:
         if unit.aggregates or unit.holding:
             return None  # not run: the unit ends here, the step starts the next one
@@ -141,16 +177,16 @@ async def _run_inline(coord: Coordinator, handler: CommandHandler, defn: Saga,
         else:
             outcome = Outcome("ok", result=result)
     finally:
-        UNIT.reset(token)
+        CURRENT_UNIT.reset(token)
     if outcome.kind == "ok":
-        unit.keep(cmd._saves)
+        unit.add_saved(cmd._saves)
     elif outcome.kind == "rejected" and p.kind == "compensation":
         # as over messages: a compensation is never refused for good (see handlers.py)
         outcome = Outcome("error", error=f"compensation rejected: {outcome.error}")
     return outcome
 
 
-async def _eager(coro: Coroutine[Any, Any, Any], coord: Coordinator,
+async def _eager(coro: Coroutine[Any, Any, Any], driver: InlineDriver,
                  deadline: float | None) -> Any:
     """Run a handler's coroutine in this task; bounded by `deadline` (on the
     coordinator's clock) only once it waits for something.
@@ -165,7 +201,7 @@ async def _eager(coro: Coroutine[Any, Any, Any], coord: Coordinator,
     except StopIteration as done:
         return done.value
     loop = asyncio.get_running_loop()
-    when = None if deadline is None else loop.time() + max(0.0, deadline - coord.clock.now())
+    when = None if deadline is None else loop.time() + max(0.0, deadline - driver.clock.now())
     async with asyncio.timeout_at(when):
         return await _resume(coro, waiting)
 

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..errors import InvalidArgument, NotFound
-from .coordinator import Coordinator, _check_id
+from .coordinator import Coordinator, check_saga_id
 from .definition import Saga, SagaState
 
 __all__ = ["SagaRunner", "view"]
@@ -33,14 +33,14 @@ class SagaRunner:
 
     async def get(self, id: str) -> dict[str, Any]:
         """The saga's status, data, step history, and why it compensated or is stuck."""
-        state = await self._c.load(self.name, _check_id(id))
+        state = await self._c.load(self.name, check_saga_id(id))
         if not state.version:
             raise NotFound(f"no saga {id!r} of {self.name!r}; check the id")
         return view(state)
 
     async def wait(self, id: str, timeout: float | None = None) -> dict[str, Any]:
         """Wait until the saga is completed, compensated or stuck, and return `get(id)`."""
-        state = await self._c.wait(self.name, _check_id(id), timeout)
+        state = await self._c.wait(self.name, check_saga_id(id), timeout)
         if not state.version:
             raise NotFound(f"no saga {id!r} of {self.name!r}; check the id")
         return view(state)
@@ -54,11 +54,11 @@ class SagaRunner:
         """
         if not isinstance(reason, str):
             raise InvalidArgument(f"a cancel reason is text, got {type(reason).__name__}")
-        await self._c.control(self.name, _check_id(id), "cancel", reason)
+        await self._c.cancel(self.name, check_saga_id(id), reason)
 
     async def retry(self, id: str) -> None:
         """Resume a stuck saga (its failed compensation or forward step is tried again)."""
-        await self._c.control(self.name, _check_id(id), "retry", None)
+        await self._c.retry(self.name, check_saga_id(id))
 
     async def list(self, status: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Every saga of this definition (optionally by status), oldest first."""
