@@ -57,6 +57,17 @@ __all__ = ["Coordinator", "check_saga_id"]
 log = logging.getLogger("tidings.saga")
 
 T = TypeVar("T")
+#: Seconds a reply stays leased to the coordinator that took it, at most: a reply is acked
+#: once its outcome is stored, so one a coordinator took and died with comes back after its
+#: lease. Half the saga's shortest command timeout (at least 2 s), so that it comes back
+#: before the step times out, and at most this.
+REPLY_LEASE = 10.0
+
+
+def reply_lease(defn: Saga) -> float:
+    """How long a reply to `defn`'s commands stays leased to the coordinator that took it."""
+    timeouts = [s.timeout for s in defn.steps if s.command is not None and s.timeout]
+    return min(REPLY_LEASE, max(2.0, min(timeouts, default=REPLY_LEASE) / 2))
 _ENDED_KEPT = 1000  # final states of the sagas that ended here last, for wait()
 
 
@@ -96,7 +107,8 @@ class Coordinator:
         if versions is None:
             versions = self._defs[defn.name] = {}
             self.tasks.spawn(self._follow(defn.name), f"tidings:saga:{defn.name}:follow")
-            self.tasks.spawn(self._replies(defn.name), f"tidings:saga:{defn.name}:replies")
+            self.tasks.spawn(self._replies(defn.name, reply_lease(defn)),
+                             f"tidings:saga:{defn.name}:replies")
         known = versions.get(defn.version)
         if known is not None and known is not defn:
             if [s.name for s in known.steps] != [s.name for s in defn.steps]:
@@ -255,9 +267,10 @@ class Coordinator:
         self._started_here.discard(sid)
 
     # replies and discovery ----------------------------------------------------------------
-    async def _replies(self, name: str) -> None:
+    async def _replies(self, name: str, lease: float) -> None:
         sub = await self.hub.subscribe(f"saga.{name}.replies", group="saga-coordinator",
-                                       max_in_flight=1000, ack_wait=60.0, max_deliver=1000)
+                                       max_in_flight=1000, ack_wait=lease,
+                                       max_deliver=1000)
         async for msg in sub:
             h = msg.headers
             try:
@@ -268,21 +281,26 @@ class Coordinator:
                     # (a reply not from hub.handler) the saga's data is JSON objects
                     outcome = Outcome("error", error="a reply must be a JSON object or empty")
                 reply = Reply(int(h["saga-step"]), h["saga-kind"], int(h["saga-attempt"]),
-                              outcome)
+                              outcome, delivered=msg)
                 saga_id = h["saga-id"]
             except (KeyError, ValueError, TidingsError):
                 log.warning("dropping a malformed saga reply at position %d", msg.position)
                 await msg.term()
                 continue
-            await self._deliver(name, saga_id, reply)
-            await msg.ack()
+            # Acked once the saga's stream holds what it did (by its driver, or here when
+            # no driver takes it): acked earlier, a coordinator killed before its driver
+            # stored the outcome would lose the reply and time a step out that succeeded.
+            if not await self._deliver(name, saga_id, reply):
+                await msg.ack()
 
-    async def _deliver(self, name: str, saga_id: str, reply: Reply) -> None:
+    async def _deliver(self, name: str, saga_id: str, reply: Reply) -> bool:
+        """Hand `reply` to its saga's driver (True: the driver acks it), or record it as
+        ignored when the saga has ended (False: nothing drives it)."""
         run = self._runs.get(stream_id(name, saga_id))
         if run is None:
             state = await self.load(name, saga_id)
             if not state.version:
-                return
+                return False
             if ended_or_stuck(state):
                 with contextlib.suppress(ConcurrencyError):
                     await self.hub.events.append(
@@ -290,9 +308,10 @@ class Coordinator:
                         [ReplyIgnored(step=reply.step, kind=reply.kind, attempt=reply.attempt,
                                       reason=f"saga already {state.status}")],
                         expected_version=state.stream_version, topic=f"saga.{name}.steps")
-                return
+                return False
             run = self.drive(name, saga_id)
         run.inbox.put_nowait(reply)
+        return True
 
     async def _follow(self, name: str) -> None:
         """Resume unfinished sagas at start-up, then pick up sagas other processes start."""

@@ -8,6 +8,7 @@ from collections import deque
 
 import msgspec
 
+from ..messages import Message
 from .definition import Outcome
 
 __all__ = ["CancelRequest", "Inbox", "InboxMessage", "Reply", "RetryRequest"]
@@ -15,12 +16,17 @@ __all__ = ["CancelRequest", "Inbox", "InboxMessage", "Reply", "RetryRequest"]
 
 class Reply(msgspec.Struct, frozen=True):
     """A service's reply to attempt `attempt` of step `step`'s `kind` (action or
-    compensation); it settles the saga's attempt in flight only if it is that one."""
+    compensation); it settles the saga's attempt in flight only if it is that one.
+
+    `delivered` is the reply message as the coordinator's subscription delivered it: the
+    driver acks it only once the saga's stream holds what the reply did (applied, or
+    recorded as ignored), so a coordinator killed before that gets it again."""
 
     step: int
     kind: str
     attempt: int
     outcome: Outcome
+    delivered: Message | None = None
 
 
 class CancelRequest(msgspec.Struct, frozen=True):

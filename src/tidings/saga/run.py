@@ -209,15 +209,19 @@ class SagaRun:
         match msg:
             case Reply(step=step, kind=kind, attempt=attempt):
                 p = state.pending
-                if p is not None and (step, kind, attempt) == (p.step, p.kind, p.attempt):
+                settles = p is not None and (step, kind, attempt) == (p.step, p.kind,
+                                                                      p.attempt)
+                if settles:
                     await self._append(defn, state, on_outcome(defn, state, msg.outcome,
                                                                self.clock.now()))
-                    return True
-                reason = (f"saga already {state.status}" if ended_or_stuck(state)
-                          else "stale reply for an earlier attempt or after its timeout")
-                await self._append(defn, state, [ReplyIgnored(
-                    step=step, kind=kind, attempt=attempt, reason=reason)])
-                return False
+                else:
+                    reason = (f"saga already {state.status}" if ended_or_stuck(state)
+                              else "stale reply for an earlier attempt or after its timeout")
+                    await self._append(defn, state, [ReplyIgnored(
+                        step=step, kind=kind, attempt=attempt, reason=reason)])
+                if msg.delivered is not None:
+                    await msg.delivered.ack()  # only now: the stream holds what it did
+                return settles
             case CancelRequest(reason=reason):
                 if not state.cancel_requested and state.status == "running":
                     await self._append(defn, state, [SagaCancelRequested(reason=reason)])
