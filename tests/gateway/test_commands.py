@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -102,7 +103,7 @@ def test_idempotency_key_returns_the_same_request(start_server: Callable[..., Li
                .json()["request_id"] for _ in range(3)}
         assert len(ids) == 1 and saga.starts == 1
         r = c.post("/v1/commands/create-order", json={"order": "o-2"}, headers=h)
-        assert r.status_code == 422 and r.json()["error"] == "idempotency_key_reused"
+        assert r.status_code == 409 and r.json()["error"] == "idempotency_key_reused"
         other = c.post("/v1/commands/create-order", json={"order": "o-1"},
                        headers={"Idempotency-Key": "another"}).json()["request_id"]
         assert other not in ids and saga.starts == 2
@@ -171,3 +172,31 @@ def test_commands_still_running_are_bounded_by_429(
         server.call(finish_one)
         assert c.post("/v1/commands/create-order", json={"hold": True}).status_code == 202
         assert c.post("/v1/commands/create-order", json={"hold": True}).status_code == 429
+
+
+def test_a_waiting_poll_whose_client_leaves_frees_its_place(
+    start_server: Callable[..., LiveServer],
+) -> None:
+    server = start_server(commands={"create-order": FakeSaga()}, max_pulls=2, max_wait=120)
+    with server.client() as c:
+        location = c.post("/v1/commands/create-order", json={"hold": True}).headers["location"]
+        for bad in ["²", "٣", "nan", "inf", "1_0", ""]:
+            r = c.get(location, params={"wait": bad})
+            assert r.status_code == 422 and "'wait'" in r.json()["detail"], (bad, r.text)
+    polls = []
+    for _ in range(2):
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+        s.sendall(f"GET {location}?wait=100 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        polls.append(s)
+    waits = server.gateway.waits
+    deadline = time.monotonic() + 30  # the server's own pace: generous, never asserted on
+    while waits.active < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert waits.active == 2
+    for s in polls:
+        s.close()  # long before their wait=100 is over
+    while waits.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert waits.active == 0
+    with server.client() as c:
+        assert c.get(location, params={"wait": 0.01}).json()["status"] == "running"

@@ -14,6 +14,8 @@ import pytest
 import tidings
 from tidings.gateway import serve
 from tidings.gateway.auth import check_bind, is_loopback
+from tidings.gateway.http import ApiError
+from tidings.gateway.limits import BodyBytes
 
 from .conftest import LiveServer
 
@@ -150,32 +152,25 @@ def test_too_many_pulls_get_429_with_retry_after(start_server: Callable[..., Liv
 
 def test_too_many_publishes_get_429(start_server: Callable[..., LiveServer]) -> None:
     server = start_server(max_publishes=1)
-    release = threading.Event()
+    admission = server.gateway.publishes
 
-    def slow_body() -> Iterator[bytes]:  # holds its admission while the body trickles in
-        yield b'{"data": '
-        release.wait(10)
-        yield b'"late"}'
+    async def hold(hub: tidings.Hub) -> None:  # one publish in progress, as admission sees it
+        admission.enter()
 
-    result: list[int] = []
+    async def let_go(hub: tidings.Hub) -> None:
+        admission.leave()
 
-    def hold() -> None:
-        with server.client() as c:
-            result.append(c.post("/v1/topics/t/messages", content=slow_body()).status_code)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    deadline = time.monotonic() + 10
-    while server.gateway.publishes.active == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    server.call(hold)
     with server.client() as c:
         r = c.post("/v1/topics/t/messages", json={"data": "refused"})
         assert_error(r, 429, "busy")
         assert r.headers["retry-after"]
-        release.set()
-        t.join(10)
-        assert result == [201]
+        r = c.post("/v1/streams/order-1/events", json={
+            "events": [{"type": "Placed", "data": {}}], "expected_version": 0})
+        assert_error(r, 429, "busy")
+        server.call(let_go)
         assert c.post("/v1/topics/t/messages", json={"data": "now fine"}).status_code == 201
+        assert [t["messages"] for t in c.get("/v1/topics").json()["topics"]] == [1]
 
 
 def test_a_closed_hub_is_503_with_retry_after(server: LiveServer, client: httpx.Client) -> None:
@@ -184,3 +179,121 @@ def test_a_closed_hub_is_503_with_retry_after(server: LiveServer, client: httpx.
     assert_error(r, 503, "unavailable")
     assert r.headers["retry-after"]
     assert client.get("/healthz").status_code == 503
+
+
+def _partial_post(port: int, path: str, declared: int, sent: bytes) -> socket.socket:
+    """A POST that declares `declared` body bytes and sends only `sent` of them."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {declared}\r\n\r\n".encode() + sent)
+    return s
+
+
+def _answer(s: socket.socket) -> str:
+    """What the server sends on `s` until it closes the connection."""
+    raw = b""
+    while chunk := s.recv(65536):
+        raw += chunk
+    return raw.decode()
+
+
+def test_slow_bodies_hold_no_place_of_a_publish_append_or_command(
+    start_server: Callable[..., LiveServer],
+) -> None:
+    server = start_server(max_publishes=2, max_commands=2,
+                          commands={"create-order": Accepting()})
+    stuck = [_partial_post(server.port, path, 100, b'{"data": ')
+             for path in ["/v1/topics/t/messages"] * 4 + ["/v1/streams/order-1/events"] * 4
+             + ["/v1/commands/create-order"] * 4]
+    try:
+        deadline = time.monotonic() + 20  # until the server has read every partial body
+        while server.gateway.bodies.held < 12 * len(b'{"data": ') and \
+                time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.gateway.bodies.held == 12 * len(b'{"data": ')
+        assert server.gateway.publishes.active == 0
+        with server.client() as c:
+            assert c.post("/v1/topics/t/messages", json={"data": 1}).status_code == 201
+            r = c.post("/v1/streams/order-1/events", json={
+                "events": [{"type": "Placed", "data": {}}], "expected_version": 0})
+            assert r.status_code == 201, r.text
+            assert c.post("/v1/commands/create-order", json={}).status_code == 202
+    finally:
+        for s in stuck:
+            s.close()
+
+
+class Accepting:
+    """A command target that accepts every command."""
+
+    async def start(self, data: dict[str, object], id: str) -> str:
+        return id
+
+    async def get(self, id: str) -> dict[str, object] | None:
+        return {"status": "running"}
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408_and_stores_nothing(
+    start_server: Callable[..., LiveServer],
+) -> None:
+    server = start_server(body_timeout=0.2)
+    for path, part in [("/v1/topics/t/messages", b'{"data": "x'),
+                       ("/v1/streams/order-1/events", b'{"events": [')]:
+        with _partial_post(server.port, path, 1000, part) as s:
+            head = _answer(s)  # the server answers, then closes the connection
+        assert head.startswith("HTTP/1.1 408"), head
+        assert '"error":"request_timeout"' in head and "body_timeout" in head
+    assert server.gateway.publishes.active == 0 and server.gateway.bodies.held == 0
+    with server.client() as c:
+        assert c.get("/v1/topics").json() == {"topics": []}
+        assert c.post("/v1/topics/t/messages", json={"data": 1}).status_code == 201
+
+
+def test_the_bytes_of_bodies_being_read_are_bounded() -> None:
+    held = BodyBytes(10)
+    held.take(6)
+    with pytest.raises(ApiError) as refused:
+        held.take(5)
+    assert refused.value.status == 429 and refused.value.headers["Retry-After"]
+    held.release(6)
+    held.take(10)
+
+
+DEEP = "[" * 1000 + "]" * 1000
+BODY_ROUTES = {
+    "/v1/topics/t/messages": '{"data": %s}',
+    "/v1/streams/order-1/events": '{"events": [{"type": "A", "data": {"a": %s}}], '
+                                  '"expected_version": 0}',
+    "/v1/subscriptions/g/ack": '{"ack_ids": %s}',
+    "/v1/subscriptions/g/nack": '{"ack_ids": %s}',
+    "/v1/commands/create-order": '{"a": %s}',
+}
+
+
+@pytest.mark.parametrize("path", list(BODY_ROUTES))
+def test_json_nested_too_deep_is_422_naming_the_limit(
+    start_server: Callable[..., LiveServer], path: str,
+) -> None:
+    server = start_server(commands={"create-order": Accepting()})
+    with server.client() as c:
+        for depth in (129, 1000, 100_000):
+            nested = "[" * depth + "]" * depth
+            r = c.post(path, content=(BODY_ROUTES[path] % nested).encode())
+            assert_error(r, 422, "too_deep")
+            assert "128 levels" in r.json()["detail"]
+        assert c.get("/v1/topics").json() == {"topics": []}
+        # brackets inside a string are text, not nesting
+        r = c.post(path, content=(BODY_ROUTES[path] % f'["{DEEP}"]').encode())
+        assert r.json().get("error") != "too_deep", r.text
+
+
+@pytest.mark.parametrize("path", list(BODY_ROUTES))
+def test_a_json_string_that_is_not_utf8_is_400(
+    start_server: Callable[..., LiveServer], path: str,
+) -> None:
+    server = start_server(commands={"create-order": Accepting()})
+    with server.client() as c:
+        for bad in (b'"\xff\xfe"', b'{"k": "\xc3"}', b'["\xed\xa0\x80"]'):
+            body = (BODY_ROUTES[path] % "@").encode().replace(b"@", bad)
+            assert_error(c.post(path, content=body), 400, "malformed_json")
+        assert c.get("/v1/topics").json() == {"topics": []}

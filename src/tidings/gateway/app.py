@@ -19,7 +19,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
@@ -33,8 +33,16 @@ from . import pubsub as _pubsub
 from . import streams as _streams
 from .auth import BearerAuth
 from .commands import CommandTarget, Requests
-from .http import ApiError, CatchAll, error_response, json_response, translate
-from .limits import Admission, BodyLimit
+from .http import (
+    CLIENT_GONE,
+    ApiError,
+    CatchAll,
+    ClientGone,
+    error_response,
+    json_response,
+    translate,
+)
+from .limits import Admission, BodyBytes, BodyLimit
 from .metrics import CONTENT_TYPE, GatewayMetrics, HttpMetrics
 from .openapi import openapi
 from .sse import EventStream
@@ -68,6 +76,8 @@ class Gateway:
         self.waits = Admission(max_pulls, "request wait")
         self.streams = Admission(max_streams, "event stream")
         self.commands_admission = Admission(max_commands, "command")
+        # bodies are read before any admission: bounded by the bytes held, not by a count
+        self.bodies = BodyBytes(max_body * 256)
         self.requests = Requests(max_running=max_running)
         self.dashboard = _dashboard.Dashboard(self)
         self._subs: OrderedDict[tuple[str, str], Subscription] = OrderedDict()
@@ -202,11 +212,13 @@ def create_app(
     max_running: int = 1000,
     max_subscriptions: int = 1024,
     heartbeat: float = 15.0,
+    body_timeout: float = 10.0,
 ) -> Starlette:
     """The HTTP gateway over `hub`: JSON API under /v1, dashboard at /, /metrics, /healthz.
 
     With `token`, every /v1 call and /metrics need `Authorization: Bearer
-    <token>`. Bodies over `max_body` bytes get 413 before they are read. Over
+    <token>`. Bodies over `max_body` bytes get 413 before they are read, and a
+    body that has not fully arrived within `body_timeout` seconds gets 408. Over
     `max_publishes` publishes/appends (or `max_pulls` pulls, `max_commands`
     commands, `max_streams` event streams) in progress, the next gets 429
     with Retry-After; so does a command while `max_running` commands it
@@ -222,6 +234,8 @@ def create_app(
         raise InvalidArgument("max_body must be a positive number of bytes")
     if not 0 <= max_wait <= 300:
         raise InvalidArgument("max_wait must be 0 to 300 seconds")
+    if not 0 < body_timeout <= 3600:
+        raise InvalidArgument("body_timeout must be more than 0 and at most 3600 seconds")
     gw = Gateway(hub, commands=commands, max_body=max_body, max_wait=float(max_wait),
                  max_publishes=max_publishes, max_pulls=max_pulls, max_streams=max_streams,
                  max_commands=max_commands, max_running=max_running,
@@ -287,6 +301,9 @@ def create_app(
         assert isinstance(exc, TidingsError)
         return await api_error(request, translate(exc))
 
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        return Response(status_code=CLIENT_GONE)  # nobody is there to read it
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         error, detail = _HTTP_ERRORS.get(exc.status_code, ("http_error", str(exc.detail)))
@@ -295,7 +312,8 @@ def create_app(
     middleware = [Middleware(CatchAll), Middleware(HttpMetrics, metrics=gw.metrics)]
     if token is not None:
         middleware.append(Middleware(BearerAuth, token=token))
-    middleware.append(Middleware(BodyLimit, max_body=max_body))
+    middleware.append(Middleware(BodyLimit, max_body=max_body, body_timeout=body_timeout,
+                                 held=gw.bodies))
     app = Starlette(
         routes=routes,
         middleware=middleware,
@@ -303,6 +321,8 @@ def create_app(
             ApiError: api_error,
             TidingsError: tidings_error,
             HTTPException: http_error,
+            ClientGone: client_gone,
+            ClientDisconnect: client_gone,
         },
         lifespan=lifespan,
     )

@@ -27,7 +27,17 @@ from starlette.routing import Route
 
 from ..errors import InvalidArgument, NotFound
 from ..messages import new_id
-from .http import RETRY_AFTER, ApiError, expect_object, json_response, read_json
+from .http import (
+    CLIENT_GONE,
+    RETRY_AFTER,
+    ApiError,
+    ClientGone,
+    expect_object,
+    json_response,
+    read_json,
+    unless_disconnected,
+)
+from .params import number_param
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -199,20 +209,6 @@ class Requests:
         return len(self.running) < self.max_running
 
 
-def _wait_param(request: Request, most: float) -> float:
-    raw = request.query_params.get("wait")
-    if raw is None or raw == "":
-        return 0.0
-    try:
-        wait = float(raw)
-    except ValueError:
-        wait = float("nan")
-    if not 0 <= wait <= most:
-        raise ApiError(422, "invalid_field", f"query parameter 'wait' must be 0 to {most:g} "
-                       f"seconds, got {raw[:40]!r}")
-    return wait
-
-
 def idempotent_id(saga: str, key: str) -> str:
     """The request id for an Idempotency-Key: the same for every server sharing the engine."""
     return "k-" + hashlib.sha256(f"{saga}\x00{key}".encode()).hexdigest()[:32]
@@ -243,18 +239,18 @@ def routes(gw: Gateway) -> list[Route]:
     async def start(request: Request) -> Response:
         name = request.path_params["saga"]
         t = target(name)
+        # The body before the admission slot: a slow upload must not hold a command's place.
+        data = expect_object(await read_json(request), "the command (request body)")
+        key = request.headers.get("idempotency-key")
         with gw.commands_admission.admit():
-            raw = await request.body()
-            data = expect_object(await read_json(request), "the command (request body)")
-            key = request.headers.get("idempotency-key")
             if key is not None:
                 if not 1 <= len(key) <= MAX_KEY:
                     raise ApiError(422, "invalid_field",
                                    f"Idempotency-Key must be 1 to {MAX_KEY} characters")
                 request_id = idempotent_id(name, key)
-                fingerprint = hashlib.sha256(raw).hexdigest()
+                fingerprint = hashlib.sha256(await request.body()).hexdigest()
                 if not gw.requests.check_key(request_id, fingerprint):
-                    raise ApiError(422, "idempotency_key_reused",
+                    raise ApiError(409, "idempotency_key_reused",
                                    "this Idempotency-Key was used with a different body; use a "
                                    "new key for a new command")
             else:
@@ -278,31 +274,40 @@ def routes(gw: Gateway) -> list[Route]:
         return json_response({"request_id": got}, 202,
                              {"Location": location})
 
+    async def wait_for(request_id: str, wait: float) -> dict[str, Any]:
+        """The request's view once it ends, or after `wait` seconds."""
+        with gw.requests.watch(request_id) as ended:
+            deadline = time.monotonic() + wait
+            while True:
+                name, state = await find(request_id)
+                out = {"request_id": request_id, "saga": name, **outcome(state)}
+                remaining = deadline - time.monotonic()
+                if out["status"] in TERMINAL or remaining <= 0:
+                    return out
+                waiter = getattr(gw.commands[name], "wait", None)
+                if waiter is not None:  # e.g. a SagaRunner: told the moment it ends
+                    with contextlib.suppress(TimeoutError):
+                        state = await waiter(request_id, timeout=remaining)
+                        out = {"request_id": request_id, "saga": name, **outcome(state)}
+                    return out
+                # woken by the saga's .ended message; a target that publishes none is
+                # looked at again every RECHECK seconds
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ended.wait(), min(remaining, RECHECK))
+
     async def get_request(request: Request) -> Response:
         request_id = request.path_params["id"]
-        wait = _wait_param(request, gw.max_wait)
+        wait = number_param(request, "wait", 0.0, 0.0, gw.max_wait)
         if not wait:
             name, state = await find(request_id)
             out = {"request_id": request_id, "saga": name, **outcome(state)}
         else:
-            with gw.waits.admit(), gw.requests.watch(request_id) as ended:
-                deadline = time.monotonic() + wait
-                while True:
-                    name, state = await find(request_id)
-                    out = {"request_id": request_id, "saga": name, **outcome(state)}
-                    remaining = deadline - time.monotonic()
-                    if out["status"] in TERMINAL or remaining <= 0:
-                        break
-                    waiter = getattr(gw.commands[name], "wait", None)
-                    if waiter is not None:  # e.g. a SagaRunner: told the moment it ends
-                        with contextlib.suppress(TimeoutError):
-                            state = await waiter(request_id, timeout=remaining)
-                            out = {"request_id": request_id, "saga": name, **outcome(state)}
-                        break
-                    # woken by the saga's .ended message; a target that publishes none is
-                    # looked at again every RECHECK seconds
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(ended.wait(), min(remaining, RECHECK))
+            with gw.waits.admit():  # freed at once when the client gives up
+                try:
+                    out = await unless_disconnected(request.receive,
+                                                    wait_for(request_id, wait))
+                except ClientGone:
+                    return Response(status_code=CLIENT_GONE)
         gw.requests.update(request_id, out["status"])
         return json_response(out)
 

@@ -7,8 +7,11 @@ a JSON body that says what to do, and never a stack trace.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from itertools import accumulate
 from typing import Any, TypeVar
 
 import msgspec
@@ -36,13 +39,19 @@ from ..errors import (
 )
 
 __all__ = [
+    "CLIENT_GONE",
+    "MAX_DEPTH",
     "ApiError",
     "CatchAll",
+    "ClientGone",
     "error_body",
     "error_response",
+    "json_depth",
     "json_response",
     "read_json",
+    "too_deep",
     "translate",
+    "unless_disconnected",
 ]
 
 log = logging.getLogger("tidings.gateway")
@@ -53,6 +62,12 @@ T = TypeVar("T")
 
 #: Seconds a client is told to wait (Retry-After) when the gateway or the engine is busy.
 RETRY_AFTER = "1"
+#: The status logged for a request whose client left before the answer (nginx's 499).
+CLIENT_GONE = 499
+#: How deeply a request body may nest arrays and objects (the body's own object counts).
+#: Far below Python's recursion limit, so nothing that stores, reads or encodes the data
+#: later (an engine, a projection, a pull) can hit it.
+MAX_DEPTH = 128
 
 
 class ApiError(Exception):
@@ -90,15 +105,47 @@ async def read_json(request: Request) -> Any:
 
 
 def decode_body(raw: bytes, decode: Callable[[bytes], T] = _decode) -> T:
-    """A request body through `decode`: empty or not JSON is 400, the wrong shape 422."""
+    """A request body through `decode`: empty or not JSON is 400, the wrong shape or
+    nesting deeper than `MAX_DEPTH` 422."""
     if not raw:
         raise ApiError(400, "malformed_json", "the request body is empty; send a JSON object")
     try:
-        return decode(raw)
+        value = decode(raw)
     except msgspec.ValidationError as exc:
         raise ApiError(422, "invalid_field", f"the request body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, "malformed_json", f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # msgspec's parser recurses: far too deep to even finish reading
+        raise _too_deep_error() from None
+    if too_deep(raw):
+        raise _too_deep_error()
+    return value
+
+
+def _too_deep_error() -> ApiError:
+    return ApiError(422, "too_deep", f"the request body nests arrays and objects more than "
+                    f"{MAX_DEPTH} levels deep (the body's own object counts); send flatter data")
+
+
+# A JSON string; also an unterminated one (to the end), so that on bytes that are not JSON
+# every match succeeds and the scan stays linear.
+_STRING = re.compile(rb'"(?:[^"\\]|\\(?:.|\Z))*+(?:"|\Z)', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = [1 if b in b"[{" else -1 for b in range(256)]
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply the valid JSON `raw` nests arrays and objects (0 for a scalar)."""
+    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)  # strings hold brackets too
+    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
+
+
+def too_deep(raw: bytes) -> bool:
+    """True when the JSON `raw` nests deeper than `MAX_DEPTH` (cheap when it cannot; on
+    bytes that are not JSON, a linear guess)."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:  # the common case: two C scans
+        return False
+    return json_depth(raw) > MAX_DEPTH
 
 
 def expect_object(value: Any, what: str = "the request body") -> dict[str, Any]:
@@ -113,6 +160,36 @@ def convert(value: Any, type: Any, what: str = "the request body") -> Any:
         return msgspec.convert(value, type)
     except msgspec.ValidationError as exc:
         raise ApiError(422, "invalid_field", f"{what}: {exc}") from None
+
+
+class ClientGone(Exception):
+    """The client closed the connection while its request waited."""
+
+
+async def unless_disconnected(receive: Callable[[], Awaitable[Any]], work: Awaitable[T]) -> T:
+    """`await work`, cancelled as soon as the client disconnects (then `ClientGone`).
+
+    For requests that wait (long polls): a client that gave up must not keep
+    its admission slot, nor claim messages it will never see. `receive` is
+    the ASGI receive of a request whose body has been read, so the next
+    message it yields is `http.disconnect`. Work that finished is answered
+    even if the client left at the same moment (as if it left just after).
+    """
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (watcher, task):
+            t.cancel()  # a no-op once done; also reached when this request is cancelled
+        await asyncio.gather(watcher, task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
 
 
 def _busy(detail: str) -> ApiError:

@@ -7,7 +7,12 @@ server error.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
+
+from .http import MAX_DEPTH
+from .params import ACK_ID, BEFORE_LAST, MAX_POSITION, POSITIVE
+from .pubsub import MAX_GROUP
 
 __all__ = ["openapi"]
 
@@ -15,7 +20,10 @@ _TOKEN = r"[A-Za-z0-9_$-]+"
 TOPIC = rf"^[A-Za-z0-9_-][A-Za-z0-9_$-]*(\.{_TOKEN})*$"
 PATTERN = rf"^({_TOKEN}|\*)(\.({_TOKEN}|\*))*(\.>)?$|^>$"
 GROUP = r"^[A-Za-z0-9_-]+$"
-BIG = 2**63 - 1
+BIG = MAX_POSITION
+#: Nesting, which JSON Schema cannot bound: said in words wherever a body takes any JSON.
+_NESTING = (f"Arrays and objects may nest at most {MAX_DEPTH} levels deep, counting the "
+            "request body's own object (deeper: 422).")
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -41,6 +49,7 @@ ERRORS: dict[str, dict[str, Any]] = {
     "401": _error("missing or wrong bearer token",
                   {"WWW-Authenticate": {"schema": {"type": "string"}}}),
     "404": _error("not found"),
+    "408": _error("the request body did not arrive in time"),
     "409": _error("conflict (version, id or subscription settings)"),
     "413": _error("request body over the limit"),
     "422": _error("invalid topic, field or value"),
@@ -51,7 +60,8 @@ ERRORS: dict[str, dict[str, Any]] = {
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    return {str(c): ERRORS[str(c)] for c in codes}
+    # copies: every document, and every operation in it, has objects of its own to change
+    return {str(c): copy.deepcopy(ERRORS[str(c)]) for c in codes}
 
 
 def _path(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -65,23 +75,56 @@ def _query(name: str, schema: dict[str, Any], description: str,
             "schema": schema}
 
 
-def _body(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"required": True, "content": {"application/json": {"schema": schema}}}
+def _body(schema: dict[str, Any], example: Any) -> dict[str, Any]:
+    return {"required": True,
+            "content": {"application/json": {"schema": schema, "example": example}}}
+
+
+def _links(response: dict[str, Any], **links: dict[str, Any]) -> dict[str, Any]:
+    """`response` with OpenAPI links: what a client (or schemathesis) may call next with it."""
+    response["links"] = links
+    return response
+
+
+def _events(*items: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    """A Server-Sent Events response: each event (OpenAPI 3.1 describes one event, as
+    schemathesis reads it) carries JSON in `data`."""
+    one = [{"type": "object", "required": ["event", "data"],
+            "properties": {"event": {"const": name}, "id": {"type": "string"},
+                           "retry": {"type": "integer"},
+                           "data": {"type": "string", "contentMediaType": "application/json",
+                                    "contentSchema": schema}}}
+           for name, schema in items]
+    return {"description": "an endless event stream",
+            "content": {"text/event-stream": {"schema": {"oneOf": one}}}}
 
 
 def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dict[str, Any]:
     """The document for an app with these limits (and bearer auth when `auth`)."""
     topic = _path("topic", {"type": "string", "pattern": TOPIC, "maxLength": 255},
-                  "a topic name (dot-separated tokens)")
+                  "a topic name (dot-separated tokens; not starting with '$', which is "
+                  "tidings' own)")
+    topic["example"] = "orders.created"
     pattern = _path("topic", {"type": "string", "pattern": PATTERN, "maxLength": 255},
                     "a topic or a pattern: '*' is one token, '>' the rest")
-    group = _path("group", {"type": "string", "pattern": GROUP, "maxLength": 255},
-                  "the durable subscription's name")
+    pattern["example"] = "orders.*"
+    group = _path("group", {"type": "string", "pattern": GROUP, "maxLength": MAX_GROUP},
+                  f"the durable subscription's name (at most {MAX_GROUP} characters, so that "
+                  "its dead-letter topic '$dlq.<group>' is a topic)")
+    group["example"] = "billing"
     stream_id = _path("stream_id", {"type": "string", "minLength": 1, "maxLength": 255,
                                     "pattern": "^[^\\x00-\\x1f]+$"},
                       "the stream (aggregate) id; no control characters ('/' is fine)")
+    stream_id["example"] = "order-1"
+    new_stream_id = _path("stream_id", {"type": "string", "minLength": 1, "maxLength": 255,
+                                        "pattern": "^[^$\\x00-\\x1f][^\\x00-\\x1f]*$"},
+                          "the stream (aggregate) id; no control characters ('/' is fine), "
+                          "not starting with '$' (tidings' own)")
+    new_stream_id["example"] = "order-1"
     # 503 wherever the hub is touched: a closed or unreachable engine is "retry later".
-    common = (400, 401, 413, 503) if auth else (400, 413, 503)
+    # 408 and 429 wherever a body is read: it must arrive in time, and the bytes of all
+    # bodies being read at once are bounded.
+    common = (400, 401, 408, 413, 429, 503) if auth else (400, 408, 413, 429, 503)
     reads = (401, 503) if auth else (503,)
 
     paths: dict[str, Any] = {
@@ -92,12 +135,14 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
         "/v1/topics/{topic}/messages": {"post": {
             "operationId": "publish",
             "summary": "publish one message, or a batch atomically",
+            "description": _NESTING,
             "parameters": [topic],
-            "requestBody": _body({"oneOf": [_ref("PublishMessage"), _ref("PublishBatch")]}),
+            "requestBody": _body({"oneOf": [_ref("PublishMessage"), _ref("PublishBatch")]},
+                                 {"data": {"order_id": "o-1", "total": 42}, "key": "o-1"}),
             "responses": {
                 "201": _json({"oneOf": [_ref("Published"), _ref("PublishedBatch")]},
                              "stored (a batch: all of it)"),
-                **_errors(*common, 422, 429),
+                **_errors(*common, 422),
             },
         }},
         "/v1/topics/{topic}/stream": {"get": {
@@ -105,15 +150,15 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
             "summary": "live Server-Sent Events (event 'message', id = position)",
             "parameters": [
                 pattern,
-                _query("start", {"type": "string", "pattern": "^(beginning|end|[1-9][0-9]*)$"},
-                       "where to start when not resuming (default: end)"),
+                _query("start", {"type": "string", "pattern": f"^(beginning|end|{POSITIVE})$"},
+                       "where to start when not resuming: beginning, end (the default) or a "
+                       "position"),
                 {"name": "Last-Event-ID", "in": "header", "required": False,
-                 "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                 "schema": {"type": "string", "pattern": f"^({BEFORE_LAST})$"},
                  "description": "resume after this position"},
             ],
             "responses": {
-                "200": {"description": "an endless event stream",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                "200": _events(("message", _ref("Message")), ("error", _ref("Error"))),
                 **_errors(*reads, 422, 429),
             },
         }},
@@ -122,27 +167,36 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
             "summary": "claim up to max messages, waiting up to wait seconds for the first",
             "parameters": [
                 group,
-                _query("topic", {"type": "string", "pattern": PATTERN, "maxLength": 255},
-                       "the subscription's topic pattern", required=True),
-                _query("max", {"type": "integer", "minimum": 1, "maximum": max_pull},
-                       "at most this many messages (default 10)"),
+                {**_query("topic", {"type": "string", "pattern": PATTERN, "maxLength": 255},
+                          "the subscription's topic pattern", required=True),
+                 "example": "orders.*"},
+                {**_query("max", {"type": "integer", "minimum": 1, "maximum": max_pull},
+                          "at most this many messages (default 10)"), "example": 10},
                 _query("wait", {"type": "number", "minimum": 0, "maximum": max_wait},
-                       "long-poll seconds (default 0)"),
+                       "long-poll seconds (default 0); the pull ends at once when the client "
+                       "disconnects, and claims nothing more"),
             ],
-            "responses": {"200": _json(_ref("Pulled"), "the messages (maybe none)"),
+            "responses": {"200": _links(
+                _json(_ref("Pulled"), "the messages (maybe none)"),
+                **{op: {"operationId": op, "parameters": {"path.group": "$request.path.group"},
+                        "requestBody": {"ack_ids": ["$response.body#/messages/0/ack_id"]}}
+                   for op in ("ack", "nack")}),
+                          "409": _error("the pattern matches the group's own dead-letter "
+                                        "topic"),
                           **_errors(*reads, 422, 429)},
         }},
         "/v1/subscriptions/{group}/ack": {"post": {
             "operationId": "ack", "summary": "settle messages as done",
             "parameters": [group],
-            "requestBody": _body(_ref("AckIds")),
+            "requestBody": _body(_ref("AckIds"), {"ack_ids": ["billing:orders.*:1"]}),
             "responses": {"200": _json(_ref("Settled"), "settled"),
                           **_errors(*common, 404, 422)},
         }},
         "/v1/subscriptions/{group}/nack": {"post": {
             "operationId": "nack", "summary": "ask for redelivery after delay seconds",
             "parameters": [group],
-            "requestBody": _body(_ref("NackIds")),
+            "requestBody": _body(_ref("NackIds"), {"ack_ids": ["billing:orders.*:1"],
+                                                   "delay": 5}),
             "responses": {"200": _json(_ref("Settled"), "settled"),
                           **_errors(*common, 404, 422)},
         }},
@@ -150,17 +204,24 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
             "post": {
                 "operationId": "appendEvents",
                 "summary": "append events if the stream is at expected_version",
-                "parameters": [stream_id],
-                "requestBody": _body(_ref("Append")),
-                "responses": {"201": _json(_ref("Appended"), "stored"),
-                              **_errors(*common, 404, 409, 422, 429, 501)},
+                "description": _NESTING,
+                "parameters": [new_stream_id],
+                "requestBody": _body(_ref("Append"), {
+                    "events": [{"type": "OrderPlaced", "data": {"total": 42}}],
+                    "expected_version": "any"}),
+                "responses": {"201": _links(
+                    _json(_ref("Appended"), "stored"),
+                    read={"operationId": "readEvents",
+                          "parameters": {"path.stream_id": "$response.body#/stream_id"}}),
+                              **_errors(*common, 404, 409, 422, 501)},
             },
             "get": {
                 "operationId": "readEvents", "summary": "a range of a stream's events",
                 "parameters": [
                     stream_id,
-                    _query("from_version", {"type": "integer", "minimum": 1, "maximum": BIG},
-                           "first version"),
+                    {**_query("from_version", {"type": "integer", "minimum": 1,
+                                               "maximum": BIG}, "first version"),
+                     "example": 1},
                     _query("to_version", {"type": "integer", "minimum": 0, "maximum": BIG},
                            "last version"),
                     _query("limit", {"type": "integer", "minimum": 1, "maximum": 10_000},
@@ -174,16 +235,22 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
             "operationId": "startCommand",
             "summary": "start a saga; 202 with the request id to poll",
             "parameters": [
-                _path("saga", {"type": "string", "minLength": 1}, "the saga's name"),
+                {**_path("saga", {"type": "string", "minLength": 1}, "the saga's name"),
+                 "example": "create-order"},
                 {"name": "Idempotency-Key", "in": "header", "required": False,
                  "schema": {"type": "string", "minLength": 1, "maxLength": 255},
                  "description": "a repeat with the same key returns the same request id"},
             ],
-            "requestBody": _body({"type": "object"}),
+            "description": _NESTING,
+            "requestBody": _body({"type": "object"}, {"order_id": "o-1", "total": 42}),
             "responses": {
-                "202": _json(_ref("Accepted"), "accepted; poll Location",
-                             {"Location": {"schema": {"type": "string"}}}),
-                **_errors(*common, 404, 422, 429),
+                "202": _links(
+                    _json(_ref("Accepted"), "accepted; poll Location",
+                          {"Location": {"schema": {"type": "string"}}}),
+                    poll={"operationId": "getRequest",
+                          "parameters": {"path.id": "$response.body#/request_id"}}),
+                "409": _error("the Idempotency-Key was used with another body"),
+                **_errors(*common, 404, 422),
             },
         }},
         "/v1/requests/{id}": {"get": {
@@ -215,8 +282,7 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
             "operationId": "dashboardStream",
             "summary": "a snapshot every second as Server-Sent Events (event 'snapshot')",
             "responses": {
-                "200": {"description": "an endless event stream",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                "200": _events(("snapshot", _ref("Snapshot"))),
                 **_errors(*reads, 429),
             },
         }},
@@ -248,7 +314,8 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
             "id": {"type": "string"}, "topic": {"type": "string"},
             "key": {"type": ["string", "null"]}, "position": {"type": "integer"},
             "time": {"type": "string"}, "headers": headers, "attempt": {"type": "integer"},
-            "data": {}, "data_b64": {"type": "string"}, "ack_id": {"type": "string"},
+            "data": {}, "data_b64": {"type": "string"},
+            "ack_id": {"type": "string", "pattern": f"^{ACK_ID}$"},
         },
     }
     publish_one = {
@@ -267,6 +334,9 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
         "oneOf": [{"required": ["data"], "not": {"required": ["data_b64"]}},
                   {"required": ["data_b64"], "not": {"required": ["data"]}}],
     }
+    ack_ids = {"type": "array", "minItems": 1, "maxItems": 1000,
+               "items": {"type": "string", "pattern": f"^{ACK_ID}$",
+                         "description": "group:pattern:position, as a pull returned it"}}
     published = {"type": "object", "required": ["id", "position", "duplicate"],
                  "properties": {"id": {"type": "string"}, "position": {"type": "integer"},
                                 "duplicate": {"type": "boolean"}}}
@@ -304,11 +374,9 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
                    "properties": {"messages": {"type": "array", "items": message_out}}},
         "Message": message_out,
         "AckIds": {"type": "object", "required": ["ack_ids"], "additionalProperties": False,
-                   "properties": {"ack_ids": {"type": "array", "minItems": 1, "maxItems": 1000,
-                                              "items": {"type": "string"}}}},
+                   "properties": {"ack_ids": ack_ids}},
         "NackIds": {"type": "object", "required": ["ack_ids"], "additionalProperties": False,
-                    "properties": {"ack_ids": {"type": "array", "minItems": 1, "maxItems": 1000,
-                                               "items": {"type": "string"}},
+                    "properties": {"ack_ids": ack_ids,
                                    "delay": {"type": "number", "minimum": 0,
                                              "maximum": 86_400}}},
         "Settled": {"type": "object", "required": ["settled"],
@@ -324,7 +392,8 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
                         "data": {"type": "object"},
                         "id": {"type": ["string", "null"], "minLength": 1, "maxLength": 255},
                         "headers": {"type": ["object", "null"],
-                                    "additionalProperties": {"type": "string"}},
+                                    "additionalProperties": {"type": "string"},
+                                    "propertyNames": {"minLength": 1}},
                     }}},
                 "expected_version": {"oneOf": [{"type": "integer", "minimum": 0, "maximum": BIG},
                                                {"const": "any"}],
@@ -348,6 +417,7 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
                                  "headers", "data"],
                     "properties": {"stream_id": {"type": "string"},
                                    "version": {"type": "integer"},
+                                   "type_version": {"type": "integer"},
                                    "position": {"type": "integer"}, "id": {"type": "string"},
                                    "type": {"type": "string"}, "time": {"type": "string"},
                                    "headers": headers, "data": {}}}}}},

@@ -25,15 +25,34 @@ from .. import topics as _topics
 from ..hub import envelope
 from ..messages import Message
 from .coalesce import Coalescer
-from .http import ApiError, convert, decode_body, expect_object, json_response, read_json
+from .http import (
+    CLIENT_GONE,
+    ApiError,
+    ClientGone,
+    convert,
+    decode_body,
+    expect_object,
+    json_response,
+    read_json,
+    too_deep,
+    unless_disconnected,
+)
 from .limits import Admission
+from .params import (
+    MAX_POSITION,
+    ack_id,
+    integer_param,
+    number_param,
+    parse_ack_id,
+    parse_position,
+)
 from .sse import EventStream, frame
 
 if TYPE_CHECKING:
     from ..pubsub import Subscription
     from .app import Gateway
 
-__all__ = ["routes"]
+__all__ = ["check_group", "check_publish_topic", "routes"]
 
 MAX_PULL = 100  # the default max_in_flight of a subscription: more could never be out at once
 MAX_BATCH = 10_000
@@ -80,17 +99,18 @@ class _PublishEndpoint:
         self.admission = admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Admitted before the body is read: bodies held in memory are bounded too.
+        # The body first (BodyLimit bounds its size, time and the bytes of all bodies being
+        # read), the admission slot after: a slow upload must not hold a publisher's place.
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         with self.admission.admit():
-            chunks = []
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    break
-            raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             status, body = await self.publish(scope["path_params"]["topic"], raw)
         await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", b"application/json"),
@@ -119,58 +139,74 @@ def _payload(m: PublishIn | PublishBody, where: str) -> object:
     if m.data is msgspec.UNSET:
         raise ApiError(422, "invalid_field",
                        f"{where}: 'data' is required (any JSON value; or 'data_b64' for bytes)")
-    if memoryview(m.data)[0] == 0x22:  # '"': a JSON string is stored as text/plain
-        text: str = _decode_json(m.data)
-        return text
+    try:
+        # msgspec passes a Raw value through unread: its strings' UTF-8 is checked here.
+        if memoryview(m.data)[0] == 0x22:  # '"': a JSON string is stored as text/plain
+            text: str = _decode_json(m.data)
+            return text
+        str(m.data, "utf-8")
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        raise ApiError(400, "malformed_json", f"{where}: 'data' is not valid JSON (a string in "
+                       "it is not UTF-8); send UTF-8 text, or bytes as data_b64") from None
     return m.data  # stored as application/json, byte for byte
 
 
-def _check_publish_topic(topic: str) -> None:
+def check_publish_topic(topic: str, what: str = "topic") -> None:
+    """A topic clients may write to: valid, and not one of tidings' own (`$…`)."""
     _topics.validate_topic(topic)
     if topic.startswith("$"):
-        raise ApiError(422, "invalid_topic", f"topic {topic!r} is reserved for tidings itself "
-                       "(dead letters); publish to a topic that does not start with '$'")
+        raise ApiError(422, "invalid_topic", f"{what} {topic!r} is reserved for tidings itself "
+                       "(dead letters); use a topic that does not start with '$'")
 
 
-def _query_number(request: Request, name: str, default: float, low: float, high: float,
-                  integer: bool) -> Any:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value: float = int(raw) if integer else float(raw)
-    except ValueError:
-        value = float("nan")
-    if not low <= value <= high:  # also false for NaN
-        kind = "an integer" if integer else "a number"
-        raise ApiError(422, "invalid_field", f"query parameter {name!r} must be {kind} from "
-                       f"{low:g} to {high:g}, got {raw!r}")
-    return value
+#: What a durable subscription's name may be: one token, and short enough that its default
+#: dead-letter topic `$dlq.<group>` is still a valid topic.
+MAX_GROUP = _topics.MAX_TOPIC_LENGTH - len("$dlq.")
 
 
-def ack_id(group: str, pattern: str, position: int) -> str:
-    return f"{group}:{pattern}:{position}"
+def check_group(group: str) -> None:
+    if not _topics.is_token(group) or len(group) > MAX_GROUP:
+        raise ApiError(422, "invalid_field", f"group {group[:60]!r} must be 1 to {MAX_GROUP} "
+                       "letters, digits, '_' or '-'")
 
 
-def parse_ack_id(value: str, group: str) -> tuple[str, int]:
-    parts = value.split(":")
-    if len(parts) == 3 and parts[2].isdigit() and parts[0] and parts[1]:
-        if parts[0] != group:
-            raise ApiError(422, "invalid_field", f"ack id {value[:300]!r} belongs to group "
-                           f"{parts[0][:100]!r}, not {group!r}; settle it on that group's route")
-        try:
-            _topics.validate_pattern(parts[1])
-        except ValueError:
-            pass
-        else:
-            return parts[1], int(parts[2])
-    raise ApiError(422, "invalid_field", f"{value[:300]!r} is not an ack id; pass the ack_id "
-                   "values exactly as a pull returned them")
+def _check_pull(group: str, pattern: str) -> None:
+    check_group(group)
+    _topics.validate_pattern(pattern)
+    if _topics.matches(pattern, f"$dlq.{group}"):
+        raise ApiError(409, "subscription_conflict", f"pattern {pattern!r} matches group "
+                       f"{group!r}'s own dead-letter topic '$dlq.{group}'; a subscription cannot "
+                       "consume its own dead letters: pull them with another group")
+
+
+def _start(request: Request) -> str | int:
+    """Where an SSE stream starts: after Last-Event-ID when resuming, else at `start`."""
+    start = request.query_params.get("start", "end")
+    position = parse_position(start, 1, MAX_POSITION)
+    if start not in ("beginning", "end") and position is None:
+        raise ApiError(422, "invalid_field", "query parameter 'start' must be 'beginning', "
+                       f"'end' or a position from 1 to {MAX_POSITION} in ASCII digits")
+    last = request.headers.get("last-event-id")
+    if last is not None:  # a reconnecting EventSource: the same URL, and where it got to
+        after = parse_position(last, 0, MAX_POSITION - 1)
+        if after is None:
+            raise ApiError(422, "invalid_field", "Last-Event-ID must be a position (the id of "
+                           f"the last event received, 0 to {MAX_POSITION - 1}) in ASCII digits")
+        return after + 1
+    return start if position is None else position
 
 
 def message_out(m: Message, group: str | None = None, pattern: str | None = None
                 ) -> dict[str, Any]:
-    out = m.to_dict()
+    """A message as the API shows it. JSON data nested deeper than the gateway accepts
+    (published in-process) is given as `data_b64`: decoding it could fail every pull."""
+    if m.headers.get("content-type", "").startswith("application/json") and too_deep(m.data):
+        out = Message(m.id, m.topic, m.key, b"null", m.headers, m.timestamp, m.position
+                      ).to_dict()
+        del out["data"]
+        out["data_b64"] = base64.b64encode(m.data).decode()
+    else:
+        out = m.to_dict()
     out["attempt"] = m.attempt
     if group is not None and pattern is not None:
         out["ack_id"] = ack_id(group, pattern, m.position)
@@ -184,7 +220,7 @@ def routes(gw: Gateway) -> list[Route]:
 
     async def publish(topic: str, raw: bytes) -> tuple[int, bytes]:
         body = _decode_publish(raw)
-        _check_publish_topic(topic)
+        check_publish_topic(topic)
         if body.messages is not msgspec.UNSET:
             if body.data is not msgspec.UNSET or body.data_b64 is not msgspec.UNSET or \
                     body.key is not None or body.headers is not None or body.id is not None:
@@ -224,18 +260,27 @@ def routes(gw: Gateway) -> list[Route]:
         if not pattern:
             raise ApiError(422, "invalid_field", "query parameter 'topic' (the subscription's "
                            "topic pattern, e.g. orders.*) is required")
-        limit = _query_number(request, "max", 10, 1, MAX_PULL, True)
-        wait = _query_number(request, "wait", 0.0, 0.0, gw.max_wait, False)
+        limit = integer_param(request, "max", 10, 1, MAX_PULL)
+        wait = number_param(request, "wait", 0.0, 0.0, gw.max_wait)
+        _check_pull(group, pattern)
         with gw.pulls.admit():
             sub = await gw.subscription(group, pattern)
-            # Subscription.fetch(wait=0) returns before its first look; a short floor makes
-            # wait=0 mean "what is there now".
-            msgs = await sub.fetch(limit, wait)
+            fetching = sub.fetch(limit, wait)
+            if wait:
+                # A client that gives up frees its slot at once, and claims nothing more: a
+                # fetch cancelled mid-claim hands what it took straight back.
+                try:
+                    msgs = await unless_disconnected(request.receive, fetching)
+                except ClientGone:
+                    return Response(status_code=CLIENT_GONE)
+            else:
+                msgs = await fetching
         metrics.delivered.inc(len(msgs))
         return json_response({"messages": [message_out(m, group, pattern) for m in msgs]})
 
     async def _settle(request: Request, kind: str) -> Response:
         group = request.path_params["group"]
+        check_group(group)
         body = expect_object(await read_json(request))
         delay = 0.0
         if kind == "nack":
@@ -249,12 +294,18 @@ def routes(gw: Gateway) -> list[Route]:
         if not 1 <= len(ids) <= MAX_ACK_IDS:
             raise ApiError(422, "invalid_field", f"ack_ids must hold 1 to {MAX_ACK_IDS} ids")
         by_pattern: dict[str, list[int]] = {}
-        for value in ids:
-            pattern, position = parse_ack_id(value, group)
+        for value in ids:  # all checked before anything is settled
+            owner, pattern, position = parse_ack_id(value)
+            if owner != group:
+                raise ApiError(404, "not_found", f"ack id {value[:300]!r} belongs to group "
+                               f"{owner[:100]!r}, not {group!r}; settle it on that group's "
+                               "route (nothing was settled)")
             by_pattern.setdefault(pattern, []).append(position)
         subs: dict[str, Subscription] = {}
         for pattern in by_pattern:  # all found before anything is settled
-            sub = await gw.existing_subscription(group, pattern)
+            sub = None
+            if len(pattern) <= _topics.MAX_TOPIC_LENGTH:
+                sub = await gw.existing_subscription(group, pattern)
             if sub is None:
                 raise ApiError(404, "not_found", f"there is no subscription {group!r} over "
                                f"{pattern!r}; nothing was settled")
@@ -280,19 +331,7 @@ def routes(gw: Gateway) -> list[Route]:
     async def stream(request: Request) -> Response | EventStream:
         pattern = request.path_params["topic"]
         _topics.validate_pattern(pattern)
-        raw_start = request.query_params.get("start") or "end"
-        start: str | int = raw_start
-        last = request.headers.get("last-event-id")
-        if last is not None:
-            if not last.strip().isdigit():
-                raise ApiError(422, "invalid_field", "Last-Event-ID must be a position (the id "
-                               "of the last event received)")
-            start = int(last) + 1
-        elif raw_start not in ("beginning", "end"):
-            if not raw_start.isdigit() or int(raw_start) < 1:
-                raise ApiError(422, "invalid_field", "query parameter 'start' must be "
-                               "'beginning', 'end' or a position >= 1")
-            start = int(raw_start)
+        start = _start(request)  # refused here, with a status, not in-band after a 200
         messages = hub.read(pattern, start=start, follow=True)
 
         async def frames() -> AsyncIterator[bytes]:
