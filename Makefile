@@ -1,6 +1,7 @@
 # tidings: one command per job on a fresh machine.
 #   make demo    create .venv if needed, then run the shop saga demo on ./tidings.db
 #   make test    create .venv if needed, then run the whole test suite
+#   make soak    the crash matrix, long (KILLS=20 per row; ONLY=row, SEED=n to narrow/rerun)
 #   make bench   run the benchmarks (tidings and its peers side by side)
 #   make lint    ruff + mypy (strict on src/)
 
@@ -13,7 +14,7 @@ BENCH  ?= all
 # apt-get needs root; use sudo only when we are not root already.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo test bench lint clean browser-deps postgres-deps
+.PHONY: venv demo test soak bench lint clean browser-deps postgres-deps
 
 venv: $(STAMP)
 
@@ -36,6 +37,12 @@ demo: venv
 # are on the machine and the tests start a throwaway server themselves.)
 test: venv browser-deps postgres-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The crash matrix (tests/soak): SIGKILLs, a full disk, PostgreSQL restarts, at random
+# points; prints a table and fails on any loss, duplicate, corruption or broken invariant.
+KILLS ?= 20
+soak: venv postgres-deps
+	$(BIN)/python -m tests.soak --kills $(KILLS) $(if $(ONLY),--only $(ONLY)) $(if $(SEED),--seed $(SEED))
 
 # Debian's chromium for the dashboard's browser tests (playwright drives it).
 browser-deps:
