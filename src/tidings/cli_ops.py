@@ -269,9 +269,7 @@ def migrate(ctx: typer.Context, url: UrlOption = None) -> None:
         from .hub import connect
 
         async with await connect(engine_url) as hub:  # PostgreSQL migrates on open
-            fn = getattr(hub.engine, "migrate", None)
-            done = int(getattr(hub.engine, "migrations_applied", 0))
-            return done + (int(await fn()) if fn is not None else 0)
+            return hub.engine.migrations_applied + await hub.engine.migrate()
 
     n = run(go())
     typer.echo(f"{n} migration(s) applied to {engine_url}")

@@ -23,6 +23,7 @@ from .errors import (
     Unsupported,
 )
 from .messages import (
+    MAX_POSITION,
     OCTETS,
     Message,
     OutMessage,
@@ -32,6 +33,7 @@ from .messages import (
     new_ids,
 )
 from .pubsub import Handler, Subscription, closed_error
+from .util import parse_iso_time
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -316,9 +318,11 @@ class Hub:
     async def _resolve_start(self, start: Start) -> int:
         if isinstance(start, bool):
             raise InvalidArgument("start must be 'beginning', 'end', a position or a datetime")
+        if isinstance(start, str) and start.isascii() and start.isdigit():  # ('²'.isdigit())
+            start = int(start)
         if isinstance(start, int):
-            if start < 0:
-                raise InvalidArgument("a start position must be >= 0")
+            if not 0 <= start <= MAX_POSITION:
+                raise InvalidArgument(f"a start position must be from 0 to {MAX_POSITION}")
             return max(0, start - 1)
         if isinstance(start, datetime):
             return await self._position_before(start)
@@ -327,17 +331,8 @@ class Hub:
         if start == "end":
             return await self.engine.last_position()
         if isinstance(start, str):
-            if start.isdigit():
-                return max(0, int(start) - 1)
-            try:
-                when = datetime.fromisoformat(start)
-            except ValueError:
-                pass
-            else:
-                if when.tzinfo is None:
-                    from datetime import UTC
-
-                    when = when.replace(tzinfo=UTC)
+            when = parse_iso_time(start)
+            if when is not None:
                 return await self._position_before(when)
         raise InvalidArgument(
             f"start {start!r} is not understood; use 'beginning', 'end', a position (int) "
@@ -489,9 +484,9 @@ class Hub:
         if stop is None:
             end = None if follow else await engine.last_position()
         elif isinstance(stop, int) and not isinstance(stop, bool):
-            end = stop
-        elif isinstance(stop, str) and stop.isdigit():
-            end = int(stop)
+            end = min(stop, MAX_POSITION)  # (past the last position there is: up to it)
+        elif isinstance(stop, str) and stop.isascii() and stop.isdigit():
+            end = min(int(stop), MAX_POSITION)
         elif isinstance(stop, (str, datetime)):
             end = await self._resolve_start(stop)
         else:

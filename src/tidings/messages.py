@@ -33,6 +33,8 @@ __all__ = [
 T = TypeVar("T")
 
 JSON = "application/json"
+#: The largest position (or version) an engine stores: a signed 64-bit integer (SQL BIGINT).
+MAX_POSITION = 2**63 - 1
 TEXT = "text/plain; charset=utf-8"
 OCTETS = "application/octet-stream"
 

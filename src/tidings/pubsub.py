@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, get_type_hints
 from .engines.base import Engine, Settle
 from .engines.delivery import SubscriptionSpec
 from .errors import ClosedError, InvalidArgument
-from .messages import Message
+from .messages import MAX_POSITION, Message
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -26,9 +26,6 @@ if TYPE_CHECKING:
 __all__ = ["Handler", "Subscription"]
 
 log = logging.getLogger("tidings.pubsub")
-
-#: The largest position an engine stores (a signed 64-bit integer).
-MAX_POSITION = 2**63 - 1
 
 #: How long an idle consumer sleeps at most between looks (a safety net under wake-ups).
 IDLE_CHECK = 1.0

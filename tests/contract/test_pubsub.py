@@ -612,9 +612,15 @@ async def test_start_applies_only_when_the_subscription_is_created(hub: tidings.
 
 
 async def test_bad_start_is_rejected(hub: tidings.Hub) -> None:
-    for bad in ["middle", -1, True, 1.5, "2024-13-45", None]:
+    for bad in ["middle", -1, True, 1.5, "2024-13-45", None, "²", "٣", 2**63, str(2**63)]:
         with pytest.raises(tidings.InvalidArgument):
             await hub.subscribe("s.t", group="g", start=bad)  # type: ignore[arg-type]
+        with pytest.raises(tidings.InvalidArgument):
+            await read_all(hub, "s.t", start=bad)  # type: ignore[arg-type]
+    with pytest.raises(tidings.InvalidArgument):
+        await read_all(hub, "s.t", stop="²")
+    await hub.publish("s.t", b"x")
+    assert len(await read_all(hub, "s.t", stop=2**64)) == 1  # past the end: up to it
 
 
 # replay -----------------------------------------------------------------------------------

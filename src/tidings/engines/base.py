@@ -133,6 +133,15 @@ class Engine(ABC):
     @abstractmethod
     async def close(self) -> None: ...
 
+    # schema ----------------------------------------------------------------------
+    #: How many schema migrations `open()` applied (an engine without a schema: none).
+    migrations_applied: int = 0
+
+    async def migrate(self) -> int:
+        """Create or upgrade the engine's schema; how many migrations ran. Engines that
+        keep no schema (memory; SQLite creates its tables as it opens) have none."""
+        return 0
+
     # event streams -------------------------------------------------------------
     @abstractmethod
     def event_store(self) -> StoreBackend:

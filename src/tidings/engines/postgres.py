@@ -168,9 +168,6 @@ class PostgresEngine(Engine):
         self._topic_names: dict[int, str] = {}
         self._last_prune = 0.0
 
-    #: how many migrations the last open() applied (for `tidings migrate`)
-    migrations_applied = 0
-
     # lifecycle ---------------------------------------------------------------
     async def open(self) -> None:
         await self.conns.open()

@@ -38,6 +38,7 @@ from .base import (
     TopicInfo,
 )
 from .delivery import SubscriptionSpec
+from .sqlite_tx import MSG_COLS, Tx
 from .store_base import StoreBackend
 
 __all__ = ["HOLDING_WRITER", "SqliteEngine", "Tx"]
@@ -45,7 +46,6 @@ __all__ = ["HOLDING_WRITER", "SqliteEngine", "Tx"]
 
 T = TypeVar("T")
 
-_enc_headers = msgspec.json.Encoder().encode
 _dec_headers = msgspec.json.Decoder(dict[str, str]).decode
 
 SCHEMA = [
@@ -75,33 +75,6 @@ SCHEMA = [
         PRIMARY KEY (sub_id, position)) WITHOUT ROWID""",
 ]
 
-_MSG_COLS = "position, topic_id, id, key, time, headers, data"
-_INSERT_MESSAGES = f"INSERT INTO tidings_messages ({_MSG_COLS}) VALUES "
-_ROWS_PER_INSERT = 64
-_insert_sql: dict[tuple[str, int, int], str] = {}
-
-
-def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any]]) -> None:
-    """`head` ("INSERT INTO t (cols) VALUES ") for every row, in as few statements as
-    possible: one multi-row statement per 64 rows instead of one step per row.
-
-    Each statement is one trip into SQLite, which lets go of the GIL and must win it
-    back; with the event loop busy on another thread, those trips are what a commit
-    waits for, so fewer is faster.
-    """
-    if not rows:
-        return
-    width = len(rows[0])
-    for i in range(0, len(rows), _ROWS_PER_INSERT):
-        chunk = rows[i:i + _ROWS_PER_INSERT]
-        key = (head, width, len(chunk))
-        sql = _insert_sql.get(key)
-        if sql is None:
-            one = "(" + ", ".join("?" * width) + ")"
-            sql = _insert_sql[key] = head + ", ".join([one] * len(chunk))
-        conn.execute(sql, [v for row in chunk for v in row])
-
-
 def _connect(path: str, *, writer: bool) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0,
                            cached_statements=512)
@@ -110,119 +83,6 @@ def _connect(path: str, *, writer: bool) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA foreign_keys = OFF")
     return conn
-
-
-class Tx:
-    """One writer transaction, handed to functions run by `SqliteEngine.transact`.
-
-    Functions run on the writer thread inside the group commit (each in a
-    savepoint); they may call `append` to publish messages atomically with
-    their own writes, and `execute` for their own tables.
-    """
-
-    def __init__(self, engine: SqliteEngine, conn: sqlite3.Connection, now: float) -> None:
-        self.engine = engine
-        self.conn = conn
-        self.now = now
-        self._position: int | None = None
-        self._dirty = False  # positions were taken: new messages to wake readers for
-        self.topics: set[str] = set()  # the topics of what was stored
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
-        return self.conn.execute(sql, params)
-
-    def _next_positions(self, n: int) -> int:
-        """Reserve `n` positions; returns the first."""
-        if self._position is None:
-            row = self.conn.execute(
-                "SELECT value FROM tidings_meta WHERE name = 'position'"
-            ).fetchone()
-            self._position = int(row[0]) if row else 0
-        first = self._position + 1
-        self._position += n
-        self._dirty = True
-        return first
-
-    def _finish(self) -> None:
-        if self._dirty:
-            self.conn.execute(
-                "INSERT INTO tidings_meta (name, value) VALUES ('position', ?) "
-                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                (self._position,),
-            )
-
-    def _known_ids(self, ids: list[str]) -> dict[str, tuple[int, float]]:
-        """Client ids already stored, with their position and time (one query per 500)."""
-        found: dict[str, tuple[int, float]] = {}
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            for id_, position, time_ in self.conn.execute(
-                "SELECT id, position, time FROM tidings_message_ids WHERE id IN "
-                f"({','.join('?' * len(chunk))})", chunk,
-            ):
-                found[id_] = (position, time_)
-        return found
-
-    def append(self, messages: Sequence[OutMessage]) -> list[Published]:
-        """Store messages in this transaction (deduplicating client ids)."""
-        engine = self.engine
-        conn = self.conn
-        now = self.now
-        out: list[Published] = []
-        rows: list[tuple[Any, ...]] = []
-        id_rows: list[tuple[str, int, float]] = []
-        seen: dict[str, int] = {}
-        horizon = now - engine.dedup_window
-        todo = []
-        stored = self._known_ids([m.id for m in messages if m.client_id])
-        for m in messages:
-            if m.client_id:
-                if m.id in seen:
-                    out.append(Published(seen[m.id], m.id, True))
-                    continue
-                known = stored.get(m.id)
-                if known is not None and known[1] >= horizon:
-                    out.append(Published(known[0], m.id, True))
-                    continue
-                seen[m.id] = -1
-            todo.append(m)
-            out.append(None)  # type: ignore[arg-type]
-        if todo:
-            pos = self._next_positions(len(todo))
-            topic_id = engine._topic_id
-            last_topic, last_tid = None, 0
-            last_h: object = None
-            last_enc: bytes | None = None
-            i = 0
-            for j, p in enumerate(out):
-                if p is not None:
-                    continue
-                m = todo[i]
-                i += 1
-                if m.topic != last_topic:
-                    last_topic, last_tid = m.topic, topic_id(conn, m.topic)
-                    self.topics.add(m.topic)
-                h = m.headers
-                if h is not last_h:  # batches share one headers dict: encode it once
-                    last_h, last_enc = h, (_enc_headers(h) if h else None)
-                rows.append((pos, last_tid, m.id, m.key, now, last_enc, m.data))
-                if m.client_id:
-                    id_rows.append((m.id, pos, now))
-                    seen[m.id] = pos
-                out[j] = Published(pos, m.id, False)
-                pos += 1
-            insert_rows(conn, _INSERT_MESSAGES, rows)
-            if id_rows:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO tidings_message_ids (id, position, time) "
-                    "VALUES (?, ?, ?)",
-                    id_rows,
-                )
-            # duplicates inside this very batch point at the first copy
-            for j, p in enumerate(out):
-                if p.duplicate and p.position == -1:
-                    out[j] = Published(seen[p.id], p.id, True)
-        return out
 
 
 class _Job:
@@ -640,7 +500,7 @@ class SqliteEngine(Engine):
         ids = self._matching_ids(conn, pattern)
         if not ids:
             return []
-        sql = f"SELECT {_MSG_COLS} FROM tidings_messages WHERE position > ?"
+        sql = f"SELECT {MSG_COLS} FROM tidings_messages WHERE position > ?"
         params: list[Any] = [after]
         if stop is not None:
             sql += " AND position <= ?"

@@ -19,7 +19,8 @@ import msgspec
 from ..errors import ConcurrencyError, EventIdConflict, InvalidArgument
 from ..messages import OutMessage
 from .base import HOLDING_WRITER
-from .sqlite import SqliteEngine, Tx, insert_rows
+from .sqlite import SqliteEngine
+from .sqlite_tx import Tx, insert_rows
 from .store_base import (
     EVENT_COLUMNS,
     AppendOutcome,

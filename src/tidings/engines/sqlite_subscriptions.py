@@ -31,7 +31,8 @@ from .delivery import (
 from .retention import LimitCuts, plan_trim, trim_floor
 
 if TYPE_CHECKING:
-    from .sqlite import SqliteEngine, Tx
+    from .sqlite import SqliteEngine
+    from .sqlite_tx import Tx
 
 _MSG_COLS = "position, topic_id, id, key, time, headers, data"
 

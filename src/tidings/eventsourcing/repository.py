@@ -7,20 +7,16 @@ import logging
 from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from .. import topics as _topics
 from ..engines.store_base import SnapshotRow, StreamLoad
 from ..errors import DecodeError, InvalidArgument, NotFound
+from ..util import parse_iso_time
 from .aggregate import Aggregate, _resolver_of
 from .records import Appended, RecordedEvent, check_stream_id
 from .snapshots import capture, restore, schema_of
 from .store import EventStore
-
-if TYPE_CHECKING:
-    # (the type of EventStore._locks, which nothing uses any more: it goes with the
-    # store's rework; the streams units hold are kept by tidings.saga.unit)
-    from ..saga.unit import StreamLock as StreamLock
 
 __all__ = ["CURRENT_UNIT", "Repository", "UnitOfWork"]
 
@@ -266,12 +262,11 @@ def _copy_value(v: Any) -> Any:
 
 def _timestamp(as_of: datetime | str) -> float:
     if isinstance(as_of, str):
-        try:
-            as_of = datetime.fromisoformat(as_of)
-        except ValueError:
+        when = parse_iso_time(as_of)
+        if when is None:
             raise InvalidArgument(
-                f"as_of {as_of!r} is not an ISO 8601 time; use e.g. '2024-05-01T12:00:00Z'"
-            ) from None
+                f"as_of {as_of!r} is not an ISO 8601 time; use e.g. '2024-05-01T12:00:00Z'")
+        as_of = when
     if not isinstance(as_of, datetime):
         raise InvalidArgument("as_of must be a datetime or an ISO 8601 string")
     if as_of.tzinfo is None:

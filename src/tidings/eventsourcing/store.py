@@ -42,7 +42,6 @@ from .records import (
 
 if TYPE_CHECKING:
     from ..hub import Hub
-    from .repository import StreamLock
 
 __all__ = ["EventStore", "audit", "store_for"]
 
@@ -117,8 +116,6 @@ class EventStore:
     def __init__(self, hub: Hub, backend: StoreBackend) -> None:
         self._hub = hub
         self.backend = backend
-        # stream id -> lock, held by inline command handlers (see repository.Unit)
-        self._locks: dict[str, StreamLock] = {}
         # (aggregate class, snapshot_every) -> its repository (see Hub.repository)
         self._repositories: dict[tuple[type, int | None, type], Any] = {}
         # stream id -> (the aggregate this process last saved, its version then, its

@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from ..errors import InvalidArgument, NotFound
 from ..messages import new_id
+from ..util import Recent
 from .http import (
     CLIENT_GONE,
     RETRY_AFTER,
@@ -148,19 +149,15 @@ class Requests:
         self.recent: deque[dict[str, Any]] = deque(maxlen=recent)
         self.running: OrderedDict[str, str] = OrderedDict()  # request id -> saga name
         self.max_running = max_running
-        self._keys: OrderedDict[str, str] = OrderedDict()  # request id -> body fingerprint
-        self._max_keys = keys
+        self._keys: Recent[str, str] = Recent(keys)  # request id -> body fingerprint
         self._waiting: dict[str, list[Any]] = {}  # request id -> [Event, waiters]
 
     def check_key(self, request_id: str, fingerprint: str) -> bool:
         """Remember an idempotent request's body; False when the key came with another body."""
-        seen = self._keys.get(request_id)
+        seen = self._keys.seen(request_id)
         if seen is not None:
-            self._keys.move_to_end(request_id)
             return seen == fingerprint
-        self._keys[request_id] = fingerprint
-        if len(self._keys) > self._max_keys:
-            self._keys.popitem(last=False)
+        self._keys.put(request_id, fingerprint)
         return True
 
     def accepted(self, request_id: str, saga: str) -> None:

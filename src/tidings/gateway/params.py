@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
+from ..messages import MAX_POSITION
 from .http import ApiError
 
 __all__ = [
@@ -31,9 +32,6 @@ __all__ = [
 ]
 
 D = TypeVar("D", int, None)
-
-#: The largest position (or version) an engine stores: a SQL BIGINT.
-MAX_POSITION = 2**63 - 1
 
 
 def _at_most(n: int) -> str:

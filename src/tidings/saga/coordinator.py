@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -37,6 +36,7 @@ from ..eventsourcing.records import NO_STREAM
 from ..eventsourcing.repository import CURRENT_UNIT
 from ..eventsourcing.transaction import commit
 from ..messages import new_id
+from ..util import Recent
 from .clock import Clock, SystemClock
 from .definition import Outcome, ReplyIgnored, Saga, SagaStarted, SagaState, evolve, stamp
 from .handlers import CommandHandler
@@ -97,7 +97,7 @@ class Coordinator:
         self._started_here: set[str] = set()
         # the final states of the sagas that ended here last (a saga often ends before
         # its starter calls wait(): no need to read it back)
-        self._ended: OrderedDict[str, SagaState] = OrderedDict()
+        self._ended: Recent[str, SagaState] = Recent(_ENDED_KEPT)
         self._inline: dict[str, CommandHandler] = {}  # command -> its inline handler here
         self._inline_seen = -1  # how many command handlers `_inline` was made from
 
@@ -257,10 +257,7 @@ class Coordinator:
     def ended_here(self, sid: str, final: SagaState) -> None:
         """A saga driven here has ended: its final state, for a wait() that comes after
         (its driver tells it before it returns, so a start() it unblocked finds it)."""
-        ended = self._ended
-        ended[sid] = final
-        if len(ended) > _ENDED_KEPT:
-            ended.popitem(last=False)
+        self._ended.put(sid, final)
 
     def follow_may_drive(self, sid: str) -> None:
         """A start of `sid` here failed: when `_follow` sees it stored, it drives it."""
