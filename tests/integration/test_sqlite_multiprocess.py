@@ -67,3 +67,17 @@ async def test_subscription_resumes_in_a_new_process(tmp_path: Path) -> None:
     second = _spawn("consumer", url, "resume", "6")
     _wait_ready(second)
     assert [x.split(" ", 1)[1] for x in _lines(second)] == [f"item-{i}" for i in range(4, 10)]
+
+
+async def test_processes_opening_a_new_file_at_once_all_open_it(tmp_path: Path) -> None:
+    # Switching a new file to WAL answers "database is locked" at once (SQLite does not
+    # wait there) while another process is creating it: open takes turns instead.
+    url = f"sqlite:///{tmp_path}/new.db"
+    _all_done([_spawn("produce", url, "20") for _ in range(6)])
+    async with await tidings.connect(url) as hub:
+        assert len([m async for m in hub.read(">")]) == 120
+
+
+def _all_done(procs: list[subprocess.Popen[str]]) -> None:
+    for p in procs:
+        assert _lines(p) == ["done"]

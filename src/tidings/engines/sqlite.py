@@ -45,6 +45,8 @@ __all__ = ["HOLDING_WRITER", "SqliteEngine", "Tx"]
 
 
 T = TypeVar("T")
+#: Seconds `open` keeps trying while other processes hold a new file locked.
+_OPEN_WAIT = 30.0
 
 _dec_headers = msgspec.json.Decoder(dict[str, str]).decode
 
@@ -165,26 +167,43 @@ class SqliteEngine(Engine):
                 "first or point the URL at an existing folder"
             )
         self._loop = asyncio.get_running_loop()
-        try:
-            conn = _connect(self.path, writer=True)
-            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-            if mode != "wal":
-                raise EngineUnavailable(f"cannot put {self.path!r} in WAL mode (got {mode})")
-            conn.execute("BEGIN IMMEDIATE")
-            for ddl in SCHEMA:
-                conn.execute(ddl)
-            conn.execute("COMMIT")
-            self._new_topics.clear()
-        except sqlite3.Error as exc:
-            raise EngineUnavailable(
-                f"cannot open {self.url!r}: {exc}; check the path and its permissions"
-            ) from None
+        conn = await self._create()
         self._readers = ThreadPoolExecutor(2, thread_name_prefix="tidings-sqlite-read")
         self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
         self._thread = threading.Thread(
             target=self._writer, args=(conn,), name="tidings-sqlite-writer", daemon=True
         )
         self._thread.start()
+
+    async def _create(self) -> sqlite3.Connection:
+        """The writer's connection, the file in WAL mode with tidings' tables. Processes
+        opening a new file at once take turns: switching it to WAL can answer "database
+        is locked" at once (SQLite does not wait there), so that is tried again."""
+        deadline = _time.monotonic() + _OPEN_WAIT
+        while True:
+            conn = None
+            try:
+                conn = _connect(self.path, writer=True)
+                mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+                if mode != "wal":
+                    raise EngineUnavailable(f"cannot put {self.path!r} in WAL mode (got {mode})")
+                conn.execute("BEGIN IMMEDIATE")
+                for ddl in SCHEMA:
+                    conn.execute(ddl)
+                conn.execute("COMMIT")
+                self._new_topics.clear()
+                return conn
+            except sqlite3.Error as exc:
+                if conn is not None:
+                    conn.close()
+                busy = isinstance(exc, sqlite3.OperationalError) and (
+                    "locked" in str(exc) or "busy" in str(exc))
+                if not busy or _time.monotonic() > deadline:
+                    raise EngineUnavailable(
+                        f"cannot open {self.url!r}: {exc}; check the path and its permissions"
+                        + (" (another process holds it locked)" if busy else "")
+                    ) from None
+            await asyncio.sleep(0.05)
 
     async def close(self) -> None:
         if self._closed:
