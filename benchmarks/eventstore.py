@@ -212,7 +212,7 @@ async def tidings_load(url: str, events: int, snapshot_at: int | None, loads: in
 
         async def cold() -> BenchAccount:
             # from the store, as the peer loads: not from what this process just saved
-            hub.events.forget()
+            hub.events.drop_cached()
             return await repo.get(a.id)
 
         return await _amedian_time(cold, loads)

@@ -9,17 +9,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
-from urllib.parse import parse_qsl, urlsplit
 
 from . import topics as _topics
 from .backpressure import Window
 from .engines.base import Engine, Retention
 from .engines.delivery import SubscriptionSpec
+from .engines.factory import engine_for
 from .errors import (
     EngineUnavailable,
     InvalidArgument,
     PayloadTooLarge,
-    TidingsError,
     Unsupported,
 )
 from .messages import (
@@ -28,6 +27,7 @@ from .messages import (
     Message,
     OutMessage,
     Published,
+    check_headers,
     encode_data,
     new_id,
     new_ids,
@@ -59,58 +59,6 @@ X = TypeVar("X")
 Start = str | int | datetime
 
 
-def _engine_for(url: str, options: dict[str, Any]) -> Engine:
-    try:
-        return _make_engine(url, options)
-    except TidingsError:
-        raise
-    except (TypeError, ValueError) as exc:  # an option of the wrong type or shape
-        raise InvalidArgument(f"bad engine option in {url!r} / {options!r}: {exc}") from None
-
-
-def _make_engine(url: str, options: dict[str, Any]) -> Engine:
-    if not isinstance(url, str) or "://" not in url:
-        raise InvalidArgument(
-            f"engine URL {url!r} is not a URL; use 'sqlite:///path.db', 'memory://' "
-            "or 'postgresql://user@host/db'"
-        )
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    merged = {**query, **options}
-    scheme = parts.scheme.lower()
-    if scheme == "memory":
-        from .engines.memory import MemoryEngine
-
-        return MemoryEngine(url, **merged)
-    if scheme == "sqlite":
-        from .engines.sqlite import SqliteEngine
-
-        path = url.split("://", 1)[1].split("?", 1)[0]
-        if path.startswith("/"):
-            path = path[1:] if not path.startswith("//") else path[1:]
-        if not path:
-            raise InvalidArgument(
-                "sqlite URL has no file path; use 'sqlite:///relative.db' or "
-                "'sqlite:////absolute/path.db'"
-            )
-        known = {"durability", "dedup_window", "poll_interval", "max_batch"}
-        unknown = sorted(set(merged) - known)
-        if unknown:
-            raise InvalidArgument(
-                f"sqlite:// does not take {', '.join(unknown)}; its options are "
-                f"{', '.join(sorted(known))}"
-            )
-        return SqliteEngine(path, url=url, **merged)
-    if scheme in ("postgresql", "postgres"):
-        from .engines.postgres import PostgresEngine
-
-        return PostgresEngine(url, **merged)
-    raise InvalidArgument(
-        f"unknown engine {scheme!r} in {url!r}; use 'sqlite:///path.db', 'memory://' "
-        "or 'postgresql://…'"
-    )
-
-
 async def connect(
     url: str | None = None,
     *,
@@ -137,7 +85,7 @@ async def connect(
         import os
 
         url = os.environ.get("TIDINGS_URL", DEFAULT_URL)
-    engine = _engine_for(url, dict(options))
+    engine = engine_for(url, dict(options))
     try:
         await engine.open()
     except Exception as exc:
@@ -148,21 +96,6 @@ async def connect(
     if trim_interval:
         hub._background.add(asyncio.create_task(hub._trim_every(trim_interval)))
     return hub
-
-
-def _check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
-    if headers is None:
-        return {}
-    if not isinstance(headers, Mapping):
-        raise InvalidArgument("headers must be a mapping of str to str")
-    out = {}
-    for k, v in headers.items():
-        if not isinstance(k, str) or not isinstance(v, str) or not k:
-            raise InvalidArgument(
-                f"header {k!r}: {v!r} is not str -> str; convert header values to strings"
-            )
-        out[k.lower()] = v
-    return out
 
 
 def _positive_seconds(value: object) -> bool:
@@ -233,7 +166,7 @@ class Hub:
         id: str | None,
     ) -> OutMessage:
         _topics.validate_topic(topic)
-        h = _check_headers(headers)
+        h = check_headers(headers)
         raw, content_type = encode_data(data)
         if len(raw) > self.max_payload:
             raise PayloadTooLarge(

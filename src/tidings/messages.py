@@ -24,6 +24,7 @@ __all__ = [
     "Message",
     "OutMessage",
     "Published",
+    "check_headers",
     "decode_data",
     "encode_data",
     "new_id",
@@ -289,3 +290,20 @@ class Message:
             f"key={self.key!r}, attempt={self.attempt}, data={self.data[:40]!r})"
         )
 
+
+def check_headers(headers: Mapping[str, str] | None, where: str = "") -> dict[str, str]:
+    """`headers` as a new dict with lower-case names; InvalidArgument unless str -> str.
+    `where` names them in the message ("append", "event")."""
+    if headers is None:
+        return {}
+    what = f"{where} header" if where else "header"
+    if not isinstance(headers, Mapping):
+        raise InvalidArgument(f"{what}s must be a mapping of str to str")
+    out = {}
+    for k, v in headers.items():
+        if not isinstance(k, str) or not isinstance(v, str) or not k:
+            raise InvalidArgument(
+                f"{what} {k!r}: {v!r} is not str -> str; convert header values to strings"
+            )
+        out[k.lower()] = v
+    return out

@@ -185,7 +185,7 @@ async def test_snapshot_policy_and_partial_replay(hub: tidings.Hub) -> None:
     assert load.snapshot is not None and load.snapshot.version == 20
     assert [r[0] for r in load.rows] == [21, 22, 23, 24, 25]
     Account.applied = 0
-    hub.events.forget()  # what this process saved would spare even the tail
+    hub.events.drop_cached()  # what this process saved would spare even the tail
     b = await repo.get("snap-1")
     assert Account.applied == 5  # only the tail was replayed
     full = await hub.repository(Account).get("snap-1")  # no snapshot policy, same loader
@@ -242,7 +242,7 @@ async def test_a_kept_state_is_exactly_what_a_replay_gives(hub: tidings.Hub) -> 
         t.record(AgOpened(owner=who))
     await repo.save(t)
     kept = await repo.get("tally-1")
-    hub.events.forget()
+    hub.events.drop_cached()
     replayed = await repo.get("tally-1")
     for agg in (kept, replayed):
         assert agg._seen == {"a", "b"} and agg.last == ("a", 2)

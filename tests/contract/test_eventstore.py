@@ -186,7 +186,7 @@ async def test_same_event_id_twice_is_idempotent(hub: tidings.Hub) -> None:
     with pytest.raises(tidings.EventIdConflict):
         await hub.events.append("i-1", [NewEvent(CtDeposited(amount=9), id="new"),
                                         NewEvent(CtDeposited(amount=9), id="ev-2")])
-    with pytest.raises(tidings.InvalidEvent):
+    with pytest.raises(tidings.EventIdConflict):  # (a 409 over HTTP, like any id reuse)
         await hub.events.append("i-3", [NewEvent(CtDeposited(amount=9), id="x"),
                                         NewEvent(CtDeposited(amount=9), id="x")])
     assert await hub.events.last_position() == 2

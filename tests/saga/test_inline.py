@@ -33,7 +33,7 @@ from .test_coordinator import (
 
 
 async def _available(hub: tidings.Hub, n: int) -> bool:
-    hub.events.forget()
+    hub.events.drop_cached()
     return (await ledger(hub, "credit")).available == n
 
 
@@ -149,7 +149,7 @@ async def test_a_coordinator_without_the_inline_handler_never_runs_the_step_twic
     assert state["status"] == "completed"
     assert gate.runs == 1
     assert await read_all(w, "svc.credit.reserve") == []
-    w.events.forget()
+    w.events.drop_cached()
     led = await ledger(w, "credit")
     assert led.available == 9 and led.held == {sid: 1}
 
@@ -181,7 +181,7 @@ async def test_after_an_attempt_went_out_as_a_message_the_step_stays_on_messages
     env.serve(second)
     state = await second.sagas(defn).wait(sid, timeout=WAIT)
     assert state["status"] == "completed"
-    second.events.forget()
+    second.events.drop_cached()
     led = await ledger(second, "credit")
     assert led.available == 9 and led.held == {sid: 1}  # once, not twice
     events = [rec.event async for rec in second.events.read(f"saga-inline-late-{sid}")]
@@ -645,7 +645,7 @@ async def test_racing_and_abandoned_starts_never_lose_a_saga(
         assert state["status"] in ("completed", "compensated"), (sid, state["status"])
         if state["status"] == "completed":
             completed.add(sid)
-    hub.events.forget()
+    hub.events.drop_cached()
     for name, units in (("credit", 1000), ("stock", 20)):
         led = await ledger(hub, name)
         assert set(led.held) == completed and led.available + len(led.held) == units

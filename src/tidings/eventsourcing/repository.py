@@ -96,7 +96,7 @@ class Repository(Generic[A]):
                 return _clone(mine)  # (a copy: the unit's own stays as saved)
             took = await unit.hold_stream(self.store, id)
         if version is None and when is None:
-            kept = self.store.kept(id)
+            kept = self.store.cached(id)
             if kept is not None and type(kept) is self.cls:
                 fresh = await self._from_kept(id, kept)
                 if fresh is not None:
@@ -180,7 +180,7 @@ class Repository(Generic[A]):
             h.update(headers)
         out = await self.store._append(agg.id, pending, expected, self.topic, h, snapshot)
         agg._pending = []
-        self.store.remember(agg)
+        self.store.cache(agg)
         return out
 
     # snapshots -----------------------------------------------------------------

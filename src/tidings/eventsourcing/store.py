@@ -27,8 +27,8 @@ import msgspec
 
 from .. import topics as _topics
 from ..engines.store_base import EventRow, NewRecord, SnapshotRow, StoreBackend
-from ..errors import InvalidArgument, InvalidEvent, PayloadTooLarge
-from ..messages import new_id
+from ..errors import EventIdConflict, InvalidArgument, InvalidEvent, PayloadTooLarge
+from ..messages import check_headers, new_id
 from .events import TRUSTED, TypeResolver, encode_event, validate_raw
 from .records import (
     ANY,
@@ -75,21 +75,6 @@ def audit(*, actor: str | None = None, correlation_id: str | None = None,
         _AUDIT.reset(token)
 
 
-def check_headers(headers: Mapping[str, str] | None, where: str) -> dict[str, str]:
-    if headers is None:
-        return {}
-    if not isinstance(headers, Mapping):
-        raise InvalidArgument(f"{where} headers must be a mapping of str to str")
-    out = {}
-    for k, v in headers.items():
-        if not isinstance(k, str) or not isinstance(v, str) or not k:
-            raise InvalidArgument(
-                f"{where} header {k!r}: {v!r} is not str -> str; convert values to strings"
-            )
-        out[k.lower()] = v
-    return out
-
-
 #: Aggregate states a process keeps (the least recently saved go first).
 STATES_KEPT = 10_000
 STATES_BYTES = 64 * 1024 * 1024
@@ -123,12 +108,12 @@ class EventStore:
         self.states: OrderedDict[str, tuple[Any, int, int]] = OrderedDict()
         self._states_bytes = 0
 
-    def forget(self) -> None:
+    def drop_cached(self) -> None:
         """Drop the kept aggregate states: the next loads read the store."""
         self.states.clear()
         self._states_bytes = 0
 
-    def remember(self, agg: Any) -> None:
+    def cache(self, agg: Any) -> None:
         """Keep the aggregate just saved (see `Repository.get`). Kept by reference, not
         copied: a load copies it, and only if it is still as saved (same version,
         nothing pending) — an aggregate changes only through the events it records."""
@@ -143,7 +128,7 @@ class EventStore:
             _, gone = states.popitem(last=False)
             self._states_bytes -= gone[2]
 
-    def kept(self, stream_id: str) -> Any:
+    def cached(self, stream_id: str) -> Any:
         """The aggregate last saved to `stream_id` here, if it is unchanged since."""
         entry = self.states.get(stream_id)
         if entry is None:
@@ -183,7 +168,8 @@ class EventStore:
             records.append(r)
             given = given or (type(ev) is NewEvent and ev.id is not None)
         if given and len({r.id for r in records}) != len(records):
-            raise InvalidEvent("two events in one append share an id; give each event its own id")
+            raise EventIdConflict("two events in one append share an id; give each event its "
+                                  "own id")
         return records
 
     @staticmethod

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 from ..engines.store_base import AppendOutcome, SnapshotRow, StreamAppend
 from ..errors import InvalidArgument
-from ..messages import OutMessage
+from ..messages import OutMessage, check_headers
 from .aggregate import Aggregate
 from .records import _Any
-from .store import check_headers, default_topic
+from .store import default_topic
 
 if TYPE_CHECKING:
     from ..hub import Hub
@@ -64,5 +64,5 @@ async def commit(
     for agg in aggregates:
         if agg._pending:
             agg._pending = []
-            store.remember(agg)
+            store.cache(agg)
     return outcomes

@@ -1,0 +1,67 @@
+"""The engine a URL names: `memory://`, `sqlite:///path.db`, `postgresql://…`.
+
+The one place outside an engine's own module that knows the concrete engines; everything
+else reaches an engine through the protocol (engines/base.py, store_base.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from ..errors import InvalidArgument, TidingsError
+from .base import Engine
+
+__all__ = ["engine_for"]
+
+
+def engine_for(url: str, options: dict[str, Any]) -> Engine:
+    """A new, unopened engine for `url`; `options` win over the URL's query."""
+    try:
+        return _make_engine(url, options)
+    except TidingsError:
+        raise
+    except (TypeError, ValueError) as exc:  # an option of the wrong type or shape
+        raise InvalidArgument(f"bad engine option in {url!r} / {options!r}: {exc}") from None
+
+
+def _make_engine(url: str, options: dict[str, Any]) -> Engine:
+    if not isinstance(url, str) or "://" not in url:
+        raise InvalidArgument(
+            f"engine URL {url!r} is not a URL; use 'sqlite:///path.db', 'memory://' "
+            "or 'postgresql://user@host/db'"
+        )
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    merged = {**query, **options}
+    scheme = parts.scheme.lower()
+    if scheme == "memory":
+        from .memory import MemoryEngine
+
+        return MemoryEngine(url, **merged)
+    if scheme == "sqlite":
+        from .sqlite import SqliteEngine
+
+        path = url.split("://", 1)[1].split("?", 1)[0]
+        if path.startswith("/"):
+            path = path[1:] if not path.startswith("//") else path[1:]
+        if not path:
+            raise InvalidArgument(
+                "sqlite URL has no file path; use 'sqlite:///relative.db' or "
+                "'sqlite:////absolute/path.db'"
+            )
+        known = {"durability", "dedup_window", "poll_interval", "max_batch"}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise InvalidArgument(
+                f"sqlite:// does not take {', '.join(unknown)}; its options are "
+                f"{', '.join(sorted(known))}"
+            )
+        return SqliteEngine(path, url=url, **merged)
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresEngine
+
+        return PostgresEngine(url, **merged)
+    raise InvalidArgument(
+        f"unknown engine {scheme!r} in {url!r}; use 'sqlite:///path.db', 'memory://' "
+        "or 'postgresql://…'"
+    )
