@@ -39,6 +39,8 @@ class EngineCase:
     durable: bool
     #: True when the engine is a SQL database (database-level guards such as triggers).
     sql: bool = True
+    #: True when the engine holds event streams (and so projections and sagas).
+    events: bool = True
     marks: tuple[pytest.MarkDecorator, ...] = field(default_factory=tuple)
 
 
@@ -50,6 +52,10 @@ ENGINES: list[EngineCase] = [
     EngineCase("postgres", "tidings.engines.postgres",
                lambda request, d: request.getfixturevalue("postgres_server").url_for(d),
                durable=True, marks=(pytest.mark.service,)),
+    # A fresh stream per directory (tests/nats_plugin.py). Messages only: no event store.
+    EngineCase("nats", "tidings.engines.jetstream",
+               lambda request, d: request.getfixturevalue("nats_server").url_for(d),
+               durable=True, sql=False, events=False, marks=(pytest.mark.service,)),
 ]
 
 
@@ -81,7 +87,8 @@ class EngineUnderTest:
 
 
 #: marker -> what an engine case must have for a test carrying it to run on that engine
-_NEEDS = {"durable": lambda c: c.durable, "sql_engine": lambda c: c.sql}
+_NEEDS = {"durable": lambda c: c.durable, "sql_engine": lambda c: c.sql,
+          "events": lambda c: c.events}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -89,6 +96,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "durable: needs an engine whose data outlives the hub (not memory://)")
     config.addinivalue_line(
         "markers", "sql_engine: checks a database-level guard (SQL engines only)")
+    config.addinivalue_line(
+        "markers", "events: needs an engine that holds event streams (not nats://)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

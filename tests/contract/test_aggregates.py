@@ -12,6 +12,9 @@ import pytest
 import tidings
 from tidings.eventsourcing.snapshots import schema_of
 
+#: Event streams: every engine that holds them (nats:// carries messages only).
+pytestmark = pytest.mark.events
+
 
 class AgOpened(tidings.Event):
     owner: str

@@ -19,6 +19,9 @@ import tidings
 from tidings import ANY, NO_STREAM, NewEvent, RecordedEvent
 from tidings.eventsourcing import CaughtUp, audit
 
+#: Event streams: every engine that holds them (nats:// carries messages only).
+pytestmark = pytest.mark.events
+
 GUARD = 10.0
 
 

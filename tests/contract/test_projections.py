@@ -12,6 +12,9 @@ import tidings
 from tidings import NewEvent, RecordedEvent
 from tidings.engines.postgres_store import PostgresTx
 
+#: Event streams: every engine that holds them (nats:// carries messages only).
+pytestmark = pytest.mark.events
+
 GUARD = 10.0
 
 

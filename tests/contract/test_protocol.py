@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import tidings
 from tidings.engines.base import Engine
 from tidings.engines.store_base import StoreBackend, StoreTx
@@ -80,6 +82,7 @@ async def test_the_engine_implements_the_engine_protocol(hub: tidings.Hub) -> No
     assert isinstance(engine.url, str) and isinstance(engine.dedup_window, float)
 
 
+@pytest.mark.events
 async def test_its_event_store_implements_the_store_protocol(hub: tidings.Hub) -> None:
     store = hub.engine.event_store()
     assert _check(store, StoreBackend) == []
@@ -88,6 +91,7 @@ async def test_its_event_store_implements_the_store_protocol(hub: tidings.Hub) -
     assert _check(hub.events.backend, StoreBackend) == []
 
 
+@pytest.mark.events
 async def test_its_store_transaction_implements_the_tx_protocol(hub: tidings.Hub) -> None:
     async def look(tx: StoreTx) -> list[str]:
         return [*_check(tx, StoreTx), *(["no `record`"] if not hasattr(tx, "record") else [])]

@@ -19,6 +19,9 @@ from tidings.engines.store_base import (
 )
 from tidings.messages import OutMessage, new_id
 
+#: Event streams: every engine that holds them (nats:// carries messages only).
+pytestmark = pytest.mark.events
+
 
 def rec(eid: str | None = None) -> NewRecord:
     return NewRecord(eid or new_id(), "SbHappened", 1, b'{"n": 1}', {})

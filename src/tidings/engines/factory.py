@@ -1,4 +1,5 @@
-"""The engine a URL names: `memory://`, `sqlite:///path.db`, `postgresql://…`.
+"""The engine a URL names: `memory://`, `sqlite:///path.db`, `postgresql://…`,
+`nats://host:4222`.
 
 The one place outside an engine's own module that knows the concrete engines; everything
 else reaches an engine through the protocol (engines/base.py, store_base.py)."""
@@ -61,7 +62,11 @@ def _make_engine(url: str, options: dict[str, Any]) -> Engine:
         from .postgres import PostgresEngine
 
         return PostgresEngine(url, **merged)
+    if scheme in ("nats", "tls"):
+        from .jetstream import JetStreamEngine
+
+        return JetStreamEngine(url, **options)  # (it reads the URL's query itself)
     raise InvalidArgument(
         f"unknown engine {scheme!r} in {url!r}; use 'sqlite:///path.db', 'memory://' "
-        "or 'postgresql://…'"
+        "'postgresql://…' or 'nats://host:4222'"
     )
