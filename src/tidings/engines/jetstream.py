@@ -63,6 +63,8 @@ MAX_BATCH = 1000
 _ID, _KEY = "Tidings-Id", "Tidings-Key"
 _OURS = frozenset({_ID, _KEY})
 _NS = 1_000_000_000
+#: How long `open` waits for JetStream to answer (a cluster elects its leaders first).
+OPEN_WAIT = 30.0
 #: How often a compare-and-set of a subscription document is retried before giving up.
 _CAS_TRIES = 100
 
@@ -211,18 +213,29 @@ class JetStreamEngine(Engine):
             self._inbox = self._nc.new_inbox()
             await self._nc.subscribe(self._inbox + ".*", cb=self._on_reply)
             await self._nc.subscribe(f"_tidings.{self.stream}.changed", cb=self._on_change)
-            await self._ensure_stream(self.stream, {
-                "subjects": [f"{self.stream}.>"], "allow_direct": True, "allow_atomic": True,
-                "duplicate_window": int(self.dedup_window * _NS),
-            })
-            await self._ensure_stream(self.state_stream, {
-                "subjects": [f"{self.state_stream}.>"], "allow_direct": True,
-                "max_msgs_per_subject": 1, "allow_rollup_hdrs": True,
-                "deny_delete": False,
-            })
+            # A cluster just started (or between leaders) has no JetStream for a moment.
+            deadline = _time.monotonic() + max(OPEN_WAIT, self.connect_timeout)
+            while True:
+                try:
+                    await self._ensure_streams()
+                    break
+                except EngineUnavailable:
+                    if _time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.25)
         except BaseException:
             await self.close()
             raise
+
+    async def _ensure_streams(self) -> None:
+        await self._ensure_stream(self.stream, {
+            "subjects": [f"{self.stream}.>"], "allow_direct": True, "allow_atomic": True,
+            "duplicate_window": int(self.dedup_window * _NS),
+        })
+        await self._ensure_stream(self.state_stream, {
+            "subjects": [f"{self.state_stream}.>"], "allow_direct": True,
+            "max_msgs_per_subject": 1,
+        })
 
     async def _on_error(self, exc: Exception) -> None:
         return None  # reconnects are nats-py's; requests that fail raise EngineUnavailable
