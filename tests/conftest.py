@@ -56,6 +56,11 @@ ENGINES: list[EngineCase] = [
     EngineCase("nats", "tidings.engines.jetstream",
                lambda request, d: request.getfixturevalue("nats_server").url_for(d),
                durable=True, sql=False, events=False, marks=(pytest.mark.service,)),
+    # SQLite for state and the outbox, NATS for every message (engines/brokered.py).
+    EngineCase("sqlite+nats", "tidings.engines.brokered",
+               lambda request, d: f"sqlite:///{d}/t.db?broker="
+               + request.getfixturevalue("nats_server").url_for(d),
+               durable=True, sql=False, marks=(pytest.mark.service,)),
 ]
 
 

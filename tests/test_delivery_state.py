@@ -237,7 +237,7 @@ class DeliveryMachine(RuleBasedStateMachine):
 
 
 #: Examples per engine: the in-process one is cheap, the others pay for a fresh store each.
-EXAMPLES = {"memory": 60, "sqlite": 20}
+EXAMPLES = {"memory": 60, "sqlite": 20, "nats": 20}
 
 
 def test_delivery_state_machine(engine: Any) -> None:

@@ -19,7 +19,6 @@ from .errors import (
     EngineUnavailable,
     InvalidArgument,
     PayloadTooLarge,
-    Unsupported,
 )
 from .messages import (
     MAX_POSITION,
@@ -75,17 +74,17 @@ async def connect(
     options go to the engine (SQLite: `durability="full"|"normal"`,
     `dedup_window` seconds, `poll_interval` seconds). Retention limits are
     applied every `trim_interval` seconds (None: only on `hub.trim()`).
+
+    `broker="nats://host:4222"` (or `?broker=nats://…` in a `sqlite:` or `postgresql:`
+    URL) keeps the event store, projections and saga state in that database and sends
+    every message through NATS JetStream (an outbox relay moves what transactions
+    commit; see docs/architecture.md).
     """
-    if broker is not None:
-        raise Unsupported(
-            f"a separate broker ({broker!r}) is not available in this version of tidings; "
-            "leave broker unset to use the engine's own topics"
-        )
     if url is None:
         import os
 
         url = os.environ.get("TIDINGS_URL", DEFAULT_URL)
-    engine = engine_for(url, dict(options))
+    engine = engine_for(url, dict(options) if broker is None else {**options, "broker": broker})
     try:
         await engine.open()
     except Exception as exc:

@@ -440,7 +440,7 @@ async def test_upcasting_old_versions_on_read(hub: tidings.Hub, engine: Any) -> 
     if engine.id == "sqlite":
         import sqlite3
 
-        conn = sqlite3.connect(hub.url.split("///", 1)[1])
+        conn = sqlite3.connect(hub.url.split("///", 1)[1].split("?")[0])
         try:
             row = conn.execute("SELECT data, type_version FROM tidings_events "
                                "WHERE stream_id = 'cart-1' AND version = 1").fetchone()

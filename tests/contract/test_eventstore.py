@@ -409,7 +409,7 @@ async def test_database_refuses_update_and_delete(hub: tidings.Hub,
         assert len(errors) == 3 and all("refused" in e for e in errors), errors
         assert (await stream(hub, "imm-1"))[0].event == CtDeposited(amount=1)
         return
-    path = hub.url.split("///", 1)[1]
+    path = hub.url.split("///", 1)[1].split("?")[0]
     conn = sqlite3.connect(path)
     try:
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):

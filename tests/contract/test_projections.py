@@ -53,7 +53,7 @@ async def read_model(hub: tidings.Hub, name: str) -> dict[str, int]:
 
         return await hub.engine.transact(q)  # type: ignore[attr-defined, no-any-return]
     if hub.url.startswith("sqlite"):
-        conn = sqlite3.connect(hub.url.split("///", 1)[1])
+        conn = sqlite3.connect(hub.url.split("///", 1)[1].split("?")[0])
         try:
             return dict(conn.execute("SELECT k, v FROM rm").fetchall())
         except sqlite3.OperationalError:

@@ -60,10 +60,14 @@ class SgLedger(tidings.Aggregate):
 
 # harness ---------------------------------------------------------------------------------
 @pytest.fixture(params=["memory", "sqlite",
-                        pytest.param("postgres", marks=pytest.mark.service)])
+                        pytest.param("postgres", marks=pytest.mark.service),
+                        pytest.param("sqlite+nats", marks=pytest.mark.service)])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "postgres":  # a fresh schema (tests/pg_plugin.py)
         return str(request.getfixturevalue("postgres_server").new_url())
+    if request.param == "sqlite+nats":  # state in SQLite, every message through NATS
+        nats_url = request.getfixturevalue("nats_server").url_for(tmp_path)
+        return f"sqlite:///{tmp_path}/x.db?broker={nats_url}"
     return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/x.db"
 
 

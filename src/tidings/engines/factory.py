@@ -7,7 +7,7 @@ else reaches an engine through the protocol (engines/base.py, store_base.py)."""
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ..errors import InvalidArgument, TidingsError
 from .base import Engine
@@ -16,13 +16,53 @@ __all__ = ["engine_for"]
 
 
 def engine_for(url: str, options: dict[str, Any]) -> Engine:
-    """A new, unopened engine for `url`; `options` win over the URL's query."""
+    """A new, unopened engine for `url`; `options` win over the URL's query. A `broker`
+    (option, or `?broker=nats://…` in the URL) puts the messages on NATS JetStream and
+    keeps the state in the database `url` names (engines/brokered.py)."""
     try:
-        return _make_engine(url, options)
+        options = dict(options)
+        url, broker = _split_broker(url, options.pop("broker", None))
+        engine = _make_engine(url, options)
+        if broker is None:
+            return engine
+        return _brokered(engine, broker)
     except TidingsError:
         raise
     except (TypeError, ValueError) as exc:  # an option of the wrong type or shape
         raise InvalidArgument(f"bad engine option in {url!r} / {options!r}: {exc}") from None
+
+
+def _split_broker(url: str, broker: Any) -> tuple[str, str | None]:
+    """`url` without its `broker=` query parameter, and the broker URL (the argument wins)."""
+    if not isinstance(url, str) or "?" not in url:
+        return url, broker
+    base, _, query = url.partition("?")
+    keep, found = [], None
+    for part in query.split("&"):
+        if part.startswith("broker="):
+            found = unquote(part[len("broker="):])
+        elif part:
+            keep.append(part)
+    if found is None:
+        return url, broker
+    return (f"{base}?{'&'.join(keep)}" if keep else base), (broker if broker else found)
+
+
+def _brokered(db: Engine, broker: Any) -> Engine:
+    if not isinstance(broker, str) or not broker.lower().startswith(("nats://", "tls://")):
+        raise InvalidArgument(f"broker {broker!r} is not a NATS URL; use broker='nats://host:4222'"
+                              " (several servers: 'nats://h1:4222,h2:4222')")
+    from .jetstream import JetStreamEngine
+
+    if db.url.startswith("memory:") or isinstance(db, JetStreamEngine):
+        from ..errors import Unsupported
+
+        raise Unsupported(
+            f"{db.url!r} cannot hold the outbox for a broker (it must keep what it committed "
+            "across a restart); use broker= with 'sqlite:///app.db' or 'postgresql://…'")
+    from .brokered import BrokeredEngine
+
+    return BrokeredEngine(db, JetStreamEngine(broker))
 
 
 def _make_engine(url: str, options: dict[str, Any]) -> Engine:

@@ -98,6 +98,7 @@ class _Sub:
     cursor: int = 0
     pending: dict[int, Pending] | None = None  # None: not loaded
     rev: int = 0  # the document's sequence in the state stream (0: none stored)
+    next_due: float | None = None  # the last fetch's plan: when a pending row is due
     lock: asyncio.Lock | None = None
 
     def doc(self) -> bytes:
@@ -334,7 +335,10 @@ class JetStreamEngine(Engine):
             out = []
             while True:
                 try:
-                    msg = await asyncio.wait_for(q.get(), self.timeout)
+                    # (asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                    # cancellation that races with the answer, and the caller never stops)
+                    async with asyncio.timeout(self.timeout):
+                        msg = await q.get()
                 except TimeoutError:
                     raise EngineUnavailable(f"NATS did not answer a read of {stream!r} in "
                                             f"{self.timeout:g} s; is the server up?") from None
@@ -383,6 +387,16 @@ class JetStreamEngine(Engine):
             out = await self._publish_batch(messages)
         self._notify({m.topic for m in messages})
         self._tell(sorted({m.topic for m in messages}))
+        return out
+
+    async def publish_pipelined(self, messages: Sequence[OutMessage]) -> list[Published]:
+        """Publish each message on its own (not one atomic batch), all requests in flight
+        at once and written in order, so they are stored in this order: the outbox relay's
+        way (every message there has a client id, so a repeat is a duplicate)."""
+        out = list(await asyncio.gather(*(self._publish_one(m) for m in messages)))
+        topics = sorted({m.topic for m in messages})
+        self._notify(topics)
+        self._tell(topics)
         return out
 
     def _ack(self, msg: Any, what: str) -> dict[str, Any]:
@@ -545,7 +559,7 @@ class JetStreamEngine(Engine):
         out = _dec(msg.data)
         err = out.get("error")
         if err:
-            if err.get("err_code") == 10071:  # wrong last sequence
+            if err.get("err_code") in (10071, 10164):  # wrong last sequence (a cluster: 10164)
                 raise _Conflict
             raise EngineUnavailable(f"JetStream refused a subscription update: "
                                     f"{err.get('description')} (code {err.get('err_code')})")
@@ -608,7 +622,8 @@ class JetStreamEngine(Engine):
         if limit > 0:
             rows = [Pending(p.position, p.key, p.attempt, p.due) for p in pending.values()]
             want = min(limit, spec.max_in_flight)
-            if len(rows) < spec.max_in_flight:
+            dying = sum(1 for p in rows if p.attempt >= spec.max_deliver and p.due <= now)
+            if len(rows) - dying < spec.max_in_flight:  # room: look at the log
                 found = await self.read(spec.pattern, cursor, None, want)
             plan = plan_fetch(spec, rows, [(m.position, m.key) for m in found],
                               cursor=cursor, now=now, limit=limit)
@@ -622,6 +637,8 @@ class JetStreamEngine(Engine):
             cursor = plan.cursor
         if dead and spec.dead_letter is not None:
             await self._dead_letters(spec, dead, {m.position: m for m in found})
+        if plan is not None:
+            sub.next_due = plan.next_due
         if not settles and (plan is None or (not plan.deliver and not plan.added
                                              and not plan.dead)):
             return []  # nothing changed: nothing to write
@@ -677,12 +694,7 @@ class JetStreamEngine(Engine):
                     ) -> tuple[list[Message], float | None]:
         msgs = await self._change(handle, settles, now, max(1, limit))
         sub = self._subs.get(handle)
-        next_due = None
-        if sub is not None and sub.pending:
-            dues = [p.due for p in sub.pending.values() if p.attempt]
-            if dues:
-                next_due = min(dues)
-        return msgs, next_due
+        return msgs, (sub.next_due if sub is not None else None)
 
     async def settle(self, handle: Any, items: Sequence[Settle], now: float) -> None:
         for s in items:
