@@ -288,3 +288,18 @@ def test_serve_with_a_bad_app_is_a_clear_error(tidings_cli: Cli, spec: str, says
     assert r.returncode == 2  # refused before the server starts
     assert r.stderr.startswith("error: ") and says in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.service
+def test_demo_shop_with_a_nats_broker(tidings_cli: Cli, nats_server: Any) -> None:
+    """`--broker nats://…`: the sagas' state in the SQLite file, every command and reply
+    through JetStream; the other commands see the same pair through the global option."""
+    broker = nats_server.url_for(tidings_cli.url)
+    r = tidings_cli.run("--broker", broker, "demo", "shop", "--orders", "12", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert f"broker={broker}" in r.stdout and "invariants hold" in r.stdout
+    sagas = tidings_cli.ok("sagas")
+    assert len(sagas) == 12 and {s["status"] for s in sagas} <= {"completed", "compensated"}
+    # the commands went through NATS: its stream has them, the database's log is the outbox
+    on_nats = tidings_cli.ok("read", "customer.>", url=broker)
+    assert on_nats and all(m["topic"].startswith("customer.") for m in on_nats)

@@ -43,6 +43,10 @@ UrlOption = Annotated[str | None, typer.Option(
     "--url", help="Engine URL (overrides the global --url and TIDINGS_URL).", show_default=False)]
 JsonOption = Annotated[bool, typer.Option(
     "--json", help="Print JSON lines even on a terminal.")]
+BrokerOption = Annotated[str | None, typer.Option(
+    "--broker", envvar="TIDINGS_BROKER", show_default=False,
+    help="Send every message through NATS JetStream (nats://host:4222); the --url "
+    "database keeps the event store, projections and sagas.")]
 StartOption = Annotated[str, typer.Option(
     "--start", help="beginning, end, a position, or an ISO 8601 time.")]
 
@@ -50,6 +54,7 @@ StartOption = Annotated[str, typer.Option(
 class _Settings(msgspec.Struct):
     url: str
     json: bool
+    broker: str | None = None
 
 
 @app.callback()
@@ -57,18 +62,27 @@ def _global(
     ctx: typer.Context,
     url: Annotated[str, typer.Option(
         "--url", envvar="TIDINGS_URL",
-        help="Engine URL: sqlite:///path.db or memory://")] = DEFAULT_URL,
+        help="Engine URL: sqlite:///path.db, postgresql://…, nats://host:4222 or "
+        "memory://")] = DEFAULT_URL,
     as_json: JsonOption = False,
+    broker: BrokerOption = None,
 ) -> None:
-    ctx.obj = _Settings(url, as_json)
+    ctx.obj = _Settings(url, as_json, broker)
 
 
-def settings(ctx: typer.Context, url: str | None, as_json: bool) -> tuple[str, bool]:
-    """The engine URL and whether to print JSON lines, from command, global and stdout."""
+def settings(ctx: typer.Context, url: str | None, as_json: bool,
+             broker: str | None = None) -> tuple[str, bool]:
+    """The engine URL (with `?broker=` when a broker is given) and whether to print JSON
+    lines, from command, global and stdout."""
     base = ctx.find_root().obj
     if not isinstance(base, _Settings):  # invoked without the callback (tests calling app)
-        base = _Settings(os.environ.get("TIDINGS_URL", DEFAULT_URL), False)
-    return url or base.url, as_json or base.json or not is_terminal()
+        base = _Settings(os.environ.get("TIDINGS_URL", DEFAULT_URL), False,
+                         os.environ.get("TIDINGS_BROKER"))
+    engine_url = url or base.url
+    broker = broker or base.broker
+    if broker and "broker=" not in engine_url:
+        engine_url += f"{'&' if '?' in engine_url else '?'}broker={broker}"
+    return engine_url, as_json or base.json or not is_terminal()
 
 
 def is_terminal() -> bool:

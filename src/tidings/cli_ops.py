@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from .cli_base import (
+    BrokerOption,
     JsonOption,
     UrlOption,
     app,
@@ -66,9 +67,10 @@ def demo_shop(
         "--inline", help="Run the services' handlers inline in the coordinator's "
         "transactions instead of sending commands and replies as messages.")] = False,
     url: UrlOption = None,
+    broker: BrokerOption = None,
 ) -> None:
     """The e-commerce create-order saga end to end: N orders, a summary, the invariants."""
-    engine_url, _ = settings(ctx, url, False)
+    engine_url, _ = settings(ctx, url, False, broker)
     _checkout_on_path()
     from examples.shop import demo
 

@@ -1,4 +1,5 @@
-"""The shop across processes on one SQLite file (and on PostgreSQL), with the coordinator and the inventory
+"""The shop across processes on one SQLite file (and on PostgreSQL, and on either with
+every message through NATS JetStream), with the coordinator and the inventory
 service killed (SIGKILL) at random moments: every saga ends completed or compensated
 and the invariants hold."""
 
@@ -55,11 +56,16 @@ def _read_until(p: subprocess.Popen[str], lines: int) -> bool:
 
 @pytest.mark.parametrize(("engine", "victim"), [
     ("sqlite", "coordinator"), ("sqlite", "inventory"), ("postgres", "coordinator"),
+    # state in the database, every command and reply through NATS JetStream
+    ("postgres+nats", "coordinator"), ("sqlite+nats", "inventory"),
 ])
 async def test_shop_survives_sigkill(tmp_path: Path, engine: str, victim: str,
                                      request: pytest.FixtureRequest) -> None:
-    url = (f"sqlite:///{tmp_path}/shop.db" if engine == "sqlite"
+    url = (f"sqlite:///{tmp_path}/shop.db" if engine.startswith("sqlite")
            else request.getfixturevalue("postgres_url"))
+    if engine.endswith("+nats"):
+        broker = request.getfixturevalue("nats_server").url_for(tmp_path)
+        url += f"{'&' if '?' in url else '?'}broker={broker}"
     rng = random.Random(victim)
     services = _spawn("services", url, "all")
     inventory = _spawn("services", url, "inventory")
