@@ -10,6 +10,9 @@ publish until the last ack has reached the server. Payloads are 200 random bytes
 - FastStream: `broker.publish` 1,000 at a time (awaited together) to a JetStream
   stream, a durable pull subscriber (`PullSub(batch_size=100)`) that acks each.
 
+Also the shop's create-order saga over messages on PostgreSQL alone and on PostgreSQL
+with every command and reply through JetStream (`broker=`), side by side.
+
 Each figure is the median of several runs; the three sides alternate within a
 repetition, each on a fresh stream of the same server. R1 is one server; R3 is a
 3-node cluster on loopback (one process per node), streams replicated three times.
@@ -177,4 +180,31 @@ async def run(quick: bool) -> list[dict[str, Any]]:
                         "FastStream", summary(r["FastStream"]), "msg/s", 3.0,
                         ratio=paired_ratio(ours, r["FastStream"]), tidings_samples=ours,
                         peer_samples=r["FastStream"], note=note))
+    rows.extend(await _shop(quick))
     return rows
+
+
+async def _shop(quick: bool) -> list[dict[str, Any]]:
+    """The shop's create-order saga over messages on PostgreSQL (its default durability,
+    fsync on) alone, and with every command and reply through JetStream (R1)."""
+    from .postgres import _schema_url, server
+    from .saga import _throughput
+
+    n, reps = (20, 1) if quick else (400, 3)
+    pg: list[float] = []
+    brokered: list[float] = []
+    async with server() as base:
+        with _servers(1) as nats_url:
+            for rep in range(reps):
+                pg.append(await asyncio.wait_for(_throughput(_schema_url(base), n, 200),
+                                                 RUN_TIMEOUT))
+                url = (f"{_schema_url(base)}&broker={nats_url}?stream=shop"
+                       f"{uuid.uuid4().hex[:8]}")
+                brokered.append(await asyncio.wait_for(_throughput(url, n, 200), RUN_TIMEOUT))
+                progress(f"nats shop run {rep + 1}/{reps}: postgres {pg[-1]:,.0f} sagas/s, "
+                         f"postgres + JetStream {brokered[-1]:,.0f} sagas/s")
+    return [row("create-order sagas over messages: postgres + JetStream vs postgres",
+                summary(brokered), "postgres alone", summary(pg), "sagas/s", 0.0,
+                ratio=paired_ratio(brokered, pg), target_label="report",
+                tidings_samples=brokered, peer_samples=pg,
+                note=f"median of {reps}, {n} sagas, 200 clients, one process; fsync on")]
