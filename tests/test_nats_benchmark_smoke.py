@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.service, pytest.mark.slow]
 def test_nats_benchmark_runs_beside_its_peers(tmp_path: Path) -> None:
     needs("faststream", "the NATS benchmark's peer (in the dev extra)")
     results = tmp_path / "latest.json"
-    env = {**os.environ, "COLUMNS": "200", "TMPDIR": str(tmp_path)}
+    env = {**os.environ, "COLUMNS": "200"}  # (TMPDIR stays: PostgreSQL runs as postgres)
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "jetstream", "--quick", "--json", str(results)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=110,
