@@ -120,10 +120,10 @@ class BrokeredEngine(Engine):
 
     async def _checkpoint(self) -> tuple[int, int]:
         """(position, revision) of the shared checkpoint (0, 0 when there is none)."""
-        got = await self.bus._get(self.bus.state_stream, {"last_by_subj": self._cp_subject})
-        if not got:
+        got = await self.bus._last(self._cp_subject)
+        if got is None:
             return 0, 0
-        return _dec_cp(got[0].data), int(got[0].headers["Nats-Sequence"])
+        return _dec_cp(got[0]), got[1]
 
     async def _advance(self, position: int) -> int:
         """Move the shared checkpoint up to `position` (never down); where it is now.
@@ -141,7 +141,7 @@ class BrokeredEngine(Engine):
             if not err:
                 self._cp_rev = int(out["seq"])
                 return position
-            if err.get("err_code") != 10071:
+            if err.get("err_code") not in (10071, 10164):  # (10164: the same, clustered)
                 raise EngineUnavailable(f"JetStream refused the relay checkpoint: "
                                         f"{err.get('description')}")
             self._cp_rev = -1  # another relay moved it: read it again

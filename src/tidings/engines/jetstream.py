@@ -65,8 +65,16 @@ _OURS = frozenset({_ID, _KEY})
 _NS = 1_000_000_000
 #: How long `open` waits for JetStream to answer (a cluster elects its leaders first).
 OPEN_WAIT = 30.0
-#: How often a compare-and-set of a subscription document is retried before giving up.
-_CAS_TRIES = 100
+#: How long a fetch or settle keeps retrying a compare-and-set that others keep winning.
+CAS_PATIENCE = 30.0
+
+
+async def _backoff(tries: int) -> None:
+    """A random pause that grows with the lost races (up to 50 ms): consumers in several
+    processes that collide once do not collide again in lockstep."""
+    import random
+
+    await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** min(tries, 6))))
 
 
 class _Doc(msgspec.Struct, array_like=True, gc=False):
@@ -110,6 +118,11 @@ class _Sub:
 
 class _Conflict(Exception):
     """Someone else wrote the document since we read it."""
+
+
+def _description(msg: Any) -> str:
+    """A status message's description, without the headers nats-py leaves on it."""
+    return str((msg.headers or {}).get("Description", "")).split("\n", 1)[0].strip()
 
 
 def _b64(text: str) -> str:
@@ -166,6 +179,7 @@ class JetStreamEngine(Engine):
         if not _topics.is_token(self.stream) or len(self.stream) > 64:
             raise InvalidArgument(f"stream name {self.stream!r} must be one token of letters, "
                                   "digits, '_' or '-' (at most 64 characters)")
+        self._replicas_given = "replicas" in merged
         self.replicas = int(merged.get("replicas", 1))
         if not 1 <= self.replicas <= 5:
             raise InvalidArgument(f"replicas must be from 1 to 5, got {self.replicas}")
@@ -249,6 +263,8 @@ class JetStreamEngine(Engine):
             await self._api(f"STREAM.CREATE.{name}", body)
             return
         have = info["config"]
+        if not self._replicas_given:  # keep what the stream has (R3 stays R3)
+            body["num_replicas"] = have.get("num_replicas", self.replicas)
         if any(have.get(k) != v for k, v in body.items() if k != "storage"):
             await self._api(f"STREAM.UPDATE.{name}", {**have, **body})
 
@@ -351,7 +367,7 @@ class JetStreamEngine(Engine):
                     return out
                 else:
                     raise EngineUnavailable(f"JetStream refused a read of {stream!r}: "
-                                            f"{status} {msg.headers.get('Description')}")
+                                            f"{status} {_description(msg)}")
         finally:
             del self._replies[reply]
 
@@ -542,13 +558,24 @@ class JetStreamEngine(Engine):
     def _sub_subject(self, group: str, pattern: str) -> str:
         return f"{self.state_stream}.sub.{_b64(group)}.{_b64(pattern)}"
 
+    async def _last(self, subject: str) -> tuple[bytes, int] | None:
+        """The last message on `subject` of the state stream and its sequence, as the
+        stream's leader has it (a direct get may be answered by a follower a moment
+        behind, and a compare-and-set on what it said would only fail)."""
+        out = await self._api(f"STREAM.MSG.GET.{self.state_stream}",
+                              {"last_by_subj": subject}, missing_ok=True)
+        if out is None:
+            return None
+        m = out["message"]
+        return base64.b64decode(m.get("data") or b""), int(m["seq"])
+
     async def _load(self, sub: _Sub) -> None:
-        got = await self._get(self.state_stream, {"last_by_subj": sub.subject})
-        if not got:
+        got = await self._last(sub.subject)
+        if got is None:
             sub.pending, sub.rev = {}, 0
             return
-        d = _dec_doc(got[0].data)
-        sub.rev = int(got[0].headers["Nats-Sequence"])
+        d = _dec_doc(got[0])
+        sub.rev = got[1]
         sub.cursor = d.cursor
         sub.pending = {p[0]: Pending(p[0], p[1], p[2], p[3]) for p in d.pending}
 
@@ -572,7 +599,8 @@ class JetStreamEngine(Engine):
             sub = self._subs[key] = _Sub(self._sub_subject(*key), spec, lock=asyncio.Lock())
         assert sub.lock is not None
         async with sub.lock:
-            for _ in range(_CAS_TRIES):
+            deadline = _time.monotonic() + CAS_PATIENCE
+            for tries in itertools.count():
                 await self._load(sub)
                 sub.spec = spec
                 if sub.rev == 0:
@@ -581,7 +609,9 @@ class JetStreamEngine(Engine):
                     await self._store(sub)
                     return key
                 except _Conflict:
-                    continue
+                    if _time.monotonic() > deadline:
+                        break
+                    await _backoff(tries)
         raise EngineUnavailable("could not store the subscription: others kept changing it")
 
     async def _change(self, handle: Any, settles: Sequence[Settle], now: float,
@@ -592,15 +622,19 @@ class JetStreamEngine(Engine):
             return []
         assert sub.lock is not None
         async with sub.lock:
-            for _ in range(_CAS_TRIES):
+            deadline = _time.monotonic() + CAS_PATIENCE
+            for tries in itertools.count():
                 if sub.pending is None:
                     await self._load(sub)
                 try:
                     return await self._try(sub, settles, now, limit)
                 except _Conflict:
                     sub.pending = None  # somebody else moved it: read it again
-        raise EngineUnavailable(f"subscription {sub.spec.group!r} is changed by others too "
-                                "often to claim from; retry")
+                if _time.monotonic() > deadline:
+                    break
+                await _backoff(tries)
+        raise EngineUnavailable(f"subscription {sub.spec.group!r} was changed by others on "
+                                f"every try for {CAS_PATIENCE:g} s; retry")
 
     async def _try(self, sub: _Sub, settles: Sequence[Settle], now: float, limit: int
                    ) -> list[Message]:
