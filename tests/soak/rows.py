@@ -39,8 +39,7 @@ _ROWS: list[tuple[str, Run, tuple[str, ...]]] = [
     ("nats-kill", nats.run, ("",)),
 ]
 
-CASES: list[Case] = [Case(f"{name}@{engine}" if engine else name, fn, engine,
-                          short=fn is not nats.run)  # (n/a until there is a NATS engine)
+CASES: list[Case] = [Case(f"{name}@{engine}" if engine else name, fn, engine)
                      for name, fn, engines in _ROWS for engine in engines]
 
 
