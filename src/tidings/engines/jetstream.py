@@ -141,6 +141,19 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def check_server(version: str, servers: Sequence[str]) -> bool:
+    """Whether the server takes atomic batches (2.12+); `Unsupported` below 2.11, which
+    has no batched direct get for reads."""
+    try:
+        major, minor = (int(x) for x in version.lstrip("v").split(".")[:2])
+    except ValueError:
+        return True  # a build with an odd version string: assume it is current
+    if (major, minor) < (2, 11):
+        raise Unsupported(f"nats:// needs nats-server 2.11 or later (batched reads); "
+                          f"{', '.join(servers)} runs {version}: upgrade it")
+    return (major, minor) >= (2, 12)
+
+
 def parse_servers(url: str) -> tuple[list[str], dict[str, str]]:
     """`nats://h1:4222,h2?opt=v` -> (["nats://h1:4222", "nats://h2:4222"], {"opt": "v"})."""
     from urllib.parse import parse_qsl
@@ -196,6 +209,8 @@ class JetStreamEngine(Engine):
         self._inbox = ""
         self._seq = itertools.count(1)
         self._closed = False
+        #: The server takes atomic batches (nats-server 2.12+): `publish_many` needs them.
+        self.atomic = True
 
     # subjects ----------------------------------------------------------------
     def subject(self, topic: str) -> str:
@@ -217,14 +232,19 @@ class JetStreamEngine(Engine):
         try:
             self._nc = await nats.connect(
                 servers=self.servers, connect_timeout=self.connect_timeout,
-                max_reconnect_attempts=-1, reconnect_time_wait=0.25, name="tidings",
+                max_reconnect_attempts=2, reconnect_time_wait=0.25, name="tidings",
                 allow_reconnect=True, error_cb=self._on_error,
             )
+            # A few tries to connect at all (nats-py would try forever), then reconnect
+            # for as long as it takes: requests meanwhile raise EngineUnavailable.
+            self._nc.options["max_reconnect_attempts"] = -1
         except Exception as exc:
             raise EngineUnavailable(f"cannot reach NATS at {', '.join(self.servers)}: "
                                     f"{exc or type(exc).__name__}; is nats-server running "
                                     "with JetStream (-js)?") from None
         try:
+            version = str(self._nc.connected_server_version)
+            self.atomic = check_server(version, self.servers)
             self._inbox = self._nc.new_inbox()
             await self._nc.subscribe(self._inbox + ".*", cb=self._on_reply)
             await self._nc.subscribe(f"_tidings.{self.stream}.changed", cb=self._on_change)
@@ -243,10 +263,12 @@ class JetStreamEngine(Engine):
             raise
 
     async def _ensure_streams(self) -> None:
-        await self._ensure_stream(self.stream, {
-            "subjects": [f"{self.stream}.>"], "allow_direct": True, "allow_atomic": True,
-            "duplicate_window": int(self.dedup_window * _NS),
-        })
+        log_config: dict[str, Any] = {
+            "subjects": [f"{self.stream}.>"], "allow_direct": True,
+            "duplicate_window": int(self.dedup_window * _NS)}
+        if self.atomic:
+            log_config["allow_atomic"] = True
+        await self._ensure_stream(self.stream, log_config)
         await self._ensure_stream(self.state_stream, {
             "subjects": [f"{self.state_stream}.>"], "allow_direct": True,
             "max_msgs_per_subject": 1,
@@ -440,6 +462,10 @@ class JetStreamEngine(Engine):
         return Published(int(ack["seq"]), m.id, bool(ack.get("duplicate")))
 
     async def _publish_batch(self, messages: Sequence[OutMessage]) -> list[Published]:
+        if not self.atomic:
+            raise Unsupported(
+                "publish_many is atomic, and atomic batches need nats-server 2.12 or later "
+                "(this one is older); upgrade the server, or publish one at a time")
         if len(messages) > MAX_BATCH:
             raise InvalidArgument(f"publish_many on nats:// stores at most {MAX_BATCH} "
                                   f"messages atomically, got {len(messages)}; split the batch")

@@ -1,0 +1,98 @@
+"""What is particular to `nats://` (the shared behaviour is the contract suite's): URLs
+and options, what it refuses and how it says so, consumers on separate connections."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+import tidings
+from tidings.engines.jetstream import check_server, parse_servers
+
+pytestmark = pytest.mark.service
+
+
+def test_urls_name_one_or_several_servers() -> None:
+    assert parse_servers("nats://h1:4000,h2,10.0.0.3:4222?stream=s&replicas=3") == (
+        ["nats://h1:4000", "nats://h2:4222", "nats://10.0.0.3:4222"],
+        {"stream": "s", "replicas": "3"})
+    assert parse_servers("nats://u:p@h1")[0] == ["nats://u:p@h1:4222"]
+    for bad in ("nats://", "nats://h1,,h2"):
+        with pytest.raises(tidings.InvalidArgument):
+            parse_servers(bad)
+
+
+async def test_bad_options_are_refused_before_connecting() -> None:
+    for url, options in [("nats://127.0.0.1:1?colour=red", {}),
+                         ("nats://127.0.0.1:1", {"stream": "a.b"}),
+                         ("nats://127.0.0.1:1", {"replicas": 7}),
+                         ("nats://127.0.0.1:1", {"timeout": 0})]:
+        with pytest.raises(tidings.InvalidArgument):
+            await tidings.connect(url, **options)
+
+
+async def test_no_server_is_engine_unavailable() -> None:
+    with pytest.raises(tidings.EngineUnavailable, match="nats-server"):
+        await tidings.connect("nats://127.0.0.1:1", connect_timeout=0.5)
+
+
+def test_servers_too_old_are_named() -> None:
+    assert check_server("2.15.1", ["nats://h"]) is True
+    assert check_server("2.11.4", ["nats://h"]) is False  # no atomic batches
+    with pytest.raises(tidings.Unsupported, match="2.11"):
+        check_server("2.10.22", ["nats://h"])
+
+
+async def test_event_streams_need_a_database(nats_url: str) -> None:
+    async with await tidings.connect(nats_url) as hub:
+        with pytest.raises(tidings.Unsupported, match="broker="):
+            hub.events  # noqa: B018
+
+
+async def test_what_nats_cannot_carry_is_refused_and_stores_nothing(nats_url: str) -> None:
+    async with await tidings.connect(nats_url, max_payload=32 * 1024 * 1024) as hub:
+        with pytest.raises(tidings.InvalidArgument, match="at most 1000"):
+            await hub.publish_many("big.batch", [b"x"] * 1001)
+        with pytest.raises(tidings.InvalidArgument, match="line breaks"):
+            await hub.publish("h.x", b"1", headers={"note": "two\nlines"})
+        with pytest.raises(tidings.PayloadTooLarge, match="max_payload"):
+            await hub.publish("big.one", b"x" * (9 * 1024 * 1024))
+        assert [m async for m in hub.read(">")] == []
+        assert (await hub.publish("still.ok", b"1")).position == 1  # the connection is fine
+
+
+async def test_consumers_on_separate_connections_share_without_doubles(nats_url: str
+                                                                       ) -> None:
+    """Two hubs (two connections, as two processes would have) on one subscription: the
+    compare-and-set on its document keeps a leased message with one consumer."""
+    a = await tidings.connect(nats_url)
+    b = await tidings.connect(nats_url)
+    try:
+        n = 200
+        await a.publish_many("work.items", [str(i) for i in range(n)])
+        subs = [await h.subscribe("work.items", group="g", ack_wait=30, max_in_flight=20)
+                for h in (a, b)]
+        got: list[int] = []
+
+        async def consume(sub: tidings.Subscription) -> None:
+            while len(got) < n:
+                for m in await sub.fetch(10, wait=0.05):
+                    got.append(m.position)
+                    await m.ack()
+            await sub.flush()
+
+        await asyncio.wait_for(asyncio.gather(*(consume(s) for s in subs)), 60)
+        assert sorted(got) == list(range(1, n + 1))  # each once, none lost
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_broker_needs_a_durable_database_and_a_nats_url(nats_url: str, tmp_path: Any
+                                                              ) -> None:
+    with pytest.raises(tidings.Unsupported, match="outbox"):
+        await tidings.connect("memory://", broker=nats_url)
+    with pytest.raises(tidings.InvalidArgument, match="NATS URL"):
+        await tidings.connect(f"sqlite:///{tmp_path}/a.db", broker="http://127.0.0.1:1")
