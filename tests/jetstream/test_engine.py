@@ -96,3 +96,28 @@ async def test_broker_needs_a_durable_database_and_a_nats_url(nats_url: str, tmp
         await tidings.connect("memory://", broker=nats_url)
     with pytest.raises(tidings.InvalidArgument, match="NATS URL"):
         await tidings.connect(f"sqlite:///{tmp_path}/a.db", broker="http://127.0.0.1:1")
+
+
+class Noted(tidings.Event):
+    item: str
+
+
+async def test_the_relay_is_not_held_up_by_a_rolled_back_write(tmp_path: Any,
+                                                                nats_server: Any) -> None:
+    """A projection whose handler fails rolls back what it published through its `tx`,
+    leaving a gap in the outbox's positions; the relay moves past it at once."""
+    url = f"sqlite:///{tmp_path}/g.db?broker={nats_server.url_for(tmp_path)}"
+    async with await tidings.connect(url) as hub:
+        @hub.projection("fails")
+        async def fails(ev: Noted, tx: Any) -> None:
+            tx.publish("noted.copy", {"item": ev.item})
+            raise RuntimeError("no")
+
+        await hub.events.append("n-1", [Noted(item="a")])
+        (st,) = await hub.projections.catch_up()
+        assert st.status == "failed"
+        engine: Any = hub.engine
+        assert await engine.relayed(2.0), "the relay waited for a position never committed"
+        on_nats = [m async for m in hub.read(">")]
+        assert [m.headers["event-type"] for m in on_nats] == ["Noted"]  # the event's own
+        assert not [m async for m in hub.read("noted.>")]  # the rolled-back copy is not
