@@ -163,7 +163,7 @@ class BrokeredEngine(Engine):
         if rows:
             out = [OutMessage(m.id, m.topic, m.key, m.data, dict(m.headers), client_id=True)
                    for m in rows]
-            await self.bus.publish_pipelined(out)
+            await self.bus.publish_relayed(out)
         upto = rows[-1].position if len(rows) == RELAY_BATCH else end
         self._set_relayed(await self._advance(upto))
         return len(rows)

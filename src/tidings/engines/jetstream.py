@@ -5,9 +5,8 @@ How the protocol maps onto JetStream (docs/architecture.md has the why):
 - The log is one stream (`stream=` option, default `tidings`). A topic `a.b` is the
   subject `<stream>.u.a.b`; tidings' own topics (`$dlq.g`) live under `<stream>.s.`,
   so a leading wildcard never matches them, as on every engine. A message's position is
-  its stream sequence; its id, key and headers travel as NATS headers (`Tidings-Id`,
-  `Tidings-Key`; the application's own header names are lower-case, so they cannot
-  collide). A client-chosen id is also the `Nats-Msg-Id`: the server deduplicates it
+  its stream sequence; its id, key and headers travel as one NATS header, `Tidings`
+  (JSON). A message some other NATS client published there reads with its own headers. A client-chosen id is also the `Nats-Msg-Id`: the server deduplicates it
   within `dedup_window` (the stream's duplicate window).
 - `publish_many` is one atomic batch (`allow_atomic`, nats-server 2.12 or later): all
   messages are stored, with consecutive positions, or none.
@@ -60,8 +59,10 @@ __all__ = ["JetStreamEngine"]
 
 #: The most messages one atomic batch may hold (the server's default `max_msgs`).
 MAX_BATCH = 1000
-_ID, _KEY = "Tidings-Id", "Tidings-Key"
-_OURS = frozenset({_ID, _KEY})
+#: The one NATS header tidings adds: its envelope (id, key, the application's headers)
+#: as JSON. One header, not one per field: NATS clients check and parse headers
+#: character by character, and JSON carries any value (line breaks included).
+_META = "Tidings"
 _NS = 1_000_000_000
 #: How long `open` waits for JetStream to answer (a cluster elects its leaders first).
 OPEN_WAIT = 30.0
@@ -91,7 +92,21 @@ class _Doc(msgspec.Struct, array_like=True, gc=False):
     pending: list[tuple[int, str | None, int, float]]
 
 
+class _Meta(msgspec.Struct, array_like=True, gc=False):
+    id: str
+    key: str | None
+    headers: dict[str, str] | None
+
+
 _enc = msgspec.json.Encoder().encode
+
+
+def _dec_meta(raw: str) -> tuple[str, str | None, dict[str, str] | None]:
+    m = _meta_decoder(raw)
+    return m.id, m.key, m.headers
+
+
+_meta_decoder = msgspec.json.Decoder(_Meta).decode
 _dec_doc = msgspec.json.Decoder(_Doc).decode
 _dec_ret = msgspec.json.Decoder(dict[str, Any]).decode
 _dec = msgspec.json.Decoder().decode
@@ -395,22 +410,19 @@ class JetStreamEngine(Engine):
 
     def _message(self, m: Any, attempt: int = 0) -> Message:
         h = m.headers
-        headers = {k: v for k, v in h.items() if k[0].islower()}
-        return Message(h.get(_ID, ""), self._topic(h["Nats-Subject"]), h.get(_KEY), m.data,
-                       headers, _parse_time(h["Nats-Time-Stamp"]), int(h["Nats-Sequence"]),
-                       attempt)
+        meta = h.get(_META)
+        if meta is not None:
+            mid, key, headers = _dec_meta(meta)
+        else:  # published by something else than tidings: its own headers, lower-cased
+            seq = h["Nats-Sequence"]
+            mid, key = h.get("Nats-Msg-Id") or f"nats-{seq}", None
+            headers = {k.lower(): v for k, v in h.items() if not k.startswith("Nats-")}
+        return Message(mid, self._topic(h["Nats-Subject"]), key, m.data, headers or {},
+                       _parse_time(h["Nats-Time-Stamp"]), int(h["Nats-Sequence"]), attempt)
 
     # the log -----------------------------------------------------------------
     def _headers(self, m: OutMessage) -> dict[str, str]:
-        h = {_ID: m.id}
-        if m.key is not None:
-            h[_KEY] = m.key
-        if m.headers:
-            for k, v in m.headers.items():
-                if "\r" in k or "\n" in k or ":" in k or "\r" in v or "\n" in v:
-                    raise InvalidArgument(f"header {k!r}: {v!r} cannot travel over NATS "
-                                          "(no ':' in names, no line breaks anywhere)")
-                h[k] = v
+        h = {_META: _enc(_Meta(m.id, m.key, m.headers or None)).decode()}
         if m.client_id:
             h["Nats-Msg-Id"] = m.id
         self._fits(m, h)
@@ -427,15 +439,22 @@ class JetStreamEngine(Engine):
         self._tell(sorted({m.topic for m in messages}))
         return out
 
-    async def publish_pipelined(self, messages: Sequence[OutMessage]) -> list[Published]:
-        """Publish each message on its own (not one atomic batch), all requests in flight
-        at once and written in order, so they are stored in this order: the outbox relay's
-        way (every message there has a client id, so a repeat is a duplicate)."""
-        out = list(await asyncio.gather(*(self._publish_one(m) for m in messages)))
+    async def publish_relayed(self, messages: Sequence[OutMessage]) -> None:
+        """Store `messages` in this order, each once (every one has a client id): the
+        outbox relay's way. One atomic batch (one round trip) when none of them is stored
+        yet; when some are (a relay died before its checkpoint, or another relay got
+        there first), each on its own, all requests in flight at once and written in
+        order, and the server drops the copies."""
+        try:
+            if self.atomic and 1 < len(messages) <= MAX_BATCH:
+                await self._atomic(messages)
+            else:
+                raise _Conflict
+        except _Conflict:
+            await asyncio.gather(*(self._publish_one(m) for m in messages))
         topics = sorted({m.topic for m in messages})
         self._notify(topics)
         self._tell(topics)
-        return out
 
     def _ack(self, msg: Any, what: str) -> dict[str, Any]:
         out: dict[str, Any] = _dec(msg.data)
