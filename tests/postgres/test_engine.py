@@ -40,7 +40,10 @@ async def test_migrations_are_recorded_and_run_once(postgres_url: str) -> None:
             f'SELECT component, version FROM "{schema_of(postgres_url)}".tidings_migrations')
     finally:
         await conn.close()
-    assert [tuple(r) for r in rows] == [("log", 1)]
+    from tidings.engines.postgres_store import EVENTSTORE_MIGRATIONS
+
+    assert sorted(tuple(r) for r in rows) == sorted(  # the event store's too, on open
+        [("log", 1)] + [("eventstore", m.version) for m in EVENTSTORE_MIGRATIONS])
 
 
 async def test_concurrent_first_opens_migrate_once(postgres_url: str) -> None:
@@ -72,6 +75,34 @@ async def test_migrate_false_needs_a_migrated_schema(postgres_url: str) -> None:
         pass
     async with await tidings.connect(postgres_url + "&migrate=false") as hub:
         await hub.publish("a.b", "x")
+
+
+class MgNoted(tidings.Event):
+    n: int
+
+
+async def test_migrate_false_creates_no_event_store_tables(postgres_url: str) -> None:
+    """With migrate=false nothing creates tables on first use either: the event store
+    says to run `tidings migrate` and stores nothing; after a migrate it works."""
+    conn = await asyncpg.connect(base(postgres_url))
+    try:
+        from tidings.engines.postgres import LOG_MIGRATIONS
+        from tidings.engines.postgres_sql import apply_migrations
+
+        schema = schema_of(postgres_url)
+        async with conn.transaction():  # the log's tables only, as an older version made
+            await apply_migrations(conn, f'"{schema}"', "log", LOG_MIGRATIONS)
+        async with await tidings.connect(postgres_url + "&migrate=false") as hub:
+            with pytest.raises(tidings.EngineUnavailable, match="tidings migrate"):
+                await hub.events.append("m-1", [MgNoted(n=1)])
+            assert await conn.fetchval("SELECT to_regclass($1)",
+                                       f"{schema}.tidings_events") is None
+            assert await hub.engine.migrate() >= 1  # what `tidings migrate` runs
+        async with await tidings.connect(postgres_url + "&migrate=false") as hub:
+            out = await hub.events.append("m-1", [MgNoted(n=1)])
+            assert out.version == 1
+    finally:
+        await conn.close()
 
 
 @pytest.mark.parametrize("query, error", [

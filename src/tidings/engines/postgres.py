@@ -18,7 +18,8 @@ URL options (`postgresql://user@host/db?schema=app&pool_max=20`): `schema`
 (default `tidings`), `pool_min`, `pool_max`, `reconnect_timeout` (seconds),
 `durability` (`full`: publishes wait for the WAL flush; `normal`: they do
 not), `dedup_window` (seconds), `migrate` (`false`: do not create or upgrade
-the schema on open; run `engine.migrate()` yourself).
+the schema, the event store's tables included; run `tidings migrate` or
+`engine.migrate()` yourself).
 """
 
 from __future__ import annotations
@@ -196,8 +197,12 @@ class PostgresEngine(Engine):
 
     # migrations ----------------------------------------------------------------
     async def migrate(self) -> int:
-        """Create the schema and apply the log's missing migrations; returns how many ran."""
-        return await self.apply_migrations("log", LOG_MIGRATIONS)
+        """Create the schema and apply the missing migrations of the log and of the event
+        store; returns how many ran."""
+        from .postgres_store import EVENTSTORE_MIGRATIONS  # (it imports this module)
+
+        ran = await self.apply_migrations("log", LOG_MIGRATIONS)
+        return ran + await self.apply_migrations("eventstore", EVENTSTORE_MIGRATIONS)
 
     async def apply_migrations(self, component: str, migrations: Sequence[Migration]) -> int:
         """Apply `component`'s migrations not yet recorded, in version order, atomically.

@@ -259,8 +259,19 @@ class PostgresStore(StoreBackend):
 
     async def _ready(self) -> None:
         if not self._created:  # idempotent: concurrent first calls just both look
-            await self.engine.apply_migrations("eventstore", EVENTSTORE_MIGRATIONS)
+            if self.engine._auto_migrate:
+                await self.engine.apply_migrations("eventstore", EVENTSTORE_MIGRATIONS)
+            else:  # migrate=false: create nothing, say what to run
+                await self.engine._run(self._check_tables, "checking the event store")
             self._created = True
+
+    async def _check_tables(self, conn: Any, attempt: Attempt) -> None:
+        schema = self.engine.sql.schema
+        if await conn.fetchval("SELECT to_regclass($1)", f"{schema}.tidings_events") is None:
+            raise EngineUnavailable(
+                f"schema {self.engine.schema!r} has no event-store tables and this hub was "
+                "opened with migrate=false; run `tidings migrate` (or connect once without "
+                "migrate=false)")
 
     async def _read(self, fn: Callable[[Any], Awaitable[T]], what: str) -> T:
         await self._ready()
