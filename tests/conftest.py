@@ -61,6 +61,10 @@ ENGINES: list[EngineCase] = [
                lambda request, d: f"sqlite:///{d}/t.db?broker="
                + request.getfixturevalue("nats_server").url_for(d),
                durable=True, sql=False, marks=(pytest.mark.service,)),
+    EngineCase("postgres+nats", "tidings.engines.brokered",
+               lambda request, d: request.getfixturevalue("postgres_server").url_for(d)
+               + "&broker=" + request.getfixturevalue("nats_server").url_for(d),
+               durable=True, sql=False, marks=(pytest.mark.service,)),
 ]
 
 

@@ -51,7 +51,8 @@ async def read_model(hub: tidings.Hub, name: str) -> dict[str, int]:
                 return {}
             return {r[0]: r[1] for r in await tx.conn.fetch(f"SELECT k, v FROM {rm}")}
 
-        return await hub.engine.transact(q)  # type: ignore[attr-defined, no-any-return]
+        db = getattr(hub.engine, "db", hub.engine)  # (with a broker: its database)
+        return await db.transact(q)  # type: ignore[no-any-return]
     if hub.url.startswith("sqlite"):
         conn = sqlite3.connect(hub.url.split("///", 1)[1].split("?")[0])
         try:
