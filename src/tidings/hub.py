@@ -470,6 +470,8 @@ class Hub:
             await asyncio.sleep(interval)
             try:
                 await self.engine.trim(time.time())
+            except EngineUnavailable as exc:  # away for now: the next round tries again
+                logging.getLogger("tidings").warning("retention trim skipped: %s", exc)
             except Exception:  # keep trimming later; the engine reports its own failures
                 logging.getLogger("tidings").exception("retention trim failed")
 

@@ -7,6 +7,8 @@ writes alone. Both are checked here as `store_base.py` documents them.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 import tidings
@@ -73,6 +75,38 @@ async def test_append_batch_stores_nothing_on_a_conflict(hub: tidings.Hub) -> No
     assert await b.stream_version("sb-2") == 0 and await b.last_position() == 1
     assert await topics(hub) == before
     assert (await b.load("sb-2", "s", None, None)).snapshot is None
+
+
+async def test_concurrent_batches_fail_alone(hub: tidings.Hub) -> None:
+    """Many commits at once (an engine may group them into one transaction): a batch
+    that conflicts or reuses an id fails alone and leaves nothing, every other one is
+    stored whole, and positions follow the order they were stored in."""
+    b = backend(hub)
+    first = rec()
+    await b.append_batch([("cc-0", [first], 0, "cc")])
+    calls = []
+    for i in range(1, 31):
+        if i == 7:  # behind its stream
+            calls.append(b.append_batch([(f"cc-{i}", [rec()], 0, "cc"),
+                                         ("cc-0", [rec()], 0, "cc")], [msg("cc.bad")]))
+        elif i == 19:  # an id stored already
+            calls.append(b.append_batch([(f"cc-{i}", [rec(), first], 0, "cc")],
+                                        [msg("cc.bad")]))
+        else:
+            calls.append(b.append_batch([(f"cc-{i}", [rec(), rec()], 0, "cc")],
+                                        [msg("cc.ok")]))
+    out = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(out[6], tidings.ConcurrencyError)
+    assert isinstance(out[18], tidings.EventIdConflict)
+    good = [o for i, o in enumerate(out) if i not in (6, 18)]
+    assert all(isinstance(o, list) and o[0].version == 2 for o in good), out
+    assert await b.stream_version("cc-7") == 0 and await b.stream_version("cc-19") == 0
+    assert await b.stream_version("cc-0") == 1
+    stored = [m async for m in hub.read(">")]
+    assert [m.topic for m in stored].count("cc.ok") == 28 and "cc.bad" not in {
+        m.topic for m in stored}
+    positions = [m.position for m in stored]
+    assert positions == sorted(positions) and len(set(positions)) == len(positions)
 
 
 async def test_append_batch_repeated_appends_nothing_again(hub: tidings.Hub) -> None:
