@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from time import perf_counter
 from typing import Any
 
-from . import paired_ratio, progress, row, summary
+from . import paired_ratio, progress, row, scratch_dir, summary
 from .pubsub import tidings_end_to_end
 
 PAYLOAD_BYTES = 200
@@ -50,9 +50,8 @@ def _servers(replicas: int) -> Iterator[str]:
 
 
 async def raw_end_to_end(url: str, payloads: list[bytes], n: int, replicas: int) -> float:
-    from nats.js.api import ConsumerConfig, StreamConfig
-
     import nats
+    from nats.js.api import ConsumerConfig, StreamConfig
 
     nc = await nats.connect(url.split("?")[0].replace(",", ",nats://").split(","))
     try:
@@ -155,9 +154,8 @@ async def _measure(replicas: int, reps: int, n: int, payloads: list[bytes]
 async def run(quick: bool) -> list[dict[str, Any]]:
     try:
         import faststream  # noqa: F401
-        from tests.natsserver import find_binary
-
         import nats  # noqa: F401
+        from tests.natsserver import find_binary
 
         find_binary()
     except Exception as exc:  # the bench extra is not installed: say so, measure nothing
@@ -203,8 +201,25 @@ async def _shop(quick: bool) -> list[dict[str, Any]]:
                 brokered.append(await asyncio.wait_for(_throughput(url, n, 200), RUN_TIMEOUT))
                 progress(f"nats shop run {rep + 1}/{reps}: postgres {pg[-1]:,.0f} sagas/s, "
                          f"postgres + JetStream {brokered[-1]:,.0f} sagas/s")
+    lite: list[float] = []
+    lite_brokered: list[float] = []
+    with _servers(1) as nats_url:
+        for rep in range(reps):
+            with scratch_dir("nats-shop") as d:
+                lite.append(await asyncio.wait_for(
+                    _throughput(f"sqlite:///{d}/a.db", n, 200), RUN_TIMEOUT))
+                lite_brokered.append(await asyncio.wait_for(_throughput(
+                    f"sqlite:///{d}/b.db?broker={nats_url}?stream=lite{rep}", n, 200),
+                    RUN_TIMEOUT))
+            progress(f"nats shop run {rep + 1}/{reps}: sqlite {lite[-1]:,.0f} sagas/s, "
+                     f"sqlite + JetStream {lite_brokered[-1]:,.0f} sagas/s")
+    note = f"median of {reps}, {n} sagas, 200 clients, one process; fsync on"
     return [row("create-order sagas over messages: postgres + JetStream vs postgres",
                 summary(brokered), "postgres alone", summary(pg), "sagas/s", 0.0,
                 ratio=paired_ratio(brokered, pg), target_label="report",
-                tidings_samples=brokered, peer_samples=pg,
-                note=f"median of {reps}, {n} sagas, 200 clients, one process; fsync on")]
+                tidings_samples=brokered, peer_samples=pg, note=note),
+            row("create-order sagas over messages: sqlite + JetStream vs sqlite",
+                summary(lite_brokered), "sqlite alone", summary(lite), "sagas/s", 0.0,
+                ratio=paired_ratio(lite_brokered, lite), target_label="report",
+                tidings_samples=lite_brokered, peer_samples=lite,
+                note=note + " (SQLite durability=full)")]

@@ -18,7 +18,8 @@ from tests.pg_plugin import needs
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = [*(f"end to end R{r} (nats) vs {peer}" for r in (1, 3)
          for peer in ("nats-py", "FastStream")),
-        "create-order sagas over messages: postgres + JetStream vs postgres"]
+        "create-order sagas over messages: postgres + JetStream vs postgres",
+        "create-order sagas over messages: sqlite + JetStream vs sqlite"]
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 

@@ -246,6 +246,26 @@ _STOPPED = ("the event store stopped during the append; its outcome is unknown: 
             "(its event ids make a retry safe)")
 
 
+def _fail_all(futs: Sequence[asyncio.Future[Any]], exc: BaseException) -> None:
+    """Tell every appender of a group that its transaction failed (a cancellation or
+    another BaseException: that the store stopped, outcome unknown)."""
+    err = exc if isinstance(exc, Exception) else EngineUnavailable(_STOPPED)
+    for fut in futs:
+        if not fut.done():
+            fut.set_exception(err)
+
+
+def _answer_all(futs: Sequence[asyncio.Future[Any]], results: Sequence[Any]) -> None:
+    """Give each appender of a committed group its outcome (or its own error)."""
+    for fut, r in zip(futs, results, strict=True):
+        if fut.done():
+            continue
+        if isinstance(r, BaseException):
+            fut.set_exception(r)
+        else:
+            fut.set_result(r)
+
+
 class PostgresStore(StoreBackend):
     engine: PostgresEngine
 
@@ -360,19 +380,11 @@ class PostgresStore(StoreBackend):
                         raise
                     continue
                 except BaseException as exc:
-                    for *_, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
+                    _fail_all([item[-1] for item in batch], exc)
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                for (*_, fut), r in zip(batch, results, strict=True):
-                    if fut.done():
-                        continue
-                    if isinstance(r, BaseException):
-                        fut.set_exception(r)
-                    else:
-                        fut.set_result(r)
+                _answer_all([item[-1] for item in batch], results)
         finally:
             self._flusher = None
             if self._queue:  # queued while we were finishing
@@ -464,20 +476,11 @@ class PostgresStore(StoreBackend):
                 try:
                     await self.engine.transact(op, durable=True)
                 except BaseException as exc:
-                    for *_, fut in group:
-                        if not fut.done():
-                            fut.set_exception(exc if isinstance(exc, Exception) else
-                                              EngineUnavailable(_STOPPED))
+                    _fail_all([item[-1] for item in group], exc)
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                for (*_, fut), r in zip(group, results, strict=True):
-                    if fut.done():
-                        continue
-                    if isinstance(r, BaseException):
-                        fut.set_exception(r)
-                    else:
-                        fut.set_result(r)
+                _answer_all([item[-1] for item in group], results)
         finally:
             self._batch_flusher = None
             if self._batches:  # queued while we were finishing
