@@ -100,7 +100,7 @@ async def test_broker_needs_a_durable_database_and_a_nats_url(nats_url: str, tmp
         await tidings.connect(f"sqlite:///{tmp_path}/a.db", broker="http://127.0.0.1:1")
 
 
-class Noted(tidings.Event):
+class JsRollbackNoted(tidings.Event):
     item: str
 
 
@@ -111,15 +111,15 @@ async def test_the_relay_is_not_held_up_by_a_rolled_back_write(tmp_path: Any,
     url = f"sqlite:///{tmp_path}/g.db?broker={nats_server.url_for(tmp_path)}"
     async with await tidings.connect(url) as hub:
         @hub.projection("fails")
-        async def fails(ev: Noted, tx: Any) -> None:
+        async def fails(ev: JsRollbackNoted, tx: Any) -> None:
             tx.publish("noted.copy", {"item": ev.item})
             raise RuntimeError("no")
 
-        await hub.events.append("n-1", [Noted(item="a")])
+        await hub.events.append("n-1", [JsRollbackNoted(item="a")])
         (st,) = await hub.projections.catch_up()
         assert st.status == "failed"
         engine: Any = hub.engine
         assert await engine.relayed(2.0), "the relay waited for a position never committed"
         on_nats = [m async for m in hub.read(">")]
-        assert [m.headers["event-type"] for m in on_nats] == ["Noted"]  # the event's own
+        assert [m.headers["event-type"] for m in on_nats] == ["JsRollbackNoted"]
         assert not [m async for m in hub.read("noted.>")]  # the rolled-back copy is not
