@@ -320,3 +320,16 @@ async def test_runner_ends_when_the_hub_closes(engine_url: str) -> None:
     await hub.close()
     await asyncio.wait_for(runner, GUARD)  # returns, no error
     assert seen == [1]
+
+
+async def test_a_handler_cannot_publish_to_tidings_own_topics(hub: tidings.Hub) -> None:
+    """'$' topics (dead letters) are tidings' own: a handler's tx refuses them, and the
+    projection stops there visibly, having stored nothing of that event."""
+    @hub.projection("sys")
+    async def sys(ev: PjAdded, tx: Any) -> None:
+        tx.publish("$dlq.mine", {"item": ev.item})
+
+    await hub.events.append("s-1", [PjAdded(item="a")])
+    (st,) = await asyncio.wait_for(hub.projections.catch_up(), GUARD)
+    assert st.status == "failed" and "'$'" in (st.error or "")
+    assert [m async for m in hub.read("$dlq.>")] == []

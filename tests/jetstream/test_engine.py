@@ -123,3 +123,46 @@ async def test_the_relay_is_not_held_up_by_a_rolled_back_write(tmp_path: Any,
         on_nats = [m async for m in hub.read(">")]
         assert [m.headers["event-type"] for m in on_nats] == ["JsRollbackNoted"]
         assert not [m async for m in hub.read("noted.>")]  # the rolled-back copy is not
+
+
+async def test_a_deleted_subscription_stays_deleted(nats_url: str) -> None:
+    """A consumer in another process still holding the subscription cannot bring it back
+    by acking or fetching (as on every engine, a deleted subscription gives nothing)."""
+    a = await tidings.connect(nats_url)
+    b = await tidings.connect(nats_url)
+    try:
+        await a.publish_many("del.x", [b"1", b"2"])
+        sub = await a.subscribe("del.x", group="g", ack_wait=30)
+        [m] = await sub.fetch(1, wait=1)
+        assert await b.engine.delete_subscription("g", "del.x")
+        await m.ack()
+        await sub.flush()
+        assert await sub.fetch(1, wait=0.1) == []
+        assert [s for s in await b.engine.subscriptions() if s.group == "g"] == []
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_batch_repeating_an_id_stored_on_another_topic(nats_url: str) -> None:
+    """JetStream deduplicates ids across the stream: a batch holding an id first published
+    on another topic gets that first position back, as a single publish would."""
+    async with await tidings.connect(nats_url) as hub:
+        first = await hub.publish("dup.a", b"1", id="same")
+        out = await hub.publish_many("dup.b", [tidings.envelope(b"2", id="same"),
+                                               tidings.envelope(b"3", id="new")])
+        assert (out[0].position, out[0].duplicate) == (first.position, True)
+        assert out[1].duplicate is False
+        assert [m.id async for m in hub.read("dup.>")] == ["same", "new"]
+
+
+async def test_two_databases_share_one_broker(tmp_path: Any, nats_server: Any) -> None:
+    """Each database has its own relay checkpoint: services with databases of their own
+    on one NATS stream all get their outbox relayed."""
+    broker = nats_server.url_for(tmp_path)
+    for name in ("a", "b"):
+        async with await tidings.connect(f"sqlite:///{tmp_path}/{name}.db?broker={broker}"
+                                         ) as hub:
+            await hub.events.append(f"{name}-1", [JsRollbackNoted(item=name)] * 3)
+    async with await tidings.connect(broker) as bus:
+        assert sorted([m.key async for m in bus.read(">")]) == ["a-1"] * 3 + ["b-1"] * 3

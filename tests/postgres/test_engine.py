@@ -234,3 +234,24 @@ async def test_pattern_regex_matches_like_topics_matches(postgres_url: str) -> N
 
 async def _read(hub: tidings.Hub, pattern: str, **kw: Any) -> list[tidings.Message]:
     return [m async for m in hub.read(pattern, **kw)]
+
+
+async def test_bad_data_in_one_grouped_commit_fails_it_alone(postgres_url: str) -> None:
+    """Commits grouped into one transaction: a batch whose data the database refuses (a
+    NUL byte in an event id) fails alone with InvalidEvent; its neighbours are stored."""
+    from tidings.engines.store_base import NewRecord
+    from tidings.messages import new_id
+
+    async with await tidings.connect(postgres_url) as hub:
+        b = hub.events.backend
+
+        def batch(i: int, eid: str | None = None) -> Any:
+            return b.append_batch([(f"nul-{i}", [NewRecord(eid or new_id(), "MgNoted", 1,
+                                                           b'{"n": 1}', {})], 0, "nul")])
+
+        out = await asyncio.gather(*(batch(i, "bad\x00id" if i == 3 else None)
+                                     for i in range(8)), return_exceptions=True)
+        assert isinstance(out[3], tidings.InvalidEvent), out[3]
+        assert all(isinstance(o, list) for i, o in enumerate(out) if i != 3), out
+        assert [await b.stream_version(f"nul-{i}") for i in range(8)] == [
+            0 if i == 3 else 1 for i in range(8)]

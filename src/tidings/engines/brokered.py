@@ -68,6 +68,12 @@ RELAY_BATCH = 500
 _dec_cp = msgspec.json.Decoder(int).decode
 
 
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
 class BrokeredEngine(Engine):
     """`db` for state and the outbox, `bus` (JetStream) for every message."""
 
@@ -83,6 +89,7 @@ class BrokeredEngine(Engine):
         self._cp_rev = -1  # the checkpoint's revision as last seen (-1: read it first)
         self._closing = False
         self.relay_errors = 0
+        self.relay_skipped = 0  # outbox rows too large for the broker (logged)
 
     # lifecycle ---------------------------------------------------------------
     async def open(self) -> None:
@@ -116,7 +123,9 @@ class BrokeredEngine(Engine):
     # the relay ---------------------------------------------------------------
     @property
     def _cp_subject(self) -> str:
-        return f"{self.bus.state_stream}.relay"
+        """One checkpoint per database (by its URL, as every process names it): services
+        with databases of their own may share one broker."""
+        return f"{self.bus.state_stream}.relay.{_digest(self.db.url)}"
 
     async def _checkpoint(self) -> tuple[int, int]:
         """(position, revision) of the shared checkpoint (0, 0 when there is none)."""
@@ -125,13 +134,13 @@ class BrokeredEngine(Engine):
             return 0, 0
         return _dec_cp(got[0]), got[1]
 
-    async def _advance(self, position: int) -> int:
-        """Move the shared checkpoint up to `position` (never down); where it is now.
-        Tries the revision it last saw first: with one relay busy, one request."""
+    async def _advance(self, position: int, reset: bool = False) -> int:
+        """Move the shared checkpoint up to `position` (never down, unless `reset`); where
+        it is now. Tries the revision it last saw first: with one relay busy, one request."""
         for _ in range(50):
             if self._cp_rev < 0:
                 stored, self._cp_rev = await self._checkpoint()
-                if stored >= position:
+                if stored >= position and not reset:
                     return stored
             msg = await self.bus._request(
                 self._cp_subject, str(position).encode(),
@@ -149,20 +158,34 @@ class BrokeredEngine(Engine):
 
     async def relay_once(self) -> int:
         """Move what the outbox holds past the checkpoint to JetStream; how many rows."""
+        # Taken first: nothing commits below it later, so once the rows up to it are
+        # published everything up to it is (positions a rolled-back write took leave gaps
+        # the relay must not wait for).
+        end = await self.db.last_position()
         if self._cp_rev < 0:
             stored, self._cp_rev = await self._checkpoint()
+            if stored > end:  # a database made again under the same URL: start over
+                log.warning("outbox relay: the checkpoint (%d) is past %s's last position "
+                            "(%d); relaying from its start", stored, self.db.url, end)
+                stored = await self._advance(0, reset=True)
             self._set_relayed(stored)
         after = self._relayed
-        # Taken first: nothing commits below it later, so once the rows up to it are
-        # published everything up to it is (positions a rolled-back write took, and
-        # rows no topic pattern matches, leave gaps the relay must not wait for).
-        end = await self.db.last_position()
         if end <= after:
             return 0
         rows = await self.db.read(">", after, end, RELAY_BATCH)
-        if rows:
-            out = [OutMessage(m.id, m.topic, m.key, m.data, dict(m.headers), client_id=True)
-                   for m in rows]
+        out = []
+        for m in rows:
+            o = OutMessage(m.id, m.topic, m.key, m.data, dict(m.headers), client_id=True)
+            if self.bus.fits(o):
+                out.append(o)
+            else:  # it can never be sent: say so, and do not hold every later row back
+                self.relay_skipped += 1
+                log.error("outbox relay: message %s on %r (position %d, %d bytes) is larger "
+                          "than the NATS server takes (its max_payload); it stays in the "
+                          "database only. Raise the server's max_payload, or connect with "
+                          "a smaller max_payload so that such writes are refused",
+                          m.id, m.topic, m.position, len(m.data))
+        if out:
             await self.bus.publish_relayed(out)
         upto = rows[-1].position if len(rows) == RELAY_BATCH else end
         self._set_relayed(await self._advance(upto))

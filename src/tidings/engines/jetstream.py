@@ -135,6 +135,10 @@ class _Conflict(Exception):
     """Someone else wrote the document since we read it."""
 
 
+class _Deleted(Exception):
+    """The subscription's document is gone (`delete_subscription`)."""
+
+
 def _description(msg: Any) -> str:
     """A status message's description, without the headers nats-py leaves on it."""
     return str((msg.headers or {}).get("Description", "")).split("\n", 1)[0].strip()
@@ -443,15 +447,15 @@ class JetStreamEngine(Engine):
         """Store `messages` in this order, each once (every one has a client id): the
         outbox relay's way. One atomic batch (one round trip) when none of them is stored
         yet; when some are (a relay died before its checkpoint, or another relay got
-        there first), each on its own, all requests in flight at once and written in
-        order, and the server drops the copies."""
+        there first), one at a time in order, and the server drops the copies."""
         try:
             if self.atomic and 1 < len(messages) <= MAX_BATCH:
                 await self._atomic(messages)
             else:
                 raise _Conflict
-        except _Conflict:
-            await asyncio.gather(*(self._publish_one(m) for m in messages))
+        except _Conflict:  # one at a time, in order: a failure leaves no later one stored
+            for m in messages:
+                await self._publish_one(m)
         topics = sorted({m.topic for m in messages})
         self._notify(topics)
         self._tell(topics)
@@ -463,6 +467,14 @@ class JetStreamEngine(Engine):
             raise EngineUnavailable(f"JetStream refused {what}: {err.get('description')} "
                                     f"(code {err.get('err_code')})")
         return out
+
+    def fits(self, m: OutMessage) -> bool:
+        """Whether the server takes `m` (its data and tidings' header, together)."""
+        try:
+            self._headers(m)
+        except PayloadTooLarge:
+            return False
+        return True
 
     def _fits(self, m: OutMessage, headers: dict[str, str]) -> None:
         """PayloadTooLarge for a message the server would refuse (it would also drop the
@@ -557,20 +569,21 @@ class JetStreamEngine(Engine):
         the window: only a retried batch gets here)."""
         wanted = {m.id for m in send if m.client_id}
         found: dict[str, int] = {}
-        for topic in {m.topic for m in send if m.client_id}:
-            body: dict[str, Any] = {"start_time": _iso(_time.time() - self.dedup_window - 5),
-                                    "next_by_subj": self.subject(topic), "batch": 1000}
-            while True:
-                got = await self._get(self.stream, body)
-                for g in got:
-                    i = g.headers.get("Nats-Msg-Id")
-                    if i in wanted and i not in found:
-                        found[i] = int(g.headers["Nats-Sequence"])
-                if len(got) < 1000:
-                    break
-                body = {"seq": int(got[-1].headers["Nats-Sequence"]) + 1,
-                        "next_by_subj": self.subject(topic), "batch": 1000}
-        return found
+        # The server deduplicates across the whole stream: look at every topic. A minute
+        # more than the window covers clocks that differ between here and the server.
+        every = f"{self.stream}.>"
+        body: dict[str, Any] = {"start_time": _iso(_time.time() - self.dedup_window - 60),
+                                "next_by_subj": every, "batch": 1000}
+        while True:
+            got = await self._get(self.stream, body)
+            for g in got:
+                i = g.headers.get("Nats-Msg-Id")
+                if i in wanted and i not in found:
+                    found[i] = int(g.headers["Nats-Sequence"])
+            if len(got) < 1000 or len(found) == len(wanted):
+                return found
+            body = {"seq": int(got[-1].headers["Nats-Sequence"]) + 1, "next_by_subj": every,
+                    "batch": 1000}
 
     async def read(self, pattern: str, after: int, stop: int | None, limit: int
                    ) -> list[Message]:
@@ -617,6 +630,8 @@ class JetStreamEngine(Engine):
     async def _load(self, sub: _Sub) -> None:
         got = await self._last(sub.subject)
         if got is None:
+            if sub.rev > 0:  # it existed and is gone: deleted, and not ours to bring back
+                raise _Deleted
             sub.pending, sub.rev = {}, 0
             return
         d = _dec_doc(got[0])
@@ -669,8 +684,12 @@ class JetStreamEngine(Engine):
         async with sub.lock:
             deadline = _time.monotonic() + CAS_PATIENCE
             for tries in itertools.count():
-                if sub.pending is None:
-                    await self._load(sub)
+                try:
+                    if sub.pending is None:
+                        await self._load(sub)
+                except _Deleted:
+                    self._subs.pop(handle, None)
+                    return []  # as on every engine: a deleted subscription gives nothing
                 try:
                     return await self._try(sub, settles, now, limit)
                 except _Conflict:

@@ -30,7 +30,13 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from ..errors import ConcurrencyError, EngineUnavailable, EventIdConflict, InvalidArgument
+from ..errors import (
+    ConcurrencyError,
+    EngineUnavailable,
+    EventIdConflict,
+    InvalidArgument,
+    InvalidEvent,
+)
 from ..messages import OutMessage
 from .base import HOLDING_WRITER
 from .postgres import PgTx, PostgresEngine
@@ -244,6 +250,19 @@ _GROUP = 200
 
 _STOPPED = ("the event store stopped during the append; its outcome is unknown: retry it "
             "(its event ids make a retry safe)")
+
+
+def _caller_error(exc: Exception) -> Exception | None:
+    """The error one batch of a group gets for what its own data caused (a version
+    conflict, a reused id, a NUL byte or a value out of range), else None: the group's."""
+    if isinstance(exc, (ConcurrencyError, InvalidArgument)):
+        return exc
+    import asyncpg  # type: ignore[import-untyped]
+
+    if isinstance(exc, asyncpg.exceptions.DataError):
+        return InvalidEvent(f"the database refused this commit's data: {exc}; fix what it "
+                            "names")
+    return None
 
 
 def _fail_all(futs: Sequence[asyncio.Future[Any]], exc: BaseException) -> None:
@@ -468,10 +487,13 @@ class PostgresStore(StoreBackend):
                             async with tx.conn.transaction():  # a savepoint
                                 results.append(
                                     await self._batch_in_tx(tx, items, messages, snaps))
-                        except (ConcurrencyError, InvalidArgument) as exc:
+                        except Exception as exc:
+                            own = _caller_error(exc)
+                            if own is None:
+                                raise
                             # undone alone: so is what it did to the transaction's state
                             tx._new_topics, tx._locked = topics, locked
-                            results.append(exc)
+                            results.append(own)
 
                 try:
                     await self.engine.transact(op, durable=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .. import topics as _topics
+from ..errors import InvalidTopic
 from ..messages import JSON, OutMessage, encode_data, new_id
 from .base import Engine
 
@@ -283,6 +284,9 @@ def out_message(topic: str, data: object, key: str | None,
                 headers: dict[str, str] | None) -> OutMessage:
     """A message published by a projection handler through its `tx`."""
     _topics.validate_topic(topic)
+    if topic.startswith("$"):
+        raise InvalidTopic(f"topic {topic!r}: topics starting with '$' are tidings' own "
+                           "(dead letters); publish to one of your own topics")
     raw, content_type = encode_data(data)
     h = {k.lower(): v for k, v in (headers or {}).items()}
     h.setdefault("content-type", content_type)
