@@ -166,3 +166,38 @@ async def test_two_databases_share_one_broker(tmp_path: Any, nats_server: Any) -
             await hub.events.append(f"{name}-1", [JsRollbackNoted(item=name)] * 3)
     async with await tidings.connect(broker) as bus:
         assert sorted([m.key async for m in bus.read(">")]) == ["a-1"] * 3 + ["b-1"] * 3
+
+
+async def test_dead_letters_are_decided_once_across_connections(nats_url: str) -> None:
+    """Two consumers on separate connections, one working from a stale copy of the
+    subscription: a message is dead-lettered once, and never after another acked it."""
+    from tidings.engines.base import Settle
+    from tidings.engines.delivery import SubscriptionSpec
+
+    a_hub = await tidings.connect(nats_url)
+    b_hub = await tidings.connect(nats_url)
+    try:
+        a: Any = a_hub.engine
+        b: Any = b_hub.engine
+        await a_hub.publish_many("dl.x", [b"p", b"q"])
+        spec = SubscriptionSpec("g", "dl.x", ack_wait=10, max_deliver=2,
+                                dead_letter="$dlq.g", max_in_flight=1)
+        ha, hb = await a.subscribe(spec, 0), await b.subscribe(spec, 0)
+        t = 1000.0
+        [p] = (await a.fetch(ha, 1, t))[0]  # A takes p (attempt 1)
+        [p2] = (await b.fetch(hb, 1, t + 11))[0]  # its lease ran out: B takes it (2)
+        assert (p2.position, p2.attempt) == (p.position, 2)
+        await a.settle(ha, [Settle(p.position, "term")], t + 12)  # A, from a stale copy
+        letters = [m async for m in a_hub.read("$dlq.g")]
+        assert [m.headers["tidings-attempts"] for m in letters] == ["2"]  # once
+
+        [q] = (await a.fetch(ha, 1, t + 13))[0]  # q, attempt 1, held by A...
+        [q2] = (await b.fetch(hb, 1, t + 24))[0]  # ...expired, B takes it: attempt 2
+        await b.settle(hb, [Settle(q2.position, "ack")], t + 40)  # B acks, late
+        assert (await a.fetch(ha, 1, t + 41))[0] == []  # A's stale copy: q is done
+        assert [m.headers["tidings-original-position"] async for m in a_hub.read(
+            "$dlq.g")] == [str(p.position)]  # q was acked: no dead letter for it
+        assert q.position != p.position
+    finally:
+        await a_hub.close()
+        await b_hub.close()

@@ -17,9 +17,11 @@ How the protocol maps onto JetStream (docs/architecture.md has the why):
   every other engine (`plan_fetch`, `plan_settle`: per-key order, `max_in_flight`,
   leases, dead letters) and writes the new document back with
   `Nats-Expected-Last-Subject-Sequence`: a compare-and-set, so consumers in any number
-  of processes never hold the same message within its lease. Dead letters are published
-  before the document that drops their row, with a deterministic `Nats-Msg-Id`, so a
-  retry or a crash in between never loses or doubles one.
+  of processes never hold the same message within its lease. A dead-letter decision is
+  stored in the document with the row's removal, then its letter is published under a
+  deterministic `Nats-Msg-Id`, then the decision is cleared: a crash or a lost race in
+  between publishes it again and the server drops the copy, and a consumer working from
+  a stale copy can never dead-letter what another has acked (its write would conflict).
 - Other processes hear of appends and settles through a core NATS subject (not stored).
 """
 
@@ -33,7 +35,7 @@ import hashlib
 import itertools
 import time as _time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -90,6 +92,10 @@ class _Doc(msgspec.Struct, array_like=True, gc=False):
     max_in_flight: int
     cursor: int
     pending: list[tuple[int, str | None, int, float]]
+    #: Rows decided dead whose dead letters may not be published yet: (position,
+    #: attempts, reason). Recorded with the decision, published after, then cleared;
+    #: whoever loads a document with some publishes them (their ids make that safe).
+    dying: list[tuple[int, int, str]] = []
 
 
 class _Meta(msgspec.Struct, array_like=True, gc=False):
@@ -123,12 +129,13 @@ class _Sub:
     rev: int = 0  # the document's sequence in the state stream (0: none stored)
     next_due: float | None = None  # the last fetch's plan: when a pending row is due
     lock: asyncio.Lock | None = None
+    dying: list[tuple[int, int, str]] = field(default_factory=list)
 
     def doc(self) -> bytes:
         s = self.spec
         rows = [(p.position, p.key, p.attempt, p.due) for p in (self.pending or {}).values()]
         return _enc(_Doc(s.group, s.pattern, s.ack_wait, s.max_deliver, s.dead_letter,
-                         s.ordered, s.max_in_flight, self.cursor, rows))
+                         s.ordered, s.max_in_flight, self.cursor, rows, self.dying))
 
 
 class _Conflict(Exception):
@@ -637,6 +644,7 @@ class JetStreamEngine(Engine):
         d = _dec_doc(got[0])
         sub.rev = got[1]
         sub.cursor = d.cursor
+        sub.dying = list(d.dying)
         sub.pending = {p[0]: Pending(p[0], p[1], p[2], p[3]) for p in d.pending}
 
     async def _store(self, sub: _Sub) -> None:
@@ -733,20 +741,28 @@ class JetStreamEngine(Engine):
             for p in plan.deliver:
                 pending[p.position] = p
             cursor = plan.cursor
-        if dead and spec.dead_letter is not None:
-            await self._dead_letters(spec, dead, {m.position: m for m in found})
         if plan is not None:
             sub.next_due = plan.next_due
-        if not settles and (plan is None or (not plan.deliver and not plan.added
-                                             and not plan.dead)):
+        if not settles and not sub.dying and (plan is None or (
+                not plan.deliver and not plan.added and not plan.dead)):
             return []  # nothing changed: nothing to write
-        old = sub.pending, sub.cursor
+        old = sub.pending, sub.cursor, sub.dying
         sub.pending, sub.cursor = pending, cursor
+        if dead and spec.dead_letter is not None:  # the decision first, with the rows
+            sub.dying = [*sub.dying, *((d.row.position, d.row.attempt, d.reason)
+                                       for d in dead)]
         try:
             await self._store(sub)
         except BaseException:
-            sub.pending, sub.cursor = old
+            sub.pending, sub.cursor, sub.dying = old
             raise
+        if sub.dying:  # then the letters (whoever wrote the decision), then forget them
+            await self._dead_letters(spec, sub.dying, {m.position: m for m in found})
+            sub.dying = []
+            try:
+                await self._store(sub)
+            except _Conflict:
+                sub.pending = None  # the next change reads it again (and publishes again)
         if settles or dead:
             self._notify((spec.dead_letter,) if dead and spec.dead_letter else (),
                          (spec.pattern,))
@@ -768,23 +784,26 @@ class JetStreamEngine(Engine):
                 out.append(m)
         return out
 
-    async def _dead_letters(self, spec: SubscriptionSpec, dead: Sequence[Dead],
+    async def _dead_letters(self, spec: SubscriptionSpec,
+                            dying: Sequence[tuple[int, int, str]],
                             known: dict[int, Message]) -> None:
-        """Publish the dead letters of `dead`, each under an id derived from its
-        subscription, position and attempt, so a retried publish is deduplicated."""
-        assert spec.dead_letter is not None
+        """Publish the dead letters of decisions already stored, each under an id derived
+        from its subscription, position and attempt: publishing one again (a retry, or
+        another process that loaded the decision) is deduplicated by the server."""
+        if spec.dead_letter is None:
+            return
         tag = hashlib.sha1(f"{spec.group}\0{spec.pattern}".encode()).hexdigest()[:16]
-        for d in dead:
-            m = known.get(d.row.position)
+        for position, attempts, reason in dying:
+            m = known.get(position)
             if m is None:
-                got = await self._get(self.stream, {"seq": d.row.position})
+                got = await self._get(self.stream, {"seq": position})
                 if not got:
                     continue  # trimmed: nothing to dead-letter
                 m = self._message(got[0])
             headers = dead_letter_headers(
                 m.headers, topic=m.topic, id=m.id, position=m.position, group=spec.group,
-                reason=d.reason, attempts=d.row.attempt)
-            out = OutMessage(f"dl-{tag}-{m.position}-{d.row.attempt}", spec.dead_letter,
+                reason=reason, attempts=attempts)
+            out = OutMessage(f"dl-{tag}-{m.position}-{attempts}", spec.dead_letter,
                              m.key, m.data, headers, client_id=True)
             await self._publish_one(out)
 
