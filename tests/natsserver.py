@@ -64,14 +64,16 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: flo
 
 
 class _Node:
-    def __init__(self, name: str, directory: Path, port: int, args: list[str]) -> None:
+    def __init__(self, name: str, directory: Path, port: int, args: list[str],
+                 max_payload: int = 0) -> None:
         self.name, self.directory, self.port, self.args = name, directory, port, args
+        self.max_payload = max_payload or MAX_PAYLOAD
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = directory / f"{name}.log"
 
     def start(self, timeout: float = 20.0) -> None:
         conf = self.directory / f"{self.name}.conf"
-        conf.write_text(f"max_payload: {MAX_PAYLOAD}\n")  # tidings' default 1 MiB + headers
+        conf.write_text(f"max_payload: {self.max_payload}\n")  # (default: 1 MiB + headers)
         cmd = [find_binary(), "-c", str(conf), "-js", "-sd", str(self.directory / self.name),
                "-a", "127.0.0.1", "-p", str(self.port), "-n", self.name, *self.args]
         with open(self.log, "ab") as out:
@@ -98,10 +100,10 @@ class _Node:
 class NatsServer:
     """One JetStream node on a free port."""
 
-    def __init__(self, directory: Path | None = None) -> None:
+    def __init__(self, directory: Path | None = None, max_payload: int = 0) -> None:
         self._tmp = None if directory else tempfile.mkdtemp(prefix="tidings-nats-")
         self.directory = Path(directory or self._tmp or ".")
-        self.node = _Node("n1", self.directory, free_port(), [])
+        self.node = _Node("n1", self.directory, free_port(), [], max_payload)
 
     @property
     def url(self) -> str:

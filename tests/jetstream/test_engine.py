@@ -201,3 +201,36 @@ async def test_dead_letters_are_decided_once_across_connections(nats_url: str) -
     finally:
         await a_hub.close()
         await b_hub.close()
+
+
+class JsBig(tidings.Event):
+    blob: str
+
+
+async def test_what_the_broker_cannot_take_is_refused_or_skipped(tmp_path: Any) -> None:
+    """A NATS server with its default 1 MiB max_payload (headers included) behind a hub
+    that takes 1 MiB payloads: an event too large for the broker is refused before it is
+    stored; a message too large published through a projection's tx (committed with the
+    projection) is logged and skipped by the relay, which carries on with the rest."""
+    from tests.natsserver import NatsServer
+
+    with NatsServer(max_payload=1024 * 1024) as server:
+        url = f"sqlite:///{tmp_path}/big.db?broker={server.url}"
+        async with await tidings.connect(url) as hub:
+            with pytest.raises(tidings.PayloadTooLarge, match="max_payload"):
+                await hub.events.append("big-1", [JsBig(blob="x" * (1024 * 1024 - 1000))])
+            assert await hub.events.stream_version("big-1") == 0
+
+            @hub.projection("copier")
+            async def copier(ev: JsBig, tx: Any) -> None:
+                tx.publish("big.copy", b"y" * (1024 * 1024 - 100))  # fits the hub only
+                tx.publish("small.copy", ev.blob)
+
+            await hub.events.append("big-2", [JsBig(blob="fine")])
+            (st,) = await hub.projections.catch_up()
+            assert st.status == "running"
+            engine: Any = hub.engine
+            assert await engine.relayed(5.0), "the relay stopped at the oversized row"
+            assert engine.relay_skipped == 1
+            assert [m.data async for m in hub.read("small.copy")] == [b"fine"]
+            assert [m async for m in hub.read("big.copy")] == []

@@ -23,12 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
 
-from ..errors import EngineUnavailable, InvalidArgument
+from ..errors import EngineUnavailable, InvalidArgument, PayloadTooLarge
 from ..messages import Message, OutMessage, Published
 from .base import (
     HOLDING_MESSAGE,
@@ -63,6 +63,8 @@ log = logging.getLogger("tidings.relay")
 #: messages to JetStream (so a reader of the broker sees them at once); past it the write
 #: returns anyway (it is committed) and the relay delivers when it can.
 RELAY_WAIT = 5.0
+#: Room left for an event's headers when its size is checked against the broker's limit.
+HEADROOM = 16 * 1024
 #: Outbox rows one relay pass moves (published pipelined, then one checkpoint).
 RELAY_BATCH = 500
 _dec_cp = msgspec.json.Decoder(int).decode
@@ -291,8 +293,22 @@ class RelayedStore(StoreBackend):
         super().__init__(brokered)
         self._brokered, self._inner = brokered, inner
 
+    def _check_sizes(self, sizes: Iterable[int]) -> None:
+        """PayloadTooLarge, before anything is stored, for an event or message the broker
+        would refuse: committed, it could never be relayed."""
+        limit = self._brokered.bus.max_message()
+        if not limit:
+            return
+        for size in sizes:
+            if size + HEADROOM > limit:
+                raise PayloadTooLarge(
+                    f"{size} bytes: with its headers that is more than the NATS broker "
+                    f"takes ({limit} bytes, its max_payload, less {HEADROOM} for headers); "
+                    "send less, or raise max_payload in the server's configuration")
+
     async def append(self, stream_id: str, records: Sequence[NewRecord], expected: int | None,
                      topic: str, snapshot: SnapshotRow | None = None) -> AppendOutcome:
+        self._check_sizes(len(r.data) for r in records)
         out = await self._inner.append(stream_id, records, expected, topic, snapshot)
         await self._brokered.relayed(RELAY_WAIT)
         return out
@@ -301,6 +317,8 @@ class RelayedStore(StoreBackend):
                            messages: Sequence[OutMessage] = (),
                            snapshots: Mapping[str, SnapshotRow] | None = None
                            ) -> list[AppendOutcome]:
+        self._check_sizes([*(len(r.data) for item in items for r in item[1]),
+                           *(len(m.data) for m in messages)])
         out = await self._inner.append_batch(items, messages, snapshots)
         await self._brokered.relayed(RELAY_WAIT)
         return out

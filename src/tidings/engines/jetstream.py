@@ -475,6 +475,10 @@ class JetStreamEngine(Engine):
                                     f"(code {err.get('err_code')})")
         return out
 
+    def max_message(self) -> int:
+        """The largest message the server takes, headers included (0: not connected)."""
+        return int(getattr(self._nc, "max_payload", 0) or 0)
+
     def fits(self, m: OutMessage) -> bool:
         """Whether the server takes `m` (its data and tidings' header, together)."""
         try:
