@@ -255,3 +255,11 @@ async def test_bad_data_in_one_grouped_commit_fails_it_alone(postgres_url: str) 
         assert all(isinstance(o, list) for i, o in enumerate(out) if i != 3), out
         assert [await b.stream_version(f"nul-{i}") for i in range(8)] == [
             0 if i == 3 else 1 for i in range(8)]
+        with pytest.raises(tidings.InvalidEvent):  # alone, too: the caller's data, not a 503
+            await batch(99, "solo\x00id")
+        appends = [b.append(f"nul-a{i}", [NewRecord("bad\x00" if i == 2 else new_id(),
+                                                     "MgNoted", 1, b'{"n": 1}', {})],
+                            0, "nul") for i in range(5)]
+        out = await asyncio.gather(*appends, return_exceptions=True)
+        assert isinstance(out[2], tidings.InvalidEvent), out[2]
+        assert [type(o).__name__ for i, o in enumerate(out) if i != 2] == ["AppendOutcome"] * 4

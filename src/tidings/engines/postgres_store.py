@@ -252,19 +252,6 @@ _STOPPED = ("the event store stopped during the append; its outcome is unknown: 
             "(its event ids make a retry safe)")
 
 
-def _caller_error(exc: Exception) -> Exception | None:
-    """The error one batch of a group gets for what its own data caused (a version
-    conflict, a reused id, a NUL byte or a value out of range), else None: the group's."""
-    if isinstance(exc, (ConcurrencyError, InvalidArgument)):
-        return exc
-    import asyncpg  # type: ignore[import-untyped]
-
-    if isinstance(exc, asyncpg.exceptions.DataError):
-        return InvalidEvent(f"the database refused this commit's data: {exc}; fix what it "
-                            "names")
-    return None
-
-
 def _fail_all(futs: Sequence[asyncio.Future[Any]], exc: BaseException) -> None:
     """Tell every appender of a group that its transaction failed (a cancellation or
     another BaseException: that the store stopped, outcome unknown)."""
@@ -386,9 +373,9 @@ class PostgresStore(StoreBackend):
 
                 try:
                     await self.engine.transact(op, durable=True)
-                except EventIdConflict:
-                    # an id reuse aborts the whole transaction: commit them one by one,
-                    # so only the offending append fails
+                except (EventIdConflict, InvalidEvent):
+                    # an id reuse or refused data aborts the whole transaction: commit
+                    # them one by one, so only the offending append fails
                     try:
                         for item in batch:
                             await self._commit_one(*item)
@@ -487,13 +474,10 @@ class PostgresStore(StoreBackend):
                             async with tx.conn.transaction():  # a savepoint
                                 results.append(
                                     await self._batch_in_tx(tx, items, messages, snaps))
-                        except Exception as exc:
-                            own = _caller_error(exc)
-                            if own is None:
-                                raise
+                        except (ConcurrencyError, InvalidArgument) as exc:  # its own data
                             # undone alone: so is what it did to the transaction's state
                             tx._new_topics, tx._locked = topics, locked
-                            results.append(own)
+                            results.append(exc)
 
                 try:
                     await self.engine.transact(op, durable=True)
@@ -641,6 +625,10 @@ async def _append_in_tx(sql: _Sql, tx: PgTx, stream_id: str, records: Sequence[N
                 f"an event id in this append to {stream_id!r} is already stored; give "
                 "every new event a new id"
             ) from None
+        if any(c.__name__ == "DataError" for c in type(exc).__mro__):  # asyncpg's class
+            raise InvalidEvent(  # the caller's data (a NUL byte, say), not the server
+                f"the database refused this append to {stream_id!r}: {exc}; fix what it "
+                "names") from None
         raise
     tx._locked = True  # what `tx.lock_log()` records: the function took the lock
     if kind == 1:
