@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from ..errors import EngineUnavailable, InvalidArgument, PayloadTooLarge
+from ..errors import InvalidArgument, PayloadTooLarge
 from ..messages import Message, OutMessage, Published
 from .base import (
     HOLDING_MESSAGE,
@@ -40,7 +40,7 @@ from .base import (
     TopicInfo,
 )
 from .delivery import SubscriptionSpec
-from .jetstream import JetStreamEngine
+from .jetstream import Conflict, JetStreamEngine
 from .store_base import (
     AppendOutcome,
     EventRow,
@@ -144,18 +144,12 @@ class BrokeredEngine(Engine):
                 stored, self._cp_rev = await self._checkpoint()
                 if stored >= position and not reset:
                     return stored
-            msg = await self.bus._request(
-                self._cp_subject, str(position).encode(),
-                {"Nats-Expected-Last-Subject-Sequence": str(self._cp_rev)})
-            out = msgspec.json.decode(msg.data)
-            err = out.get("error")
-            if not err:
-                self._cp_rev = int(out["seq"])
+            try:
+                self._cp_rev = await self.bus.put_if(self._cp_subject, str(position).encode(),
+                                                     self._cp_rev)
                 return position
-            if err.get("err_code") not in (10071, 10164):  # (10164: the same, clustered)
-                raise EngineUnavailable(f"JetStream refused the relay checkpoint: "
-                                        f"{err.get('description')}")
-            self._cp_rev = -1  # another relay moved it: read it again
+            except Conflict:
+                self._cp_rev = -1  # another relay moved it: read it again
         return position
 
     async def relay_once(self) -> int:

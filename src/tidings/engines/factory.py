@@ -82,9 +82,8 @@ def _make_engine(url: str, options: dict[str, Any]) -> Engine:
     if scheme == "sqlite":
         from .sqlite import SqliteEngine
 
-        path = url.split("://", 1)[1].split("?", 1)[0]
-        if path.startswith("/"):
-            path = path[1:] if not path.startswith("//") else path[1:]
+        # sqlite:///relative.db, sqlite:////absolute.db: the third slash ends the (empty) host
+        path = url.split("://", 1)[1].split("?", 1)[0].removeprefix("/")
         if not path:
             raise InvalidArgument(
                 "sqlite URL has no file path; use 'sqlite:///relative.db' or "

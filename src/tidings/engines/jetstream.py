@@ -31,6 +31,7 @@ import asyncio
 import base64
 import calendar
 import contextlib
+import functools
 import hashlib
 import itertools
 import time as _time
@@ -138,8 +139,8 @@ class _Sub:
                          s.ordered, s.max_in_flight, self.cursor, rows, self.dying))
 
 
-class _Conflict(Exception):
-    """Someone else wrote the document since we read it."""
+class Conflict(Exception):
+    """Someone else wrote a state-stream subject since we read it (`put_if`)."""
 
 
 class _Deleted(Exception):
@@ -159,8 +160,13 @@ def _parse_time(stamp: str) -> float:
     """A server time stamp (RFC 3339, nanoseconds) as seconds, cut to microseconds: the
     precision `Message.time` shows, so `start=msg.time` never starts after `msg`."""
     head, _, frac = stamp.rstrip("Z").partition(".")
-    secs = calendar.timegm(datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").timetuple())
-    return secs + int((frac + "000000")[:6]) / 1e6
+    return _epoch(head) + int((frac + "000000")[:6]) / 1e6
+
+
+@functools.lru_cache(maxsize=256)
+def _epoch(head: str) -> int:
+    """'2026-12-05T20:39:06' as seconds (cached: a read's messages share their seconds)."""
+    return calendar.timegm(datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").timetuple())
 
 
 def _iso(ts: float) -> str:
@@ -234,7 +240,6 @@ class JetStreamEngine(Engine):
         self._replies: dict[str, asyncio.Queue[Any]] = {}
         self._inbox = ""
         self._seq = itertools.count(1)
-        self._closed = False
         #: The server takes atomic batches (nats-server 2.12+): `publish_many` needs them.
         self.atomic = True
 
@@ -317,7 +322,6 @@ class JetStreamEngine(Engine):
             await self._api(f"STREAM.UPDATE.{name}", {**have, **body})
 
     async def close(self) -> None:
-        self._closed = True
         nc, self._nc = self._nc, None
         if nc is not None:
             with contextlib.suppress(Exception):
@@ -459,8 +463,8 @@ class JetStreamEngine(Engine):
             if self.atomic and 1 < len(messages) <= MAX_BATCH:
                 await self._atomic(messages)
             else:
-                raise _Conflict
-        except _Conflict:  # one at a time, in order: a failure leaves no later one stored
+                raise Conflict
+        except Conflict:  # one at a time, in order: a failure leaves no later one stored
             for m in messages:
                 await self._publish_one(m)
         topics = sorted({m.topic for m in messages})
@@ -480,7 +484,13 @@ class JetStreamEngine(Engine):
         return int(getattr(self._nc, "max_payload", 0) or 0)
 
     def fits(self, m: OutMessage) -> bool:
-        """Whether the server takes `m` (its data and tidings' header, together)."""
+        """Whether the server takes `m` (its data and tidings' header, together). Most
+        messages are far below the limit: a bound on their size answers without encoding
+        the header (JSON escapes a character into at most 6)."""
+        limit = self.max_message()
+        parts = sum(len(k) + len(v) + 6 for k, v in (m.headers or {}).items())
+        if not limit or len(m.data) + 6 * (parts + len(m.id) + len(m.key or "")) + 256 <= limit:
+            return True
         try:
             self._headers(m)
         except PayloadTooLarge:
@@ -490,7 +500,7 @@ class JetStreamEngine(Engine):
     def _fits(self, m: OutMessage, headers: dict[str, str]) -> None:
         """PayloadTooLarge for a message the server would refuse (it would also drop the
         connection): its max_payload counts the data and the headers together."""
-        limit = getattr(self._nc, "max_payload", 0) or 0
+        limit = self.max_message()
         size = len(m.data) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
         if limit and size > limit:
             raise PayloadTooLarge(
@@ -524,16 +534,16 @@ class JetStreamEngine(Engine):
             index.append(len(send))
             send.append(m)
         known: dict[str, int] = {}
+        positions: dict[str, int] = {}
         for _ in range(3):
             todo = [m for m in send if m.id not in known]
             if not todo:
                 break
             try:
                 last = await self._atomic(todo)
-            except _Conflict:  # a client id the server has seen: find where it went
+            except Conflict:  # a client id the server has seen: find where it went
                 known = await self._known_ids(send)
                 continue
-            positions: dict[str, int] = {}
             base = last - len(todo) + 1
             for i, m in enumerate(todo):
                 positions[m.id] = base + i
@@ -569,7 +579,7 @@ class JetStreamEngine(Engine):
         err = out.get("error")
         if err:
             if err.get("err_code") == 10201:  # a duplicate message id
-                raise _Conflict
+                raise Conflict
             raise EngineUnavailable(f"JetStream refused an atomic batch: "
                                     f"{err.get('description')} (code {err.get('err_code')}); "
                                     "nothing of it was stored")
@@ -651,18 +661,24 @@ class JetStreamEngine(Engine):
         sub.dying = list(d.dying)
         sub.pending = {p[0]: Pending(p[0], p[1], p[2], p[3]) for p in d.pending}
 
-    async def _store(self, sub: _Sub) -> None:
-        """Write the document if nobody did since we read it (else `_Conflict`)."""
-        msg = await self._request(sub.subject, sub.doc(),
-                                  {"Nats-Expected-Last-Subject-Sequence": str(sub.rev)})
+    async def put_if(self, subject: str, data: bytes, rev: int) -> int:
+        """Write `data` as the one message of `subject` in the state stream if its last
+        revision is still `rev` (0: none yet): a compare-and-set. The new revision, or
+        `Conflict` when someone wrote it since."""
+        msg = await self._request(subject, data,
+                                  {"Nats-Expected-Last-Subject-Sequence": str(rev)})
         out = _dec(msg.data)
         err = out.get("error")
         if err:
             if err.get("err_code") in (10071, 10164):  # wrong last sequence (a cluster: 10164)
-                raise _Conflict
-            raise EngineUnavailable(f"JetStream refused a subscription update: "
+                raise Conflict
+            raise EngineUnavailable(f"JetStream refused a write of {subject!r}: "
                                     f"{err.get('description')} (code {err.get('err_code')})")
-        sub.rev = int(out["seq"])
+        return int(out["seq"])
+
+    async def _store(self, sub: _Sub) -> None:
+        """Write the document if nobody did since we read it (else `Conflict`)."""
+        sub.rev = await self.put_if(sub.subject, sub.doc(), sub.rev)
 
     async def subscribe(self, spec: SubscriptionSpec, start_after: int | None) -> Any:
         key = (spec.group, spec.pattern)
@@ -680,7 +696,7 @@ class JetStreamEngine(Engine):
                 try:
                     await self._store(sub)
                     return key
-                except _Conflict:
+                except Conflict:
                     if _time.monotonic() > deadline:
                         break
                     await _backoff(tries)
@@ -704,7 +720,7 @@ class JetStreamEngine(Engine):
                     return []  # as on every engine: a deleted subscription gives nothing
                 try:
                     return await self._try(sub, settles, now, limit)
-                except _Conflict:
+                except Conflict:
                     sub.pending = None  # somebody else moved it: read it again
                 if _time.monotonic() > deadline:
                     break
@@ -765,7 +781,7 @@ class JetStreamEngine(Engine):
             sub.dying = []
             try:
                 await self._store(sub)
-            except _Conflict:
+            except Conflict:
                 sub.pending = None  # the next change reads it again (and publishes again)
         if settles or dead:
             self._notify((spec.dead_letter,) if dead and spec.dead_letter else (),
