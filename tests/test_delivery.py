@@ -49,6 +49,26 @@ def test_new_messages_are_delivered_in_order_with_a_lease() -> None:
     assert p.next_due == NOW + 30.0
 
 
+def test_a_lease_with_backoff_runs_out_one_backoff_step_later() -> None:
+    s = spec(max_deliver=4, backoff=(1.0, 5.0))
+    rows = plan(s, candidates=[(1, None)]).added  # (the planner updates rows in place)
+    assert rows[0].due == NOW + 30.0 + 1.0  # attempt 1's lease, then backoff[0]
+    assert plan(s, rows, now=NOW + 30.9).deliver == []
+    plan(s, rows, now=NOW + 31.0)
+    assert (rows[0].attempt, rows[0].due) == (2, NOW + 31 + 30 + 5)
+    plan(s, rows, now=NOW + 66.0)
+    assert (rows[0].attempt, rows[0].due) == (3, NOW + 66 + 30 + 5)  # the last step repeats
+    plan(s, rows, now=NOW + 101.0)  # attempt 4 is the last: no wait after it
+    assert (rows[0].attempt, rows[0].due) == (4, NOW + 101 + 30)
+    assert plan(s, rows, now=NOW + 131.0).dead == rows
+
+
+def test_a_row_is_not_redelivered_before_its_backoff() -> None:
+    s = spec(backoff=(10.0,))
+    p = plan(s, candidates=[(1, None)])
+    assert plan(s, p.added, now=NOW + 30.5).deliver == []  # lease over, backoff not
+
+
 def test_nothing_to_do() -> None:
     p = plan(spec(), cursor=7)
     assert (p.deliver, p.added, p.dead, p.cursor, p.next_due) == ([], [], [], 7, None)

@@ -110,14 +110,17 @@ KINDS = st.sampled_from(["ack", "nack", "term", "release"])
 
 @st.composite
 def settle_cases(draw: st.DrawFn) -> tuple[SubscriptionSpec, dict[int, Pending], list[Settle]]:
-    spec = SubscriptionSpec("g", "t.>", max_deliver=draw(st.integers(1, 4)))
+    spec = SubscriptionSpec("g", "t.>", max_deliver=draw(st.integers(1, 4)),
+                            backoff=tuple(draw(st.lists(st.sampled_from([0.0, 1.0, 7.0]),
+                                                        max_size=3))))
     positions = draw(st.sets(st.integers(1, 12), max_size=8))
     rows = {p: Pending(p, draw(st.sampled_from([None, "a"])),
                        draw(st.integers(0, spec.max_deliver + 1)),
                        NOW + draw(st.sampled_from([-5.0, 0.0, 5.0])))
             for p in positions}
     items = draw(st.lists(st.builds(Settle, st.integers(1, 14), KINDS,
-                                    st.sampled_from([0.0, 2.5])), max_size=12))
+                                    st.sampled_from([None, 0.0, 2.5]),
+                                    st.sampled_from([None, "decode-error"])), max_size=12))
     return spec, rows, items
 
 
@@ -158,11 +161,15 @@ def test_settle_properties(case: tuple[SubscriptionSpec, dict[int, Pending], lis
         elif s.kind == "release":  # never counts an attempt
             assert updated[p] == Pending(p, row.key, row.attempt - 1, NOW)
         elif s.kind == "term":
-            assert dead[p] == Dead(row, TERMINATED)
+            assert dead[p] == Dead(row, s.reason or TERMINATED)
         elif row.attempt >= spec.max_deliver:  # a nack on the last attempt
             assert dead[p] == Dead(row, MAX_DELIVER)
-        else:
+        elif s.delay is not None:  # an explicit delay wins over the backoff
             assert updated[p] == Pending(p, row.key, row.attempt, NOW + s.delay)
+        else:  # the n-th redelivery waits the n-th backoff step, the last repeating
+            steps = spec.backoff or (0.0,)
+            wait = steps[min(row.attempt, len(steps)) - 1]
+            assert updated[p] == Pending(p, row.key, row.attempt, NOW + wait)
     # dead letters in the order of their settles
     order = list(first)
     assert [d.row.position for d in plan.dead] == sorted(dead, key=order.index)

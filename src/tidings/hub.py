@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -101,6 +101,30 @@ def _positive_seconds(value: object) -> bool:
     """True for a finite number of seconds > 0 (not a bool, not NaN)."""
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and 0 < value < math.inf)
+
+
+#: More delays than any max_deliver needs would only be a mistake (or an attack).
+MAX_BACKOFF_STEPS = 100
+#: A day: a redelivery further away than this is better parked elsewhere.
+MAX_BACKOFF_DELAY = 86_400.0
+
+
+def _backoff(backoff: object) -> tuple[float, ...]:
+    """`subscribe(backoff=...)` checked: a list of 1 to 100 delays, each 0 to a day."""
+    if backoff is None:
+        return ()
+    if isinstance(backoff, (str, bytes)) or not isinstance(backoff, (list, tuple)):
+        raise InvalidArgument(f"backoff must be a list of delays in seconds, like "
+                              f"[1.0, 5.0, 30.0], got {backoff!r}")
+    if not 1 <= len(backoff) <= MAX_BACKOFF_STEPS:
+        raise InvalidArgument(f"backoff takes 1 to {MAX_BACKOFF_STEPS} delays, got "
+                              f"{len(backoff)}; omit it for no backoff")
+    for d in backoff:
+        if (isinstance(d, bool) or not isinstance(d, (int, float))
+                or not 0 <= d <= MAX_BACKOFF_DELAY):
+            raise InvalidArgument(f"each backoff delay must be a number of seconds from 0 to "
+                                  f"{MAX_BACKOFF_DELAY:.0f}, got {d!r}")
+    return tuple(float(d) for d in backoff)
 
 
 def _check_key(key: object) -> str | None:
@@ -288,17 +312,20 @@ class Hub:
         ordered: bool = False,
         max_in_flight: int = 100,
         batch: int | None = None,
+        backoff: Sequence[float] | None = None,
     ) -> Subscription:
         """Attach a consumer to the durable subscription `group` over `pattern`.
 
         Every subscription gets every matching message; consumers of one
         subscription share them. `start` applies when the subscription is
         first created; afterwards it resumes where it was acked. The default
-        dead-letter topic is `$dlq.<group>`.
+        dead-letter topic is `$dlq.<group>`. With `backoff=[1.0, 5.0, 30.0]` the
+        n-th redelivery after a failure (a `nack()` without a delay, or a lease
+        that ran out) waits the n-th delay, the last one repeating.
         """
         self.check_open()
         spec = self._spec(pattern, group, ack_wait, max_deliver, dead_letter, ordered,
-                          max_in_flight)
+                          max_in_flight, backoff)
         start_after = await self._resolve_start(start)
         handle = await self.engine.subscribe(spec, start_after)
         sub = Subscription(self.engine, handle, spec, batch or max_in_flight)
@@ -307,7 +334,8 @@ class Hub:
 
     @staticmethod
     def _spec(pattern: str, group: str, ack_wait: float, max_deliver: int,
-              dead_letter: str | None, ordered: bool, max_in_flight: int) -> SubscriptionSpec:
+              dead_letter: str | None, ordered: bool, max_in_flight: int,
+              backoff: Sequence[float] | None = None) -> SubscriptionSpec:
         _topics.validate_pattern(pattern)
         if not isinstance(group, str) or not _topics.is_token(group):
             raise InvalidArgument(
@@ -328,7 +356,7 @@ class Hub:
                 f"{pattern!r}; choose a topic outside it"
             )
         return SubscriptionSpec(group, pattern, float(ack_wait), max_deliver, dead_letter,
-                                bool(ordered), max_in_flight)
+                                bool(ordered), max_in_flight, _backoff(backoff))
 
     def subscriber(
         self,
@@ -348,7 +376,7 @@ class Hub:
         """
         self._spec(pattern, group, options.get("ack_wait", 30.0), options.get("max_deliver", 5),
                    options.get("dead_letter"), options.get("ordered", False),
-                   options.get("max_in_flight", 100))
+                   options.get("max_in_flight", 100), options.get("backoff"))
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise InvalidArgument(f"concurrency must be an int >= 1, got {concurrency!r}")
         if not (_positive_seconds(retry_backoff) or retry_backoff == 0):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar, overload
@@ -36,6 +37,7 @@ T = TypeVar("T")
 JSON = "application/json"
 #: The largest position (or version) an engine stores: a signed 64-bit integer (SQL BIGINT).
 MAX_POSITION = 2**63 - 1
+_REASON = re.compile(r"[A-Za-z0-9._-]{1,64}")
 TEXT = "text/plain; charset=utf-8"
 OCTETS = "application/octet-stream"
 
@@ -80,8 +82,8 @@ class OutMessage(msgspec.Struct, array_like=True, gc=False):
 
 
 class _Settler(Protocol):
-    def _settle(self, msg: Message, kind: str, delay: float, wait: bool
-                ) -> Awaitable[None] | None: ...
+    def _settle(self, msg: Message, kind: str, delay: float | None, wait: bool,
+                reason: str | None = None) -> Awaitable[None] | None: ...
 
 
 def encode_data(data: object) -> tuple[bytes, str]:
@@ -199,7 +201,8 @@ class Message:
         """The payload: JSON value, str or bytes by content type, or an instance of `type`."""
         return decode_data(self.data, self.headers.get("content-type"), type)
 
-    def _do(self, kind: str, delay: float, wait: bool) -> Awaitable[None] | None:
+    def _do(self, kind: str, delay: float | None, wait: bool, reason: str | None = None
+            ) -> Awaitable[None] | None:
         if self._sub is None:
             raise InvalidArgument(
                 "this message was read by replay (hub.read), not delivered by a subscription; "
@@ -207,7 +210,7 @@ class Message:
             )
         if self._settled:
             return None  # settling twice is harmless: the first decision stands
-        stored = self._sub._settle(self, kind, delay, wait)
+        stored = self._sub._settle(self, kind, delay, wait, reason)
         self._settled = True
         return stored
 
@@ -230,13 +233,14 @@ class Message:
         if stored is not None:
             await stored
 
-    async def nack(self, delay: float = 0.0, wait: bool = False) -> None:
+    async def nack(self, delay: float | None = None, wait: bool = False) -> None:
         """Ask for redelivery after `delay` seconds (counts as an attempt).
 
+        Without a delay the subscription's `backoff` decides (none: at once).
         `wait=True` returns once the decision is stored, as for `ack`.
         """
         # NaN or infinity would park the message forever: never redelivered, never dead-lettered.
-        if (
+        if delay is not None and (
             not isinstance(delay, (int, float))
             or isinstance(delay, bool)
             or not 0 <= delay < math.inf
@@ -246,12 +250,19 @@ class Message:
         if stored is not None:
             await stored
 
-    async def term(self, wait: bool = False) -> None:
+    async def term(self, wait: bool = False, reason: str | None = None) -> None:
         """Stop redelivering; the message goes to the dead-letter topic if one is set.
 
-        `wait=True` returns once the decision is stored, as for `ack`.
+        `reason` (default "terminated") is its dead letter's `tidings-reason` header:
+        a short label such as "decode-error". `wait=True` returns once the decision
+        is stored, as for `ack`.
         """
-        stored = self._do("term", 0.0, wait)
+        if reason is not None and not _REASON.fullmatch(reason if isinstance(reason, str) else ""):
+            raise InvalidArgument(
+                f"a term reason is a short label: 1 to 64 letters, digits, '.', '_' or '-', "
+                f"got {reason!r}"
+            )
+        stored = self._do("term", 0.0, wait, reason)
         if stored is not None:
             await stored
 

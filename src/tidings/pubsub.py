@@ -58,8 +58,8 @@ class Subscription:
     def pattern(self) -> str:
         return self.spec.pattern
 
-    def _settle(self, msg: Message, kind: str, delay: float, wait: bool
-                ) -> asyncio.Future[None] | None:
+    def _settle(self, msg: Message, kind: str, delay: float | None, wait: bool,
+                reason: str | None = None) -> asyncio.Future[None] | None:
         position = msg.position
         if not 0 <= position <= MAX_POSITION:
             # Refused alone: a settle the engine cannot store would be queued again and
@@ -67,7 +67,7 @@ class Subscription:
             raise InvalidArgument(f"message position must be from 0 to "
                                   f"{MAX_POSITION}, got {position!r}; settle messages as "
                                   "a subscription delivered them")
-        self._settles.append(Settle(position, kind, delay))  # type: ignore[arg-type]
+        self._settles.append(Settle(position, kind, delay, reason))  # type: ignore[arg-type]
         waiter: asyncio.Future[None] | None = None
         if wait:
             waiter = asyncio.get_running_loop().create_future()
@@ -259,7 +259,11 @@ class Handler:
         return cls(fn, pattern, group, options, concurrency, retry_backoff, decode_as)
 
     def backoff(self, attempt: int) -> float:
-        """Exponential backoff for a failed attempt (capped at a minute)."""
+        """The wait after failed attempt `attempt`: the subscription's `backoff=` steps
+        when it has them (the last repeating), else exponential (capped at a minute)."""
+        steps = self.options.get("backoff")
+        if steps:
+            return float(steps[min(max(attempt, 1), len(steps)) - 1])
         return float(min(60.0, self.retry_backoff * (2 ** max(0, attempt - 1))))
 
     async def run(self, sub: Subscription) -> None:

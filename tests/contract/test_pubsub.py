@@ -415,6 +415,64 @@ async def test_term_dead_letters_immediately(hub: tidings.Hub) -> None:
     await none_for(sub, 0.3)
 
 
+async def test_term_reason_labels_the_dead_letter(hub: tidings.Hub) -> None:
+    await hub.publish_many("orders.created", [b"a", b"b"])
+    sub = await hub.subscribe("orders.*", group="billing", max_deliver=5)
+    a, b = await take(sub, 2)
+    for bad in ("", "has space", "x" * 65, "é", "٣", 7):
+        with pytest.raises(tidings.InvalidArgument, match="term reason"):
+            await a.term(reason=bad)  # type: ignore[arg-type]
+    await a.term(reason="decode-error")
+    await b.term()
+    dls = await dead_letters(hub, "$dlq.billing", 2, drive=sub)
+    assert sorted(d.headers["tidings-reason"] for d in dls) == ["decode-error", "terminated"]
+
+
+async def test_backoff_spaces_redeliveries_after_nacks(hub: tidings.Hub) -> None:
+    await hub.publish("a.b", b"x")
+    sub = await hub.subscribe("a.b", group="g", ack_wait=30, max_deliver=5,
+                              backoff=[0.3, 3600])
+    [m] = await take(sub, 1)
+    nacked = time.monotonic()
+    await m.nack()  # no delay: the first backoff step
+    [again] = await take(sub, 1)
+    assert again.attempt == 2
+    assert time.monotonic() - nacked >= 0.29  # never before its delay
+    await again.nack()  # the second step (an hour), then the last repeats
+    await none_for(sub, 0.4)
+
+
+async def test_explicit_nack_delay_overrides_backoff(hub: tidings.Hub) -> None:
+    await hub.publish("a.b", b"x")
+    sub = await hub.subscribe("a.b", group="g", ack_wait=30, backoff=[3600])
+    [m] = await take(sub, 1)
+    await m.nack(delay=0)
+    [again] = await take(sub, 1)
+    assert again.attempt == 2
+    await again.ack()
+
+
+async def test_backoff_waits_after_a_lease_runs_out(hub: tidings.Hub) -> None:
+    await hub.publish("a.b", b"x")
+    sub = await hub.subscribe("a.b", group="g", ack_wait=0.2, max_deliver=3, backoff=[0.3])
+    [m] = await take(sub, 1)
+    delivered = time.monotonic()
+    [again] = await take(sub, 1)  # not acked: back after its lease and the backoff
+    assert again.attempt == 2
+    assert time.monotonic() - delivered >= 0.49
+    await again.ack()
+
+
+@pytest.mark.parametrize("bad", ["1,2", [], [-1], [float("nan")], [float("inf")], [True],
+                                 ["1"], [1] * 101, [86_401], 5])
+async def test_bad_backoff_is_refused(hub: tidings.Hub, bad: Any) -> None:
+    with pytest.raises(tidings.InvalidArgument, match="backoff"):
+        await hub.subscribe("a.b", group="g", backoff=bad)
+    with pytest.raises(tidings.InvalidArgument, match="backoff"):
+        hub.subscriber("a.b", group="g", backoff=bad)
+    assert await hub.engine.subscriptions() == []
+
+
 async def test_dead_letter_topic_must_be_outside_the_pattern(hub: tidings.Hub) -> None:
     with pytest.raises(tidings.InvalidArgument, match="dead-letter"):
         await hub.subscribe("orders.>", group="g", dead_letter="orders.dlq")
@@ -1048,6 +1106,23 @@ async def _run_until(hub: tidings.Hub, check: Callable[[], Awaitable[bool]], wha
         await asyncio.wait({runner}, timeout=GUARD)
     assert runner.done(), "hub.run() did not stop when its task was cancelled"
     assert runner.cancelled()
+
+
+async def test_failing_handler_follows_the_subscription_backoff(hub: tidings.Hub) -> None:
+    calls: list[float] = []
+
+    @hub.subscriber("h.*", group="h", backoff=[0.3, 3600], retry_backoff=0)
+    async def handle(msg: Message) -> None:
+        calls.append(time.monotonic())
+        raise RuntimeError("try again later")
+
+    await hub.publish("h.x", b"1")
+
+    async def retried() -> bool:
+        return len(calls) >= 2
+
+    await _run_until(hub, retried, "second attempt")
+    assert calls[1] - calls[0] >= 0.29  # backoff[0], not retry_backoff's 0
 
 
 async def test_handler_is_acked_on_return(hub: tidings.Hub) -> None:

@@ -64,11 +64,16 @@ class Retention:
 
 
 class Settle(msgspec.Struct, frozen=True, gc=False):
-    """One ack, nack (with its redelivery delay), term or release of a delivered message."""
+    """One ack, nack (with its redelivery delay), term or release of a delivered message.
+
+    A nack's `delay` of None follows the subscription's `backoff` (no backoff: at once);
+    a term's `reason` goes in its dead letter's `tidings-reason` header.
+    """
 
     position: int
     kind: SettleKind
-    delay: float = 0.0
+    delay: float | None = None
+    reason: str | None = None
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
 
@@ -54,6 +54,16 @@ class SubscriptionSpec:
     dead_letter: str | None = None
     ordered: bool = False
     max_in_flight: int = 100
+    #: Redelivery delays: the n-th redelivery after a failure (a nack without a delay, or a
+    #: lease that ran out) waits `backoff[n-1]` (the last repeats); empty: no wait.
+    backoff: tuple[float, ...] = ()
+
+    def retry_delay(self, attempt: int) -> float:
+        """How long a message whose attempt `attempt` failed waits before the next."""
+        backoff = self.backoff
+        if not backoff:
+            return 0.0
+        return backoff[min(attempt, len(backoff)) - 1] if attempt > 0 else 0.0
 
 
 class Pending(msgspec.Struct, gc=False):
@@ -108,6 +118,9 @@ def plan_fetch(
             live.append(p)
 
     lease = now + spec.ack_wait
+    # With a backoff, a lease that runs out is redelivered `retry_delay` later: the row
+    # stays due at the end of both (no wait after the last attempt: it is dead-lettered).
+    backoff = spec.backoff and spec.max_deliver > 1
     seen: set[object] = set()
     next_due: float | None = None
     for p in live:
@@ -120,6 +133,8 @@ def plan_fetch(
             if len(plan.deliver) < limit:
                 p.attempt += 1
                 p.due = lease
+                if backoff and p.attempt < spec.max_deliver:
+                    p.due += spec.retry_delay(p.attempt)
                 plan.deliver.append(p)
             else:
                 next_due = now  # ready, but over this fetch's limit
@@ -138,7 +153,7 @@ def plan_fetch(
             if spec.ordered:
                 seen.add(k)
             row.attempt = 1
-            row.due = lease
+            row.due = lease + spec.retry_delay(1) if backoff else lease
             plan.deliver.append(row)
         plan.added.append(row)
         plan.cursor = position
@@ -149,17 +164,17 @@ def plan_fetch(
     return plan
 
 
-#: Why a message was dead-lettered (its `tidings-reason` header).
-Reason = Literal["max_deliver", "terminated"]
-MAX_DELIVER: Reason = "max_deliver"  # its last attempt failed (nacked, or its lease ran out)
-TERMINATED: Reason = "terminated"  # the consumer called term()
+#: Why a message was dead-lettered (its `tidings-reason` header): one of these, or the
+#: reason a consumer gave `term(reason=...)` (for example "decode-error").
+MAX_DELIVER = "max_deliver"  # its last attempt failed (nacked, or its lease ran out)
+TERMINATED = "terminated"  # the consumer called term()
 
 
 class Dead(NamedTuple):
     """A pending row to remove and dead-letter, and why (its attempts go in the headers)."""
 
     row: Pending
-    reason: Reason
+    reason: str
 
 
 @dataclass(slots=True)
@@ -186,9 +201,10 @@ def plan_settle(spec: SubscriptionSpec, rows: Mapping[int, Pending], items: Sequ
     already settled in this batch.
 
     - ack: the row is deleted;
-    - nack: due again at `now + delay`, or, if that was its last attempt
-      (`attempt >= max_deliver`), dead-lettered (`MAX_DELIVER`);
-    - term: dead-lettered (`TERMINATED`);
+    - nack: due again at `now + delay` (no delay given: the spec's `retry_delay`), or,
+      if that was its last attempt (`attempt >= max_deliver`), dead-lettered
+      (`MAX_DELIVER`);
+    - term: dead-lettered (its reason, or `TERMINATED`);
     - release (handed back unseen): the delivery is not an attempt, so
       `attempt - 1`, due at once.
 
@@ -218,11 +234,14 @@ def _decide(spec: SubscriptionSpec, rows: Mapping[int, Pending], items: Iterable
         elif kind == "release":
             update.append(Pending(position, row.key, row.attempt - 1, now))
         elif kind == "term":
-            dead.append(Dead(row, TERMINATED))
+            dead.append(Dead(row, s.reason or TERMINATED))
         elif row.attempt >= spec.max_deliver:
             dead.append(Dead(row, MAX_DELIVER))
         else:
-            update.append(Pending(position, row.key, row.attempt, now + s.delay))
+            delay = s.delay
+            if delay is None:
+                delay = spec.retry_delay(row.attempt)
+            update.append(Pending(position, row.key, row.attempt, now + delay))
     return plan
 
 
