@@ -130,6 +130,35 @@ def test_subscribe_no_ack_leaves_messages_for_redelivery(tidings_cli: Cli) -> No
     assert tidings_cli.ok("subscribe", "jobs.run", "-g", "workers", "--timeout", "0.2") == []
 
 
+def test_dlq_list_and_redrive(tidings_cli: Cli) -> None:
+    tidings_cli.ok("publish", "jobs.run", '"a"', "--id", "job-a")
+    tidings_cli.ok("publish", "jobs.run", '"b"')
+    tidings_cli.ok("subscribe", "jobs.run", "-g", "workers", "--count", "2", "--no-ack",
+                   "--ack-wait", "0.1", "--max-deliver", "1")
+    # their one attempt's lease runs out: the next look dead-letters them
+    assert tidings_cli.ok("subscribe", "jobs.run", "-g", "workers", "--timeout", "0.3",
+                          "--max-deliver", "1") == []
+    dead = tidings_cli.ok("dlq", "list", "workers")
+    assert [(d["data"], d["original_topic"], d["reason"], d["attempts"]) for d in dead] == [
+        ("a", "jobs.run", "max_deliver", 1), ("b", "jobs.run", "max_deliver", 1)]
+
+    refused = tidings_cli.run("dlq", "redrive", "workers")
+    assert refused.returncode == 2 and "--all" in refused.stderr and "Traceback" not in refused.stderr
+    assert tidings_cli.ok("dlq", "redrive", "workers", "--id", "job-a") == [
+        {"group": "workers", "moved": 1}]
+    assert tidings_cli.ok("dlq", "redrive", "workers", "--all") == [
+        {"group": "workers", "moved": 1}]
+    assert tidings_cli.ok("dlq", "redrive", "workers", "--all") == [
+        {"group": "workers", "moved": 0}]
+    assert tidings_cli.ok("dlq", "list", "workers") == []
+    assert len(tidings_cli.ok("dlq", "list", "workers", "--redriven")) == 2
+    back = tidings_cli.ok("subscribe", "jobs.run", "-g", "workers", "--count", "2",
+                          "--timeout", "30")
+    assert [(m["data"], m["attempt"]) for m in back] == [("a", 1), ("b", 1)]
+    bad = tidings_cli.run("dlq", "list", "not a group")
+    assert bad.returncode == 2 and "group" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_subscribe_start_end_skips_history(tidings_cli: Cli) -> None:
     tidings_cli.ok("publish", "orders.created", '"old"')
     assert tidings_cli.ok("subscribe", "orders.created", "-g", "late", "--start", "end",

@@ -264,7 +264,7 @@ def bench(
     raise typer.Exit(code)
 
 
-from . import cli_ops  # noqa: E402,F401  (registers demo shop, sagas, events, serve, …)
+from . import cli_dlq, cli_ops  # noqa: E402,F401  (registers demo shop, sagas, dlq, serve, …)
 
 
 def main(argv: list[str] | None = None) -> None:

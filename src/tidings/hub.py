@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from . import redrive as _redrive
 from . import topics as _topics
 from .backpressure import Window
 from .engines.base import Engine, Retention
@@ -411,6 +412,33 @@ class Hub:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    # dead letters ----------------------------------------------------------------
+    async def dead_letters(self, group: str, *, topic: str | None = None,
+                           ids: Iterable[str] | None = None, limit: int | None = None,
+                           dead_letter: str | None = None, redriven: bool = False
+                           ) -> list[Message]:
+        """`group`'s dead letters not moved back yet (all with `redriven=True`), oldest
+        first; `topic` (a pattern) filters by original topic, `ids` by the dead letter's
+        id or its original message's. `dead_letter`: the subscription's own dead-letter
+        topic, if it named one (default `$dlq.<group>`)."""
+        self.check_open()
+        return await _redrive.dead_letters(self, group, topic=topic, ids=ids, limit=limit,
+                                           dead_letter=dead_letter, redriven=redriven)
+
+    async def redrive(self, group: str, *, topic: str | None = None,
+                      ids: Iterable[str] | None = None, limit: int | None = None,
+                      dead_letter: str | None = None) -> int:
+        """Move `group`'s dead letters back to their original topics, exactly once;
+        returns how many moved. Selects as `dead_letters` does.
+
+        Each comes back as a new message (attempts from 1) with a `tidings-redriven`
+        header, delivered again only to `group`'s subscription. Safe to run twice, at
+        once, or again after a run was killed midway: a dead letter moves once.
+        """
+        self.check_open()
+        return await _redrive.redrive(self, group, topic=topic, ids=ids, limit=limit,
+                                      dead_letter=dead_letter)
 
     # replay ----------------------------------------------------------------------
     def read(

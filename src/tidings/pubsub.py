@@ -19,6 +19,7 @@ from .engines.base import Engine, Settle
 from .engines.delivery import SubscriptionSpec
 from .errors import ClosedError, InvalidArgument
 from .messages import MAX_POSITION, Message
+from .redrive import REDRIVE_GROUP
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -155,10 +156,19 @@ class Subscription:
             self._settles[:0] = settles  # the fetch (and its settles) did not commit
             raise
         if msgs:
+            group = self.spec.group
             for m in msgs:
                 m._sub = self
-            self._buf.extend(msgs)
-            return
+                target = m.headers.get(REDRIVE_GROUP)
+                if target is not None and target != group:
+                    # redriven for another subscription: this one handled it already
+                    m._settled = True
+                    self._settles.append(Settle(m.position, "ack"))
+                else:
+                    self._buf.append(m)
+            if self._buf:
+                return
+            await self._settle_now()
         wait = IDLE_CHECK if next_due is None else max(0.0, min(IDLE_CHECK, next_due - now))
         if timeout is not None:
             wait = min(wait, timeout)
