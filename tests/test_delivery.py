@@ -203,6 +203,7 @@ def scenarios(draw: st.DrawFn) -> tuple[SubscriptionSpec, list[Pending], list[tu
         max_deliver=draw(st.integers(1, 4)),
         max_in_flight=draw(st.integers(1, 8)),
         ack_wait=draw(st.sampled_from([0.5, 30.0])),
+        backoff=tuple(draw(st.lists(st.sampled_from([0.0, 1.0, 60.0]), max_size=3))),
     )
     n = draw(st.integers(0, 10))
     pos = sorted(draw(st.sets(st.integers(1, 40), min_size=n, max_size=n)))
@@ -238,13 +239,16 @@ def test_plan_properties(case: tuple[SubscriptionSpec, list[Pending], list[tuple
     assert not set(positions(p.dead)) & set(positions(p.deliver))
     live = [r for r in before if r.position not in expect_dead]
 
-    # limit, and each delivery is one more attempt under a fresh lease
+    # limit, and each delivery is one more attempt under a fresh lease, which a backoff
+    # step extends (the wait after it, should it fail) unless it is the last attempt
     assert len(p.deliver) <= limit
     assert len(set(positions(p.deliver))) == len(p.deliver)
     for r in p.deliver:
         old = orig.get(r.position)
         assert r.attempt == (old.attempt if old else 0) + 1
-        assert r.due == lease
+        steps = s.backoff
+        wait = steps[min(r.attempt, len(steps)) - 1] if steps and r.attempt < s.max_deliver else 0
+        assert r.due == lease + wait
         if old is not None:
             assert old.attempt == 0 or old.due <= NOW, "a leased message was delivered again"
     assert positions(p.deliver) == sorted(positions(p.deliver))

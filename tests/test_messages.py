@@ -212,7 +212,8 @@ class _Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, float]] = []
 
-    def _settle(self, msg: Message, kind: str, delay: float, wait: bool) -> None:
+    def _settle(self, msg: Message, kind: str, delay: float | None, wait: bool,
+                reason: str | None = None, error: str | None = None) -> None:
         self.calls.append((kind, delay))
 
 
@@ -230,7 +231,7 @@ async def test_settling_goes_to_the_subscription_once() -> None:
     assert rec.calls[1:] == [("term", 0.0), ("ack", 0.0)]
 
 
-@pytest.mark.parametrize("delay", [-0.1, math.nan, math.inf, "1", None, True], ids=repr)
+@pytest.mark.parametrize("delay", [-0.1, math.nan, math.inf, "1", True], ids=repr)
 async def test_nack_delay_must_be_finite_and_not_negative(delay: Any) -> None:
     rec = _Recorder()
     m = _msg(sub=rec)
@@ -239,6 +240,12 @@ async def test_nack_delay_must_be_finite_and_not_negative(delay: Any) -> None:
     assert rec.calls == []
     await m.nack(delay=0)  # still unsettled after the rejected call
     assert rec.calls == [("nack", 0)]
+
+
+async def test_nack_without_a_delay_leaves_it_to_the_backoff() -> None:
+    rec = _Recorder()
+    await _msg(sub=rec).nack()
+    assert rec.calls == [("nack", None)]
 
 
 async def test_replayed_message_has_nothing_to_settle() -> None:

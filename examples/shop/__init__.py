@@ -10,10 +10,10 @@ from typing import Any
 
 import tidings
 
-from .saga import create_order
+from .saga import CreateOrder, create_order
 from .services import register_services, seed
 
-__all__ = ["app", "create_order", "inline_app", "register_services", "seed"]
+__all__ = ["CreateOrder", "app", "create_order", "inline_app", "register_services", "seed"]
 
 
 def app(hub: tidings.Hub, *, services: bool = True, coordinator: bool = True,

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import msgspec
+
 import tidings
 
-create_order = tidings.Saga("create-order", steps=[
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+
+
+class CreateOrder(msgspec.Struct):
+    """An order to place: the create-order saga's input (`POST /v1/commands/create-order`)."""
+
+    customer_id: Id
+    product_id: Id
+    quantity: Annotated[int, msgspec.Meta(gt=0)]
+
+
+create_order = tidings.Saga("create-order", input=CreateOrder, steps=[
     tidings.Step("create_order", command="order.create", compensation="order.reject",
                  timeout=10.0, retries=3),
     tidings.Step("reserve_credit", command="customer.reserve_credit",

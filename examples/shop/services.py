@@ -2,16 +2,55 @@
 
 Each handler loads its aggregate, runs the command, and enlists the aggregate
 with `cmd.save`: the new events, the inbox record and the reply commit in one
-transaction, so a redelivered command changes nothing.
+transaction, so a redelivered command changes nothing. Each declares what its
+command carries (`tidings.Command[ReserveCredit]`): a command without those
+fields is rejected before the handler runs, and the saga compensates.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 import tidings
 
 from .domain import Customer, Order, Product
+
+
+# What the commands carry: the saga's data (and its id), of which each service reads its part.
+class OrderRef(msgspec.Struct):
+    saga_id: str
+    reason: str = "rejected"  # why a compensation rejects the order
+
+
+class PlaceOrder(msgspec.Struct):
+    saga_id: str
+    customer_id: str
+    product_id: str
+    quantity: int
+
+
+class ReserveCredit(msgspec.Struct):
+    saga_id: str
+    customer_id: str
+    total: int
+
+
+class ReleaseCredit(msgspec.Struct):
+    saga_id: str
+    customer_id: str
+
+
+class ReserveStock(msgspec.Struct):
+    saga_id: str
+    product_id: str
+    quantity: int
+
+
+class ReleaseStock(msgspec.Struct):
+    saga_id: str
+    product_id: str
 
 # The order service's price list (the catalogue it sells from).
 PRICES: dict[str, int] = {}
@@ -31,73 +70,72 @@ def register_services(hub: tidings.Hub, *, concurrency: int = 8, inline: bool = 
             return Order(order_id)
 
     @hub.handler("order.create", concurrency=concurrency, inline=inline)
-    async def create_order(cmd: Any) -> dict[str, Any]:
+    async def create_order(cmd: tidings.Command[PlaceOrder]) -> dict[str, Any]:
         d = cmd.data
-        price = PRICES.get(d["product_id"])
+        price = PRICES.get(d.product_id)
         if price is None:  # not in this process's price list yet: read the catalogue
             try:
-                price = PRICES[d["product_id"]] = (await products.get(d["product_id"])).price
+                price = PRICES[d.product_id] = (await products.get(d.product_id)).price
             except tidings.NotFound:
-                raise tidings.Rejected(f"unknown product {d['product_id']!r}") from None
-        order = await order_of(d["saga_id"])
-        order.create(d["customer_id"], d["product_id"], int(d["quantity"]),
-                     int(d["quantity"]) * price)
+                raise tidings.Rejected(f"unknown product {d.product_id!r}") from None
+        order = await order_of(d.saga_id)
+        order.create(d.customer_id, d.product_id, d.quantity, d.quantity * price)
         cmd.save(order)
         return {"order_id": order.id, "total": order.total}
 
     @hub.handler("order.approve", concurrency=concurrency, inline=inline)
-    async def approve_order(cmd: Any) -> dict[str, Any]:
-        order = await order_of(cmd.data["saga_id"])
+    async def approve_order(cmd: tidings.Command[OrderRef]) -> dict[str, Any]:
+        order = await order_of(cmd.data.saga_id)
         order.approve()
         cmd.save(order)
         return {"status": order.status}
 
     @hub.handler("order.reject", concurrency=concurrency, inline=inline)
-    async def reject_order(cmd: Any) -> dict[str, Any]:
-        order = await order_of(cmd.data["saga_id"])
-        order.reject(cmd.data.get("reason") or "rejected")
+    async def reject_order(cmd: tidings.Command[OrderRef]) -> dict[str, Any]:
+        order = await order_of(cmd.data.saga_id)
+        order.reject(cmd.data.reason or "rejected")
         cmd.save(order)
         return {"status": order.status}
 
     @hub.handler("customer.reserve_credit", concurrency=concurrency, inline=inline)
-    async def reserve_credit(cmd: Any) -> dict[str, Any]:
+    async def reserve_credit(cmd: tidings.Command[ReserveCredit]) -> dict[str, Any]:
         d = cmd.data
         try:
-            customer = await customers.get(d["customer_id"])
+            customer = await customers.get(d.customer_id)
         except tidings.NotFound:
-            raise tidings.Rejected(f"unknown customer {d['customer_id']!r}") from None
-        customer.reserve(d["saga_id"], int(d["total"]))
+            raise tidings.Rejected(f"unknown customer {d.customer_id!r}") from None
+        customer.reserve(d.saga_id, d.total)
         cmd.save(customer)
-        return {"credit_reserved": int(d["total"])}
+        return {"credit_reserved": d.total}
 
     @hub.handler("customer.release_credit", concurrency=concurrency, inline=inline)
-    async def release_credit(cmd: Any) -> dict[str, Any]:
+    async def release_credit(cmd: tidings.Command[ReleaseCredit]) -> dict[str, Any]:
         try:
-            customer = await customers.get(cmd.data["customer_id"])
+            customer = await customers.get(cmd.data.customer_id)
         except tidings.NotFound:
             return {}
-        customer.release(cmd.data["saga_id"])
+        customer.release(cmd.data.saga_id)
         cmd.save(customer)
         return {}
 
     @hub.handler("inventory.reserve", concurrency=concurrency, inline=inline)
-    async def reserve_stock(cmd: Any) -> dict[str, Any]:
+    async def reserve_stock(cmd: tidings.Command[ReserveStock]) -> dict[str, Any]:
         d = cmd.data
         try:
-            product = await products.get(d["product_id"])
+            product = await products.get(d.product_id)
         except tidings.NotFound:
-            raise tidings.Rejected(f"unknown product {d['product_id']!r}") from None
-        product.reserve(d["saga_id"], int(d["quantity"]))
+            raise tidings.Rejected(f"unknown product {d.product_id!r}") from None
+        product.reserve(d.saga_id, d.quantity)
         cmd.save(product)
-        return {"stock_reserved": int(d["quantity"])}
+        return {"stock_reserved": d.quantity}
 
     @hub.handler("inventory.release", concurrency=concurrency, inline=inline)
-    async def release_stock(cmd: Any) -> dict[str, Any]:
+    async def release_stock(cmd: tidings.Command[ReleaseStock]) -> dict[str, Any]:
         try:
-            product = await products.get(cmd.data["product_id"])
+            product = await products.get(cmd.data.product_id)
         except tidings.NotFound:
             return {}
-        product.release(cmd.data["saga_id"])
+        product.release(cmd.data.saga_id)
         cmd.save(product)
         return {}
 

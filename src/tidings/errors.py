@@ -32,7 +32,15 @@ class TidingsError(Exception):
 
 
 class InvalidArgument(TidingsError, ValueError):
-    """An argument is out of range or of the wrong shape; nothing was stored."""
+    """An argument is out of range or of the wrong shape; nothing was stored.
+
+    `field` is the JSON path of the offending field (`$.lines[0].quantity`) when
+    structured data did not fit its declared type, else None.
+    """
+
+    def __init__(self, *args: object, field: str | None = None) -> None:
+        super().__init__(*args)
+        self.field = field
 
 
 class InvalidTopic(InvalidArgument):

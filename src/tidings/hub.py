@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from . import redrive as _redrive
 from . import topics as _topics
 from .backpressure import Window
+from .clock import Clock, SystemClock
 from .engines.base import Engine, Retention
 from .engines.delivery import SubscriptionSpec
 from .engines.factory import engine_for
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from .eventsourcing.projections import HandlerT, Projections
     from .eventsourcing.repository import Repository
     from .eventsourcing.store import EventStore
-    from .saga.clock import Clock
     from .saga.coordinator import Coordinator
     from .saga.definition import Saga
     from .saga.handlers import CommandHandler
@@ -152,6 +151,9 @@ class Hub:
         self._background: set[asyncio.Task[Any]] = set()
         self._command_handlers: list[CommandHandler] = []
         self._coordinator: Coordinator | None = None
+        #: Where the hub reads time (leases, delays, retention, saga deadlines);
+        #: `tidings.testing.TestHub` replaces it with a ManualClock.
+        self.clock: Clock = SystemClock()
 
     @property
     def url(self) -> str:
@@ -174,6 +176,16 @@ class Hub:
         if found is None:
             found = self._extensions[kind] = make(self)
         return cast("X", found)
+
+    @property
+    def subscribers(self) -> tuple[Handler, ...]:
+        """The functions registered with `hub.subscriber`, in order."""
+        return tuple(self._handlers)
+
+    @property
+    def saga_definitions(self) -> tuple[Saga, ...]:
+        """The sagas registered with `hub.sagas` (each name's newest version)."""
+        return () if self._coordinator is None else self._coordinator.definitions()
 
     @property
     def command_handlers(self) -> tuple[CommandHandler, ...]:
@@ -329,7 +341,7 @@ class Hub:
                           max_in_flight, backoff)
         start_after = await self._resolve_start(start)
         handle = await self.engine.subscribe(spec, start_after)
-        sub = Subscription(self.engine, handle, spec, batch or max_in_flight)
+        sub = Subscription(self.engine, handle, spec, batch or max_in_flight, self.clock)
         self._subs.add(sub)
         return sub
 
@@ -371,7 +383,11 @@ class Hub:
         """Register an async handler run by `hub.run()`: acked on return, nacked on error.
 
         A failing message is retried with exponential backoff (`retry_backoff`
-        doubled per attempt) until `max_deliver`, then dead-lettered. At most
+        doubled per attempt) until `max_deliver`, then dead-lettered. A function
+        whose first parameter is annotated with a type (`order: OrderCreated`: a
+        msgspec Struct, dataclass, pydantic model, ...) gets the data decoded as
+        that type; a message that does not decode is dead-lettered at once with
+        reason `decode-error` (no retry can fix it). At most
         `concurrency` messages are handled at once, so a slow handler is fed at
         its own pace.
         """
@@ -421,7 +437,8 @@ class Hub:
         """`group`'s dead letters not moved back yet (all with `redriven=True`), oldest
         first; `topic` (a pattern) filters by original topic, `ids` by the dead letter's
         id or its original message's. `dead_letter`: the subscription's own dead-letter
-        topic, if it named one (default `$dlq.<group>`)."""
+        topic, if it named one (default `$dlq.<group>`). NotFound for a group with no
+        subscription and no dead letters, or an id that names none of its dead letters."""
         self.check_open()
         return await _redrive.dead_letters(self, group, topic=topic, ids=ids, limit=limit,
                                            dead_letter=dead_letter, redriven=redriven)
@@ -517,15 +534,15 @@ class Hub:
     async def trim(self) -> int:
         """Apply retention limits now; returns how many messages were removed."""
         self.check_open()
-        return await self.engine.trim(time.time())
+        return await self.engine.trim(self.clock.now())
 
     async def _trim_every(self, interval: float) -> None:
         import logging
 
         while not self._closed:
-            await asyncio.sleep(interval)
+            await self.clock.sleep_until(self.clock.now() + interval)
             try:
-                await self.engine.trim(time.time())
+                await self.engine.trim(self.clock.now())
             except EngineUnavailable as exc:  # away for now: the next round tries again
                 logging.getLogger("tidings").warning("retention trim skipped: %s", exc)
             except Exception:  # keep trimming later; the engine reports its own failures
@@ -595,17 +612,22 @@ class Hub:
         if not isinstance(definition, Saga):
             raise InvalidArgument("hub.sagas() takes a tidings.Saga definition")
         if self._coordinator is None:
-            self._coordinator = Coordinator(self, clock)
+            self._coordinator = Coordinator(self, clock or self.clock)
         self._coordinator.register(definition)
         return SagaRunner(self._coordinator, definition)
 
     def handler(self, command: str, *, group: str | None = None,
                 concurrency: int = 1, inline: bool = False,
-                ack_wait: float = 60.0) -> Callable[[F], F]:
+                ack_wait: float = 60.0, input: type[Any] | None = None) -> Callable[[F], F]:
         """Register a service's command handler (run by `hub.run()`).
 
         The function gets a `Command` and returns the reply (a dict); raise
-        `tidings.Rejected(reason)` for a business refusal. Aggregates enlisted
+        `tidings.Rejected(reason)` for a business refusal. With an input type
+        (`input=ReserveCredit`, a msgspec Struct, dataclass or pydantic model, or
+        the parameter annotated `Command[ReserveCredit]`) `cmd.data` is an instance
+        of it; a command that does not fit is rejected with the error (naming the
+        field) and dead-lettered with reason `decode-error`, without calling the
+        function. Aggregates enlisted
         with `cmd.save(agg)` commit with the inbox record and the reply, so a
         redelivered command changes nothing and gets the same reply.
 
@@ -630,7 +652,7 @@ class Hub:
         def register(fn: F) -> F:
             self._command_handlers.append(
                 CommandHandler(self, command, fn, group=group, concurrency=concurrency,
-                               inline=inline, ack_wait=float(ack_wait)))
+                               inline=inline, ack_wait=float(ack_wait), input=input))
             return fn
 
         return register

@@ -38,6 +38,8 @@ JSON = "application/json"
 #: The largest position (or version) an engine stores: a signed 64-bit integer (SQL BIGINT).
 MAX_POSITION = 2**63 - 1
 _REASON = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: The longest `tidings-error` header a term stores.
+MAX_ERROR = 1000
 TEXT = "text/plain; charset=utf-8"
 OCTETS = "application/octet-stream"
 
@@ -83,7 +85,8 @@ class OutMessage(msgspec.Struct, array_like=True, gc=False):
 
 class _Settler(Protocol):
     def _settle(self, msg: Message, kind: str, delay: float | None, wait: bool,
-                reason: str | None = None) -> Awaitable[None] | None: ...
+                reason: str | None = None, error: str | None = None
+                ) -> Awaitable[None] | None: ...
 
 
 def encode_data(data: object) -> tuple[bytes, str]:
@@ -201,8 +204,8 @@ class Message:
         """The payload: JSON value, str or bytes by content type, or an instance of `type`."""
         return decode_data(self.data, self.headers.get("content-type"), type)
 
-    def _do(self, kind: str, delay: float | None, wait: bool, reason: str | None = None
-            ) -> Awaitable[None] | None:
+    def _do(self, kind: str, delay: float | None, wait: bool, reason: str | None = None,
+            error: str | None = None) -> Awaitable[None] | None:
         if self._sub is None:
             raise InvalidArgument(
                 "this message was read by replay (hub.read), not delivered by a subscription; "
@@ -210,7 +213,7 @@ class Message:
             )
         if self._settled:
             return None  # settling twice is harmless: the first decision stands
-        stored = self._sub._settle(self, kind, delay, wait, reason)
+        stored = self._sub._settle(self, kind, delay, wait, reason, error)
         self._settled = True
         return stored
 
@@ -250,19 +253,25 @@ class Message:
         if stored is not None:
             await stored
 
-    async def term(self, wait: bool = False, reason: str | None = None) -> None:
+    async def term(self, wait: bool = False, reason: str | None = None,
+                   error: str | None = None) -> None:
         """Stop redelivering; the message goes to the dead-letter topic if one is set.
 
         `reason` (default "terminated") is its dead letter's `tidings-reason` header:
-        a short label such as "decode-error". `wait=True` returns once the decision
-        is stored, as for `ack`.
+        a short label such as "decode-error"; `error`, what went wrong in words, its
+        `tidings-error` header (one line, cut at 1,000 characters). `wait=True`
+        returns once the decision is stored, as for `ack`.
         """
         if reason is not None and not _REASON.fullmatch(reason if isinstance(reason, str) else ""):
             raise InvalidArgument(
                 f"a term reason is a short label: 1 to 64 letters, digits, '.', '_' or '-', "
                 f"got {reason!r}"
             )
-        stored = self._do("term", 0.0, wait, reason)
+        if error is not None:
+            if not isinstance(error, str):
+                raise InvalidArgument(f"a term error is text, got {type(error).__name__}")
+            error = " ".join(error.split())[:MAX_ERROR] or None  # one line, no controls
+        stored = self._do("term", 0.0, wait, reason, error)
         if stored is not None:
             await stored
 

@@ -9,15 +9,16 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, get_type_hints
+from typing import TYPE_CHECKING, Any
 
+from .clock import Clock, SystemClock
 from .engines.base import Engine, Settle
 from .engines.delivery import SubscriptionSpec
-from .errors import ClosedError, InvalidArgument
+from .errors import ClosedError, DecodeError, InvalidArgument
+from .inputs import decodable, parameter_type
 from .messages import MAX_POSITION, Message
 from .redrive import REDRIVE_GROUP
 
@@ -28,6 +29,8 @@ __all__ = ["Handler", "Subscription"]
 
 log = logging.getLogger("tidings.pubsub")
 
+#: The dead-letter reason of a message that does not decode as its handler's input type.
+DECODE_ERROR = "decode-error"
 #: How long an idle consumer sleeps at most between looks (a safety net under wake-ups).
 IDLE_CHECK = 1.0
 
@@ -39,8 +42,10 @@ class Subscription:
     gets every message. Never holds more than `max_in_flight` unacked messages.
     """
 
-    def __init__(self, engine: Engine, handle: Any, spec: SubscriptionSpec, batch: int) -> None:
+    def __init__(self, engine: Engine, handle: Any, spec: SubscriptionSpec, batch: int,
+                 clock: Clock | None = None) -> None:
         self._engine = engine
+        self._clock: Clock = clock or SystemClock()
         self._handle = handle
         self.spec = spec
         self._batch = max(1, min(batch, spec.max_in_flight))
@@ -60,7 +65,8 @@ class Subscription:
         return self.spec.pattern
 
     def _settle(self, msg: Message, kind: str, delay: float | None, wait: bool,
-                reason: str | None = None) -> asyncio.Future[None] | None:
+                reason: str | None = None, error: str | None = None
+                ) -> asyncio.Future[None] | None:
         position = msg.position
         if not 0 <= position <= MAX_POSITION:
             # Refused alone: a settle the engine cannot store would be queued again and
@@ -68,7 +74,8 @@ class Subscription:
             raise InvalidArgument(f"message position must be from 0 to "
                                   f"{MAX_POSITION}, got {position!r}; settle messages as "
                                   "a subscription delivered them")
-        self._settles.append(Settle(position, kind, delay, reason))  # type: ignore[arg-type]
+        self._settles.append(Settle(position, kind, delay, reason,  # type: ignore[arg-type]
+                                    error))
         waiter: asyncio.Future[None] | None = None
         if wait:
             waiter = asyncio.get_running_loop().create_future()
@@ -94,7 +101,7 @@ class Subscription:
         items, waiters = self._take_settles()
         if items:
             try:
-                await self._engine.settle(self._handle, items, time.time())
+                await self._engine.settle(self._handle, items, self._clock.now())
             except BaseException as exc:
                 self._settles[:0] = items  # not recorded: the next flush or fetch carries them
                 _answer(waiters, exc)
@@ -121,10 +128,11 @@ class Subscription:
 
     async def fetch(self, max: int = 100, wait: float | None = None) -> list[Message]:
         """Claim up to `max` messages now, waiting up to `wait` seconds for the first."""
-        deadline = None if wait is None else time.monotonic() + wait
+        clock = self._clock
+        deadline = None if wait is None else clock.monotonic() + wait
         first = True
         while not self._buf and not self._closed:
-            remaining = None if deadline is None else deadline - time.monotonic()
+            remaining = None if deadline is None else deadline - clock.monotonic()
             if remaining is not None and remaining <= 0 and not first:
                 break
             first = False  # always look once, even with wait=0
@@ -140,7 +148,7 @@ class Subscription:
         changed = engine.changes(self.spec.pattern)
         settles, waiters = self._take_settles()
         n = self._batch if limit is None else max(1, min(limit, self._batch))
-        now = time.time()
+        now = self._clock.now()
         fetching = asyncio.ensure_future(engine.fetch(self._handle, n, now, settles))
         if waiters:  # the fetch commits the settles it carries, or none of them
             fetching.add_done_callback(
@@ -172,7 +180,7 @@ class Subscription:
         wait = IDLE_CHECK if next_due is None else max(0.0, min(IDLE_CHECK, next_due - now))
         if timeout is not None:
             wait = min(wait, timeout)
-        await engine.wait(changed, wait)
+        await self._clock.wait(engine, changed, wait)
 
     def _release_claimed(self, fetching: asyncio.Future[tuple[list[Message], float | None]]
                          ) -> None:
@@ -181,7 +189,8 @@ class Subscription:
         msgs, _ = fetching.result()
         if msgs:
             items = [Settle(m.position, "release") for m in msgs]
-            task = asyncio.ensure_future(self._engine.settle(self._handle, items, time.time()))
+            task = asyncio.ensure_future(self._engine.settle(self._handle, items,
+                                                             self._clock.now()))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def close(self) -> None:
@@ -258,14 +267,15 @@ class Handler:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"subscriber {fn.__name__!r} must be an async function")
         decode_as = None
-        params = list(inspect.signature(fn).parameters.values())
-        if params:
-            try:
-                hint = get_type_hints(fn).get(params[0].name)
-            except Exception:  # unresolvable annotations: pass the Message
-                hint = None
-            if hint is not None and hint is not Message and hint is not Any:
-                decode_as = hint
+        what = f"subscriber {getattr(fn, '__name__', fn)!r}"
+        hint = parameter_type(fn, what)
+        if hint is not None and hint is not Message and hint is not Any:
+            if not decodable(hint):
+                raise InvalidArgument(
+                    f"{what}: messages cannot be decoded as {hint!r}; annotate its first "
+                    "parameter with a msgspec Struct, a dataclass, a pydantic model, a JSON "
+                    "type (dict, list, int, ...), str or bytes, or tidings.Message")
+            decode_as = hint
         return cls(fn, pattern, group, options, concurrency, retry_backoff, decode_as)
 
     def backoff(self, attempt: int) -> float:
@@ -282,7 +292,16 @@ class Handler:
 
     async def _one(self, msg: Message, slots: asyncio.Semaphore) -> None:
         try:
-            arg = msg if self.decode_as is None else msg.decode(self.decode_as)
+            arg: Any = msg
+            if self.decode_as is not None:
+                try:
+                    arg = msg.decode(self.decode_as)
+                except DecodeError as exc:  # no retry can fix it: dead-lettered at once
+                    log.warning("subscriber %s: %s position %d does not decode; "
+                                "dead-lettered: %s", getattr(self.fn, "__name__", self.fn),
+                                msg.topic, msg.position, exc)
+                    await msg.term(reason=DECODE_ERROR, error=str(exc))
+                    return
             await self.fn(arg)
         except asyncio.CancelledError:
             await msg.nack()

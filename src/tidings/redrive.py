@@ -8,7 +8,7 @@ Redrive moves a dead letter back to its original topic as a new message (its
 attempts start again) with a `tidings-redriven` header naming the dead letter.
 Exactly once, whatever happens to the process doing it:
 
-- the moved message and a marker in `$redriven.<group>` are stored in one
+- the moved message and a marker in `$rdv.<group>` are stored in one
   atomic append, so a dead letter is either moved and marked, or neither;
 - a dead letter already marked is never moved again (a second run, or a run
   after one killed midway, reads the markers first);
@@ -26,13 +26,13 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import topics as _topics
-from .errors import InvalidArgument
+from .errors import InvalidArgument, NotFound
 from .messages import Message, OutMessage
 
 if TYPE_CHECKING:
     from .hub import Hub
 
-__all__ = ["REDRIVE_GROUP", "REDRIVEN", "dead_letter_topic", "dead_letters", "redrive"]
+__all__ = ["REDRIVE_GROUP", "REDRIVEN", "dead_letter_topic", "dead_letters", "marker_topic", "redrive"]
 
 #: On a moved message: the id of the dead letter it came from.
 REDRIVEN = "tidings-redriven"
@@ -41,7 +41,7 @@ REDRIVE_GROUP = "tidings-redrive-group"
 #: The headers a dead letter adds to the original's (removed again when it moves back).
 _DEAD_LETTER_HEADERS = ("tidings-original-topic", "tidings-original-id",
                         "tidings-original-position", "tidings-group", "tidings-reason",
-                        "tidings-attempts")
+                        "tidings-attempts", "tidings-error")
 #: Pairs (moved message + marker) per atomic append.
 _CHUNK = 200
 #: At most this many ids in one call (each is matched against every dead letter).
@@ -64,14 +64,15 @@ def check_group(group: object) -> str:
     return group
 
 
-def _marker_topic(group: str) -> str:
-    return f"$redriven.{group}"
+def marker_topic(group: str) -> str:
+    # (as short a prefix as `$dlq.`: any group with a dead-letter topic has this one too)
+    return f"$rdv.{group}"
 
 
 async def _redriven(hub: Hub, group: str) -> set[str]:
     """The ids of `group`'s dead letters already moved back."""
     done: set[str] = set()
-    async for m in hub.read(_marker_topic(group)):
+    async for m in hub.read(marker_topic(group)):
         dl = m.headers.get(REDRIVEN)
         if dl:
             done.add(dl)
@@ -101,8 +102,9 @@ def _selector(topic: str | None, ids: Iterable[str] | None
 def _check_limit(limit: object) -> int | None:
     if limit is None:
         return None
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise InvalidArgument(f"limit must be an int >= 1 (or None for all), got {limit!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit < 2**63:
+        raise InvalidArgument(f"limit must be an int from 1 to 2**63 - 1 (or None for all), "
+                              f"got {limit!r}")
     return limit
 
 
@@ -112,24 +114,44 @@ async def dead_letters(hub: Hub, group: str, *, topic: str | None = None,
                        ) -> list[Message]:
     """`group`'s dead letters, oldest first: those not moved back yet (all with
     `redriven=True`), whose original topic matches `topic` and whose id or
-    original id is in `ids`, at most `limit`."""
+    original id is in `ids`, at most `limit`.
+
+    Raises NotFound for a group with neither a subscription nor dead letters, and
+    for ids that name none of the group's dead letters (moved back or not).
+    """
     source = dead_letter_topic(group, dead_letter)
     pattern, wanted = _selector(topic, ids)
     limit = _check_limit(limit)
-    done = set() if redriven else await _redriven(hub, group)
+    done = await _redriven(hub, group)
     out: list[Message] = []
+    seen_any = False
+    matched: set[str] = set()
     async for m in hub.read(source):
         h = m.headers
-        if h.get("tidings-group") != group or m.id in done:
+        if h.get("tidings-group") != group:
             continue
+        seen_any = True
         original = h.get("tidings-original-topic", "")
         if pattern is not None and not (original and _topics.matches(pattern, original)):
             continue
-        if wanted is not None and m.id not in wanted and h.get("tidings-original-id") not in wanted:
+        if wanted is not None:
+            hit = wanted.intersection((m.id, h.get("tidings-original-id", "")))
+            if not hit:
+                continue
+            matched.update(hit)
+        if m.id in done and not redriven:
             continue
-        out.append(m)
-        if limit is not None and len(out) >= limit:
-            break
+        if limit is None or len(out) < limit:
+            out.append(m)
+        elif wanted is None:
+            break  # (with ids, read on: every id must name a dead letter)
+    if not seen_any and not any(s.group == group for s in await hub.engine.subscriptions()):
+        raise NotFound(f"no subscription {group!r} and no dead letters of it; check the "
+                       "group name ('tidings topics' lists the subscriptions)")
+    if wanted is not None and (missing := wanted - matched):
+        raise NotFound(f"no dead letter of {group!r} has the id {sorted(missing)[0]!r}"
+                       f"{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+                       f"'tidings dlq list {group}' shows them")
     return out
 
 
@@ -143,7 +165,7 @@ def _moved(dl: Message, group: str) -> tuple[OutMessage, OutMessage] | None:
     headers[REDRIVEN] = dl.id
     headers[REDRIVE_GROUP] = group
     moved = OutMessage(f"{dl.id}.redriven", original, dl.key, dl.data, headers, True)
-    marker = OutMessage(f"{dl.id}.redrive-marker", _marker_topic(group), None, b"",
+    marker = OutMessage(f"{dl.id}.redrive-marker", marker_topic(group), None, b"",
                         {REDRIVEN: dl.id, "tidings-original-topic": original}, True)
     return moved, marker
 

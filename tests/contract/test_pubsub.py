@@ -422,10 +422,16 @@ async def test_term_reason_labels_the_dead_letter(hub: tidings.Hub) -> None:
     for bad in ("", "has space", "x" * 65, "é", "٣", 7):
         with pytest.raises(tidings.InvalidArgument, match="term reason"):
             await a.term(reason=bad)  # type: ignore[arg-type]
-    await a.term(reason="decode-error")
+    with pytest.raises(tidings.InvalidArgument, match="term error"):
+        await a.term(error=b"bytes")  # type: ignore[arg-type]
+    await a.term(reason="decode-error", error="$.id: expected str,\n got int" + "x" * 2000)
     await b.term()
     dls = await dead_letters(hub, "$dlq.billing", 2, drive=sub)
-    assert sorted(d.headers["tidings-reason"] for d in dls) == ["decode-error", "terminated"]
+    by_reason = {d.headers["tidings-reason"]: d for d in dls}
+    assert sorted(by_reason) == ["decode-error", "terminated"]
+    error = by_reason["decode-error"].headers["tidings-error"]
+    assert error.startswith("$.id: expected str, got int") and len(error) == 1000
+    assert "tidings-error" not in by_reason["terminated"].headers
 
 
 async def test_backoff_spaces_redeliveries_after_nacks(hub: tidings.Hub) -> None:

@@ -7,11 +7,10 @@ import asyncio
 from typing import Any
 
 import pytest
+from test_pubsub import dead_letters, none_for, read_all, take
 
 import tidings
 from tidings import Message
-
-from test_pubsub import dead_letters, none_for, read_all, take
 
 
 async def poison(hub: tidings.Hub, n: int, *, group: str = "billing", topic: str = "orders.created",
@@ -70,7 +69,11 @@ async def test_redrive_selects_by_topic_ids_and_limit(hub: tidings.Hub) -> None:
     assert await hub.redrive("billing", ids=["b", by_original["c"].id]) == 2  # either id
     assert await hub.redrive("billing", topic="orders.paid", limit=5) == 1
     assert [d.headers["tidings-original-id"] for d in await hub.dead_letters("billing")] == ["a"]
-    assert await hub.redrive("billing", ids=["nope"]) == 0
+    with pytest.raises(tidings.NotFound, match="nope"):  # and nothing moves
+        await hub.redrive("billing", ids=[by_original["a"].id, "nope"])
+    assert await hub.redrive("billing", ids=["b"]) == 0  # moved already: fine, not again
+    with pytest.raises(tidings.NotFound, match="no subscription 'nobody'"):
+        await hub.redrive("nobody")
     back = await take(sub, 3)
     assert sorted(m.data for m in back) == [b"b", b"c", b"d"]
 

@@ -6,9 +6,10 @@ import asyncio
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
+import msgspec
 
 import tidings
 
@@ -200,3 +201,54 @@ def test_a_waiting_poll_whose_client_leaves_frees_its_place(
     assert waits.active == 0
     with server.client() as c:
         assert c.get(location, params={"wait": 0.01}).json()["status"] == "running"
+
+
+class OrderLine(msgspec.Struct):
+    sku: str
+    quantity: Annotated[int, msgspec.Meta(gt=0)]
+
+
+class PlaceOrder(msgspec.Struct):
+    customer_id: str
+    lines: list[OrderLine]
+    note: str = ""
+
+
+def test_a_typed_command_that_does_not_fit_is_422_naming_the_field_and_stores_nothing(
+    start_server: Callable[..., LiveServer],
+) -> None:
+    ran: list[dict[str, Any]] = []
+
+    async def place(data: dict[str, Any]) -> None:
+        ran.append(data)
+
+    saga = tidings.Saga("place-order", [tidings.Step("place", action=place)], input=PlaceOrder)
+    server = start_server(app_module=lambda hub: {saga.name: hub.sagas(saga)})
+    before = server.call(lambda hub: hub.engine.last_position())
+    key = {"Idempotency-Key": "form-1"}
+    with server.client() as c:
+        for body, field in [
+            ({"lines": []}, "$.customer_id"),
+            ({"customer_id": "c-1", "lines": [{"sku": "a", "quantity": 0}]},
+             "$.lines[0].quantity"),
+            ({"customer_id": "c-1", "lines": [{"quantity": 1}]}, "$.lines[0].sku"),
+            ({"customer_id": 7, "lines": []}, "$.customer_id"),
+        ]:
+            r = c.post("/v1/commands/place-order", json=body, headers=key)
+            assert r.status_code == 422, r.text
+            err = r.json()
+            assert err["error"] == "invalid_field" and err["field"] == field, err
+            assert f"saga 'place-order' input is invalid at {field}" in err["detail"]
+        assert c.get("/v1/sagas").json() == {"sagas": []}
+        assert server.call(lambda hub: hub.engine.last_position()) == before
+        assert server.gateway.requests.running == {}
+        # the refused key is free again: the corrected form goes through under it
+        r = c.post("/v1/commands/place-order", headers=key,
+                   json={"customer_id": "c-1", "lines": [{"sku": "a", "quantity": 2}]})
+        assert r.status_code == 202, r.text
+        done = wait_terminal(c, r.headers["location"])
+        assert done["status"] == "completed"
+        assert done["result"] == {"customer_id": "c-1", "lines": [{"sku": "a", "quantity": 2}],
+                                  "note": ""}  # defaults filled in
+    assert ran == [{"customer_id": "c-1", "lines": [{"sku": "a", "quantity": 2}], "note": "",
+                    "saga_id": done["request_id"]}]

@@ -92,3 +92,41 @@ def test_dashboard_asks_for_the_token(start_server: Callable[..., LiveServer],
     page.click("#token-form button")
     expect(page.get_by_test_id("status")).to_have_text("live", timeout=10_000)
     page.close()
+
+
+def test_dashboard_redrives_a_group_s_dead_letters(
+    start_server: Callable[..., LiveServer], browser: object, tmp_path: Path
+) -> None:
+    from playwright.sync_api import Browser, expect
+
+    import tidings
+
+    assert isinstance(browser, Browser)
+    server = start_server(token="s3cret")
+
+    async def dead_letter(hub: tidings.Hub) -> None:
+        await hub.publish("jobs.run", {"n": 1})
+        async with await hub.subscribe("jobs.run", group="workers") as sub:
+            [m] = await sub.fetch(1, wait=5)
+            await m.term(reason="decode-error", wait=True)
+
+    server.call(dead_letter)
+    page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone
+    page.goto(server.base_url + "/")
+    page.fill("#token", "s3cret")
+    page.click("#token-form button")
+    row = page.locator("#dead-letters tbody tr", has_text="workers")
+    expect(row).to_contain_text("1", timeout=10_000)
+    page.screenshot(path=str(tmp_path / "dead-letters-phone.png"), full_page=True)
+    row.get_by_role("button", name="redrive").click()
+    expect(page.get_by_test_id("dlq-result")).to_have_text("moved 1 of workers back",
+                                                         timeout=10_000)
+    expect(row).to_contain_text("0", timeout=10_000)  # the next snapshot: none waiting
+    expect(row.get_by_role("button")).to_have_count(0)
+
+    async def delivered(hub: tidings.Hub) -> list[int]:
+        async with await hub.subscribe("jobs.run", group="workers") as sub:
+            return [m.attempt for m in await sub.fetch(10, wait=5)]
+
+    assert server.call(delivered) == [1]  # back on its topic, from attempt 1
+    page.close()

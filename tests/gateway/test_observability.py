@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -72,6 +74,14 @@ def test_dashboard_snapshot_shows_topics_subscriptions_and_dead_letters(
     snap = client.get("/v1/dashboard").json()
     assert [t["topic"] for t in snap["topics"]] == ["orders.created"]
     assert {s["group"] for s in snap["subscriptions"]} == {"fragile"}
-    assert snap["dead_letters"] == [{"topic": "$dlq.fragile", "messages": 1}]
+    assert snap["dead_letters"] == [{"topic": "$dlq.fragile", "group": "fragile",
+                                     "messages": 1}]
     assert snap["dead_letter_total"] == 1
     assert snap["sagas"] is None and snap["requests"] == [] and snap["commands"] == []
+    assert client.post("/v1/dlq/fragile/redrive", json={"all": True}).json()["moved"] == 1
+    for _ in range(100):  # (snapshots are shared for a moment: wait for a fresh one)
+        after = client.get("/v1/dashboard").json()
+        if after["time"] > snap["time"] + 0.5:
+            break
+        time.sleep(0.05)
+    assert after["dead_letters"][0]["messages"] == 0 and after["dead_letter_total"] == 0

@@ -19,9 +19,10 @@ import copy
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
+import msgspec
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -30,7 +31,8 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.config._checks import NEGATIVE_DATA_REJECTION_EXPECTED_STATUSES
 from starlette.routing import Mount, Route
 
-from tidings.gateway.openapi import openapi
+import tidings
+from tidings.gateway.openapi import openapi, with_inputs
 from tidings.gateway.pubsub import MAX_PULL
 
 from .conftest import LiveServer
@@ -182,3 +184,65 @@ def test_options_lists_every_method_of_each_path(fuzzed: LiveServer) -> None:
         allowed = {m.strip().lower() for m in r.headers["allow"].split(",")}
         assert set(ops) <= allowed, (path, allowed)
 
+
+
+# a saga with a typed input: its command has an operation and a body schema of its own ------
+class Line(msgspec.Struct):
+    sku: str
+    quantity: Annotated[int, msgspec.Meta(gt=0)]
+
+
+class PlaceOrder(msgspec.Struct):
+    customer_id: str
+    lines: list[Line]
+    note: str = ""
+
+
+async def _place(data: dict[str, Any]) -> None:
+    return None
+
+
+PLACE_ORDER = tidings.Saga("place-order", [tidings.Step("place", action=_place)],
+                           input=PlaceOrder)
+#: The document a server with that saga serves.
+TYPED_DOCUMENT = with_inputs(DOCUMENT, {"place-order": PlaceOrder})
+typed_schema = schemathesis.openapi.from_dict(copy.deepcopy(TYPED_DOCUMENT), config=CONFIG) \
+    .include(path="/v1/commands/place-order")
+
+
+@pytest.fixture(scope="module")
+def typed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    directory: Path = tmp_path_factory.mktemp("typed")
+    server = LiveServer(f"sqlite:///{directory}/typed.db?durability=normal",
+                        max_wait=MAX_WAIT,
+                        app_module=lambda hub: {"place-order": hub.sagas(PLACE_ORDER),
+                                                "create-order": Ordering()}).start()
+    yield server
+    server.stop()
+
+
+def test_a_typed_saga_has_its_body_schema_in_the_document(typed: LiveServer) -> None:
+    doc = httpx.get(f"{typed.base_url}/v1/openapi.json").json()
+    assert doc == TYPED_DOCUMENT
+    op = doc["paths"]["/v1/commands/place-order"]["post"]
+    assert op["requestBody"]["content"]["application/json"]["schema"] == \
+        {"$ref": "#/components/schemas/place-order.PlaceOrder"}
+    schemas = doc["components"]["schemas"]
+    assert schemas["place-order.PlaceOrder"]["required"] == ["customer_id", "lines"]
+    assert schemas["place-order.Line"]["properties"]["quantity"] == \
+        {"type": "integer", "exclusiveMinimum": 0}
+    assert "saga" not in [p["name"] for p in op["parameters"]]
+    # the others keep the templated operation, and the document its own parts
+    assert doc["paths"]["/v1/commands/{saga}"] == DOCUMENT["paths"]["/v1/commands/{saga}"]
+    assert {k: v for k, v in schemas.items() if not k.startswith("place-order.")} == \
+        DOCUMENT["components"]["schemas"]
+    assert "place-order.PlaceOrder" not in DOCUMENT["components"]["schemas"]  # not changed
+
+
+@typed_schema.parametrize()
+@SETTINGS
+def test_a_typed_command_accepts_exactly_what_its_schema_describes(
+        case: Any, typed: LiveServer) -> None:
+    """Every body the schema allows is accepted (202); every one it forbids is refused
+    with 4xx, and the 422 says which field."""
+    call_and_validate(case, typed.base_url)

@@ -61,3 +61,24 @@ def test_an_order_over_http_completes_or_compensates(
             assert f'tidings_saga_outcomes_total{{saga="create-order",status="{status}"}} {n}.0' \
                 in metrics
         assert 'tidings_saga_duration_seconds_count{saga="create-order"} 3.0' in metrics
+
+
+def test_an_order_missing_a_field_is_422_before_anything_starts(
+    start_server: Callable[..., LiveServer],
+) -> None:
+    server = start_shop(start_server, size=1)
+    before = server.call(lambda hub: hub.engine.last_position())
+    with server.client() as c:
+        for body, field in [({"customer_id": "c-1"}, "$.product_id"),
+                            ({"customer_id": "c-1", "product_id": "p-1", "quantity": 0},
+                             "$.quantity"),
+                            ({"customer_id": "", "product_id": "p-1", "quantity": 1},
+                             "$.customer_id")]:
+            r = c.post("/v1/commands/create-order", json=body)
+            assert r.status_code == 422 and r.json()["field"] == field, r.text
+        assert c.get("/v1/sagas").json() == {"sagas": []}
+        doc = c.get("/v1/openapi.json").json()
+        body = doc["paths"]["/v1/commands/create-order"]["post"]["requestBody"]
+        assert body["content"]["application/json"]["schema"] == \
+            {"$ref": "#/components/schemas/create-order.CreateOrder"}
+    assert server.call(lambda hub: hub.engine.last_position()) == before

@@ -67,13 +67,15 @@ class Settle(msgspec.Struct, frozen=True, gc=False):
     """One ack, nack (with its redelivery delay), term or release of a delivered message.
 
     A nack's `delay` of None follows the subscription's `backoff` (no backoff: at once);
-    a term's `reason` goes in its dead letter's `tidings-reason` header.
+    a term's `reason` and `error` go in its dead letter's `tidings-reason` and
+    `tidings-error` headers.
     """
 
     position: int
     kind: SettleKind
     delay: float | None = None
     reason: str | None = None
+    error: str | None = None
 
 
 @dataclass(slots=True)

@@ -171,10 +171,12 @@ TERMINATED = "terminated"  # the consumer called term()
 
 
 class Dead(NamedTuple):
-    """A pending row to remove and dead-letter, and why (its attempts go in the headers)."""
+    """A pending row to remove and dead-letter, and why (its attempts go in the headers;
+    `error`, when the consumer gave one, in `tidings-error`)."""
 
     row: Pending
     reason: str
+    error: str | None = None
 
 
 @dataclass(slots=True)
@@ -234,7 +236,7 @@ def _decide(spec: SubscriptionSpec, rows: Mapping[int, Pending], items: Iterable
         elif kind == "release":
             update.append(Pending(position, row.key, row.attempt - 1, now))
         elif kind == "term":
-            dead.append(Dead(row, s.reason or TERMINATED))
+            dead.append(Dead(row, s.reason or TERMINATED, s.error))
         elif row.attempt >= spec.max_deliver:
             dead.append(Dead(row, MAX_DELIVER))
         else:
@@ -287,7 +289,7 @@ def dead_letter(spec: SubscriptionSpec, message: Message, dead: Dead) -> OutMess
     assert spec.dead_letter is not None
     headers = dead_letter_headers(
         message.headers, topic=message.topic, id=message.id, position=message.position,
-        group=spec.group, reason=dead.reason, attempts=dead.row.attempt,
+        group=spec.group, reason=dead.reason, attempts=dead.row.attempt, error=dead.error,
     )
     return OutMessage(new_id(), spec.dead_letter, message.key, message.data, headers)
 
@@ -301,9 +303,12 @@ def dead_letter_headers(
     group: str,
     reason: str,
     attempts: int,
+    error: str | None = None,
 ) -> dict[str, str]:
     """The headers of a dead letter: the original ones plus where it came from and why."""
     out = dict(headers or {})
+    if error:
+        out["tidings-error"] = error
     out.update(
         {
             "tidings-original-topic": topic,

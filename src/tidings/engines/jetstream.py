@@ -769,7 +769,10 @@ class JetStreamEngine(Engine):
         old = sub.pending, sub.cursor, sub.dying
         sub.pending, sub.cursor = pending, cursor
         if dead and spec.dead_letter is not None:  # the decision first, with the rows
-            sub.dying = [*sub.dying, *((d.row.position, d.row.attempt, d.reason)
+            # (a reason is one label without "\n": an error rides after it, and documents
+            # written before errors existed read the same)
+            sub.dying = [*sub.dying, *((d.row.position, d.row.attempt,
+                                        d.reason if not d.error else f"{d.reason}\n{d.error}")
                                        for d in dead)]
         try:
             await self._store(sub)
@@ -813,7 +816,8 @@ class JetStreamEngine(Engine):
         if spec.dead_letter is None:
             return
         tag = hashlib.sha1(f"{spec.group}\0{spec.pattern}".encode()).hexdigest()[:16]
-        for position, attempts, reason in dying:
+        for position, attempts, why in dying:
+            reason, _, error = why.partition("\n")
             m = known.get(position)
             if m is None:
                 got = await self._get(self.stream, {"seq": position})
@@ -822,7 +826,7 @@ class JetStreamEngine(Engine):
                 m = self._message(got[0])
             headers = dead_letter_headers(
                 m.headers, topic=m.topic, id=m.id, position=m.position, group=spec.group,
-                reason=reason, attempts=attempts)
+                reason=reason, attempts=attempts, error=error or None)
             out = OutMessage(f"dl-{tag}-{m.position}-{attempts}", spec.dead_letter,
                              m.key, m.data, headers, client_id=True)
             await self._publish_one(out)

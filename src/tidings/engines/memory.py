@@ -10,7 +10,7 @@ import bisect
 import heapq
 import itertools
 import time as _time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +98,8 @@ class MemoryEngine(Engine):
         self._bytes: dict[str, int] = {}
         self._last = 0
         self._last_time = 0.0
+        #: The time source for stored messages (a test's ManualClock may replace it).
+        self.now: Callable[[], float] = _time.time
         self._ids: dict[str, tuple[int, float]] = {}
         self._subs: dict[tuple[str, str], _Sub] = {}
         self._retention: dict[str, Retention] = {}
@@ -159,7 +161,7 @@ class MemoryEngine(Engine):
         return out
 
     async def append(self, messages: Sequence[OutMessage]) -> list[Published]:
-        out = self._store(messages, round(_time.time(), 6))
+        out = self._store(messages, round(self.now(), 6))
         self._notify({m.topic for m in messages})
         return out
 
@@ -179,6 +181,12 @@ class MemoryEngine(Engine):
     def _message(rec: _Rec, attempt: int = 0, sub: Any = None) -> Message:
         return Message(rec.id, rec.topic, rec.key, rec.data, _headers(rec), rec.time,
                        rec.position, attempt, sub)
+
+    def stored(self, pattern: str) -> list[Message]:
+        """Every stored message matching `pattern`, in position order (no await: for
+        tests that inspect what an application published)."""
+        recs = self._recs
+        return [self._message(recs[p]) for p in self._scan(pattern, 0, None, len(recs))]
 
     async def read(self, pattern: str, after: int, stop: int | None, limit: int) -> list[Message]:
         return [self._message(self._recs[p]) for p in self._scan(pattern, after, stop, limit)]
@@ -312,7 +320,7 @@ class MemoryEngine(Engine):
             out.append(
                 SubscriptionInfo(
                     group, pattern, sub.cursor, len(sub.pending),
-                    sum(1 for p in sub.pending.values() if p.attempt and p.due > _time.time()),
+                    sum(1 for p in sub.pending.values() if p.attempt and p.due > self.now()),
                     lag + len(sub.pending), sub.spec.ordered, sub.spec.max_in_flight,
                 )
             )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import time as _time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -114,7 +113,7 @@ class MemoryStore(StoreBackend):
         t = self._tables
         last = t.events[-1][6] if t.events else 0.0
         # microseconds, like the engine's message times and the datetimes users pass
-        return max(round(_time.time(), 6), self.engine._last_time, last)
+        return float(max(round(self.engine.now(), 6), self.engine._last_time, last))
 
     async def append(
         self,

@@ -29,6 +29,7 @@ from ..hub import Hub
 from ..pubsub import Subscription
 from . import commands as _commands
 from . import dashboard as _dashboard
+from . import dlq as _dlq
 from . import pubsub as _pubsub
 from . import streams as _streams
 from .auth import BearerAuth
@@ -44,7 +45,7 @@ from .http import (
 )
 from .limits import Admission, BodyBytes, BodyLimit
 from .metrics import CONTENT_TYPE, GatewayMetrics, HttpMetrics
-from .openapi import openapi
+from .openapi import openapi, with_inputs
 from .sse import EventStream
 
 __all__ = ["Gateway", "create_app", "load_app"]
@@ -253,8 +254,15 @@ def create_app(
     async def metrics(request: Request) -> Response:
         return Response(await gw.metrics.render(hub), media_type=CONTENT_TYPE)
 
+    # the document as of the sagas served (an --app registers them at startup), and the
+    # inputs it was made for
+    served: list[Any] = [{}, spec]
+
     async def openapi_json(request: Request) -> Response:
-        return json_response(spec)
+        typed = _commands.inputs(gw.commands)
+        if typed != served[0]:
+            served[:] = [typed, with_inputs(spec, typed)]
+        return json_response(served[1])
 
     routes: list[BaseRoute] = [
         *_pubsub.routes(gw),  # first: publishing is the hot path
@@ -263,6 +271,7 @@ def create_app(
         Route("/v1/openapi.json", openapi_json, methods=["GET"]),
         *_streams.routes(gw),
         *_commands.routes(gw),
+        *_dlq.routes(gw),
         *_dashboard.routes(gw),
     ]
 

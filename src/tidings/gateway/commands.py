@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import inspect
+import re
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Mapping
@@ -26,6 +27,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..errors import InvalidArgument, NotFound
+from ..inputs import is_input_type
 from ..messages import new_id
 from ..util import Recent
 from .http import (
@@ -43,8 +45,8 @@ from .params import number_param
 if TYPE_CHECKING:
     from .app import Gateway
 
-__all__ = ["CommandTarget", "Requests", "listing", "lookup", "outcome", "request_status",
-           "routes"]
+__all__ = ["CommandTarget", "Requests", "inputs", "listing", "lookup", "outcome",
+           "request_status", "routes"]
 
 #: Saga statuses (tidings.saga) -> request statuses (shared/DESIGN.md).
 _STATUS = {
@@ -60,6 +62,7 @@ TERMINAL = frozenset({"completed", "compensated", "failed"})
 MAX_KEY = 255
 MAX_LISTED = 1000
 RECHECK = 0.25  # seconds between looks at a waited-for request whose end is not announced
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @runtime_checkable
@@ -71,7 +74,11 @@ class CommandTarget(Protocol):
     dict with at least `status` (and `result` or `data`, `error` or `reason`,
     `steps` when known), or None / raises `NotFound` when the id is not one of
     its runs. A `start` that cannot take more work right now raises
-    `tidings.BufferFull` (the client gets 429). Optional: `list(status)` (a
+    `tidings.BufferFull` (the client gets 429); data it refuses, `InvalidArgument`
+    (422, with its `field` path), before storing anything. Optional: `input`, the
+    type `start` checks the data against (a msgspec Struct, dataclass or pydantic
+    model class: its JSON schema is the command's body in /v1/openapi.json);
+    `list(status)` (a
     list, or an async iterator, of such dicts) for `/v1/sagas` and the
     dashboard; `wait(id, timeout)` returning that dict once the run ends (raising
     TimeoutError), for `GET /v1/requests/{id}?wait` (without it the gateway waits
@@ -81,6 +88,17 @@ class CommandTarget(Protocol):
     async def start(self, data: dict[str, Any], id: str) -> str: ...
 
     async def get(self, id: str) -> dict[str, Any] | None: ...
+
+
+def inputs(targets: Mapping[str, CommandTarget]) -> dict[str, type[Any]]:
+    """Name -> input type of the targets that declare one (`hub.sagas(Saga(...,
+    input=T))`), for names that are a path segment as they are."""
+    out: dict[str, type[Any]] = {}
+    for name, t in targets.items():
+        tp = getattr(t, "input", None)
+        if isinstance(tp, type) and is_input_type(tp) and _NAME.fullmatch(name):
+            out[name] = tp
+    return out
 
 
 async def lookup(target: CommandTarget, id: str) -> dict[str, Any] | None:
@@ -159,6 +177,11 @@ class Requests:
             return seen == fingerprint
         self._keys.put(request_id, fingerprint)
         return True
+
+    def forget_key(self, request_id: str) -> None:
+        """Forget a key whose command was refused (nothing started): it may come again
+        with a corrected body."""
+        self._keys.pop(request_id, None)
 
     def accepted(self, request_id: str, saga: str) -> None:
         if any(r["request_id"] == request_id for r in self.recent):
@@ -261,9 +284,11 @@ def routes(gw: Gateway) -> list[Route]:
                 gw.requests.running[request_id] = name  # held from here: no await since the check
             try:
                 got = await t.start(data, request_id)
-            except BaseException:
+            except BaseException as exc:
                 if reserved:
                     gw.requests.running.pop(request_id, None)
+                if key is not None and isinstance(exc, InvalidArgument):
+                    gw.requests.forget_key(request_id)
                 raise
             gw.requests.accepted(got, name)
         gw.metrics.commands.labels(name).inc()

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..redrive import marker_topic
 from .commands import TERMINAL, listing, lookup, outcome
 from .http import json_response
 from .sse import EventStream, frame
@@ -72,7 +73,10 @@ class Dashboard:
         shown = [{"topic": t["topic"], "messages": t["messages"], "bytes": t["bytes"],
                   "last_position": t["last_position"], "rate": round(rates.get(t["topic"], 0.0), 1)}
                  for t in topics if not t["topic"].startswith("$")]
-        dead = [{"topic": t["topic"], "messages": t["messages"]}
+        # per group: its dead letters less those redriven (one marker each, see redrive.py)
+        dead = [{"topic": t["topic"], "group": t["topic"][len("$dlq."):],
+                 "messages": max(0, t["messages"] - counts.get(
+                     marker_topic(t["topic"][len("$dlq."):]), 0))}
                 for t in topics if t["topic"].startswith("$dlq.")]
         return {
             "time": time.time(),

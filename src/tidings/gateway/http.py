@@ -212,7 +212,8 @@ def translate(exc: TidingsError) -> ApiError:
     if isinstance(exc, SubscriptionConflict):
         return ApiError(409, "subscription_conflict", msg)
     if isinstance(exc, InvalidArgument):
-        return ApiError(422, "invalid_field", msg)
+        where: dict[str, Any] = {"field": exc.field} if exc.field is not None else {}
+        return ApiError(422, "invalid_field", msg, **where)
     if isinstance(exc, ConcurrencyError):
         expected = exc.expected if isinstance(exc.expected, int) else str(exc.expected).lower()
         return ApiError(409, "version_conflict", msg, stream_id=exc.stream_id,

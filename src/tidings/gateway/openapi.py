@@ -8,13 +8,16 @@ server error.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
+from ..inputs import input_schema
+from . import cloudevents as _ce
 from .http import MAX_DEPTH
 from .params import ACK_ID, BEFORE_LAST, MAX_POSITION, POSITIVE
 from .pubsub import MAX_GROUP
 
-__all__ = ["openapi"]
+__all__ = ["openapi", "with_inputs"]
 
 _TOKEN = r"[A-Za-z0-9_$-]+"
 TOPIC = rf"^[A-Za-z0-9_-][A-Za-z0-9_$-]*(\.{_TOKEN})*$"
@@ -99,6 +102,38 @@ def _events(*items: tuple[str, dict[str, Any]]) -> dict[str, Any]:
             "content": {"text/event-stream": {"schema": {"oneOf": one}}}}
 
 
+_CLOUDEVENTS_IN = (
+    "CloudEvents 1.0 are taken in structured mode (Content-Type application/cloudevents+json), "
+    "batch mode (application/cloudevents-batch+json) and binary mode: the ce-specversion, "
+    "ce-id, ce-source and ce-type headers (ce-time, ce-subject and extensions optional, "
+    "percent-encoded) with the data as the body, its type as Content-Type. The CloudEvent's id "
+    "is the message id (a repeat is not stored), partitionkey the key, datacontenttype the "
+    "content-type header, every other attribute x the header ce-x. Other "
+    "application/cloudevents formats get 415.")
+_CLOUDEVENTS_OUT = (
+    "With Accept: application/cloudevents+json the answer is one structured CloudEvent (max "
+    "must be 1; 204 when none arrived), with application/cloudevents-batch+json a JSON array "
+    "of them; tidingsackid is the ack id.")
+
+
+def _cloudevents_in(body: dict[str, Any]) -> dict[str, Any]:
+    """A publish request body that also takes CloudEvents (structured and batch mode)."""
+    example = {"specversion": "1.0", "id": "evt-1", "source": "/shop/orders",
+               "type": "com.example.order.created", "datacontenttype": "application/json",
+               "data": {"order_id": "o-1", "total": 42}}
+    body["content"][_ce.STRUCTURED] = {"schema": _ref("CloudEvent"), "example": example}
+    body["content"][_ce.BATCH] = {"schema": _ref("CloudEventBatch"), "example": [example]}
+    return body
+
+
+def _cloudevents_out(response: dict[str, Any]) -> dict[str, Any]:
+    """A pull's answer that may also be CloudEvents, by the request's Accept."""
+    response["content"][_ce.STRUCTURED] = {"schema": _ref("CloudEventOut")}
+    response["content"][_ce.BATCH] = {"schema": {"type": "array",
+                                                 "items": _ref("CloudEventOut")}}
+    return response
+
+
 def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dict[str, Any]:
     """The document for an app with these limits (and bearer auth when `auth`)."""
     topic = _path("topic", {"type": "string", "pattern": TOPIC, "maxLength": 255},
@@ -135,14 +170,16 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
         "/v1/topics/{topic}/messages": {"post": {
             "operationId": "publish",
             "summary": "publish one message, or a batch atomically",
-            "description": _NESTING,
+            "description": f"{_NESTING} {_CLOUDEVENTS_IN}",
             "parameters": [topic],
-            "requestBody": _body({"oneOf": [_ref("PublishMessage"), _ref("PublishBatch")]},
-                                 {"data": {"order_id": "o-1", "total": 42}, "key": "o-1"}),
+            "requestBody": _cloudevents_in(_body(
+                {"oneOf": [_ref("PublishMessage"), _ref("PublishBatch")]},
+                {"data": {"order_id": "o-1", "total": 42}, "key": "o-1"})),
             "responses": {
                 "201": _json({"oneOf": [_ref("Published"), _ref("PublishedBatch")]},
                              "stored (a batch: all of it)"),
                 **_errors(*common, 422),
+                "415": _error("a CloudEvents format other than JSON"),
             },
         }},
         "/v1/topics/{topic}/stream": {"get": {
@@ -165,6 +202,7 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
         "/v1/subscriptions/{group}/messages": {"get": {
             "operationId": "pull",
             "summary": "claim up to max messages, waiting up to wait seconds for the first",
+            "description": _CLOUDEVENTS_OUT,
             "parameters": [
                 group,
                 {**_query("topic", {"type": "string", "pattern": PATTERN, "maxLength": 255},
@@ -177,10 +215,12 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
                        "disconnects, and claims nothing more"),
             ],
             "responses": {"200": _links(
-                _json(_ref("Pulled"), "the messages (maybe none)"),
+                _cloudevents_out(_json(_ref("Pulled"), "the messages (maybe none)")),
                 **{op: {"operationId": op, "parameters": {"path.group": "$request.path.group"},
                         "requestBody": {"ack_ids": ["$response.body#/messages/0/ack_id"]}}
                    for op in ("ack", "nack")}),
+                          "204": {"description": "no message arrived (Accept: "
+                                                 "application/cloudevents+json)"},
                           "409": _error("the pattern matches the group's own dead-letter "
                                         "topic"),
                           **_errors(*reads, 422, 429)},
@@ -274,6 +314,34 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
             "responses": {"200": _json({"type": "object", "required": ["saga"]}, "the saga"),
                           **_errors(*reads, 404)},
         }},
+        "/v1/dlq/{group}": {"get": {
+            "operationId": "listDeadLetters",
+            "summary": "the group's dead letters not redriven yet, oldest first",
+            "parameters": [
+                group,
+                _query("topic", {"type": "string", "pattern": PATTERN, "maxLength": 255},
+                       "only those whose original topic matches this pattern"),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
+                       "at most this many (default 100)"),
+                _query("redriven", {"type": "boolean"}, "also those already redriven"),
+                _query("dead_letter", {"type": "string", "pattern": TOPIC, "maxLength": 255},
+                       "the subscription's own dead-letter topic, if it named one "
+                       "(default $dlq.{group})"),
+            ],
+            "responses": {"200": _json(_ref("DeadLetters"), "the dead letters"),
+                          **_errors(*reads, 404, 422)},
+        }},
+        "/v1/dlq/{group}/redrive": {"post": {
+            "operationId": "redrive",
+            "summary": "move dead letters back to their original topics, exactly once",
+            "description": "Each comes back as a new message (attempts from 1, a "
+            "tidings-redriven header) that only the group's subscription gets again. Asking "
+            "again moves nothing twice: a lost answer is safe to retry.",
+            "parameters": [group],
+            "requestBody": _body(_ref("Redrive"), {"ids": ["m-1"]}),
+            "responses": {"200": _json(_ref("Redriven"), "how many moved"),
+                          **_errors(*common, 404, 422)},
+        }},
         "/v1/dashboard": {"get": {
             "operationId": "dashboardSnapshot", "summary": "what the dashboard shows, now",
             "responses": {"200": _json(_ref("Snapshot"), "a snapshot"), **_errors(*reads)},
@@ -307,7 +375,7 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
     }
 
     headers = {"type": "object", "additionalProperties": {"type": "string"}}
-    message_out = {
+    message_out: dict[str, Any] = {
         "type": "object",
         "required": ["id", "topic", "position", "time", "headers", "attempt"],
         "properties": {
@@ -342,7 +410,10 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
                                 "duplicate": {"type": "boolean"}}}
     schemas: dict[str, Any] = {
         "Error": {"type": "object", "required": ["error", "detail"],
-                  "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}},
+                  "properties": {"error": {"type": "string"}, "detail": {"type": "string"},
+                                 "field": {"type": "string", "description":
+                                           "the JSON path of the field at fault, such as "
+                                           "$.lines[0].quantity (with 422 invalid_field)"}}},
         "PublishMessage": publish_one,
         "PublishBatch": {"type": "object", "required": ["messages"],
                          "additionalProperties": False,
@@ -373,12 +444,38 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
         "Pulled": {"type": "object", "required": ["messages"],
                    "properties": {"messages": {"type": "array", "items": message_out}}},
         "Message": message_out,
+        **_ce.schemas(ACK_ID),
         "AckIds": {"type": "object", "required": ["ack_ids"], "additionalProperties": False,
                    "properties": {"ack_ids": ack_ids}},
         "NackIds": {"type": "object", "required": ["ack_ids"], "additionalProperties": False,
                     "properties": {"ack_ids": ack_ids,
                                    "delay": {"type": "number", "minimum": 0,
                                              "maximum": 86_400}}},
+        "DeadLetters": {"type": "object", "required": ["group", "dead_letters"],
+                        "properties": {"group": {"type": "string"}, "dead_letters": {
+                            "type": "array", "items": {**message_out, "properties": {
+                                **message_out["properties"],
+                                "original_topic": {"type": ["string", "null"]},
+                                "original_id": {"type": ["string", "null"]},
+                                "reason": {"type": ["string", "null"]},
+                                "attempts": {"type": ["integer", "null"]},
+                                "error": {"type": ["string", "null"]}}}}}},
+        "Redrive": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "ids": {"type": "array", "minItems": 1, "maxItems": 10_000,
+                        "items": {"type": "string", "minLength": 1, "maxLength": 255},
+                        "description": "dead letters' ids, or their original messages' ids"},
+                "all": {"const": True, "description": "every dead letter of the group"},
+                "topic": {"type": "string", "pattern": PATTERN, "maxLength": 255},
+                "limit": {"type": "integer", "minimum": 1, "maximum": BIG},
+                "dead_letter": {"type": "string", "pattern": TOPIC, "maxLength": 255},
+            },
+            "oneOf": [{"required": ["ids"], "not": {"required": ["all"]}},
+                      {"required": ["all"], "not": {"required": ["ids"]}}]},
+        "Redriven": {"type": "object", "required": ["group", "moved"],
+                     "properties": {"group": {"type": "string"},
+                                    "moved": {"type": "integer"}}},
         "Settled": {"type": "object", "required": ["settled"],
                     "properties": {"settled": {"type": "integer"}}},
         "Append": {
@@ -457,3 +554,31 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
     else:
         del doc["paths"]["/healthz"]["get"]["security"]
     return doc
+
+
+def with_inputs(doc: dict[str, Any], inputs: Mapping[str, type[Any]]) -> dict[str, Any]:
+    """`doc` with an operation of its own for each saga in `inputs` (name -> input
+    type): `POST /v1/commands/<name>`, whose body is that type's JSON schema (the
+    templated path describes the sagas without one). `doc` itself is not changed."""
+    if not inputs:
+        return doc
+    paths = dict(doc["paths"])
+    schemas = dict(doc["components"]["schemas"])
+    generic = paths["/v1/commands/{saga}"]["post"]
+    for name, tp in sorted(inputs.items()):
+        # named schemas under the saga's name: no clash with the gateway's own ("Error")
+        # or with another saga's type of the same name
+        schema, named = input_schema(tp, f"{name}.")
+        schemas.update(named)
+        op = copy.deepcopy(generic)
+        op.update(operationId=f"startCommand.{name}",
+                  summary=f"start a {name} saga; 202 with the request id to poll",
+                  parameters=[p for p in op["parameters"] if p["in"] != "path"],
+                  requestBody={"required": True,
+                               "content": {"application/json": {"schema": schema}}})
+        del op["responses"]["404"]
+        op["responses"]["422"] = _error(f"the body does not fit {tp.__name__} (`field` is the "
+                                        "JSON path of the first field at fault), or a header "
+                                        "is invalid")
+        paths[f"/v1/commands/{name}"] = {"post": op}
+    return {**doc, "paths": paths, "components": {**doc["components"], "schemas": schemas}}

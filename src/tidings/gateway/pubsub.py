@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 from .. import topics as _topics
 from ..hub import envelope
 from ..messages import Message
+from . import cloudevents as _ce
 from .coalesce import Coalescer
 from .http import (
     CLIENT_GONE,
@@ -94,8 +95,11 @@ class _PublishEndpoint:
     Request and Response objects (about a third of the gateway's cost per publish)."""
 
     def __init__(self, publish: Callable[[str, bytes], Awaitable[tuple[int, bytes]]],
+                 publish_events: Callable[[str, _ce.EventIn | list[_ce.EventIn]],
+                                          Awaitable[tuple[int, bytes]]],
                  admission: Admission) -> None:
         self.publish = publish
+        self.publish_events = publish_events
         self.admission = admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -110,8 +114,12 @@ class _PublishEndpoint:
             if not message.get("more_body", False):
                 break
         raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        events = _ce.events_in(scope["headers"], raw)  # None: not a CloudEvents request
         with self.admission.admit():
-            status, body = await self.publish(scope["path_params"]["topic"], raw)
+            if events is None:
+                status, body = await self.publish(scope["path_params"]["topic"], raw)
+            else:
+                status, body = await self.publish_events(scope["path_params"]["topic"], events)
         await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
@@ -196,6 +204,16 @@ def _start(request: Request) -> str | int:
     return start if position is None else position
 
 
+def _stream_format(request: Request) -> bool:
+    """True when an event stream is to carry CloudEvents: `?format=cloudevents` (a query
+    parameter, because a browser's EventSource cannot send an Accept header)."""
+    value = request.query_params.get("format", "json")
+    if value not in ("json", "cloudevents"):
+        raise ApiError(422, "invalid_field", "query parameter 'format' must be 'json' (the "
+                       "default) or 'cloudevents' (each event's data a structured CloudEvent)")
+    return value == "cloudevents"
+
+
 def message_out(m: Message, group: str | None = None, pattern: str | None = None
                 ) -> dict[str, Any]:
     """A message as the API shows it. JSON data nested deeper than the gateway accepts
@@ -236,18 +254,32 @@ def routes(gw: Gateway) -> list[Route]:
             else:
                 items = [envelope(data, key=m.key, headers=m.headers, id=m.id)
                          for data, m in pairs]
-            stored = await hub.publish_many(topic, items)
-            metrics.published.inc(len(stored))
-            return 201, _encode({
-                "positions": [p.position for p in stored],
-                "messages": [{"id": p.id, "position": p.position, "duplicate": p.duplicate}
-                             for p in stored],
-            })
+            return await publish_batch(topic, items)
         data = _payload(body, "the message")
         if body.id is None:
             p = await coalescer.publish(topic, data, body.key, body.headers)
         else:
             p = await hub.publish(topic, data, key=body.key, headers=body.headers, id=body.id)
+        metrics.published.inc()
+        return 201, _encode(p)
+
+    async def publish_batch(topic: str, items: list[object]) -> tuple[int, bytes]:
+        stored = await hub.publish_many(topic, items)
+        metrics.published.inc(len(stored))
+        return 201, _encode({
+            "positions": [p.position for p in stored],
+            "messages": [{"id": p.id, "position": p.position, "duplicate": p.duplicate}
+                         for p in stored],
+        })
+
+    async def publish_events(topic: str, events: _ce.EventIn | list[_ce.EventIn]
+                             ) -> tuple[int, bytes]:
+        check_publish_topic(topic)
+        if isinstance(events, list):
+            return await publish_batch(topic, [envelope(e.data, key=e.key, headers=e.headers,
+                                                        id=e.id) for e in events])
+        p = await hub.publish(topic, events.data, key=events.key, headers=events.headers,
+                              id=events.id)
         metrics.published.inc()
         return 201, _encode(p)
 
@@ -260,7 +292,12 @@ def routes(gw: Gateway) -> list[Route]:
         if not pattern:
             raise ApiError(422, "invalid_field", "query parameter 'topic' (the subscription's "
                            "topic pattern, e.g. orders.*) is required")
-        limit = integer_param(request, "max", 10, 1, MAX_PULL)
+        as_ce = _ce.negotiate(request.headers.get("accept"))
+        limit = integer_param(request, "max", 1 if as_ce == _ce.STRUCTURED else 10, 1, MAX_PULL)
+        if as_ce == _ce.STRUCTURED and limit != 1:
+            raise ApiError(422, "invalid_field", f"Accept: {_ce.STRUCTURED} answers with one "
+                           f"message: leave out max (or send max=1), or accept {_ce.BATCH} "
+                           "for several")
         wait = number_param(request, "wait", 0.0, 0.0, gw.max_wait)
         _check_pull(group, pattern)
         with gw.pulls.admit():
@@ -276,6 +313,15 @@ def routes(gw: Gateway) -> list[Route]:
             else:
                 msgs = await fetching
         metrics.delivered.inc(len(msgs))
+        if as_ce == _ce.STRUCTURED:
+            if not msgs:
+                return Response(status_code=204)
+            m = msgs[0]
+            return Response(_encode(_ce.cloudevent_out(m, ack_id(group, pattern, m.position))),
+                            media_type=_ce.STRUCTURED)
+        if as_ce == _ce.BATCH:
+            return Response(_encode([_ce.cloudevent_out(m, ack_id(group, pattern, m.position))
+                                     for m in msgs]), media_type=_ce.BATCH)
         return json_response({"messages": [message_out(m, group, pattern) for m in msgs]})
 
     async def _settle(request: Request, kind: str) -> Response:
@@ -332,18 +378,20 @@ def routes(gw: Gateway) -> list[Route]:
         pattern = request.path_params["topic"]
         _topics.validate_pattern(pattern)
         start = _start(request)  # refused here, with a status, not in-band after a 200
+        as_ce = _stream_format(request)
         messages = hub.read(pattern, start=start, follow=True)
 
         async def frames() -> AsyncIterator[bytes]:
             async for m in messages:
                 metrics.streamed.inc()
-                yield frame(message_out(m), event="message", id=m.position)
+                yield frame(_ce.cloudevent_out(m) if as_ce else message_out(m), event="message",
+                            id=m.position)
 
         return gw.event_stream(frames())
 
     return [  # the publish route first: the router tries routes in order
-        Route("/v1/topics/{topic}/messages", _PublishEndpoint(publish, gw.publishes),
-              methods=["POST"]),
+        Route("/v1/topics/{topic}/messages",
+              _PublishEndpoint(publish, publish_events, gw.publishes), methods=["POST"]),
         Route("/v1/topics", list_topics, methods=["GET"]),
         Route("/v1/topics/{topic}/stream", stream, methods=["GET"]),
         Route("/v1/subscriptions/{group}/messages", pull, methods=["GET"]),

@@ -118,6 +118,10 @@ class Coordinator:
                 )
         versions[defn.version] = defn
 
+    def definitions(self) -> tuple[Saga, ...]:
+        """Each registered saga's newest version, in the order first registered."""
+        return tuple(v[max(v)] for v in self._defs.values())
+
     def definition(self, name: str, version: int) -> Saga | None:
         """Version `version` of saga `name`, if this process registers it."""
         return self._defs.get(name, {}).get(version)
@@ -145,9 +149,8 @@ class Coordinator:
         return state
 
     # starting ---------------------------------------------------------------------
-    async def start(self, defn: Saga, data: dict[str, Any], saga_id: str | None) -> str:
-        if not isinstance(data, dict):
-            raise InvalidArgument("saga data must be a dict (JSON object)")
+    async def start(self, defn: Saga, data: object, saga_id: str | None) -> str:
+        data = defn.check_data(data)  # before anything is looked up or stored
         given = saga_id is not None
         saga_id = check_saga_id(saga_id) if saga_id is not None else new_id()
         sid = stream_id(defn.name, saga_id)

@@ -24,6 +24,7 @@ import msgspec
 
 from ..errors import InvalidArgument
 from ..eventsourcing.events import Event, trust_events
+from ..inputs import check_input_type, to_plain, validate
 
 __all__ = [
     "Outcome",
@@ -113,11 +114,19 @@ class Saga:
 
     Sagas in flight keep the version they started with; register every version
     still running (`hub.sagas(v1)`, `hub.sagas(v2)`) while they drain.
+
+    `input`: a msgspec Struct, dataclass or pydantic model class the data must
+    fit; `start()` refuses data that does not (an `InvalidArgument` naming the
+    field) before anything is stored, and stores the validated value as plain
+    data, defaults filled in.
     """
 
-    def __init__(self, name: str, steps: Sequence[Step], *, version: int = 1) -> None:
+    def __init__(self, name: str, steps: Sequence[Step], *, version: int = 1,
+                 input: type[Any] | None = None) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
             raise InvalidArgument(f"saga name {name!r} must be letters, digits, '_' or '-'")
+        if input is not None:
+            check_input_type(input, f"saga {name!r}")
         if not steps:
             raise InvalidArgument(f"saga {name!r} needs at least one step")
         for s in steps:
@@ -132,6 +141,7 @@ class Saga:
         self.name = name
         self.steps = tuple(steps)
         self.version = version
+        self.input = input
         pivots = [i for i, s in enumerate(steps) if s.retriable]
         #: index of the first retriable-only step (len(steps) when there is none)
         self.pivot = pivots[0] if pivots else len(steps)
@@ -145,6 +155,17 @@ class Saga:
 
     def forward_only(self, index: int) -> bool:
         return index >= self.pivot
+
+    def check_data(self, data: object) -> dict[str, Any]:
+        """The data a saga starts with: checked against `input` (when set) and returned
+        as plain data, defaults filled in; InvalidArgument naming the field otherwise."""
+        if self.input is None:
+            if not isinstance(data, dict):
+                raise InvalidArgument("saga data must be a dict (JSON object)")
+            return data
+        plain = to_plain(validate(self.input, data, f"saga {self.name!r} input"))
+        assert isinstance(plain, dict)  # an input type's instances are JSON objects
+        return plain
 
     def __repr__(self) -> str:
         return f"Saga({self.name!r}, version={self.version}, steps={[s.name for s in self.steps]})"

@@ -2,7 +2,11 @@
 
 `@hub.handler("customer.reserve_credit")` subscribes the function to the
 command topic. The function gets a `Command`, changes aggregates and enlists
-them with `cmd.save(agg)`; its return value is the reply. After it returns,
+them with `cmd.save(agg)`; its return value is the reply. A handler with an
+input type (`input=ReserveCredit`, or its parameter annotated
+`Command[ReserveCredit]`) gets `cmd.data` as that type; a command that does
+not fit it never reaches the function: it is rejected (the error names the
+field) and dead-lettered with reason `decode-error`. After it returns,
 the aggregates' events, the inbox record (keyed by the command's idempotency
 key) and the reply message are stored in ONE transaction. A duplicate
 command finds the inbox record and gets the stored reply again, without
@@ -24,15 +28,16 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_args, get_origin
 
 from .. import topics as _topics
 from ..errors import ConcurrencyError, InvalidArgument, Rejected
 from ..eventsourcing.aggregate import Aggregate
 from ..eventsourcing.events import Event
 from ..eventsourcing.records import NO_STREAM
+from ..inputs import KINDS, check_input_type, is_input_type, parameter_type, validate
 from ..messages import Message, OutMessage, encode_data, new_id
-from ..pubsub import feed
+from ..pubsub import DECODE_ERROR, feed
 
 if TYPE_CHECKING:
     from ..hub import Hub
@@ -41,7 +46,8 @@ __all__ = ["Command", "CommandHandler", "InboxRecorded", "fence_append", "inbox_
 
 log = logging.getLogger("tidings.handler")
 
-HandlerFn = Callable[["Command"], Awaitable[Any]]
+HandlerFn = Callable[["Command[Any]"], Awaitable[Any]]
+T = TypeVar("T")
 
 #: headers of a compensation that fences its step's command (see the module docstring)
 FENCE_COMMAND, FENCE_KEY = "saga-fence-command", "saga-fence-key"
@@ -60,11 +66,15 @@ class InboxRecorded(Event):
 
 
 @dataclass
-class Command:
-    """A command delivered to a handler: its data, idempotency key and saga context."""
+class Command(Generic[T]):
+    """A command delivered to a handler: its data, idempotency key and saga context.
+
+    `data` is an instance of the handler's input type (`Command[ReserveCredit]`),
+    or, without one, the decoded JSON (a dict for a saga's command).
+    """
 
     name: str
-    data: Any
+    data: T
     key: str
     headers: Mapping[str, str]
     message: Message
@@ -92,13 +102,15 @@ class CommandHandler:
 
     def __init__(self, hub: Hub, command: str, fn: HandlerFn, *, group: str | None,
                  concurrency: int, conflict_retries: int = 10, inline: bool = False,
-                 ack_wait: float = 60.0) -> None:
+                 ack_wait: float = 60.0, input: type[Any] | None = None) -> None:
         _topics.validate_topic(command)
         if not inspect.iscoroutinefunction(fn):
             raise InvalidArgument(f"handler {getattr(fn, '__name__', fn)!r} must be async")
         self.hub = hub
         self.command = command
         self.fn = fn
+        #: the type `cmd.data` is decoded to (None: the decoded JSON)
+        self.input = _input_of(fn, command, input)
         self.group = group or ("handler-" + command.replace(".", "-"))
         self.concurrency = concurrency
         self.conflict_retries = conflict_retries
@@ -119,8 +131,11 @@ class CommandHandler:
 
     async def _one(self, msg: Message, slots: asyncio.Semaphore) -> None:
         try:
-            await self.handle(msg)
-            await msg.ack()
+            dead = await self.handle(msg)
+            if dead is None:
+                await msg.ack()
+            else:
+                await msg.term(reason=dead[0], error=dead[1])
         except asyncio.CancelledError:
             await msg.nack()
             raise
@@ -131,8 +146,27 @@ class CommandHandler:
         finally:
             slots.release()
 
-    async def handle(self, msg: Message) -> None:
-        """Handle one delivery: replay the stored reply, or run the handler once."""
+    def decode(self, msg: Message) -> Any:
+        """The command's data for the handler: an instance of its input type (else
+        InvalidArgument naming the field), or the decoded JSON when it has none."""
+        if self.input is None:
+            return _decode(msg)
+        try:
+            value = msg.decode()
+        except Exception:
+            raise InvalidArgument(
+                f"command {self.command!r} is not JSON ({msg.content_type or 'no content type'}"
+                f"); send a JSON object with the fields of {self.input.__name__}",
+                field="$") from None
+        return validate(self.input, value, f"command {self.command!r}")
+
+    async def handle(self, msg: Message) -> tuple[str, str] | None:
+        """Handle one delivery: replay the stored reply, or run the handler once.
+
+        Returns None, or the dead letter's (reason, error) when the delivery is not to be
+        retried (`decode-error`: the command does not fit the handler's input type;
+        it was answered with a rejection).
+        """
         key = msg.headers.get("idempotency-key") or msg.id
         stream = self.inbox_stream(key)
         for _ in range(self.conflict_retries):
@@ -142,33 +176,49 @@ class CommandHandler:
                     await self._reply(msg, "rejected", None, stored.error or FENCED)
                 else:
                     await self._reply(msg, stored.status, stored.result, stored.error)
-                return
+                return None
             fence = await _fence_of(self.hub, msg.headers)
-            cmd = Command(self.command, _decode(msg), key, msg.headers, msg)
+            dead: tuple[str, str] | None = None
+            saves: list[Aggregate] = []
             try:
-                result = await self.fn(cmd)
-            except Rejected as exc:
+                cmd: Command[Any] = Command(self.command, self.decode(msg), key, msg.headers, msg)
+            except InvalidArgument as invalid:
+                # Malformed: the function never sees it, and no retry can fix it. Answered
+                # as a rejection, so its saga compensates now instead of timing out.
+                log.warning("command %s at position %d does not fit %s; dead-lettered: %s",
+                            self.command, msg.position, getattr(self.input, "__name__", "?"),
+                            invalid)
+                dead = (DECODE_ERROR, str(invalid))
                 if msg.headers.get("saga-kind") == "compensation":
-                    # A compensation must not be refused for good: store nothing, so a
-                    # retry of the (then stuck) saga runs the handler again.
-                    await self._reply(msg, "error", None, f"compensation rejected: {exc.reason}")
-                    return
-                status, data, error = "rejected", None, exc.reason
-            except Exception as exc:  # a failure: nothing is stored, the saga may retry
-                log.warning("handler for %s failed: %r", self.command, exc)
-                await self._reply(msg, "error", None, f"{type(exc).__name__}: {exc}")
-                return
+                    await self._reply(msg, "error", None, f"compensation rejected: {invalid}")
+                    return dead
+                status, data, error = "rejected", None, str(invalid)
             else:
-                if result is not None and not isinstance(result, dict):
-                    await self._reply(msg, "error", None,
-                                      "a command handler must return a dict or None")
-                    return
-                status, data, error = "ok", result, ""
+                try:
+                    result = await self.fn(cmd)
+                except Rejected as exc:
+                    if msg.headers.get("saga-kind") == "compensation":
+                        # A compensation must not be refused for good: store nothing, so a
+                        # retry of the (then stuck) saga runs the handler again.
+                        await self._reply(msg, "error", None,
+                                          f"compensation rejected: {exc.reason}")
+                        return None
+                    status, data, error = "rejected", None, exc.reason
+                except Exception as exc:  # a failure: nothing is stored, the saga may retry
+                    log.warning("handler for %s failed: %r", self.command, exc)
+                    await self._reply(msg, "error", None, f"{type(exc).__name__}: {exc}")
+                    return None
+                else:
+                    if result is not None and not isinstance(result, dict):
+                        await self._reply(msg, "error", None,
+                                          "a command handler must return a dict or None")
+                        return None
+                    status, data, error = "ok", result, ""
+                    saves = cmd._saves
             record = InboxRecorded(command=self.command, status=status, result=data, error=error)
-            saves = cmd._saves if status == "ok" else []
             try:
                 await self._commit(msg, stream, record, saves, fence)
-                return
+                return dead
             except ConcurrencyError:
                 # a duplicate raced us, an aggregate moved, or the fenced command ran
                 # meanwhile (then the compensation runs again and undoes it): look again
@@ -251,4 +301,31 @@ def _decode(msg: Message) -> Any:
         return msg.decode()
     except Exception:
         return msg.data
+
+
+def _input_of(fn: HandlerFn, command: str, given: type[Any] | None) -> type[Any] | None:
+    """A handler's input type: `input=`, or `T` of its parameter's `Command[T]`."""
+    what = f"handler {getattr(fn, '__name__', fn)!r} for {command!r}"
+    if given is not None:
+        check_input_type(given, what)
+    try:
+        hint = parameter_type(fn, what)
+    except InvalidArgument:
+        if given is not None:
+            return given  # said explicitly: the annotation is not needed
+        raise
+    if get_origin(hint) is not Command:
+        return given
+    (annotated,) = get_args(hint)
+    if not is_input_type(annotated):
+        if annotated is Any or annotated is dict or get_origin(annotated) is dict:
+            return given  # the decoded JSON
+        raise InvalidArgument(
+            f"{what}: Command[{annotated!r}] is not an input type; use {KINDS}, or "
+            "Command[dict[str, Any]] for the decoded JSON")
+    if given is not None and given is not annotated:
+        raise InvalidArgument(
+            f"{what} has input={given.__name__} but its parameter is annotated "
+            f"Command[{annotated.__name__}]; give one of them")
+    return check_input_type(annotated, what)
 

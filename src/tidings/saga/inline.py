@@ -18,7 +18,7 @@ import types
 from collections.abc import Coroutine, Generator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import Rejected
+from ..errors import InvalidArgument, Rejected
 from ..eventsourcing.repository import CURRENT_UNIT
 from ..messages import Message, OutMessage
 from .definition import (
@@ -149,7 +149,14 @@ async def _run_inline(driver: InlineDriver, handler: CommandHandler, defn: Saga,
     assert built is not None
     command, headers = built.topic, built.headers
     msg = Message(built.id, command, state.id, built.data, headers, time.time(), 0, 1)
-    cmd = Command(command, msg.decode(), headers["idempotency-key"], headers, msg)
+    try:
+        data = handler.decode(msg)
+    except InvalidArgument as invalid:  # does not fit the handler's input type: never runs
+        error = str(invalid)
+        if p.kind == "compensation":  # never refused for good (see below)
+            return Outcome("error", error=f"compensation rejected: {error}")
+        return Outcome("rejected", error=error)
+    cmd: Command[Any] = Command(command, data, headers["idempotency-key"], headers, msg)
     # Run in this task: a cancel arriving meanwhile waits in the queue until the
     # attempt is recorded. Not bounded by the handler's `concurrency` (that is for
     # deliveries): a saga runs one step at a time, and waiting for a slot while the

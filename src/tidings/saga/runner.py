@@ -23,10 +23,18 @@ class SagaRunner:
     def name(self) -> str:
         return self.definition.name
 
-    async def start(self, data: dict[str, Any], id: str | None = None) -> str:
+    @property
+    def input(self) -> type[Any] | None:
+        """The type the saga's data must fit (`Saga(..., input=T)`), or None."""
+        return self.definition.input
+
+    async def start(self, data: object, id: str | None = None) -> str:
         """Start a saga and return its id at once; the work runs asynchronously.
 
-        Starting again with the same `id` is a no-op that returns the same id.
+        `data` is a dict (JSON object), or an instance of the saga's `input` type;
+        with an `input` type, data that does not fit it raises `InvalidArgument`
+        naming the field, and nothing is stored. Starting again with the same `id`
+        is a no-op that returns the same id.
         """
         self._c.hub.check_open()
         return await self._c.start(self.definition, data, id)

@@ -65,7 +65,18 @@ function render(s) {
   fill("subscriptions", s.subscriptions, "no subscriptions yet", (x) => [
     cell(x.group), cell(x.pattern), cell(num(x.lag), "n" + (x.lag > 0 ? " lag" : "")),
     cell(num(x.pending), "n"), cell(num(x.in_flight), "n")]);
-  fill("dead-letters", s.dead_letters, "none", (d) => [cell(d.topic), cell(num(d.messages), "n")]);
+  fill("dead-letters", s.dead_letters, "none", (d) => {
+    const td = document.createElement("td");
+    if (d.messages > 0) {
+      const b = document.createElement("button");
+      b.textContent = "redrive";
+      b.dataset.group = d.group;
+      b.title = "move " + d.group + "'s dead letters back to their topics (each once)";
+      b.addEventListener("click", () => redrive(d.group, b));
+      td.appendChild(b);
+    }
+    return [cell(d.group), cell(num(d.messages), "n" + (d.messages > 0 ? " lag" : "")), td];
+  });
   const total = $("dlq-total");
   total.textContent = num(s.dead_letter_total);
   total.className = "badge" + (s.dead_letter_total > 0 ? " bad" : "");
@@ -132,6 +143,28 @@ async function connect() {
     render(JSON.parse(e.data));
   });
   source.onerror = () => setStatus("reconnecting…", "down");  // EventSource retries by itself
+}
+
+// POST /v1/dlq/{group}/redrive: every dead letter of the group back, each exactly once
+// (asking again after a lost answer moves nothing twice).
+async function redrive(group, button) {
+  const result = $("dlq-result");
+  button.disabled = true;
+  try {
+    const res = await fetch("/v1/dlq/" + encodeURIComponent(group) + "/redrive", {
+      method: "POST",
+      headers: authHeaders({ "Content-Type": "application/json" }),
+      body: JSON.stringify({ all: true }),
+    });
+    const body = await res.json();
+    result.textContent = res.ok ? "moved " + body.moved + " of " + group + " back"
+                                : res.status + " " + body.error + ": " + body.detail;
+    result.dataset.moved = res.ok ? String(body.moved) : "";
+  } catch (e) {
+    result.textContent = "redrive failed: " + e.message;
+  } finally {
+    button.disabled = false;
+  }
 }
 
 async function startOrder(event) {
