@@ -115,10 +115,22 @@ def validate(tp: type[T], data: object, what: str) -> T:
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             raise _invalid(tp, what, _loc_path(first["loc"]), first["msg"] + more) from None
     try:
+        return msgspec.convert(data, tp)
+    except msgspec.ValidationError:
+        pass  # (rare) 2.0 for an int: fine in JSON; the data is walked only when needed
+    try:
         return msgspec.convert(_json_numbers(data), tp)
     except msgspec.ValidationError as exc:
         path, reason = _msgspec_error(str(exc))
         raise _invalid(tp, what, path, reason) from None
+
+
+def json_decoder(tp: type[T]) -> Callable[[bytes], T] | None:
+    """A one-pass JSON decoder straight to `tp` (None for pydantic models): the fast
+    path for well-formed input; on any error, `validate` names the field."""
+    if _is_pydantic(tp):
+        return None
+    return msgspec.json.Decoder(tp).decode
 
 
 def to_plain(value: object) -> Any:

@@ -30,13 +30,22 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_args, get_origin
 
+import msgspec
+
 from .. import topics as _topics
 from ..errors import ConcurrencyError, InvalidArgument, Rejected
 from ..eventsourcing.aggregate import Aggregate
 from ..eventsourcing.events import Event
 from ..eventsourcing.records import NO_STREAM
-from ..inputs import KINDS, check_input_type, is_input_type, parameter_type, validate
-from ..messages import Message, OutMessage, encode_data, new_id
+from ..inputs import (
+    KINDS,
+    check_input_type,
+    is_input_type,
+    json_decoder,
+    parameter_type,
+    validate,
+)
+from ..messages import JSON, Message, OutMessage, encode_data, new_id
 from ..pubsub import DECODE_ERROR, feed
 
 if TYPE_CHECKING:
@@ -111,6 +120,7 @@ class CommandHandler:
         self.fn = fn
         #: the type `cmd.data` is decoded to (None: the decoded JSON)
         self.input = _input_of(fn, command, input)
+        self._fast = None if self.input is None else json_decoder(self.input)
         self.group = group or ("handler-" + command.replace(".", "-"))
         self.concurrency = concurrency
         self.conflict_retries = conflict_retries
@@ -151,6 +161,11 @@ class CommandHandler:
         InvalidArgument naming the field), or the decoded JSON when it has none."""
         if self.input is None:
             return _decode(msg)
+        if self._fast is not None and msg.headers.get("content-type") == JSON:
+            try:
+                return self._fast(msg.data)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                pass  # the slow path says which field, and why
         try:
             value = msg.decode()
         except Exception:
