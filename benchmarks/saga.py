@@ -44,8 +44,9 @@ def order(i: int) -> dict[str, Any]:
     return {"customer_id": f"c-{i % 20 + 1}", "product_id": f"p-{i % 20 + 1}", "quantity": 1}
 
 
-async def _throughput(url: str, n: int, in_flight: int, inline: bool = False) -> float:
-    async with await tidings.connect(url) as hub:
+async def _throughput(url: str, n: int, in_flight: int, inline: bool = False,
+                      **options: Any) -> float:
+    async with await tidings.connect(url, **options) as hub:
         sagas = await setup_shop(hub, inline)
         runner = asyncio.create_task(hub.run())
         todo = iter(range(n))

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from .saga.definition import Saga
     from .saga.handlers import CommandHandler
     from .saga.runner import SagaRunner
+    from .telemetry import Telemetry
 
     A = TypeVar("A", bound=Aggregate)
 
@@ -65,6 +66,7 @@ async def connect(
     max_payload: int = 1024 * 1024,
     max_pending: int = 10_000,
     trim_interval: float | None = 30.0,
+    telemetry: Any = False,
     **options: Any,
 ) -> Hub:
     """Open a hub on the engine named by `url` (default: `sqlite:///./tidings.db`).
@@ -79,7 +81,16 @@ async def connect(
     URL) keeps the event store, projections and saga state in that database and sends
     every message through NATS JetStream (an outbox relay moves what transactions
     commit; see docs/architecture.md).
+
+    `telemetry=True` traces with OpenTelemetry (the global tracer provider; or pass a
+    TracerProvider): spans per publish, delivery and saga, the trace context carried
+    in message headers (the `otel` extra; see tidings/telemetry.py).
     """
+    tel = None
+    if telemetry is not False and telemetry is not None:
+        from .telemetry import telemetry_for
+
+        tel = telemetry_for(telemetry)
     if url is None:
         import os
 
@@ -92,6 +103,7 @@ async def connect(
             raise
         raise EngineUnavailable(f"cannot open {url!r}: {exc}") from exc
     hub = Hub(engine, max_payload=max_payload, max_pending=max_pending)
+    hub.telemetry = tel
     if trim_interval:
         hub._background.add(asyncio.create_task(hub._trim_every(trim_interval)))
     return hub
@@ -154,6 +166,8 @@ class Hub:
         #: Where the hub reads time (leases, delays, retention, saga deadlines);
         #: `tidings.testing.TestHub` replaces it with a ManualClock.
         self.clock: Clock = SystemClock()
+        #: OpenTelemetry tracing (None: off; see `connect(telemetry=...)`)
+        self.telemetry: Telemetry | None = None
 
     @property
     def url(self) -> str:
@@ -233,9 +247,15 @@ class Hub:
         """
         self.check_open()
         out = self._out(topic, data, key, headers, id)
+        if self.telemetry is not None:
+            with self.telemetry.send(topic, [out]):
+                return await self._append([out])
+        return await self._append([out])
+
+    async def _append(self, batch: list[OutMessage]) -> Published:
         await self._window.acquire(1)
         try:
-            return (await self.engine.append([out]))[0]
+            return (await self.engine.append(batch))[0]
         finally:
             self._window.release(1)
 
@@ -277,6 +297,12 @@ class Hub:
             append(OutMessage(mid, topic, key, raw, h, False))
         if not batch:
             return []
+        if self.telemetry is not None:
+            with self.telemetry.send(topic, batch):
+                return await self._append_many(batch)
+        return await self._append_many(batch)
+
+    async def _append_many(self, batch: list[OutMessage]) -> list[Published]:
         await self._window.acquire(len(batch))
         try:
             return await self.engine.append(batch)
@@ -418,6 +444,7 @@ class Hub:
         tasks = [asyncio.create_task(c.run(), name=f"tidings:handler:{c.command}")
                  for c in self._command_handlers]
         for h in self._handlers:
+            h.telemetry = self.telemetry
             opts = dict(h.options)
             opts.setdefault("max_in_flight", max(h.concurrency, 1))
             sub = await self.subscribe(h.pattern, group=h.group, **opts)

@@ -25,6 +25,8 @@ from .redrive import REDRIVE_GROUP
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from .telemetry import Telemetry
+
 __all__ = ["Handler", "Subscription"]
 
 log = logging.getLogger("tidings.pubsub")
@@ -260,6 +262,8 @@ class Handler:
     concurrency: int
     retry_backoff: float
     decode_as: Any = None
+    #: the hub's OpenTelemetry tracing, set by `hub.run()` (None: off)
+    telemetry: Telemetry | None = None
 
     @classmethod
     def build(cls, fn: Callable[[Any], Awaitable[Any]], pattern: str, group: str,
@@ -291,6 +295,14 @@ class Handler:
         await feed(sub, self._one, self.concurrency)
 
     async def _one(self, msg: Message, slots: asyncio.Semaphore) -> None:
+        tel = self.telemetry
+        if tel is None:
+            await self._handle(msg, slots, None)
+        else:
+            with tel.process(msg, self.group) as span:
+                await self._handle(msg, slots, span)
+
+    async def _handle(self, msg: Message, slots: asyncio.Semaphore, span: Any) -> None:
         try:
             arg: Any = msg
             if self.decode_as is not None:
@@ -306,7 +318,9 @@ class Handler:
         except asyncio.CancelledError:
             await msg.nack()
             raise
-        except Exception:
+        except Exception as exc:
+            if span is not None and self.telemetry is not None:
+                self.telemetry.failed(span, exc)
             delay = self.backoff(msg.attempt)
             log.exception(
                 "subscriber %s failed on %s position %d (attempt %d); retrying in %.2fs",

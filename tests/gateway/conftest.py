@@ -27,8 +27,10 @@ T = TypeVar("T")
 class LiveServer:
     """`create_app(hub, **options)` served on 127.0.0.1:<free port> until `stop()`."""
 
-    def __init__(self, url: str, **options: Any) -> None:
+    def __init__(self, url: str, *, connect: dict[str, Any] | None = None,
+                 **options: Any) -> None:
         self.url = url
+        self.connect = connect or {}  # options for tidings.connect (telemetry=, …)
         self.options = options
         self.loop: asyncio.AbstractEventLoop | None = None
         self.hub: tidings.Hub | None = None
@@ -52,7 +54,7 @@ class LiveServer:
 
     async def _main(self) -> None:
         self.loop = asyncio.get_running_loop()
-        async with await tidings.connect(self.url) as hub:
+        async with await tidings.connect(self.url, **self.connect) as hub:
             self.hub = hub
             self.app = create_app(hub, **self.options)
             self._server = GatewayServer(uvicorn_config(self.app, log_level="warning"))

@@ -14,7 +14,7 @@ import inspect
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -22,6 +22,7 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import topics as _topics
 from ..errors import InvalidArgument, TidingsError
@@ -47,6 +48,9 @@ from .limits import Admission, BodyBytes, BodyLimit
 from .metrics import CONTENT_TYPE, GatewayMetrics, HttpMetrics
 from .openapi import openapi, with_inputs
 from .sse import EventStream
+
+if TYPE_CHECKING:
+    from ..telemetry import Telemetry
 
 __all__ = ["Gateway", "create_app", "load_app"]
 
@@ -198,6 +202,32 @@ def _commands_of(value: Any) -> Mapping[str, CommandTarget] | None:
     )
 
 
+class Traced:
+    """ASGI middleware: each HTTP request in a SERVER span, a child of its `traceparent`
+    header; what the request starts (a saga, a publish) runs inside it."""
+
+    def __init__(self, app: ASGIApp, telemetry: Telemetry) -> None:
+        self.app = app
+        self.telemetry = telemetry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
+                   if k in (b"traceparent", b"tracestate")}
+        with self.telemetry.server(scope["method"], scope["path"], headers) as span:
+            status: list[int] = []
+
+            async def sending(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    status.append(message["status"])
+                    span.set_attribute("http.response.status_code", message["status"])
+                await send(message)
+
+            await self.app(scope, receive, sending)
+
+
 def create_app(
     hub: Hub,
     *,
@@ -319,6 +349,8 @@ def create_app(
         return error_response(ApiError(exc.status_code, error, detail, exc.headers))
 
     middleware = [Middleware(CatchAll), Middleware(HttpMetrics, metrics=gw.metrics)]
+    if hub.telemetry is not None:  # a SERVER span per request, in the caller's trace
+        middleware.append(Middleware(Traced, telemetry=hub.telemetry))
     if token is not None:
         middleware.append(Middleware(BearerAuth, token=token))
     middleware.append(Middleware(BodyLimit, max_body=max_body, body_timeout=body_timeout,

@@ -160,7 +160,9 @@ class Coordinator:
         # from this state instead of reading the stream back.
         state = SagaState(id=saga_id)
         now = self.clock.now()
-        started = SagaStarted(saga=defn.name, version=defn.version, data=data)
+        tel = self.hub.telemetry
+        trace = None if tel is None else tel.saga_started(defn.name, saga_id)
+        started = SagaStarted(saga=defn.name, version=defn.version, data=data, trace=trace)
         evolve(defn, state, started, now)
         sent: set[str] = set()
         batch, messages = next_moves(defn, state, [], now, self.inline_handler,
@@ -290,7 +292,13 @@ class Coordinator:
             # Acked once the saga's stream holds what it did (by its driver, or here when
             # no driver takes it): acked earlier, a coordinator killed before its driver
             # stored the outcome would lose the reply and time a step out that succeeded.
-            if not await self._deliver(name, saga_id, reply):
+            tel = self.hub.telemetry
+            if tel is None:
+                driven = await self._deliver(name, saga_id, reply)
+            else:  # the reply's receipt, in the trace of the handler that sent it
+                with tel.process(msg, "saga-coordinator"):
+                    driven = await self._deliver(name, saga_id, reply)
+            if not driven:
                 await msg.ack()
 
     async def _deliver(self, name: str, saga_id: str, reply: Reply) -> bool:

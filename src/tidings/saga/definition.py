@@ -177,6 +177,9 @@ class SagaStarted(Event):
     saga: str
     version: int
     data: dict[str, Any]
+    #: the trace the saga belongs to (a W3C traceparent; None: not traced): every
+    #: step's command carries it, whoever sends it and however much later
+    trace: str | None = None
 
 
 class StepStarted(Event):
@@ -306,6 +309,7 @@ class SagaState(msgspec.Struct):
     completed: list[int] = msgspec.field(default_factory=list)
     to_compensate: list[int] = msgspec.field(default_factory=list)
     retry_at: float | None = None
+    trace: str | None = None  # see SagaStarted.trace
     reason: str | None = None  # why it compensated
     error: str | None = None  # why it is stuck
     cancel_requested: bool = False
@@ -342,6 +346,7 @@ def evolve(defn: Saga | None, state: SagaState, event: Event, time: float) -> No
 def _saga_started(defn: Saga | None, s: SagaState, e: SagaStarted, time: float,
                   entry: dict[str, Any]) -> None:
     s.name, s.version, s.data, s.started = e.saga, e.version, dict(e.data), time
+    s.trace = e.trace
 
 
 def _step_started(defn: Saga | None, s: SagaState, e: StepStarted, time: float,

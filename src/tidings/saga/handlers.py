@@ -140,6 +140,14 @@ class CommandHandler:
             await sub.close()
 
     async def _one(self, msg: Message, slots: asyncio.Semaphore) -> None:
+        tel = self.hub.telemetry
+        if tel is None:
+            await self._settle_one(msg, slots)
+        else:
+            with tel.process(msg, self.group):
+                await self._settle_one(msg, slots)
+
+    async def _settle_one(self, msg: Message, slots: asyncio.Semaphore) -> None:
         try:
             dead = await self.handle(msg)
             if dead is None:
@@ -252,6 +260,8 @@ class CommandHandler:
             h["error"] = error[:1000]
         raw, ct = encode_data(result or {})
         h["content-type"] = ct
+        if self.hub.telemetry is not None:  # the reply joins the handler's trace
+            self.hub.telemetry.inject(h)
         return OutMessage(new_id(), reply_to, msg.key, raw, h, False)
 
     async def _reply(self, msg: Message, status: str, result: dict[str, Any] | None,

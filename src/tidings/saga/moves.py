@@ -131,6 +131,8 @@ def command_message(defn: Saga, state: SagaState, index: int, kind: Kind, attemp
         "idempotency-key": _idempotency_key(state, step.name, kind),
         "correlation-id": state.id, "content-type": "application/json",
     }
+    if state.trace is not None:  # the saga's trace (see SagaStarted.trace)
+        headers["traceparent"] = state.trace
     payload = dict(state.data, saga_id=state.id)
     if kind == "compensation":
         payload["reason"] = state.reason or "compensated"
