@@ -172,3 +172,28 @@ def test_off_by_default_and_opentelemetry_is_never_imported() -> None:
 async def test_bad_telemetry_option_is_refused() -> None:
     with pytest.raises(tidings.InvalidArgument, match="TracerProvider"):
         await tidings.connect("memory://", telemetry="yes")
+
+
+class Traced(tidings.Event):
+    n: int
+
+
+async def test_event_appends_and_projections_carry_the_trace(
+        traced: tuple[TracerProvider, InMemorySpanExporter]) -> None:
+    provider, exporter = traced
+    seen: list[int] = []
+    async with TestHub(telemetry=provider) as t:
+        @t.hub.projection("counts")
+        async def count(rec: tidings.RecordedEvent, tx: Any) -> None:
+            if isinstance(rec.event, Traced):
+                seen.append(rec.event.n)
+
+        with provider.get_tracer("test").start_as_current_span("command") as root:
+            await t.hub.events.append("traced-1", [Traced(n=1)])
+        await t.settle()
+        [msg] = t.published("traced")
+        assert msg.headers["traceparent"].split("-")[1] == f"{root.context.trace_id:032x}"
+    assert seen == [1]
+    [span] = by_name(exporter.get_finished_spans(), "process counts")
+    assert span.parent is not None and span.parent.span_id == root.context.span_id
+    assert span.attributes is not None and span.attributes["tidings.stream_id"] == "traced-1"

@@ -133,6 +133,20 @@ class Telemetry:
                                                kind=self._consumer, attributes=attrs) as span:
             yield span
 
+    @contextlib.contextmanager
+    def projecting(self, rec: Any, projection: str) -> Iterator[Any]:
+        """`process <projection>` around a projection handling one event, a child of the
+        context the event was appended in."""
+        h = rec.headers
+        parent = self._propagator.extract(h) if "traceparent" in h else None
+        with self.tracer.start_as_current_span(
+                f"process {projection}", context=parent, kind=self._consumer,
+                attributes={"messaging.system": SYSTEM, "messaging.operation.type": "process",
+                            "messaging.consumer.group.name": projection,
+                            "tidings.position": rec.position, "tidings.stream_id": rec.stream_id,
+                            "tidings.event.type": rec.type}) as span:
+            yield span
+
     def saga_started(self, name: str, saga_id: str) -> str | None:
         """A `saga <name>` span for a saga starting now (a child of the current span);
         returns its context to store with the saga."""

@@ -174,6 +174,7 @@ class Projections:
             if st.status != "running":
                 return st, 0
             rows = await tx.events_after(st.position, p.batch)
+            tel = self._store.hub.telemetry
             for row in rows:
                 if p.types is not None and row[4] not in p.types:
                     st.position = row[0]
@@ -182,9 +183,15 @@ class Projections:
                 tx.record = rec
                 await tx.begin_event()
                 try:
-                    r = p.handler(rec.event if p.typed else rec, tx)
-                    if inspect.isawaitable(r):
-                        await r
+                    if tel is None:
+                        r = p.handler(rec.event if p.typed else rec, tx)
+                        if inspect.isawaitable(r):
+                            await r
+                    else:  # in the trace of what appended the event
+                        with tel.projecting(rec, p.name):
+                            r = p.handler(rec.event if p.typed else rec, tx)
+                            if inspect.isawaitable(r):
+                                await r
                 except Exception as exc:  # noqa: BLE001 - recorded as the projection's status
                     await tx.end_event(False)
                     st.status = "failed"

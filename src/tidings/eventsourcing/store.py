@@ -145,13 +145,18 @@ class EventStore:
     # writing -------------------------------------------------------------------
     def _records(self, events: Iterable[object], headers: Mapping[str, str] | None
                  ) -> list[NewRecord]:
-        return self._records_with(events, {**(_AUDIT.get() or {}),
+        return self._records_with(events, {**self.audit_headers(),
                                            **check_headers(headers, "append")})
 
-    @staticmethod
-    def audit_headers() -> dict[str, str]:
-        """The headers `audit()` adds to appends in this context."""
-        return dict(_AUDIT.get() or {})
+    def audit_headers(self) -> dict[str, str]:
+        """The headers `audit()` adds to appends in this context, and with tracing on the
+        current trace context (so an event, and the message it is published as, carry
+        the trace of what appended it)."""
+        out = dict(_AUDIT.get() or {})
+        tel = self._hub.telemetry
+        if tel is not None:
+            tel.inject(out)
+        return out
 
     def _records_with(self, events: Iterable[object], common: dict[str, str]
                       ) -> list[NewRecord]:
