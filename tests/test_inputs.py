@@ -161,3 +161,22 @@ async def test_a_subscriber_parameter_type_must_be_decodable() -> None:
         with pytest.raises(tidings.InvalidArgument, match="NoSuchType"):
             hub.subscriber("a.b", group="g")(unresolved)
         hub.subscriber("a.b", group="g")(fine)
+
+
+
+def test_message_and_command_imported_for_type_checking_only_mean_untyped() -> None:
+    """`msg: Message` with Message imported under TYPE_CHECKING (as linters arrange it)
+    cannot be resolved at run time: the subscriber gets the raw Message, as before, and
+    the handler the decoded JSON; another unresolvable name is still an error."""
+    module: dict[str, Any] = {}
+    exec(  # a module whose annotations name what it imported for type checking only
+        "from __future__ import annotations\n"
+        "async def on(msg: Message) -> None: ...\n"
+        "async def handle(cmd: Command) -> None: ...\n"
+        "async def typo(order: OrderCreatd) -> None: ...\n", module)
+    from tidings.inputs import parameter_type
+
+    assert parameter_type(module["on"], "subscriber") is None
+    assert parameter_type(module["handle"], "handler") is None
+    with pytest.raises(tidings.InvalidArgument, match="OrderCreatd"):
+        parameter_type(module["typo"], "subscriber")

@@ -66,6 +66,20 @@ async def test_ack_wait_lease_runs_out_on_the_test_clock() -> None:
         assert m.time.timestamp() == pytest.approx(t.clock.now() - 30)
 
 
+async def test_fetch_wait_is_real_time_and_idle_consumers_do_not_slow_advance() -> None:
+    wall = time.monotonic()
+    async with TestHub() as t:
+        sub = await t.hub.subscribe("jobs.run", group="workers")
+        for g in range(5):  # idle subscribers: nothing is due, so nothing to step through
+            @t.hub.subscriber("idle.x", group=f"idle-{g}")
+            async def idle(msg: Message) -> None: ...
+        assert await sub.fetch(1, wait=0.05) == []  # returns (real time), never hangs
+        start = t.now
+        await t.advance(7 * 86_400)  # a week
+        assert t.now - start == 7 * 86_400
+    assert time.monotonic() - wall < 10  # (loose: a week is not stepped second by second)
+
+
 async def test_nack_delay_and_fetch_wait_use_the_test_clock() -> None:
     async with TestHub() as t:
         await t.hub.publish("jobs.run", b"x")

@@ -26,16 +26,14 @@ class Clock(Protocol):
         """Seconds since the epoch."""
         ...
 
-    def monotonic(self) -> float:
-        """Seconds that never go back, for deadlines within a process."""
-        ...
-
     async def sleep_until(self, when: float) -> None:
         """Return once `now()` has reached `when`."""
         ...
 
-    async def wait(self, engine: Engine, event: asyncio.Event, timeout: float | None) -> None:
-        """`engine.wait(event, timeout)` with `timeout` in this clock's seconds."""
+    async def wait(self, engine: Engine, event: asyncio.Event, due: float | None,
+                   cap: float | None) -> None:
+        """Wait for `event` (`engine.wait`), until `due` on this clock at the latest, and
+        at most `cap` real seconds."""
         ...
 
 
@@ -45,16 +43,17 @@ class SystemClock:
     def now(self) -> float:
         return time.time()
 
-    def monotonic(self) -> float:
-        return time.monotonic()
-
     async def sleep_until(self, when: float) -> None:
         delay = when - time.time()
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def wait(self, engine: Engine, event: asyncio.Event, timeout: float | None) -> None:
-        await engine.wait(event, timeout)
+    async def wait(self, engine: Engine, event: asyncio.Event, due: float | None,
+                   cap: float | None) -> None:
+        if due is not None:
+            left = max(0.0, due - time.time())
+            cap = left if cap is None else min(cap, left)
+        await engine.wait(event, cap)
 
 
 class ManualClock:
@@ -71,9 +70,6 @@ class ManualClock:
     def now(self) -> float:
         return self._now
 
-    def monotonic(self) -> float:
-        return self._now
-
     async def sleep_until(self, when: float) -> None:
         if when <= self._now:
             await asyncio.sleep(0)
@@ -82,17 +78,21 @@ class ManualClock:
         heapq.heappush(self._sleepers, (when, next(self._seq), fut))
         await fut
 
-    async def wait(self, engine: Engine, event: asyncio.Event, timeout: float | None) -> None:
-        if timeout is None or event.is_set():
-            await engine.wait(event, None)
+    async def wait(self, engine: Engine, event: asyncio.Event, due: float | None,
+                   cap: float | None) -> None:
+        # No sleeper without a due time: an idle consumer does not make `advance` stop
+        # at every second (its real-time cap is only a safety net).
+        if event.is_set() or (due is not None and due <= self._now):
+            await asyncio.sleep(0)
             return
-        changed = asyncio.ensure_future(engine.wait(event, None))
-        slept = asyncio.ensure_future(self.sleep_until(self._now + timeout))
+        waits = {asyncio.ensure_future(engine.wait(event, None))}
+        if due is not None:
+            waits.add(asyncio.ensure_future(self.sleep_until(due)))
         try:
-            await asyncio.wait({changed, slept}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, timeout=cap, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            changed.cancel()
-            slept.cancel()
+            for w in waits:
+                w.cancel()
 
     def move_to(self, when: float) -> None:
         """Set the time (never backwards) and wake the sleepers due by then; they run

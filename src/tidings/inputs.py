@@ -77,6 +77,12 @@ def decodable(tp: object) -> bool:
     return not isinstance(info, msgspec.inspect.CustomType)
 
 
+#: Annotations that mean "no input type" even when they cannot be resolved (the names
+#: imported only under TYPE_CHECKING, as linters arrange them).
+_UNTYPED = frozenset({"Message", "tidings.Message", "Command", "tidings.Command",
+                      "Command[Any]", "tidings.Command[Any]"})
+
+
 def parameter_type(fn: Callable[..., Any], what: str) -> Any:
     """The type annotating `fn`'s first parameter, resolved (None when it has none);
     InvalidArgument naming `what` when it names something undefined."""
@@ -90,6 +96,10 @@ def parameter_type(fn: Callable[..., Any], what: str) -> Any:
     try:
         return get_type_hints(probe)[first.name]
     except Exception as exc:
+        text = first.annotation if isinstance(first.annotation, str) else ""
+        if text in _UNTYPED:
+            # `msg: Message` / `cmd: Command` imported under TYPE_CHECKING only: untyped
+            return None
         raise InvalidArgument(
             f"{what}: cannot resolve the annotation {first.annotation!r} of its parameter "
             f"{first.name!r} ({type(exc).__name__}: {exc}); define the types it names at "

@@ -40,6 +40,7 @@ MAX_POSITION = 2**63 - 1
 _REASON = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: The longest `tidings-error` header a term stores.
 MAX_ERROR = 1000
+_CONTROLS = {c: " " for c in (*range(32), 127)}
 TEXT = "text/plain; charset=utf-8"
 OCTETS = "application/octet-stream"
 
@@ -270,7 +271,8 @@ class Message:
         if error is not None:
             if not isinstance(error, str):
                 raise InvalidArgument(f"a term error is text, got {type(error).__name__}")
-            error = " ".join(error.split())[:MAX_ERROR] or None  # one line, no controls
+            # one line, no control characters
+            error = " ".join(error.translate(_CONTROLS).split())[:MAX_ERROR] or None
         stored = self._do("term", 0.0, wait, reason, error)
         if stored is not None:
             await stored

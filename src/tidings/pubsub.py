@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -129,23 +130,29 @@ class Subscription:
             await self._fill()
 
     async def fetch(self, max: int = 100, wait: float | None = None) -> list[Message]:
-        """Claim up to `max` messages now, waiting up to `wait` seconds for the first."""
-        clock = self._clock
-        deadline = None if wait is None else clock.monotonic() + wait
-        first = True
+        """Claim up to `max` messages now, waiting up to `wait` seconds for the first.
+
+        (`wait` is real time, whatever the hub's clock: in a TestHub, deliveries come
+        without the test clock moving.)
+        """
+        deadline = None if wait is None else time.monotonic() + wait
+        look = True
         while not self._buf and not self._closed:
-            remaining = None if deadline is None else deadline - clock.monotonic()
-            if remaining is not None and remaining <= 0 and not first:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0 and not look:
                 break
-            first = False  # always look once, even with wait=0
-            await self._fill(None if remaining is None else (remaining if remaining > 0 else 0.0),
-                             limit=max)
+            # always look once, even with wait=0; and again at once after a look that
+            # only found messages redriven for other subscriptions (acked unseen)
+            look = await self._fill(
+                None if remaining is None else (remaining if remaining > 0 else 0.0), limit=max)
         out: list[Message] = []
         while self._buf and len(out) < max:
             out.append(self._buf.popleft())
         return out
 
-    async def _fill(self, timeout: float | None = None, limit: int | None = None) -> None:
+    async def _fill(self, timeout: float | None = None, limit: int | None = None) -> bool:
+        """Fetch into the buffer, or wait for a change; True if the fetch brought
+        messages that were all skipped (worth looking again at once)."""
         engine = self._engine
         changed = engine.changes(self.spec.pattern)
         settles, waiters = self._take_settles()
@@ -170,19 +177,20 @@ class Subscription:
             for m in msgs:
                 m._sub = self
                 target = m.headers.get(REDRIVE_GROUP)
-                if target is not None and target != group:
+                if target is not None and target != group and _redriven_here(m):
                     # redriven for another subscription: this one handled it already
                     m._settled = True
                     self._settles.append(Settle(m.position, "ack"))
                 else:
                     self._buf.append(m)
             if self._buf:
-                return
+                return False
             await self._settle_now()
-        wait = IDLE_CHECK if next_due is None else max(0.0, min(IDLE_CHECK, next_due - now))
-        if timeout is not None:
-            wait = min(wait, timeout)
-        await self._clock.wait(engine, changed, wait)
+            return True
+        # until a change, the next due row (on the hub's clock), or at most `cap` seconds
+        cap = IDLE_CHECK if timeout is None else min(IDLE_CHECK, timeout)
+        await self._clock.wait(engine, changed, next_due, cap)
+        return False
 
     def _release_claimed(self, fetching: asyncio.Future[tuple[list[Message], float | None]]
                          ) -> None:
@@ -332,6 +340,13 @@ class Handler:
             await msg.ack()
         finally:
             slots.release()
+
+
+def _redriven_here(m: Message) -> bool:
+    """A message `hub.redrive` moved (its id is derived from the dead letter's): the only
+    kind whose redrive-group header is honoured, so a header copied or set by hand never
+    hides a message."""
+    return m.id == f"{m.headers.get('tidings-redriven')}.redriven"
 
 
 def closed_error() -> ClosedError:

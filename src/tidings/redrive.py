@@ -57,6 +57,20 @@ def dead_letter_topic(group: str, dead_letter: str | None = None) -> str:
     return dead_letter
 
 
+async def _source(hub: Hub, group: str, dead_letter: str | None) -> str:
+    """The topic to read `group`'s dead letters from: `dead_letter` if given, else the one
+    its subscriptions name (`$dlq.<group>` unless they chose another)."""
+    if dead_letter is not None:
+        return dead_letter_topic(group, dead_letter)
+    check_group(group)
+    named = {s.dead_letter for s in await hub.engine.subscriptions()
+             if s.group == group and s.dead_letter is not None}
+    if len(named) > 1:
+        raise InvalidArgument(f"the subscriptions of {group!r} send dead letters to "
+                              f"{', '.join(sorted(named))}; say which with dead_letter=")
+    return named.pop() if named else dead_letter_topic(group)
+
+
 def check_group(group: object) -> str:
     if not isinstance(group, str) or not _topics.is_token(group):
         raise InvalidArgument(f"group {group!r} must be one token of letters, digits, '_' "
@@ -119,7 +133,7 @@ async def dead_letters(hub: Hub, group: str, *, topic: str | None = None,
     Raises NotFound for a group with neither a subscription nor dead letters, and
     for ids that name none of the group's dead letters (moved back or not).
     """
-    source = dead_letter_topic(group, dead_letter)
+    source = await _source(hub, group, dead_letter)
     pattern, wanted = _selector(topic, ids)
     limit = _check_limit(limit)
     done = await _redriven(hub, group)

@@ -128,6 +128,11 @@ class TestHub:
         """Turn the event loop until no task is ready to run."""
         loop = asyncio.get_running_loop()
         ready = getattr(loop, "_ready", None)  # asyncio's run queue (CPython's loops)
+        if ready is None:
+            raise RuntimeError(
+                f"TestHub needs asyncio's own event loop (it watches the loop's run queue "
+                f"to know when the application rests); this one is {type(loop).__name__} "
+                "(uvloop?): run the tests on asyncio's default loop")
         calm = 0
         for _ in range(MAX_TURNS):
             await asyncio.sleep(0)
@@ -136,8 +141,8 @@ class TestHub:
                 self.clock.move_to(self.now)  # a sleeper due now (slept 0 s)
                 calm = 0
                 continue
-            calm = calm + 1 if ready is None or not ready else 0
-            if calm >= (_CALM if ready is not None else 100):
+            calm = calm + 1 if not ready else 0
+            if calm >= _CALM:
                 if self._runner is not None and self._runner.done():
                     self._runner.result()  # the handlers' runner failed: say why
                 return

@@ -424,7 +424,8 @@ async def test_term_reason_labels_the_dead_letter(hub: tidings.Hub) -> None:
             await a.term(reason=bad)  # type: ignore[arg-type]
     with pytest.raises(tidings.InvalidArgument, match="term error"):
         await a.term(error=b"bytes")  # type: ignore[arg-type]
-    await a.term(reason="decode-error", error="$.id: expected str,\n got int" + "x" * 2000)
+    await a.term(reason="decode-error",
+                 error="$.id: expected str,\n got\x00\x1b int" + "x" * 2000)
     await b.term()
     dls = await dead_letters(hub, "$dlq.billing", 2, drive=sub)
     by_reason = {d.headers["tidings-reason"]: d for d in dls}

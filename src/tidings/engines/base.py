@@ -97,6 +97,8 @@ class SubscriptionInfo:
     lag: int
     ordered: bool
     max_in_flight: int
+    #: where its dead letters go (None: not known to this engine's records)
+    dead_letter: str | None = None
 
 
 class _Changes(asyncio.Event):

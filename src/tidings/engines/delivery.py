@@ -307,6 +307,10 @@ def dead_letter_headers(
 ) -> dict[str, str]:
     """The headers of a dead letter: the original ones plus where it came from and why."""
     out = dict(headers or {})
+    # a redriven message failing again: its new dead letter is an ordinary one (every
+    # subscriber of the dead-letter topic gets it)
+    out.pop("tidings-redrive-group", None)
+    out.pop("tidings-redriven", None)
     if error:
         out["tidings-error"] = error
     out.update(

@@ -940,5 +940,5 @@ class JetStreamEngine(Engine):
             out.append(SubscriptionInfo(
                 d.group, d.pattern, d.cursor, len(d.pending),
                 sum(1 for p in d.pending if p[2] and p[3] > now),
-                lag + len(d.pending), d.ordered, d.max_in_flight))
+                lag + len(d.pending), d.ordered, d.max_in_flight, d.dead_letter))
         return sorted(out, key=lambda s: (s.group, s.pattern))

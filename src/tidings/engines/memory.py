@@ -322,6 +322,7 @@ class MemoryEngine(Engine):
                     group, pattern, sub.cursor, len(sub.pending),
                     sum(1 for p in sub.pending.values() if p.attempt and p.due > self.now()),
                     lag + len(sub.pending), sub.spec.ordered, sub.spec.max_in_flight,
+                    sub.spec.dead_letter,
                 )
             )
         return out

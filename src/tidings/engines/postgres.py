@@ -636,7 +636,7 @@ class PostgresEngine(Engine):
                 behind = await conn.fetchval(self.sql.behind, cursor, pattern_regex(pattern))
                 out.append(SubscriptionInfo(grp, pattern, cursor, pending, in_flight,
                                             behind + pending, bool(s["ordered"]),
-                                            int(s["max_in_flight"])))
+                                            int(s["max_in_flight"]), s.get("dead_letter")))
             return out
 
         return await self._run(op, "listing subscriptions")

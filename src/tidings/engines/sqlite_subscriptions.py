@@ -360,7 +360,7 @@ async def subscriptions(engine: SqliteEngine) -> list[SubscriptionInfo]:
                 ).fetchone()[0]
             out.append(SubscriptionInfo(grp, pattern, cursor, pending, in_flight,
                                         behind + pending, bool(s["ordered"]),
-                                        int(s["max_in_flight"])))
+                                        int(s["max_in_flight"]), s.get("dead_letter")))
         return out
 
     return await engine._read_op(op)

@@ -449,7 +449,7 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
                    "properties": {"ack_ids": ack_ids}},
         "NackIds": {"type": "object", "required": ["ack_ids"], "additionalProperties": False,
                     "properties": {"ack_ids": ack_ids,
-                                   "delay": {"type": "number", "minimum": 0,
+                                   "delay": {"type": ["number", "null"], "minimum": 0,
                                              "maximum": 86_400}}},
         "DeadLetters": {"type": "object", "required": ["group", "dead_letters"],
                         "properties": {"group": {"type": "string"}, "dead_letters": {

@@ -133,7 +133,7 @@ class AckIn(msgspec.Struct, forbid_unknown_fields=True):
 
 class NackIn(msgspec.Struct, forbid_unknown_fields=True):
     ack_ids: list[str]
-    delay: float = 0.0
+    delay: float | None = None  # none: the subscription's backoff decides
 
 
 def _payload(m: PublishIn | PublishBody, where: str) -> object:
@@ -328,11 +328,11 @@ def routes(gw: Gateway) -> list[Route]:
         group = request.path_params["group"]
         check_group(group)
         body = expect_object(await read_json(request))
-        delay = 0.0
+        delay: float | None = 0.0
         if kind == "nack":
             nack: NackIn = convert(body, NackIn)
             ids, delay = nack.ack_ids, nack.delay
-            if not 0 <= delay <= MAX_NACK_DELAY:
+            if delay is not None and not 0 <= delay <= MAX_NACK_DELAY:
                 raise ApiError(422, "invalid_field", f"delay must be 0 to {MAX_NACK_DELAY:g} "
                                "seconds")
         else:
