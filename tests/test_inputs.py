@@ -180,3 +180,24 @@ def test_message_and_command_imported_for_type_checking_only_mean_untyped() -> N
     assert parameter_type(module["handle"], "handler") is None
     with pytest.raises(tidings.InvalidArgument, match="OrderCreatd"):
         parameter_type(module["typo"], "subscriber")
+
+
+def test_only_exact_whole_floats_become_ints() -> None:
+    class Qty(msgspec.Struct):
+        n: int
+
+    assert validate(Qty, {"n": 2.0}, "x") == Qty(n=2)
+    with pytest.raises(tidings.InvalidArgument, match=r"\$\.n"):
+        validate(Qty, {"n": 1e300}, "x")
+
+
+def test_an_input_type_without_a_json_schema_is_refused_when_registered() -> None:
+    class Opaque:
+        pass
+
+    @dataclasses.dataclass
+    class Holder:
+        thing: Opaque
+
+    with pytest.raises(tidings.InvalidArgument, match="JSON schema"):
+        tidings.Saga("s", [tidings.Step("a", command="x.y")], input=Holder)

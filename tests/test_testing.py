@@ -3,6 +3,7 @@ here is virtual: hours of leases, backoff and timeouts pass in milliseconds."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -161,3 +162,26 @@ async def test_bad_arguments() -> None:
             await t.saga("s-1")
     with pytest.raises(tidings.InvalidArgument, match="async with"):
         _ = TestHub().hub
+
+
+async def test_a_handler_that_never_returns_does_not_hang_the_exit() -> None:
+    async with TestHub() as t:
+        @t.hub.subscriber("a.b", group="g")
+        async def hangs(msg: Message) -> None:
+            await asyncio.Event().wait()
+
+        await t.hub.publish("a.b", b"x")
+        await t.settle()
+    # (reaching here is the test: leaving the block cancelled the hung handler)
+
+
+async def test_dead_letters_of_a_subscriber_with_its_own_dead_letter_topic() -> None:
+    async with TestHub() as t:
+        @t.hub.subscriber("a.b", group="g", dead_letter="g.failed", max_deliver=1)
+        async def fails(msg: Message) -> None:
+            raise RuntimeError("no")
+
+        await t.hub.publish("a.b", b"x")
+        await t.settle()
+        [dl] = t.dead_letters("g")
+        assert dl.topic == "g.failed"

@@ -277,6 +277,72 @@ def migrate(ctx: typer.Context, url: UrlOption = None) -> None:
     typer.echo(f"{n} migration(s) applied to {engine_url}")
 
 
+# the AsyncAPI document -------------------------------------------------------------------
+@app.command("asyncapi")
+def asyncapi(
+    app_spec: Annotated[str, typer.Option(
+        "--app", help="'module:fn': fn(hub) registers the application's subscribers, "
+        "handlers, sagas and published topics.")],
+    as_yaml: Annotated[bool, typer.Option(
+        "--yaml", help="YAML instead of JSON (needs PyYAML: pip install 'tidings[yaml]').")
+    ] = False,
+    title: Annotated[str | None, typer.Option("--title", help="info.title (default: "
+                                              "the --app spec).")] = None,
+    version: Annotated[str, typer.Option("--version", help="info.version.")] = "1.0.0",
+    server: Annotated[list[str] | None, typer.Option(
+        "--server", help="NAME=URL of a server the document lists (nats://host:4222; any "
+        "password is left out); repeat for more.")] = None,
+    url: Annotated[str | None, typer.Option(
+        "--url", show_default=False, help="Engine the app registers on, for an app that "
+        "reads at startup (default memory://: nothing is read or written).")] = None,
+) -> None:
+    """The application's AsyncAPI 3.0 document, made from what --app registers on an
+    in-memory hub (no database is read or written)."""
+    servers: dict[str, str] = {}
+    for item in server or ():
+        name, sep, where = item.partition("=")
+        if not sep:
+            fail(f"--server {item!r}: use NAME=URL, such as production=nats://nats:4222")
+        servers[name] = where
+    dump: Any = None
+    if as_yaml:
+        try:
+            import yaml  # type: ignore[import-untyped,unused-ignore]
+        except ImportError:
+            fail("--yaml needs PyYAML; pip install 'tidings[yaml]' (or leave --yaml out "
+                 "for JSON)", 1)
+        dump = yaml.safe_dump
+    if app_spec.startswith("examples."):
+        _checkout_on_path()
+    elif "" not in sys.path and "." not in sys.path:  # (as uvicorn: the app's directory)
+        sys.path.insert(0, "")
+    try:
+        fn = _load(app_spec)
+    except InvalidArgument as exc:
+        fail(str(exc))
+    if not callable(fn):
+        fail(f"--app {app_spec!r} must name a function that takes the hub, got {fn!r}")
+
+    async def go() -> dict[str, Any]:
+        from .hub import connect
+
+        async with await connect(url or "memory://", trim_interval=None) as hub:
+            made = fn(hub)
+            if hasattr(made, "__await__"):
+                await made
+            return hub.asyncapi(title=title or app_spec, version=version,
+                                servers=servers or None)
+
+    doc = run(go())
+    if dump is not None:
+        sys.stdout.write(dump(doc, sort_keys=False, allow_unicode=True))
+    else:
+        import msgspec
+
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(doc), indent=2).decode()
+                         + "\n")
+
+
 # the gateway ----------------------------------------------------------------------------
 @app.command("serve")
 def serve(

@@ -32,12 +32,14 @@ from .messages import (
     new_id,
     new_ids,
 )
+from .metrics import Counters, MetricsSnapshot, snapshot
 from .pubsub import Handler, Subscription, closed_error
 from .util import parse_iso_time
 
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from .asyncapi import PublishedTopic
     from .eventsourcing.aggregate import Aggregate
     from .eventsourcing.projections import HandlerT, Projections
     from .eventsourcing.repository import Repository
@@ -162,12 +164,15 @@ class Hub:
         self._extensions: dict[type[Any], Any] = {}  # see `extension`
         self._background: set[asyncio.Task[Any]] = set()
         self._command_handlers: list[CommandHandler] = []
+        self._published: dict[str, PublishedTopic] = {}  # see `publishes`
         self._coordinator: Coordinator | None = None
         #: Where the hub reads time (leases, delays, retention, saga deadlines);
         #: `tidings.testing.TestHub` replaces it with a ManualClock.
         self.clock: Clock = SystemClock()
         #: OpenTelemetry tracing (None: off; see `connect(telemetry=...)`)
         self.telemetry: Telemetry | None = None
+        #: What this hub did, counted as it happens (see tidings/metrics.py, `metrics()`)
+        self.counters = Counters()
 
     @property
     def url(self) -> str:
@@ -206,6 +211,43 @@ class Hub:
         """The command handlers registered with `hub.handler`, in order."""
         return tuple(self._command_handlers)
 
+    @property
+    def published_topics(self) -> tuple[PublishedTopic, ...]:
+        """The topics declared with `hub.publishes`, in order."""
+        return tuple(self._published.values())
+
+    def publishes(self, topic: str, payload_type: type[Any] | None = None, *,
+                  description: str | None = None) -> None:
+        """Declare that the application publishes to `topic` (data of `payload_type`), for
+        its AsyncAPI document (`hub.asyncapi()`). Changes nothing about publishing.
+
+        Declaring a topic again with the same arguments changes nothing; with others it
+        is an InvalidArgument, as is a pattern, or a type data cannot be decoded as.
+        """
+        from .asyncapi import declare
+
+        decl = declare(topic, payload_type, description)
+        known = self._published.get(decl.topic)
+        if known is not None and known != decl:
+            raise InvalidArgument(
+                f"topic {decl.topic!r} is already declared with payload type "
+                f"{known.payload_type!r} and description {known.description!r}; declare "
+                "each topic once")
+        self._published[decl.topic] = decl
+
+    def asyncapi(self, *, title: str | None = None, version: str = "1.0.0",
+                 servers: Mapping[str, str | Mapping[str, Any]] | None = None
+                 ) -> dict[str, Any]:
+        """The AsyncAPI 3.0 document (a JSON-ready dict) of what is registered on this hub:
+        subscribers, command handlers, sagas and the topics declared with `publishes`.
+        Reads nothing from the engine. `servers`: names to URLs (`nats://host:4222`; any
+        password is left out) or AsyncAPI Server Objects."""
+        from .asyncapi import document
+
+        return document(subscribers=self.subscribers, handlers=self.command_handlers,
+                        sagas=self.saga_definitions, published=self.published_topics,
+                        title=title, version=version, servers=servers)
+
     # publishing ----------------------------------------------------------------
     def _out(
         self,
@@ -228,6 +270,9 @@ class Hub:
             h["content-type"] = content_type
         if id is not None and (not isinstance(id, str) or not id or len(id) > 255):
             raise InvalidArgument(f"id must be a non-empty str of at most 255 characters, got {id!r}")
+        if id is not None and id.startswith("$"):
+            raise InvalidArgument(f"id {id[:40]!r}: ids starting with '$' are reserved for "
+                                  "tidings itself (redrive); choose one that does not")
         return OutMessage(id or new_id(), topic, _check_key(key), raw, h, id is not None)
 
     async def publish(
@@ -248,14 +293,14 @@ class Hub:
         self.check_open()
         out = self._out(topic, data, key, headers, id)
         if self.telemetry is not None:
-            with self.telemetry.send(topic, [out]):
-                return await self._append([out])
+            with self.telemetry.send(topic, [out]) as span:
+                return self.telemetry.sent(span, await self._append([out]))
         return await self._append([out])
 
     async def _append(self, batch: list[OutMessage]) -> Published:
         await self._window.acquire(1)
         try:
-            return (await self.engine.append(batch))[0]
+            return self.counters.on_publish(batch, await self.engine.append(batch))[0]
         finally:
             self._window.release(1)
 
@@ -305,7 +350,7 @@ class Hub:
     async def _append_many(self, batch: list[OutMessage]) -> list[Published]:
         await self._window.acquire(len(batch))
         try:
-            return await self.engine.append(batch)
+            return self.counters.on_publish(batch, await self.engine.append(batch))
         finally:
             self._window.release(len(batch))
 
@@ -367,7 +412,9 @@ class Hub:
                           max_in_flight, backoff)
         start_after = await self._resolve_start(start)
         handle = await self.engine.subscribe(spec, start_after)
-        sub = Subscription(self.engine, handle, spec, batch or max_in_flight, self.clock)
+        sub = Subscription(self.engine, handle, spec, batch or max_in_flight, self.clock,
+                           counters=self.counters)
+        sub.telemetry = self.telemetry  # (None: off) a settle span per ack, nack, term
         self._subs.add(sub)
         return sub
 
@@ -592,6 +639,13 @@ class Hub:
                 ],
             })
         return out
+
+    async def metrics(self) -> MetricsSnapshot:
+        """Messages, dead letters, events and saga outcomes counted by this hub, with lag,
+        dead letters waiting and projection lag read from the engine now (a plain
+        snapshot; the gateway serves it at /metrics; see tidings/metrics.py)."""
+        self.check_open()
+        return await snapshot(self)
 
     # lifecycle -------------------------------------------------------------------
     async def close(self) -> None:

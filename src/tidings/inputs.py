@@ -62,6 +62,11 @@ def check_input_type(tp: object, what: str) -> type[Any]:
             f"{what}: input= must be {KINDS} (its instances JSON objects), got {tp!r}"
         )
     assert isinstance(tp, type)
+    try:  # now, not on the first request for the OpenAPI document
+        input_schema(tp, "check.")
+    except Exception as exc:  # noqa: BLE001 - msgspec/pydantic say why in their own words
+        raise InvalidArgument(f"{what}: input= {tp.__name__} has no JSON schema ({exc}); give "
+                              "its fields JSON types (or types msgspec/pydantic know)") from None
     return tp
 
 
@@ -184,8 +189,8 @@ def _json_numbers(value: Any) -> Any:
     """`value` with each integral float as an int. JSON does not tell 2 from 2.0 (JSON
     Schema's "integer" takes both), msgspec's int fields take only the first; a float
     field takes either."""
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else value
+    if isinstance(value, float):  # (exactly representable ones only: |x| <= 2**53)
+        return int(value) if value.is_integer() and abs(value) <= 2**53 else value
     if isinstance(value, dict):
         return {k: _json_numbers(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -21,7 +21,8 @@ from .engines.delivery import SubscriptionSpec
 from .errors import ClosedError, DecodeError, InvalidArgument
 from .inputs import decodable, parameter_type
 from .messages import MAX_POSITION, Message
-from .redrive import REDRIVE_GROUP
+from .metrics import Counters
+from .redrive import REDRIVE_GROUP, REDRIVEN, moved_id
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -45,8 +46,12 @@ class Subscription:
     gets every message. Never holds more than `max_in_flight` unacked messages.
     """
 
+    #: the hub's OpenTelemetry tracing, set by `hub.subscribe` (None: off)
+    telemetry: Telemetry | None = None
+
     def __init__(self, engine: Engine, handle: Any, spec: SubscriptionSpec, batch: int,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, *, counters: Counters | None = None) -> None:
+        self._counts = (counters if counters is not None else Counters()).group(spec.group)
         self._engine = engine
         self._clock: Clock = clock or SystemClock()
         self._handle = handle
@@ -58,6 +63,7 @@ class Subscription:
         self._flushing: asyncio.Task[None] | None = None  # scheduled, gathering acks
         self._inflight: set[asyncio.Task[None]] = set()  # flushes not yet committed
         self._closed = False
+        self._skipped = False  # the last look found only others' redriven messages
 
     @property
     def group(self) -> str:
@@ -79,6 +85,10 @@ class Subscription:
                                   "a subscription delivered them")
         self._settles.append(Settle(position, kind, delay, reason,  # type: ignore[arg-type]
                                     error))
+        n = self._counts.acked if kind == "ack" else self._counts.settled(msg, self.spec, kind)
+        n[msg.topic] = n.get(msg.topic, 0) + 1  # (metrics: a dict increment per ack)
+        if self.telemetry is not None:
+            self.telemetry.settle(msg, self.spec.group, kind)
         waiter: asyncio.Future[None] | None = None
         if wait:
             waiter = asyncio.get_running_loop().create_future()
@@ -156,7 +166,7 @@ class Subscription:
         engine = self._engine
         changed = engine.changes(self.spec.pattern)
         settles, waiters = self._take_settles()
-        n = self._batch if limit is None else max(1, min(limit, self._batch))
+        n = self._batch if limit is None or self._skipped else max(1, min(limit, self._batch))
         now = self._clock.now()
         fetching = asyncio.ensure_future(engine.fetch(self._handle, n, now, settles))
         if waiters:  # the fetch commits the settles it carries, or none of them
@@ -183,8 +193,11 @@ class Subscription:
                     self._settles.append(Settle(m.position, "ack"))
                 else:
                     self._buf.append(m)
+            self._skipped = False
             if self._buf:
+                self._counts.on_deliver(self._buf)  # (_fill starts with _buf empty)
                 return False
+            self._skipped = True  # look again with a whole batch (what is left stays buffered)
             await self._settle_now()
             return True
         # until a change, the next due row (on the hub's clock), or at most `cap` seconds
@@ -254,6 +267,12 @@ async def feed(sub: Subscription,
             t = asyncio.create_task(one(msg, slots))
             tasks.add(t)
             t.add_done_callback(tasks.discard)
+    except asyncio.CancelledError:
+        # stopped: the handlers running stop too (their messages come back), instead of
+        # a shutdown that waits for ever on one that hangs
+        for t in tasks:
+            t.cancel()
+        raise
     finally:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -324,7 +343,7 @@ class Handler:
                     return
             await self.fn(arg)
         except asyncio.CancelledError:
-            await msg.nack()
+            await msg.nack(0.0)  # stopped, not failed: no backoff step
             raise
         except Exception as exc:
             if span is not None and self.telemetry is not None:
@@ -346,7 +365,7 @@ def _redriven_here(m: Message) -> bool:
     """A message `hub.redrive` moved (its id is derived from the dead letter's): the only
     kind whose redrive-group header is honoured, so a header copied or set by hand never
     hides a message."""
-    return m.id == f"{m.headers.get('tidings-redriven')}.redriven"
+    return m.id == moved_id(m.headers.get(REDRIVEN, ""))
 
 
 def closed_error() -> ClosedError:

@@ -178,8 +178,8 @@ def _moved(dl: Message, group: str) -> tuple[OutMessage, OutMessage] | None:
     headers = {k: v for k, v in dl.headers.items() if k not in _DEAD_LETTER_HEADERS}
     headers[REDRIVEN] = dl.id
     headers[REDRIVE_GROUP] = group
-    moved = OutMessage(f"{dl.id}.redriven", original, dl.key, dl.data, headers, True)
-    marker = OutMessage(f"{dl.id}.redrive-marker", marker_topic(group), None, b"",
+    moved = OutMessage(moved_id(dl.id), original, dl.key, dl.data, headers, True)
+    marker = OutMessage(f"$rdv:{dl.id}", marker_topic(group), None, b"",
                         {REDRIVEN: dl.id, "tidings-original-topic": original}, True)
     return moved, marker
 
@@ -193,19 +193,36 @@ async def redrive(hub: Hub, group: str, *, topic: str | None = None,
                                 dead_letter=dead_letter)
     pairs = [p for p in (_moved(dl, group) for dl in chosen) if p is not None]
     moved = 0
+    seen = 0  # markers read so far (by position)
     for start in range(0, len(pairs), _CHUNK):
+        # Markers another run stored since this one began: its copies are skipped here
+        # even if they were stored longer ago than the engine's dedup window.
+        done, seen = await _redriven_after(hub, group, seen)
         batch: list[OutMessage] = []
         for m, marker in pairs[start:start + _CHUNK]:
-            batch += (m, marker)
-        results = await hub.engine.append(batch)
+            if m.headers is not None and m.headers[REDRIVEN] not in done:
+                batch += (m, marker)
+        if not batch:
+            continue
+        results = hub.counters.on_publish(batch, await hub.engine.append(batch))
         moved += sum(1 for r in results[::2] if not r.duplicate)
     return moved
 
 
-def skip_for(group: str, msg: Message) -> bool:
-    """True if `msg` was redriven for another subscription than `group`'s."""
-    target = msg.headers.get(REDRIVE_GROUP)
-    return target is not None and target != group
+def moved_id(dead_letter_id: str) -> str:
+    """The id a dead letter moves back under: derived (racing runs store one copy) and in
+    the `$` namespace clients may not use (nobody can take it first, or forge it)."""
+    return f"$redriven:{dead_letter_id}"
+
+
+async def _redriven_after(hub: Hub, group: str, after: int) -> tuple[set[str], int]:
+    done: set[str] = set()
+    async for m in hub.read(marker_topic(group), start=after + 1):
+        after = m.position
+        dl = m.headers.get(REDRIVEN)
+        if dl:
+            done.add(dl)
+    return done, after
 
 
 def summary(dl: Message) -> dict[str, Any]:

@@ -26,12 +26,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Protocol, cast
 
 from .clock import ManualClock
-from .errors import InvalidArgument, NotFound
+from .errors import InvalidArgument, NotFound, TidingsError, Unsupported
 from .hub import Hub, connect
 from .messages import Message
 from .redrive import REDRIVEN, dead_letter_topic, marker_topic
@@ -48,8 +49,8 @@ class _Memory(Protocol):
 
 #: 2023-11-14T22:13:20Z: a fixed, recognizable start, so test output is repeatable.
 START = 1_700_000_000.0
-#: Event-loop turns `settle` allows before it decides the application never rests.
-MAX_TURNS = 200_000
+#: Real seconds one rest may take before `settle` decides the application never rests.
+MAX_BUSY = 120.0
 #: Consecutive idle turns that count as "at rest".
 _CALM = 3
 
@@ -66,7 +67,9 @@ class TestHub:
                 0 <= start < 2**40):
             raise InvalidArgument(f"start is seconds since the epoch, got {start!r}")
         self.clock = ManualClock(float(start))
-        self._options = options
+        # retention is trimmed at each step of `advance` instead of a timer every 30 s
+        # of test time (a month's advance would stop 86,000 times)
+        self._options = {"trim_interval": None, **options}
         self._hub: Hub | None = None
         self._runner: asyncio.Task[None] | None = None
         self._running: tuple[int, int] = (0, 0)  # subscribers, handlers the runner runs
@@ -103,11 +106,11 @@ class TestHub:
         """Run the application until it rests: every delivery handled, every saga step
         that can go on now gone on, projections caught up. Time does not move."""
         await self._ensure_running()
-        for _ in range(MAX_TURNS // 100):
+        for _ in range(1000):
             await self._rest()
             if not await self._catch_up_projections():
                 return
-        raise RuntimeError("the application never rests: a projection keeps changing")
+        raise TidingsError("the application never rests: a projection keeps changing")
 
     async def advance(self, seconds: float) -> None:
         """Let `seconds` pass: whatever falls due on the way (ack_wait leases, nack
@@ -120,8 +123,10 @@ class TestHub:
         target = self.clock.now() + seconds
         while (due := self.clock.next_wakeup()) is not None and due <= target:
             self.clock.move_to(due)
+            await self.hub.trim()  # retention, at this step's time
             await self.settle()
         self.clock.move_to(target)
+        await self.hub.trim()
         await self.settle()
 
     async def _rest(self) -> None:
@@ -129,13 +134,17 @@ class TestHub:
         loop = asyncio.get_running_loop()
         ready = getattr(loop, "_ready", None)  # asyncio's run queue (CPython's loops)
         if ready is None:
-            raise RuntimeError(
+            raise Unsupported(
                 f"TestHub needs asyncio's own event loop (it watches the loop's run queue "
                 f"to know when the application rests); this one is {type(loop).__name__} "
                 "(uvloop?): run the tests on asyncio's default loop")
         calm = 0
-        for _ in range(MAX_TURNS):
+        busy_until = time.monotonic() + MAX_BUSY
+        while True:
             await asyncio.sleep(0)
+            if time.monotonic() > busy_until:
+                raise TidingsError(f"the application is still busy after {MAX_BUSY:.0f} s at "
+                                   "one test time: something loops without waiting")
             due = self.clock.next_wakeup()
             if due is not None and due <= self.now:
                 self.clock.move_to(self.now)  # a sleeper due now (slept 0 s)
@@ -146,8 +155,6 @@ class TestHub:
                 if self._runner is not None and self._runner.done():
                     self._runner.result()  # the handlers' runner failed: say why
                 return
-        raise RuntimeError(f"the application is still busy after {MAX_TURNS} event-loop "
-                           "turns at one time: something loops without waiting")
 
     async def _catch_up_projections(self) -> bool:
         """Bring every registered projection up to date; True if any moved."""
@@ -187,6 +194,11 @@ class TestHub:
     def dead_letters(self, group: str, *, dead_letter: str | None = None) -> list[Message]:
         """`group`'s dead letters not redriven yet, oldest first (headers say why:
         `tidings-reason`, `tidings-attempts`, `tidings-original-topic`, …)."""
+        if dead_letter is None:  # where its subscribers send them, if they chose
+            named = {h.options["dead_letter"] for h in self.hub.subscribers
+                     if h.group == group and h.options.get("dead_letter")}
+            if len(named) == 1:
+                dead_letter = named.pop()
         source = dead_letter_topic(group, dead_letter)
         done = {m.headers.get(REDRIVEN) for m in self.published(marker_topic(group))}
         return [m for m in self.published(source)

@@ -162,3 +162,16 @@ async def test_bad_redrive_arguments_are_refused(hub: tidings.Hub, kwargs: dict[
         await hub.dead_letters(group, **args)
     assert len(await hub.dead_letters("billing")) == 1  # nothing moved
     await none_for(sub, 0.1)
+
+
+async def test_ids_in_tidings_namespace_are_refused_so_no_one_takes_a_redrive_s(
+        hub: tidings.Hub) -> None:
+    sub, _ = await poison(hub, 1)
+    [dl] = await hub.dead_letters("billing")
+    with pytest.raises(tidings.InvalidArgument, match="reserved"):
+        await hub.publish("orders.created", b"squat", id=f"$redriven:{dl.id}")
+    with pytest.raises(tidings.InvalidArgument, match="reserved"):
+        await hub.publish_many("orders.created", [tidings.envelope(b"x", id="$x")])
+    assert await hub.redrive("billing") == 1
+    [back] = await take(sub, 1)
+    assert back.decode() == {"n": 0}

@@ -178,6 +178,7 @@ ROUTES: list[tuple[str, str, tuple[str, ...], str | None]] = 2 * [
     ("GET", "/v1/dashboard", (), None),
     ("GET", "/v1/dashboard/stream", (), None),
     ("GET", "/v1/openapi.json", (), None),
+    ("GET", "/v1/asyncapi.json", (), None),
     ("GET", "/healthz", (), None),
     ("GET", "/metrics", (), None),
     ("GET", "/", (), None),

@@ -43,10 +43,17 @@ def test_metrics_count_requests_messages_and_lag(client: httpx.Client) -> None:
               (("method", "POST"), ("route", route), ("status", "422")))] == 1
     assert m[("tidings_http_requests_total",
               (("method", "GET"), ("route", "<unmatched>"), ("status", "404")))] == 1
-    assert m[("tidings_messages_published_total", ())] == 4
-    assert m[("tidings_messages_delivered_total", ())] == 3
-    assert m[("tidings_messages_acked_total", ())] == 1
-    assert m[("tidings_messages_nacked_total", ())] == 1
+    assert m[("tidings_http_messages_published_total", ())] == 4
+    assert m[("tidings_http_messages_delivered_total", ())] == 3
+    assert m[("tidings_http_messages_acked_total", ())] == 1
+    assert m[("tidings_http_messages_nacked_total", ())] == 1
+    # the hub's own figures, by topic and group (HTTP acks name no topic: the ack id
+    # holds none)
+    assert m[("tidings_messages_published_total", (("topic", "orders.created"),))] == 4
+    assert m[("tidings_messages_delivered_total",
+              (("group", "billing"), ("topic", "orders.created")))] == 3
+    assert m[("tidings_messages_acked_total", (("group", "billing"), ("topic", "")))] == 1
+    assert m[("tidings_messages_nacked_total", (("group", "billing"), ("topic", "")))] == 1
     sub = (("group", "billing"), ("pattern", "orders.*"))
     state = client.get("/v1/topics").json()["topics"][0]["subscriptions"][0]
     assert m[("tidings_subscription_lag", sub)] == state["lag"] > 0

@@ -269,6 +269,7 @@ class EventStore:
         if not records:
             raise InvalidArgument("append needs at least one event")
         out = await self.backend.append(stream_id, records, expected, topic, snapshot)
+        self._hub.counters.on_append(topic, 0 if out.duplicate else len(records))
         return Appended(stream_id, out.version, out.positions, out.duplicate)
 
     # reading -------------------------------------------------------------------

@@ -60,7 +60,12 @@ async def commit(
         exp = None if isinstance(expected, _Any) else int(expected)
         items.append((stream_id, store._records_with(events, {**audit, **given}), exp,
                       topic or default_topic(stream_id)))
-    outcomes = await store.backend.append_batch(items, messages, snapshots)
+    if hub.telemetry is not None and messages:  # a saga's commands, replies, end marker
+        with hub.telemetry.sending(messages):
+            outcomes = await store.backend.append_batch(items, messages, snapshots)
+    else:
+        outcomes = await store.backend.append_batch(items, messages, snapshots)
+    hub.counters.on_commit(items, outcomes, messages)
     for agg in aggregates:
         if agg._pending:
             agg._pending = []

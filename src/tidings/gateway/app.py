@@ -31,6 +31,7 @@ from ..pubsub import Subscription
 from . import commands as _commands
 from . import dashboard as _dashboard
 from . import dlq as _dlq
+from . import explore as _explore
 from . import pubsub as _pubsub
 from . import streams as _streams
 from .auth import BearerAuth
@@ -222,10 +223,14 @@ class Traced:
             async def sending(message: Any) -> None:
                 if message["type"] == "http.response.start":
                     status.append(message["status"])
-                    span.set_attribute("http.response.status_code", message["status"])
                 await send(message)
 
-            await self.app(scope, receive, sending)
+            try:
+                await self.app(scope, receive, sending)
+            finally:  # named `<METHOD> <route template>`, as HttpMetrics labels it
+                self.telemetry.routed(span, scope["method"],
+                                      getattr(scope.get("route"), "path", None),
+                                      status[0] if status else None)
 
 
 def create_app(
@@ -294,14 +299,21 @@ def create_app(
             served[:] = [typed, with_inputs(spec, typed)]
         return json_response(served[1])
 
+    async def asyncapi_json(request: Request) -> Response:
+        # what the application registered on the hub (an --app does at startup), now
+        title = app_module if isinstance(app_module, str) else None
+        return json_response(hub.asyncapi(title=title))
+
     routes: list[BaseRoute] = [
         *_pubsub.routes(gw),  # first: publishing is the hot path
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/openapi.json", openapi_json, methods=["GET"]),
+        Route("/v1/asyncapi.json", asyncapi_json, methods=["GET"]),
         *_streams.routes(gw),
         *_commands.routes(gw),
         *_dlq.routes(gw),
+        *_explore.routes(gw),
         *_dashboard.routes(gw),
     ]
 
@@ -326,6 +338,8 @@ def create_app(
                                        on_end=gw.requests.ended),
                 name="tidings:gateway:saga-metrics")
             stack.push_async_callback(_cancel, watcher)
+            sampler = asyncio.create_task(gw.dashboard.run(), name="tidings:gateway:dashboard")
+            stack.push_async_callback(_cancel, sampler)
             stack.push_async_callback(gw.close)
             yield
 

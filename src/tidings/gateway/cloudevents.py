@@ -278,6 +278,9 @@ def _event(attrs: dict[str, str | int | bool], data: bytes, default_type: str,
         if name in ("id", "partitionkey") and len(value) > MAX_ID:
             raise _invalid(f"{where(name)} is {len(value)} characters; at most {MAX_ID} are "
                            "stored")
+        if name == "id" and value.startswith("$"):
+            raise _invalid(f"{where(name)} starts with '$', which tidings keeps for itself "
+                           "(redrive); use an id that does not")
         if name == "time" and not valid_time(value):
             raise _invalid(f"{where(name)} {value[:60]!r} is not an RFC 3339 timestamp; send "
                            "e.g. 2024-05-01T12:00:00Z or 2024-05-01T14:00:00.5+02:00")
@@ -382,7 +385,9 @@ def schemas(ack_id_pattern: str) -> dict[str, Any]:
                        "header, every other attribute x the header ce-x",
         "properties": {
             "specversion": {"const": "1.0"},
-            "id": {**required, "maxLength": MAX_ID}, "source": required, "type": required,
+            "id": {**required, "maxLength": MAX_ID,  # ('$' ids are tidings' own)
+                   "pattern": "^[^$\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"},
+            "source": required, "type": required,
             "subject": optional, "dataschema": optional, "datacontenttype": optional,
             "partitionkey": {**optional, "maxLength": MAX_ID},
             "time": {"type": ["string", "null"], "format": "date-time"},

@@ -38,6 +38,8 @@ class Coalescer:
                       headers: Mapping[str, str] | None) -> Published:
         """Store one message (committed when this returns), batched with its neighbours."""
         fut: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
+        if self.hub.telemetry is not None:  # sent by another task: keeps its request's trace
+            headers = self.hub.telemetry.carrying(headers)
         self._pending.append((envelope(data, key=key, headers=headers, topic=topic), fut,
                               (topic, data, key, headers)))
         if len(self._pending) == 1 and self._active < self.parallel:

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..inputs import input_schema
 from . import cloudevents as _ce
+from . import explore as _explore
 from .http import MAX_DEPTH
 from .params import ACK_ID, BEFORE_LAST, MAX_POSITION, POSITIVE
 from .pubsub import MAX_GROUP
@@ -359,6 +360,13 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
             "responses": {"200": _json({"type": "object"}, "the document"),
                           **_errors(*reads[:-1])},
         }},
+        "/v1/asyncapi.json": {"get": {
+            "operationId": "asyncapi",
+            "summary": "the application's AsyncAPI 3.0 document: the topics it publishes "
+                       "and subscribes to, its command handlers, its sagas' commands",
+            "responses": {"200": _json({"type": "object"}, "the document"),
+                          **_errors(*reads[:-1])},
+        }},
         "/healthz": {"get": {
             "operationId": "health", "summary": "200 while the hub is open", "security": [],
             "responses": {"200": _json(_ref("Health"), "healthy"),
@@ -374,6 +382,8 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
         }},
     }
 
+    paths.update(_explore.paths(errors=_errors, reads=reads, common=common, pattern=pattern,
+                                stream_id=stream_id))
     headers = {"type": "object", "additionalProperties": {"type": "string"}}
     message_out: dict[str, Any] = {
         "type": "object",
@@ -397,6 +407,7 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
                         "additionalProperties": {"type": "string"},
                         "propertyNames": {"minLength": 1}},
             "id": {"type": ["string", "null"], "minLength": 1, "maxLength": 255,
+                   "pattern": "^[^$]",
                    "description": "a client id: a repeat within the dedup window is not stored"},
         },
         "oneOf": [{"required": ["data"], "not": {"required": ["data_b64"]}},
@@ -532,11 +543,20 @@ def openapi(*, max_body: int, max_wait: float, max_pull: int, auth: bool) -> dic
         "Snapshot": {"type": "object",
                      "required": ["time", "topics", "subscriptions", "dead_letters", "commands",
                                   "requests"],
-                     "properties": {"time": {"type": "number"}}},
+                     "properties": {
+                         "time": {"type": "number"},
+                         "history": {"type": "array", "items": {"type": "object"},
+                                     "description": "chart points {t, dt, published, "
+                                     "delivered, lag, outcomes, latency?} of the last "
+                                     "minutes (the stream: all in its first snapshot, then "
+                                     "the new ones)"},
+                         "latency_buckets": {"type": "array", "items": {"type": "number"}}}},
         "Health": {"type": "object", "required": ["status"],
                    "properties": {"status": {"enum": ["ok", "unavailable"]},
                                   "detail": {"type": "string"}}},
     }
+    schemas.update(_explore.schemas(message_out,
+                                    schemas["StreamEvents"]["properties"]["events"]["items"]))
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "tidings gateway", "version": "1",

@@ -155,7 +155,7 @@ class CommandHandler:
             else:
                 await msg.term(reason=dead[0], error=dead[1])
         except asyncio.CancelledError:
-            await msg.nack()
+            await msg.nack(0.0)  # stopped, not failed: no backoff step
             raise
         except Exception:
             log.exception("handler for %s failed to settle position %d", self.command,
@@ -261,14 +261,14 @@ class CommandHandler:
         raw, ct = encode_data(result or {})
         h["content-type"] = ct
         if self.hub.telemetry is not None:  # the reply joins the handler's trace
-            self.hub.telemetry.inject(h)
+            self.hub.telemetry.replying(h, status, error)
         return OutMessage(new_id(), reply_to, msg.key, raw, h, False)
 
     async def _reply(self, msg: Message, status: str, result: dict[str, Any] | None,
                      error: str) -> None:
         out = self._reply_message(msg, status, result, error)
         if out is not None:
-            await self.hub.engine.append([out])
+            self.hub.counters.on_publish([out], await self.hub.engine.append([out]))
 
     async def _commit(self, msg: Message, stream: str, record: InboxRecorded,
                       saves: list[Aggregate], fence: InboxAppend | None) -> None:

@@ -126,7 +126,14 @@ async def run_unit(driver: InlineDriver, defn: Saga, state: SagaState, unit: Uni
         handler = inline_for(driver.inline_handler, defn, p) if p is not None else None
         if p is None or handler is None:
             break
-        outcome = await _run_inline(driver, handler, defn, state, unit)
+        tel = handler.hub.telemetry
+        if tel is None:
+            outcome = await _run_inline(driver, handler, defn, state, unit)
+        else:  # a `process` span, as if the command had come as a message
+            with tel.inline(handler.command, handler.group, defn.name, state.id,
+                            defn.steps[p.step].name, p.kind, p.attempt) as span:
+                outcome = await _run_inline(driver, handler, defn, state, unit)
+                tel.outcome(span, outcome)
         if outcome is None:
             break  # contended: commit what the unit did; the step runs again
         now = driver.clock.now()

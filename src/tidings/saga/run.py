@@ -120,6 +120,8 @@ class SagaRun:
             state = await load(self.name, self.saga_id)
         if not state.version:
             return None
+        if self.hub.telemetry is not None:  # (this task's) appends and spans join its trace
+            self.hub.telemetry.adopt(state.trace)
         defn = self.coord.definition(self.name, state.version)
         if defn is None:
             log.warning("saga %s needs %s version %d, which this process does not have; "
@@ -127,6 +129,7 @@ class SagaRun:
                         self.name, state.version)
             return None
         inbox = self.inbox
+        ended_before = state.done  # (counted by whoever ended it)
         # An ended or stuck saga still settles its inbox: a late or duplicate reply is
         # recorded as ignored, and a retry resumes a stuck saga.
         while not ended_or_stuck(state) or not inbox.empty():
@@ -151,6 +154,8 @@ class SagaRun:
                 state = await load(self.name, self.saga_id)
         if state.done:
             self.coord.ended_here(self.sid, state)
+            if not ended_before:
+                self.hub.counters.on_saga_end(state)
         return state
 
     async def _step(self, defn: Saga, state: SagaState) -> None:
@@ -320,7 +325,7 @@ class SagaRun:
             CompensationStarted(step=p.step, attempt=p.attempt, deadline=p.deadline))
         out = attempt_message(defn, state, ev, self.sent)
         if out is not None:
-            await self.hub.engine.append([out])
+            self.hub.counters.on_publish([out], await self.hub.engine.append([out]))
 
     # recording ---------------------------------------------------------------------------
     async def _append(self, defn: Saga, state: SagaState, events: list[Event]) -> None:

@@ -7,7 +7,9 @@ from typing import Any
 
 from ..errors import InvalidArgument, NotFound
 from .coordinator import Coordinator, check_saga_id
-from .definition import Saga, SagaState
+from .definition import Saga, SagaStarted, SagaState
+from .moves import stream_id
+from .timeline import fold_timeline
 
 __all__ = ["SagaRunner", "view"]
 
@@ -45,6 +47,20 @@ class SagaRunner:
         if not state.version:
             raise NotFound(f"no saga {id!r} of {self.name!r}; check the id")
         return view(state)
+
+    async def timeline(self, id: str) -> dict[str, Any]:
+        """`get(id)`, plus `timeline`: each step's attempts with their start, duration,
+        outcome, the command sent and the reply (see saga/timeline.py)."""
+        sid = check_saga_id(id)
+        events = [(r.event, r.timestamp) async for r in
+                  self._c.hub.events.read(stream_id(self.name, sid))]
+        if not events:
+            raise NotFound(f"no saga {id!r} of {self.name!r}; check the id")
+        first = events[0][0]
+        defn = self._c.definition(self.name, first.version) \
+            if isinstance(first, SagaStarted) else None
+        state, rows = fold_timeline(defn, sid, events)
+        return {**view(state), "timeline": rows}
 
     async def wait(self, id: str, timeout: float | None = None) -> dict[str, Any]:
         """Wait until the saga is completed, compensated or stuck, and return `get(id)`."""
