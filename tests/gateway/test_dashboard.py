@@ -27,7 +27,7 @@ if not os.path.exists(CHROMIUM):  # (under TIDINGS_REQUIRE_SERVICES=1, as in CI:
     unavailable(f"{CHROMIUM} is missing: `make browser-deps` installs Debian's chromium")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")  # one chromium for the module; each test its own page
 def browser() -> Iterator[object]:
     from playwright.sync_api import sync_playwright
 

@@ -239,7 +239,7 @@ def send(client: httpx.Client, call: Call) -> int:
 
 
 @given(calls())
-@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck),
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck),
           derandomize=False)
 def test_no_input_gets_a_5xx_or_stores_anything_when_refused(target: LiveServer,
                                                              call: Call) -> None:
