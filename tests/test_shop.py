@@ -121,12 +121,15 @@ async def test_a_failing_compensation_gets_stuck_then_a_retry_completes_it(
     assert stuck["status"] == "stuck"
     assert "customer service is down" in (stuck["error"] or "")
     assert await credit_used(shop, "c-rich") == 250  # still held: nothing released it
+    assert (await shop.hub.metrics()).saga_outcomes[("create-order", "stuck")] == 1
 
     shop.fake("customer.release_credit", real)  # the service is back
     await shop.hub.sagas(create_order).retry(sid)
     await shop.settle()
     done = await shop.saga(sid)
     assert done["status"] == "compensated"
+    outcomes = (await shop.hub.metrics()).saga_outcomes
+    assert outcomes[("create-order", "compensated")] == 1  # (and the stuck one stays counted)
     assert await credit_used(shop, "c-rich") == 0
     assert await stock(shop, "p-1") == 1
 

@@ -662,6 +662,7 @@ class Hub:
             with contextlib.suppress(Exception):
                 await sub.close()
         await self.engine.close()
+        self.engine.wake_waiters()  # whoever still waits for a change (a projection) sees it closed
 
     async def __aenter__(self) -> Hub:
         return self

@@ -170,7 +170,8 @@ class Counters:
             self.on_publish(messages)
 
     def on_saga_end(self, state: SagaState) -> None:
-        """A saga driven here reached `state.status` (completed or compensated)."""
+        """A saga driven here reached `state.status` (completed, compensated, or stuck:
+        each time it gets stuck)."""
         k = (state.name, state.status)
         self.saga_outcomes[k] = self.saga_outcomes.get(k, 0) + 1
         if state.finished is not None and state.started:

@@ -221,6 +221,10 @@ class Engine(ABC):
     async def subscriptions(self) -> list[SubscriptionInfo]: ...
 
     # wake-ups ----------------------------------------------------------------
+    def wake_waiters(self) -> None:
+        """Wake everyone waiting for a change (the hub closing: they look and stop)."""
+        self._notify()
+
     def _notify(self, topics: Iterable[str] | None = None,
                 patterns: Iterable[str] = ()) -> None:
         """Wake waiters: something was stored or settled.

@@ -130,6 +130,7 @@ class SagaRun:
             return None
         inbox = self.inbox
         ended_before = state.done  # (counted by whoever ended it)
+        stuck_before = state.status == "stuck"
         # An ended or stuck saga still settles its inbox: a late or duplicate reply is
         # recorded as ignored, and a retry resumes a stuck saga.
         while not ended_or_stuck(state) or not inbox.empty():
@@ -156,6 +157,8 @@ class SagaRun:
             self.coord.ended_here(self.sid, state)
             if not ended_before:
                 self.hub.counters.on_saga_end(state)
+        elif state.status == "stuck" and not stuck_before:  # an outcome too, until retried
+            self.hub.counters.on_saga_end(state)
         return state
 
     async def _step(self, defn: Saga, state: SagaState) -> None:
