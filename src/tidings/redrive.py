@@ -83,14 +83,16 @@ def marker_topic(group: str) -> str:
     return f"$rdv.{group}"
 
 
-async def _redriven(hub: Hub, group: str) -> set[str]:
-    """The ids of `group`'s dead letters already moved back."""
+async def _markers(hub: Hub, group: str, after: int = 0) -> tuple[set[str], int]:
+    """The ids of `group`'s dead letters moved back, by the markers stored after position
+    `after`; and the position read up to (to read only newer ones next time)."""
     done: set[str] = set()
-    async for m in hub.read(marker_topic(group)):
+    async for m in hub.read(marker_topic(group), start=after + 1):
+        after = m.position
         dl = m.headers.get(REDRIVEN)
         if dl:
             done.add(dl)
-    return done
+    return done, after
 
 
 def _selector(topic: str | None, ids: Iterable[str] | None
@@ -133,10 +135,18 @@ async def dead_letters(hub: Hub, group: str, *, topic: str | None = None,
     Raises NotFound for a group with neither a subscription nor dead letters, and
     for ids that name none of the group's dead letters (moved back or not).
     """
+    chosen, _ = await _select(hub, group, topic, ids, limit, dead_letter, redriven)
+    return chosen
+
+
+async def _select(hub: Hub, group: str, topic: str | None, ids: Iterable[str] | None,
+                  limit: int | None, dead_letter: str | None, redriven: bool
+                  ) -> tuple[list[Message], int]:
+    """`dead_letters`, and the position of the newest marker it read."""
     source = await _source(hub, group, dead_letter)
     pattern, wanted = _selector(topic, ids)
     limit = _check_limit(limit)
-    done = await _redriven(hub, group)
+    done, seen = await _markers(hub, group)
     out: list[Message] = []
     seen_any = False
     matched: set[str] = set()
@@ -166,7 +176,7 @@ async def dead_letters(hub: Hub, group: str, *, topic: str | None = None,
         raise NotFound(f"no dead letter of {group!r} has the id {sorted(missing)[0]!r}"
                        f"{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
                        f"'tidings dlq list {group}' shows them")
-    return out
+    return out, seen
 
 
 def _moved(dl: Message, group: str) -> tuple[OutMessage, OutMessage] | None:
@@ -189,15 +199,13 @@ async def redrive(hub: Hub, group: str, *, topic: str | None = None,
                   dead_letter: str | None = None) -> int:
     """Move `group`'s dead letters (those `dead_letters` selects) back to their original
     topics; returns how many this call moved (0 for those another run moved first)."""
-    chosen = await dead_letters(hub, group, topic=topic, ids=ids, limit=limit,
-                                dead_letter=dead_letter)
+    chosen, seen = await _select(hub, group, topic, ids, limit, dead_letter, False)
     pairs = [p for p in (_moved(dl, group) for dl in chosen) if p is not None]
     moved = 0
-    seen = 0  # markers read so far (by position)
     for start in range(0, len(pairs), _CHUNK):
         # Markers another run stored since this one began: its copies are skipped here
         # even if they were stored longer ago than the engine's dedup window.
-        done, seen = await _redriven_after(hub, group, seen)
+        done, seen = await _markers(hub, group, seen)
         batch: list[OutMessage] = []
         for m, marker in pairs[start:start + _CHUNK]:
             if m.headers is not None and m.headers[REDRIVEN] not in done:
@@ -213,16 +221,6 @@ def moved_id(dead_letter_id: str) -> str:
     """The id a dead letter moves back under: derived (racing runs store one copy) and in
     the `$` namespace clients may not use (nobody can take it first, or forge it)."""
     return f"$redriven:{dead_letter_id}"
-
-
-async def _redriven_after(hub: Hub, group: str, after: int) -> tuple[set[str], int]:
-    done: set[str] = set()
-    async for m in hub.read(marker_topic(group), start=after + 1):
-        after = m.position
-        dl = m.headers.get(REDRIVEN)
-        if dl:
-            done.add(dl)
-    return done, after
 
 
 def summary(dl: Message) -> dict[str, Any]:
