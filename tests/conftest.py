@@ -8,7 +8,7 @@ carries `pytest.mark.service`, so it can be deselected with `-m "not service"`.
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,3 +165,18 @@ async def open_hub(engine_url: str) -> AsyncIterator[Callable[..., Awaitable[tid
     for h in hubs:
         await h.close()
 
+
+
+@pytest.fixture
+def traced() -> Iterator[tuple[Any, Any]]:
+    """(an OpenTelemetry SDK TracerProvider, the in-memory exporter recording its spans)
+    for the tracing tests (they check the SDK is installed before using this)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider, exporter
+    provider.shutdown()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ needs("opentelemetry.sdk", reason="the tracing tests need opentelemetry-sdk (dev
 from examples.shop import app, create_order  # noqa: E402
 from examples.shop.domain import Customer, Product  # noqa: E402
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
     InMemorySpanExporter,
 )
@@ -33,15 +32,6 @@ from tidings.testing import TestHub  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 Spans = Sequence[ReadableSpan]
-
-
-@pytest.fixture
-def traced() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield provider, exporter
-    provider.shutdown()
 
 
 def by_name(spans: Spans, name: str) -> list[ReadableSpan]:

@@ -5,16 +5,14 @@ compensation and a subscriber's redelivery; and a message published over HTTP.""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import pytest
 from tests.pg_plugin import needs
 
 needs("opentelemetry.sdk", reason="the tracing tests need opentelemetry-sdk (dev extra)")
 
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
     InMemorySpanExporter,
 )
@@ -58,15 +56,6 @@ def traced_shop(hub: tidings.Hub) -> Any:
         pass
 
     return sagas
-
-
-@pytest.fixture
-def traced() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield provider, exporter
-    provider.shutdown()
 
 
 def is_child(span: ReadableSpan, parent: ReadableSpan) -> bool:
