@@ -309,12 +309,12 @@ class Handler:
             decode_as = hint
         return cls(fn, pattern, group, options, concurrency, retry_backoff, decode_as)
 
-    def backoff(self, attempt: int) -> float:
-        """The wait after failed attempt `attempt`: the subscription's `backoff=` steps
-        when it has them (the last repeating), else exponential (capped at a minute)."""
-        steps = self.options.get("backoff")
-        if steps:
-            return float(steps[min(max(attempt, 1), len(steps)) - 1])
+    def backoff(self, attempt: int) -> float | None:
+        """The wait after failed attempt `attempt`: None when the subscription has its own
+        `backoff=` steps (the delivery planner applies them), else exponential
+        `retry_backoff` (capped at a minute)."""
+        if self.options.get("backoff"):
+            return None
         return float(min(60.0, self.retry_backoff * (2 ** max(0, attempt - 1))))
 
     async def run(self, sub: Subscription) -> None:
@@ -350,9 +350,9 @@ class Handler:
                 self.telemetry.failed(span, exc)
             delay = self.backoff(msg.attempt)
             log.exception(
-                "subscriber %s failed on %s position %d (attempt %d); retrying in %.2fs",
+                "subscriber %s failed on %s position %d (attempt %d); retrying %s",
                 getattr(self.fn, "__name__", self.fn), msg.topic, msg.position, msg.attempt,
-                delay,
+                "after its backoff step" if delay is None else f"in {delay:.2f}s",
             )
             await msg.nack(delay)
         else:
