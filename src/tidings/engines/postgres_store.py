@@ -25,6 +25,7 @@ savepoint, so a failing handler's writes are undone alone.
 from __future__ import annotations
 
 import asyncio
+import time as _time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -41,7 +42,7 @@ from ..messages import OutMessage
 from .base import HOLDING_WRITER
 from .postgres import PgTx, PostgresEngine
 from .postgres_conn import Attempt
-from .postgres_sql import Migration
+from .postgres_sql import MSG_COLS, Migration
 from .store_base import (
     EVENT_COLUMNS,
     AppendOutcome,
@@ -53,7 +54,7 @@ from .store_base import (
     StoreTx,
     StreamAppend,
     StreamLoad,
-    event_headers,
+    headers_of_event,
 )
 
 __all__ = ["EVENTSTORE_MIGRATIONS", "PostgresStore", "PostgresTx"]
@@ -102,6 +103,151 @@ _APPEND_FUNCTION = (
     "END $fn$"
 )
 
+# A whole group commit in one statement (so one round trip and, outside a transaction,
+# one commit): every queued `append_batch` (and `append`) of this process, in order.
+# First the log's commit-order lock (the counter row, held to the commit); then per
+# batch the checks of all its streams (the first id stored already: a repeat of the
+# same append, answered with the stored positions; any other stored or repeated id; the
+# expected version), and only when all pass its writes: the events, the messages that
+# publish them (their headers end with the version and position, known only here), its
+# snapshots and its own messages (a client-chosen id seen inside the dedup window is
+# not stored again). A batch that fails a check writes nothing and reports the stream
+# that failed: the others commit. No subtransactions (no EXCEPTION blocks): more than 64
+# in one transaction would slow every other backend's snapshots. Anything the checks do
+# not foresee raises, and the caller commits the batches again one at a time.
+# Rows: (batch, item, kind, a, b, time): kind 0 stored (a: the last event position
+# before it, b: the stream's version before it), 1 a repeat (a: its first position, b:
+# its last version), 2 a version conflict (b: the current version), 3 an event id
+# stored already or repeated (the batch failed).
+_COMMIT_FUNCTION = (
+    "CREATE FUNCTION {s}.tidings_commit(p_now float8, p_sync text, p_channel text, "
+    "p_origin text, p_horizon float8, p_batches int, s_batch int[], s_stream text[], "
+    "s_expected bigint[], s_topic int[], s_n int[], e_id text[], e_type text[], "
+    "e_tv int[], e_headers bytea[], e_data bytea[], e_prefix bytea[], n_version bigint[], "
+    "n_schema text[], n_time float8[], n_data bytea[], m_batch int[], m_topic int[], "
+    "m_id text[], m_key text[], m_headers bytea[], m_data bytea[], m_client bool[]) "
+    "RETURNS TABLE (o_batch int, o_item int, o_kind int, o_a bigint, o_b bigint, "
+    "o_time float8) LANGUAGE plpgsql VOLATILE AS $fn$\n"
+    "DECLARE\n"
+    "  v_pos bigint; v_mtime float8; v_epos bigint; v_etime float8;\n"
+    "  v_ns int := coalesce(array_length(s_batch, 1), 0);\n"
+    "  v_nm int := coalesce(array_length(m_batch, 1), 0);\n"
+    "  v_s int := 1; v_e int := 1; v_m int := 1; v_stored int := 0;\n"
+    "  v_b int; v_i int; v_j int; v_k int; v_x int; v_n int; v_mn int;\n"
+    "  v_known bigint; v_cnt int; v_ver bigint; v_cur bigint; v_kt float8;\n"
+    "  v_kinds int[]; v_as bigint[]; v_bs bigint[]; v_fail int; v_item int;\n"
+    "BEGIN\n"
+    "  PERFORM set_config('synchronous_commit', p_sync, true);\n"
+    "  SELECT value, time INTO v_pos, v_mtime FROM {s}.tidings_meta "
+    "WHERE name = 'position' FOR UPDATE;\n"
+    "  v_mtime := greatest(v_mtime, p_now);\n"
+    "  SELECT position, time INTO v_epos, v_etime FROM {s}.tidings_events "
+    "ORDER BY position DESC LIMIT 1;\n"
+    "  v_epos := coalesce(v_epos, 0);\n"
+    "  v_etime := greatest(p_now, coalesce(v_etime, 0));  -- never decreasing with position\n"
+    "  FOR v_b IN 1 .. p_batches LOOP\n"
+    "    v_kinds := '{}'; v_as := '{}'; v_bs := '{}'; v_fail := 0; v_cur := NULL;\n"
+    "    v_i := v_s; v_j := v_e;\n"
+    "    WHILE v_i <= v_ns AND s_batch[v_i] = v_b LOOP  -- the checks\n"
+    "      v_n := s_n[v_i];\n"
+    "      SELECT position INTO v_known FROM {s}.tidings_events WHERE id = e_id[v_j];\n"
+    "      IF v_known IS NOT NULL THEN  -- a repeat of a stored append, or a conflict\n"
+    "        SELECT count(*), max(ev.version) INTO v_cnt, v_ver FROM {s}.tidings_events ev, "
+    "unnest(e_id[v_j:v_j + v_n - 1]) WITH ORDINALITY AS u(id, k) "
+    "WHERE ev.position = v_known + u.k - 1 AND ev.id = u.id "
+    "AND ev.stream_id = s_stream[v_i];\n"
+    "        IF v_cnt <> v_n THEN v_fail := 3; v_item := v_i; EXIT; END IF;\n"
+    "        v_kinds := v_kinds || 1; v_as := v_as || v_known; v_bs := v_bs || v_ver;\n"
+    "      ELSE\n"
+    "        FOR v_x IN v_j + 1 .. v_j + v_n - 1 LOOP  -- one lookup each: always the index\n"
+    "          PERFORM FROM {s}.tidings_events WHERE id = e_id[v_x];\n"
+    "          IF FOUND THEN v_fail := 3; EXIT; END IF;\n"
+    "        END LOOP;\n"
+    "        IF v_fail <> 0 OR v_n > 1 AND (SELECT count(DISTINCT x) "
+    "FROM unnest(e_id[v_j:v_j + v_n - 1]) x) <> v_n THEN\n"
+    "          v_fail := 3; v_item := v_i; EXIT;\n"
+    "        END IF;\n"
+    "        v_cur := NULL;  -- an earlier append to the same stream in this batch counts\n"
+    "        FOR v_x IN REVERSE v_i - 1 .. v_s LOOP\n"
+    "          IF s_stream[v_x] = s_stream[v_i] AND v_kinds[v_x - v_s + 1] = 0 THEN\n"
+    "            v_cur := v_bs[v_x - v_s + 1] + s_n[v_x]; EXIT;\n"
+    "          END IF;\n"
+    "        END LOOP;\n"
+    "        IF v_cur IS NULL THEN\n"
+    "          SELECT coalesce(max(version), 0) INTO v_cur FROM {s}.tidings_events "
+    "WHERE stream_id = s_stream[v_i];\n"
+    "        END IF;\n"
+    "        IF s_expected[v_i] IS NOT NULL AND s_expected[v_i] <> v_cur THEN\n"
+    "          v_fail := 2; v_item := v_i; EXIT;\n"
+    "        END IF;\n"
+    "        v_kinds := v_kinds || 0; v_as := v_as || NULL::bigint; v_bs := v_bs || v_cur;\n"
+    "      END IF;\n"
+    "      v_j := v_j + v_n; v_i := v_i + 1;\n"
+    "    END LOOP;\n"
+    "    WHILE v_i <= v_ns AND s_batch[v_i] = v_b LOOP  -- past the rest after a failure\n"
+    "      v_j := v_j + s_n[v_i]; v_i := v_i + 1;\n"
+    "    END LOOP;\n"
+    "    v_mn := v_m;\n"
+    "    WHILE v_mn <= v_nm AND m_batch[v_mn] = v_b LOOP v_mn := v_mn + 1; END LOOP;\n"
+    "    IF v_fail <> 0 THEN\n"
+    "      o_batch := v_b; o_item := v_item; o_kind := v_fail; o_a := NULL; o_b := v_cur;\n"
+    "      o_time := NULL; RETURN NEXT;\n"
+    "    ELSE\n"
+    "      FOR v_k IN v_s .. v_i - 1 LOOP  -- the writes\n"
+    "        v_n := s_n[v_k]; v_x := v_k - v_s + 1;\n"
+    "        o_batch := v_b; o_item := v_k; o_kind := v_kinds[v_x];\n"
+    "        IF v_kinds[v_x] = 0 THEN\n"
+    f"          INSERT INTO {{s}}.tidings_events ({EVENT_COLUMNS}) "
+    "SELECT v_epos + u.k, s_stream[v_k], v_bs[v_x] + u.k, u.id, u.type, u.tv, v_etime, "
+    "u.headers, u.data FROM unnest(e_id[v_e:v_e + v_n - 1], e_type[v_e:v_e + v_n - 1], "
+    "e_tv[v_e:v_e + v_n - 1], e_headers[v_e:v_e + v_n - 1], e_data[v_e:v_e + v_n - 1]) "
+    "WITH ORDINALITY AS u(id, type, tv, headers, data, k);\n"
+    f"          INSERT INTO {{s}}.tidings_messages ({MSG_COLS}) "
+    "SELECT v_pos + u.k, s_topic[v_k], u.id, s_stream[v_k], v_mtime, "
+    "u.prefix || convert_to('\"stream-version\":\"' || (v_bs[v_x] + u.k) || "
+    "'\",\"event-position\":\"' || (v_epos + u.k) || '\"}', 'UTF8'), u.data "
+    "FROM unnest(e_id[v_e:v_e + v_n - 1], e_prefix[v_e:v_e + v_n - 1], "
+    "e_data[v_e:v_e + v_n - 1]) WITH ORDINALITY AS u(id, prefix, data, k);\n"
+    "          IF n_version[v_k] IS NOT NULL THEN\n"
+    "            INSERT INTO {s}.tidings_snapshots (stream_id, version, schema, time, data) "
+    "VALUES (s_stream[v_k], n_version[v_k], n_schema[v_k], n_time[v_k], n_data[v_k]) "
+    "ON CONFLICT (stream_id, version) DO UPDATE SET schema = excluded.schema, "
+    "time = excluded.time, data = excluded.data;\n"
+    "          END IF;\n"
+    "          o_a := v_epos; o_b := v_bs[v_x]; o_time := v_etime;\n"
+    "          v_epos := v_epos + v_n; v_pos := v_pos + v_n; v_stored := v_stored + v_n;\n"
+    "        ELSE\n"
+    "          o_a := v_as[v_x]; o_b := v_bs[v_x]; o_time := NULL;\n"
+    "        END IF;\n"
+    "        RETURN NEXT;\n"
+    "        v_e := v_e + v_n;\n"
+    "      END LOOP;\n"
+    "      FOR v_k IN v_m .. v_mn - 1 LOOP  -- the batch's own messages\n"
+    "        IF m_client[v_k] THEN\n"
+    "          v_kt := NULL;\n"
+    "          SELECT time INTO v_kt FROM {s}.tidings_message_ids WHERE id = m_id[v_k];\n"
+    "          IF v_kt >= p_horizon THEN CONTINUE; END IF;  -- stored already\n"
+    "        END IF;\n"
+    "        v_pos := v_pos + 1; v_stored := v_stored + 1;\n"
+    f"        INSERT INTO {{s}}.tidings_messages ({MSG_COLS}) VALUES (v_pos, m_topic[v_k], "
+    "m_id[v_k], m_key[v_k], v_mtime, m_headers[v_k], m_data[v_k]);\n"
+    "        IF m_client[v_k] THEN\n"
+    "          INSERT INTO {s}.tidings_message_ids (id, position, time) "
+    "VALUES (m_id[v_k], v_pos, v_mtime) ON CONFLICT (id) DO UPDATE "
+    "SET position = excluded.position, time = excluded.time;\n"
+    "        END IF;\n"
+    "      END LOOP;\n"
+    "    END IF;\n"
+    "    v_s := v_i; v_e := v_j; v_m := v_mn;\n"
+    "  END LOOP;\n"
+    "  o_batch := 0; o_item := 0; o_kind := 9; o_a := v_stored; RETURN NEXT;\n"
+    "  IF v_stored > 0 THEN\n"
+    "    UPDATE {s}.tidings_meta SET value = v_pos, time = v_mtime WHERE name = 'position';\n"
+    "    PERFORM pg_notify(p_channel, p_origin);\n"
+    "  END IF;\n"
+    "END $fn$"
+)
+
 
 EVENTSTORE_MIGRATIONS: list[Migration] = [
     Migration(1, "events, snapshots, projections", [
@@ -132,6 +278,8 @@ EVENTSTORE_MIGRATIONS: list[Migration] = [
             name text PRIMARY KEY, position bigint NOT NULL, status text NOT NULL,
             error text, failed_position bigint, updated float8 NOT NULL)""",
     ]),
+    # (tidings_append_events stays for processes of earlier versions sharing the schema)
+    Migration(2, "group commit in one statement", [_COMMIT_FUNCTION]),
 ]
 
 
@@ -143,9 +291,9 @@ class _Sql:
         proj = f"{schema}.tidings_projections"
         self.lock_key = f"tidings.projection.{schema}."
         select = f"SELECT {EVENT_COLUMNS} FROM {ev}"
-        # One round trip: lock, check, insert (see `_APPEND_FUNCTION`).
-        self.append = f"SELECT * FROM {schema}.tidings_append_events($1, $2, $3, $4, $5, " \
-            "$6, $7, $8)"
+        # A group commit in one statement (see `_COMMIT_FUNCTION`).
+        self.commit = f"SELECT * FROM {schema}.tidings_commit(" + ", ".join(
+            f"${i}" for i in range(1, 29)) + ")"
         self.duplicate = (
             f"SELECT position, stream_id, version, id FROM {ev} "
             "WHERE position >= $1 ORDER BY position LIMIT $2"
@@ -279,10 +427,8 @@ class PostgresStore(StoreBackend):
         super().__init__(engine)
         self._sql = _Sql(engine.sql.schema)
         self._created = False
-        # Group commit: appends queued while a commit is under way share the next one.
-        self._queue: list[tuple[Any, ...]] = []
-        self._flusher: asyncio.Task[None] | None = None
-        # The same for append_batch (a saga's or a handler's commit).
+        # Group commit: appends and batches queued while a commit is under way share the
+        # next one.
         self._batches: list[tuple[Any, ...]] = []
         self._batch_flusher: asyncio.Task[None] | None = None
 
@@ -327,98 +473,9 @@ class PostgresStore(StoreBackend):
         topic: str,
         snapshot: SnapshotRow | None = None,
     ) -> AppendOutcome:
-        self._check_not_holding()
-        await self._ready()
-        fut: asyncio.Future[AppendOutcome] = asyncio.get_running_loop().create_future()
-        self._queue.append((stream_id, records, expected, topic, snapshot, fut))
-        if self._flusher is None:
-            self._flusher = asyncio.ensure_future(self._flush())
-        return await fut
-
-    async def _flush(self) -> None:
-        """Commit queued appends together, in one transaction.
-
-        Every append takes the log's lock until its commit, so one transaction
-        per append makes concurrent appends wait for each other's WAL flush; one
-        transaction for all that are queued shares that flush. A version
-        conflict is found by a check (nothing is aborted) and fails that append
-        alone; an event id reused (a database error, which aborts the
-        transaction) makes the batch commit again one append at a time.
-        """
-        try:
-            while self._queue:
-                batch, self._queue = self._queue[:_GROUP], self._queue[_GROUP:]
-                if len(batch) == 1:
-                    await self._commit_one(*batch[0])
-                    continue
-                results: list[Any] = []
-
-                async def op(tx: PgTx, batch: list[tuple[Any, ...]] = batch,
-                             results: list[Any] = results) -> None:
-                    results.clear()  # a retried transaction starts over
-                    stored: list[OutMessage] = []
-                    for stream_id, records, expected, topic, snapshot, _ in batch:
-                        try:
-                            out, msgs = await _append_in_tx(
-                                self._sql, tx, stream_id, records, expected, topic)
-                        except ConcurrencyError as exc:  # found by a check: nothing aborted
-                            results.append(exc)
-                            continue
-                        if msgs and snapshot is not None:
-                            await _put_snapshot(self._sql, tx.conn, stream_id, snapshot)
-                        results.append(out)
-                        stored.extend(msgs)
-                    if stored:
-                        await tx.append(stored)
-
-                try:
-                    await self.engine.transact(op, durable=True)
-                except (EventIdConflict, InvalidEvent):
-                    # an id reuse or refused data aborts the whole transaction: commit
-                    # them one by one, so only the offending append fails
-                    try:
-                        for item in batch:
-                            await self._commit_one(*item)
-                    except BaseException:
-                        for *_, fut in batch:  # not attempted: tell their appenders
-                            if not fut.done():
-                                fut.set_exception(EngineUnavailable(_STOPPED))
-                        raise
-                    continue
-                except BaseException as exc:
-                    _fail_all([item[-1] for item in batch], exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                _answer_all([item[-1] for item in batch], results)
-        finally:
-            self._flusher = None
-            if self._queue:  # queued while we were finishing
-                self._flusher = asyncio.ensure_future(self._flush())
-
-    async def _commit_one(self, stream_id: str, records: Sequence[NewRecord],
-                          expected: int | None, topic: str, snapshot: SnapshotRow | None,
-                          fut: asyncio.Future[AppendOutcome]) -> None:
-        async def op(tx: PgTx) -> AppendOutcome:
-            out, messages = await _append_in_tx(self._sql, tx, stream_id, records, expected,
-                                                topic)
-            if messages:
-                await tx.append(messages)
-                if snapshot is not None:
-                    await _put_snapshot(self._sql, tx.conn, stream_id, snapshot)
-            return out
-
-        try:
-            out = await self.engine.transact(op, durable=True)
-        except BaseException as exc:  # the appender must hear of it, even on cancellation
-            if not fut.done():
-                fut.set_exception(exc if isinstance(exc, Exception) else
-                                  EngineUnavailable(_STOPPED))
-            if not isinstance(exc, Exception):
-                raise
-            return
-        if not fut.done():
-            fut.set_result(out)
+        out = await self.append_batch([(stream_id, records, expected, topic)], (),
+                                      None if snapshot is None else {stream_id: snapshot})
+        return out[0]
 
     async def append_batch(
         self,
@@ -426,10 +483,10 @@ class PostgresStore(StoreBackend):
         messages: Sequence[OutMessage] = (),
         snapshots: Mapping[str, SnapshotRow] | None = None,
     ) -> list[AppendOutcome]:
-        """Queued and committed together with the other batches queued meanwhile (group
-        commit, as `append`): each in a savepoint of one transaction, so a conflict or a
-        reused id fails its own batch alone, and the log's lock and the WAL flush are
-        taken once for all of them instead of once each."""
+        """Queued and committed together with the other batches (and appends) queued
+        meanwhile: group commit in one statement (`tidings_commit`), so the log's lock, the
+        round trip and the WAL flush are paid once for all of them; a conflict or a reused
+        id fails its own batch alone."""
         self._check_not_holding()
         await self._ready()
         fut: asyncio.Future[list[AppendOutcome]] = asyncio.get_running_loop().create_future()
@@ -438,59 +495,136 @@ class PostgresStore(StoreBackend):
             self._batch_flusher = asyncio.ensure_future(self._flush_batches())
         return await fut
 
-    async def _batch_in_tx(self, tx: PgTx, items: Sequence[StreamAppend],
-                           messages: Sequence[OutMessage], snaps: Mapping[str, SnapshotRow]
-                           ) -> list[AppendOutcome]:
-        out = []
-        stored: list[OutMessage] = []  # every stream's messages in one statement
-        for sid, recs, exp, topic in items:
-            outcome, msgs = await _append_in_tx(self._sql, tx, sid, recs, exp, topic)
-            out.append(outcome)
-            stored.extend(msgs)
-            snap = snaps.get(sid)
-            if msgs and snap is not None:
-                await _put_snapshot(self._sql, tx.conn, sid, snap)
-        stored.extend(messages)
-        if stored:
-            await tx.append(stored)
-        return out
-
     async def _flush_batches(self) -> None:
+        """Commit the queued batches, up to `_GROUP` per statement, one statement at a time
+        (the log's lock would make a second one wait anyway)."""
         try:
             while self._batches:
                 group, self._batches = self._batches[:_GROUP], self._batches[_GROUP:]
-                results: list[Any] = []
-
-                async def op(tx: PgTx, group: list[tuple[Any, ...]] = group,
-                             results: list[Any] = results) -> None:
-                    results.clear()  # a retried transaction starts over
-                    if len(group) == 1:  # alone: no savepoint needed
-                        items, messages, snaps, _ = group[0]
-                        results.append(await self._batch_in_tx(tx, items, messages, snaps))
-                        return
-                    for items, messages, snaps, _ in group:
-                        topics, locked = dict(tx._new_topics), tx._locked
-                        try:
-                            async with tx.conn.transaction():  # a savepoint
-                                results.append(
-                                    await self._batch_in_tx(tx, items, messages, snaps))
-                        except (ConcurrencyError, InvalidArgument) as exc:  # its own data
-                            # undone alone: so is what it did to the transaction's state
-                            tx._new_topics, tx._locked = topics, locked
-                            results.append(exc)
-
+                futs = [item[-1] for item in group]
                 try:
-                    await self.engine.transact(op, durable=True)
+                    results = await self._commit(group)
+                except _Refused as refused:
+                    if len(group) == 1:
+                        results = [refused.error(group[0][0])]
+                    else:  # something only the database saw: each batch alone finds whose
+                        results = await self._commit_each(group)
                 except BaseException as exc:
-                    _fail_all([item[-1] for item in group], exc)
+                    _fail_all(futs, exc)
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                _answer_all([item[-1] for item in group], results)
+                _answer_all(futs, results)
         finally:
             self._batch_flusher = None
             if self._batches:  # queued while we were finishing
                 self._batch_flusher = asyncio.ensure_future(self._flush_batches())
+
+    async def _commit_each(self, group: list[tuple[Any, ...]]) -> list[Any]:
+        results: list[Any] = []
+        try:
+            for item in group:
+                try:
+                    results.extend(await self._commit([item]))
+                except _Refused as refused:
+                    results.append(refused.error(item[0]))
+                except Exception as exc:
+                    results.append(exc)
+        except BaseException:
+            _fail_all([item[-1] for item in group[len(results):]],
+                      EngineUnavailable(_STOPPED))
+            raise
+        return results
+
+    async def _commit(self, group: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """One `tidings_commit` call for `group`; per batch its outcomes or its error."""
+        engine = self.engine
+        streams: list[StreamAppend] = []
+        s_batch: list[int] = []
+        e_id: list[str] = []
+        e_type: list[str] = []
+        e_tv: list[int] = []
+        e_headers: list[bytes | None] = []
+        e_data: list[bytes] = []
+        e_prefix: list[bytes] = []
+        n_version: list[int | None] = []
+        n_schema: list[str | None] = []
+        n_time: list[float | None] = []
+        n_data: list[bytes | None] = []
+        m_batch: list[int] = []
+        plain: list[OutMessage] = []
+        for b, (items, msgs, snaps, _) in enumerate(group, 1):
+            for item in items:
+                sid, recs, _, _ = item
+                streams.append(item)
+                s_batch.append(b)
+                for r in recs:
+                    e_id.append(r.id)
+                    e_type.append(r.type)
+                    e_tv.append(r.type_version)
+                    e_headers.append(_enc(r.headers) if r.headers else None)
+                    e_data.append(r.data)
+                    e_prefix.append(_prefix(r, sid))
+                snap = snaps.get(sid)
+                n_version.append(None if snap is None else snap.version)
+                n_schema.append(None if snap is None else snap.schema)
+                n_time.append(None if snap is None else snap.time)
+                n_data.append(None if snap is None else snap.data)
+            for m in msgs:
+                m_batch.append(b)
+                plain.append(m)
+        names = {item[3] for item in streams} | {m.topic for m in plain}
+        now = round(_time.time(), 6)
+        horizon = now - engine.dedup_window
+
+        async def op(conn: Any, attempt: Attempt) -> list[Any]:
+            tids = await engine._resolve_topics(conn, names, None)
+            attempt.sent = True
+            try:
+                rows = await conn.fetch(
+                    self._sql.commit, now, engine._sync, engine._channel, engine._origin,
+                    horizon, len(group), s_batch, [i[0] for i in streams],
+                    [i[2] for i in streams], [tids[i[3]] for i in streams],
+                    [len(i[1]) for i in streams], e_id, e_type, e_tv, e_headers, e_data,
+                    e_prefix, n_version, n_schema, n_time, n_data, m_batch,
+                    [tids[m.topic] for m in plain], [m.id for m in plain],
+                    [m.key for m in plain],
+                    [_enc(m.headers) if m.headers else None for m in plain],
+                    [m.data for m in plain], [m.client_id for m in plain])
+            except Exception as exc:
+                if _refusal(exc):
+                    raise _Refused(exc) from None
+                raise
+            if now - engine._last_prune > 10.0:  # forget client ids past the dedup window
+                engine._last_prune = now
+                await conn.execute(engine.sql.prune_ids, horizon)
+            return list(rows)
+
+        rows = await engine._run(op, "appending events", retry=False)
+        results: list[Any] = [[] for _ in group]
+        stored = False
+        for b, item, kind, a, v, t in rows:
+            if kind == 9:
+                stored = bool(a)
+                continue
+            sid, recs, expected, _ = streams[item - 1]
+            n = len(recs)
+            if kind == 0:
+                results[b - 1].append(AppendOutcome(int(v) + n, list(range(a + 1, a + n + 1)),
+                                                    time=float(t)))
+            elif kind == 1:
+                results[b - 1].append(AppendOutcome(int(v), list(range(a, a + n)),
+                                                    duplicate=True))
+            elif kind == 2:
+                results[b - 1] = ConcurrencyError(sid, expected, int(v))
+            else:
+                results[b - 1] = EventIdConflict(
+                    f"an event id in this append to stream {sid!r} is already stored (and "
+                    "not as the start of this same append), or repeated in it; give every "
+                    "new event a new id")
+        if stored:
+            engine._notify()
+        return results
 
     async def read_stream(
         self, stream_id: str, from_version: int, to_version: int | None, limit: int
@@ -586,61 +720,32 @@ async def _put_snapshot(sql: _Sql, conn: Any, stream_id: str, s: SnapshotRow) ->
     await conn.execute(sql.put_snapshot, stream_id, s.version, s.schema, s.time, s.data)
 
 
-async def _duplicate(sql: _Sql, conn: Any, first: int, stream_id: str,
-                     records: Sequence[NewRecord]) -> AppendOutcome:
-    rows = await conn.fetch(sql.duplicate, first, len(records))
-    same = len(rows) == len(records) and all(
-        r[1] == stream_id and r[3] == rec.id for r, rec in zip(rows, records, strict=False)
-    )
-    if not same:
-        raise EventIdConflict(
-            f"event id {records[0].id!r} is already stored, but not as the start of this same "
-            f"append to stream {stream_id!r}; give every new event a new id"
-        )
-    return AppendOutcome(int(rows[-1][2]), [int(r[0]) for r in rows], duplicate=True)
+def _prefix(r: NewRecord, stream_id: str) -> bytes:
+    """The headers of the message publishing `r` as JSON, open at the end: the database
+    adds its stream version and position (`tidings_commit`)."""
+    h = headers_of_event(r.headers, r.type, r.type_version, stream_id, 0, 0)
+    del h["stream-version"], h["event-position"]
+    return _enc(h)[:-1] + b","
 
 
-async def _append_in_tx(sql: _Sql, tx: PgTx, stream_id: str, records: Sequence[NewRecord],
-                        expected: int | None, topic: str
-                        ) -> tuple[AppendOutcome, list[OutMessage]]:
-    """Append to one stream inside an open engine transaction (see `PostgresStore.append`).
+def _refusal(exc: BaseException) -> bool:
+    """True when the database (or the driver) refused the statement's data, not itself."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    return "UniqueViolationError" in names or "DataError" in names
 
-    Returns the outcome and the messages that publish the new events, which the caller
-    stores in the same transaction (none for a duplicate).
-    """
-    conn = tx.conn
-    # The log's lock first (taken by the function): from there to our commit no other
-    # appender of events or messages can commit, so the positions assigned follow commit
-    # order, and the checks see every append committed before ours.
-    try:
-        kind, last, current, now = await conn.fetchrow(
-            sql.append, stream_id, expected, tx.now,
-            [r.id for r in records], [r.type for r in records],
-            [r.type_version for r in records],
-            [_enc(r.headers) if r.headers else None for r in records],
-            [r.data for r in records])
-    except Exception as exc:
-        if type(exc).__name__ == "UniqueViolationError":
-            raise EventIdConflict(
-                f"an event id in this append to {stream_id!r} is already stored; give "
-                "every new event a new id"
-            ) from None
-        if any(c.__name__ == "DataError" for c in type(exc).__mro__):  # asyncpg's class
-            raise InvalidEvent(  # the caller's data (a NUL byte, say), not the server
-                f"the database refused this append to {stream_id!r}: {exc}; fix what it "
-                "names") from None
-        raise
-    tx._locked = True  # what `tx.lock_log()` records: the function took the lock
-    if kind == 1:
-        return await _duplicate(sql, conn, last, stream_id, records), []
-    if kind == 2:
-        raise ConcurrencyError(stream_id, expected, int(current))
-    last, current = int(last), int(current)
-    messages = [
-        OutMessage(r.id, topic, stream_id, r.data,
-                   event_headers(r, stream_id, current + i, last + i), False)
-        for i, r in enumerate(records, 1)
-    ]
-    n = len(records)
-    return AppendOutcome(current + n, list(range(last + 1, last + n + 1)),
-                         time=float(now)), messages
+
+class _Refused(Exception):
+    """The group's statement was refused on its data (see `_refusal`)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+
+    def error(self, items: Sequence[StreamAppend]) -> Exception:
+        """What to tell the appender of `items`, when they were alone in the statement."""
+        where = f"stream {items[0][0]!r}" if items else "this batch"
+        if "UniqueViolationError" in {c.__name__ for c in type(self.exc).__mro__}:
+            return EventIdConflict(f"an event id in this append to {where} is already stored; "
+                                   "give every new event a new id")
+        return InvalidEvent(f"the database refused this append to {where}: {self.exc}; fix "
+                            "what it names")
