@@ -153,3 +153,41 @@ async def test_a_tx_whose_function_fails_stores_nothing(hub: tidings.Hub) -> Non
     if hub.url.startswith("memory"):
         return  # memory keeps no undo log for what a failed function wrote through its tx
     assert await topics(hub) == [] and await backend(hub).projections() == []
+
+
+async def test_newer_reads_what_a_kept_state_missed(hub: tidings.Hub) -> None:
+    """`newer` is what refreshing an aggregate kept at a version needs: the events after
+    it and the stream's version, or None when the stream is behind it or too far ahead."""
+    b = backend(hub)
+    assert await b.newer("nw-1", 0, 5) == (0, [])  # no stream yet
+    await b.append_batch([("nw-1", [rec(), rec(), rec()], 0, "nw")])
+    current, rows = await b.newer("nw-1", 1, 5) or (None, None)
+    assert current == 3 and [r[2] for r in rows or []] == [2, 3]
+    assert await b.newer("nw-1", 3, 5) == (3, [])
+    assert await b.newer("nw-1", 0, 2) is None  # three newer: more than the limit
+    assert await b.newer("nw-1", 4, 5) is None  # the stream is behind the kept version
+    got = await b.newer("nw-1", 0, 3)
+    assert got is not None and got[0] == 3 and [r[2] for r in got[1]] == [1, 2, 3]
+
+
+async def test_group_commit_keeps_each_batch_apart(hub: tidings.Hub) -> None:
+    """Batches queued together (one group commit where the engine has one) still succeed
+    or fail alone: a stale expected version or a reused event id fails its own batch,
+    and a later batch on the same stream counts the earlier ones' events."""
+    b = backend(hub)
+    taken = rec()
+    await b.append_batch([("gc-0", [taken], 0, "gc")])
+    results = await asyncio.gather(
+        b.append_batch([("gc-1", [rec()], 0, "gc")], [msg("gc.cmd")]),
+        b.append_batch([("gc-1", [rec()], 0, "gc")]),  # stale: the first took version 1
+        b.append_batch([("gc-2", [rec(), rec(taken.id)], 0, "gc")]),  # reuses an id
+        b.append_batch([("gc-1", [rec()], None, "gc"), ("gc-3", [rec()], 0, "gc")]),
+        return_exceptions=True)
+    assert [o.version for o in results[0]] == [1]  # type: ignore[union-attr]
+    assert isinstance(results[1], tidings.ConcurrencyError)
+    assert isinstance(results[2], tidings.TidingsError)
+    assert [o.version for o in results[3]] == [2, 1]  # type: ignore[union-attr]
+    assert await b.stream_version("gc-1") == 2
+    assert await b.stream_version("gc-2") == 0  # nothing of the failed batch
+    published = sorted(t for t in await topics(hub) if t.startswith("gc"))
+    assert published == ["gc"] * 4 + ["gc.cmd"]  # gc-0, gc-1 twice, gc-3; one command

@@ -332,6 +332,10 @@ class RelayedStore(StoreBackend):
     async def stream_version(self, stream_id: str) -> int:
         return await self._inner.stream_version(stream_id)
 
+    async def newer(self, stream_id: str, version: int, limit: int
+                    ) -> tuple[int, list[EventRow]] | None:
+        return await self._inner.newer(stream_id, version, limit)
+
     async def last_position(self) -> int:
         return await self._inner.last_position()
 

@@ -47,6 +47,7 @@ from .store_base import (
     EVENT_COLUMNS,
     AppendOutcome,
     EventRow,
+    LoadRow,
     NewRecord,
     ProjectionState,
     SnapshotRow,
@@ -105,37 +106,49 @@ _APPEND_FUNCTION = (
 
 # A whole group commit in one statement (so one round trip and, outside a transaction,
 # one commit): every queued `append_batch` (and `append`) of this process, in order.
-# First the log's commit-order lock (the counter row, held to the commit); then per
-# batch the checks of all its streams (the first id stored already: a repeat of the
-# same append, answered with the stored positions; any other stored or repeated id; the
-# expected version), and only when all pass its writes: the events, the messages that
-# publish them (their headers end with the version and position, known only here), its
-# snapshots and its own messages (a client-chosen id seen inside the dedup window is
-# not stored again). A batch that fails a check writes nothing and reports the stream
-# that failed: the others commit. No subtransactions (no EXCEPTION blocks): more than 64
-# in one transaction would slow every other backend's snapshots. Anything the checks do
-# not foresee raises, and the caller commits the batches again one at a time.
+# First the log's commit-order lock (the counter row, held to the commit). Then what is
+# stored already, for all the group's streams at once: whether each append's first
+# event id is (a repeat of a stored append, answered with its positions), each stream's
+# version, which client-chosen message ids were seen inside the dedup window. Then the
+# decisions, in memory, batch by batch: a batch whose expected version is not the
+# stream's (counting the group's earlier appends to it) or whose repeat does not match
+# fails alone and writes nothing. Then the writes, one statement per table for the whole
+# group: events, the messages that publish them (their headers end with the version and
+# position, known only here), snapshots, the batches' own messages and their ids.
+# No subtransactions (more than 64 in a transaction slow every other backend's
+# snapshots): anything the checks do not foresee (an event id stored already, other than
+# a repeat; refused data) raises, and the caller commits the batches one at a time.
+# Custom plans: the group's size and the tables' sizes decide each plan, never a plan
+# cached when the tables were empty.
 # Rows: (batch, item, kind, a, b, time): kind 0 stored (a: the last event position
 # before it, b: the stream's version before it), 1 a repeat (a: its first position, b:
-# its last version), 2 a version conflict (b: the current version), 3 an event id
-# stored already or repeated (the batch failed).
+# its last version), 2 a version conflict (b: the current version), 3 a repeat that does
+# not match (the batch failed); finally (0, 0, 9, how many messages were stored).
 _COMMIT_FUNCTION = (
     "CREATE FUNCTION {s}.tidings_commit(p_now float8, p_sync text, p_channel text, "
     "p_origin text, p_horizon float8, p_batches int, s_batch int[], s_stream text[], "
-    "s_expected bigint[], s_topic int[], s_n int[], e_id text[], e_type text[], "
-    "e_tv int[], e_headers bytea[], e_data bytea[], e_prefix bytea[], n_version bigint[], "
-    "n_schema text[], n_time float8[], n_data bytea[], m_batch int[], m_topic int[], "
-    "m_id text[], m_key text[], m_headers bytea[], m_data bytea[], m_client bool[]) "
+    "s_first text[], s_prev int[], s_expected bigint[], s_topic int[], s_n int[], "
+    "e_item int[], e_k int[], e_id text[], e_type text[], e_tv int[], e_headers bytea[], "
+    "e_data bytea[], e_prefix bytea[], n_version bigint[], n_schema text[], "
+    "n_time float8[], n_data bytea[], m_batch int[], m_topic int[], m_id text[], "
+    "m_key text[], m_headers bytea[], m_data bytea[], m_client bool[]) "
     "RETURNS TABLE (o_batch int, o_item int, o_kind int, o_a bigint, o_b bigint, "
-    "o_time float8) LANGUAGE plpgsql VOLATILE AS $fn$\n"
+    "o_time float8) LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_custom_plan "
+    "AS $fn$\n"
     "DECLARE\n"
     "  v_pos bigint; v_mtime float8; v_epos bigint; v_etime float8;\n"
     "  v_ns int := coalesce(array_length(s_batch, 1), 0);\n"
     "  v_nm int := coalesce(array_length(m_batch, 1), 0);\n"
-    "  v_s int := 1; v_e int := 1; v_m int := 1; v_stored int := 0;\n"
-    "  v_b int; v_i int; v_j int; v_k int; v_x int; v_n int; v_mn int;\n"
-    "  v_known bigint; v_cnt int; v_ver bigint; v_cur bigint; v_kt float8;\n"
-    "  v_kinds int[]; v_as bigint[]; v_bs bigint[]; v_fail int; v_item int;\n"
+    "  v_known bigint[]; v_pre bigint[]; v_seen text[]; v_new text[] := '{}';\n"
+    "  v_kind int[] := array_fill(0, ARRAY[v_ns]); v_cur bigint[] := array_fill(0::bigint, "
+    "ARRAY[v_ns]);\n"
+    "  v_dup bigint[] := array_fill(0::bigint, ARRAY[v_ns]);\n"
+    "  v_first bigint[] := array_fill(0::bigint, ARRAY[v_ns]);\n"
+    "  v_mfirst bigint[] := array_fill(0::bigint, ARRAY[v_ns]);\n"
+    "  v_mpos bigint[] := array_fill(0::bigint, ARRAY[v_nm]);\n"
+    "  v_i int := 1; v_m int := 1; v_e int := 1; v_stored int := 0;\n"
+    "  v_b int; v_s0 int; v_k int; v_p int; v_n int; v_fail int; v_item int; v_cnt int;\n"
+    "  v_ver bigint;\n"
     "BEGIN\n"
     "  PERFORM set_config('synchronous_commit', p_sync, true);\n"
     "  SELECT value, time INTO v_pos, v_mtime FROM {s}.tidings_meta "
@@ -145,106 +158,104 @@ _COMMIT_FUNCTION = (
     "ORDER BY position DESC LIMIT 1;\n"
     "  v_epos := coalesce(v_epos, 0);\n"
     "  v_etime := greatest(p_now, coalesce(v_etime, 0));  -- never decreasing with position\n"
+    "  IF v_ns > 0 THEN\n"
+    "    SELECT array_agg(f.position ORDER BY u.k), array_agg(coalesce(c.version, 0) "
+    "ORDER BY u.k) INTO v_known, v_pre FROM unnest(s_stream, s_first) WITH ORDINALITY "
+    "AS u(stream, first, k) LEFT JOIN {s}.tidings_events f ON f.id = u.first "
+    "LEFT JOIN LATERAL (SELECT max(version) AS version FROM {s}.tidings_events "
+    "WHERE stream_id = u.stream) c ON true;\n"
+    "  END IF;\n"
+    "  SELECT coalesce(array_agg(id), '{}') INTO v_seen FROM {s}.tidings_message_ids "
+    "WHERE id IN (SELECT u.id FROM unnest(m_id, m_client) AS u(id, client) WHERE u.client) "
+    "AND time >= p_horizon;\n"
     "  FOR v_b IN 1 .. p_batches LOOP\n"
-    "    v_kinds := '{}'; v_as := '{}'; v_bs := '{}'; v_fail := 0; v_cur := NULL;\n"
-    "    v_i := v_s; v_j := v_e;\n"
-    "    WHILE v_i <= v_ns AND s_batch[v_i] = v_b LOOP  -- the checks\n"
-    "      v_n := s_n[v_i];\n"
-    "      SELECT position INTO v_known FROM {s}.tidings_events WHERE id = e_id[v_j];\n"
-    "      IF v_known IS NOT NULL THEN  -- a repeat of a stored append, or a conflict\n"
-    "        SELECT count(*), max(ev.version) INTO v_cnt, v_ver FROM {s}.tidings_events ev, "
-    "unnest(e_id[v_j:v_j + v_n - 1]) WITH ORDINALITY AS u(id, k) "
-    "WHERE ev.position = v_known + u.k - 1 AND ev.id = u.id "
-    "AND ev.stream_id = s_stream[v_i];\n"
-    "        IF v_cnt <> v_n THEN v_fail := 3; v_item := v_i; EXIT; END IF;\n"
-    "        v_kinds := v_kinds || 1; v_as := v_as || v_known; v_bs := v_bs || v_ver;\n"
-    "      ELSE\n"
-    "        FOR v_x IN v_j + 1 .. v_j + v_n - 1 LOOP  -- one lookup each: always the index\n"
-    "          PERFORM FROM {s}.tidings_events WHERE id = e_id[v_x];\n"
-    "          IF FOUND THEN v_fail := 3; EXIT; END IF;\n"
-    "        END LOOP;\n"
-    "        IF v_fail <> 0 OR v_n > 1 AND (SELECT count(DISTINCT x) "
-    "FROM unnest(e_id[v_j:v_j + v_n - 1]) x) <> v_n THEN\n"
-    "          v_fail := 3; v_item := v_i; EXIT;\n"
-    "        END IF;\n"
-    "        v_cur := NULL;  -- an earlier append to the same stream in this batch counts\n"
-    "        FOR v_x IN REVERSE v_i - 1 .. v_s LOOP\n"
-    "          IF s_stream[v_x] = s_stream[v_i] AND v_kinds[v_x - v_s + 1] = 0 THEN\n"
-    "            v_cur := v_bs[v_x - v_s + 1] + s_n[v_x]; EXIT;\n"
-    "          END IF;\n"
-    "        END LOOP;\n"
-    "        IF v_cur IS NULL THEN\n"
-    "          SELECT coalesce(max(version), 0) INTO v_cur FROM {s}.tidings_events "
-    "WHERE stream_id = s_stream[v_i];\n"
-    "        END IF;\n"
-    "        IF s_expected[v_i] IS NOT NULL AND s_expected[v_i] <> v_cur THEN\n"
-    "          v_fail := 2; v_item := v_i; EXIT;\n"
-    "        END IF;\n"
-    "        v_kinds := v_kinds || 0; v_as := v_as || NULL::bigint; v_bs := v_bs || v_cur;\n"
+    "    v_s0 := v_i; v_fail := 0;\n"
+    "    WHILE v_i <= v_ns AND s_batch[v_i] = v_b LOOP  -- decide its appends\n"
+    "      v_n := s_n[v_i]; v_p := s_prev[v_i];\n"
+    "      IF v_p = 0 THEN v_cur[v_i] := v_pre[v_i];\n"
+    "      ELSIF v_kind[v_p] = 0 THEN v_cur[v_i] := v_cur[v_p] + s_n[v_p];\n"
+    "      ELSE v_cur[v_i] := v_cur[v_p];\n"
     "      END IF;\n"
-    "      v_j := v_j + v_n; v_i := v_i + 1;\n"
-    "    END LOOP;\n"
-    "    WHILE v_i <= v_ns AND s_batch[v_i] = v_b LOOP  -- past the rest after a failure\n"
-    "      v_j := v_j + s_n[v_i]; v_i := v_i + 1;\n"
-    "    END LOOP;\n"
-    "    v_mn := v_m;\n"
-    "    WHILE v_mn <= v_nm AND m_batch[v_mn] = v_b LOOP v_mn := v_mn + 1; END LOOP;\n"
-    "    IF v_fail <> 0 THEN\n"
-    "      o_batch := v_b; o_item := v_item; o_kind := v_fail; o_a := NULL; o_b := v_cur;\n"
-    "      o_time := NULL; RETURN NEXT;\n"
-    "    ELSE\n"
-    "      FOR v_k IN v_s .. v_i - 1 LOOP  -- the writes\n"
-    "        v_n := s_n[v_k]; v_x := v_k - v_s + 1;\n"
-    "        o_batch := v_b; o_item := v_k; o_kind := v_kinds[v_x];\n"
-    "        IF v_kinds[v_x] = 0 THEN\n"
-    f"          INSERT INTO {{s}}.tidings_events ({EVENT_COLUMNS}) "
-    "SELECT v_epos + u.k, s_stream[v_k], v_bs[v_x] + u.k, u.id, u.type, u.tv, v_etime, "
-    "u.headers, u.data FROM unnest(e_id[v_e:v_e + v_n - 1], e_type[v_e:v_e + v_n - 1], "
-    "e_tv[v_e:v_e + v_n - 1], e_headers[v_e:v_e + v_n - 1], e_data[v_e:v_e + v_n - 1]) "
-    "WITH ORDINALITY AS u(id, type, tv, headers, data, k);\n"
-    f"          INSERT INTO {{s}}.tidings_messages ({MSG_COLS}) "
-    "SELECT v_pos + u.k, s_topic[v_k], u.id, s_stream[v_k], v_mtime, "
-    "u.prefix || convert_to('\"stream-version\":\"' || (v_bs[v_x] + u.k) || "
-    "'\",\"event-position\":\"' || (v_epos + u.k) || '\"}', 'UTF8'), u.data "
-    "FROM unnest(e_id[v_e:v_e + v_n - 1], e_prefix[v_e:v_e + v_n - 1], "
-    "e_data[v_e:v_e + v_n - 1]) WITH ORDINALITY AS u(id, prefix, data, k);\n"
-    "          IF n_version[v_k] IS NOT NULL THEN\n"
-    "            INSERT INTO {s}.tidings_snapshots (stream_id, version, schema, time, data) "
-    "VALUES (s_stream[v_k], n_version[v_k], n_schema[v_k], n_time[v_k], n_data[v_k]) "
-    "ON CONFLICT (stream_id, version) DO UPDATE SET schema = excluded.schema, "
-    "time = excluded.time, data = excluded.data;\n"
-    "          END IF;\n"
-    "          o_a := v_epos; o_b := v_bs[v_x]; o_time := v_etime;\n"
-    "          v_epos := v_epos + v_n; v_pos := v_pos + v_n; v_stored := v_stored + v_n;\n"
-    "        ELSE\n"
-    "          o_a := v_as[v_x]; o_b := v_bs[v_x]; o_time := NULL;\n"
+    "      IF v_fail <> 0 THEN\n"
+    "        v_kind[v_i] := 4;  -- its batch failed already\n"
+    "      ELSIF v_known[v_i] IS NOT NULL THEN  -- a repeat of a stored append, or a conflict\n"
+    "        SELECT count(*), max(ev.version) INTO v_cnt, v_ver FROM {s}.tidings_events ev, "
+    "unnest(e_id[v_e:v_e + v_n - 1]) WITH ORDINALITY AS u(id, k) "
+    "WHERE ev.position = v_known[v_i] + u.k - 1 AND ev.id = u.id "
+    "AND ev.stream_id = s_stream[v_i];\n"
+    "        IF v_cnt = v_n THEN v_kind[v_i] := 1; v_dup[v_i] := v_ver;\n"
+    "        ELSE v_fail := 3; v_item := v_i; v_kind[v_i] := 4;\n"
     "        END IF;\n"
-    "        RETURN NEXT;\n"
-    "        v_e := v_e + v_n;\n"
-    "      END LOOP;\n"
-    "      FOR v_k IN v_m .. v_mn - 1 LOOP  -- the batch's own messages\n"
-    "        IF m_client[v_k] THEN\n"
-    "          v_kt := NULL;\n"
-    "          SELECT time INTO v_kt FROM {s}.tidings_message_ids WHERE id = m_id[v_k];\n"
-    "          IF v_kt >= p_horizon THEN CONTINUE; END IF;  -- stored already\n"
-    "        END IF;\n"
-    "        v_pos := v_pos + 1; v_stored := v_stored + 1;\n"
-    f"        INSERT INTO {{s}}.tidings_messages ({MSG_COLS}) VALUES (v_pos, m_topic[v_k], "
-    "m_id[v_k], m_key[v_k], v_mtime, m_headers[v_k], m_data[v_k]);\n"
-    "        IF m_client[v_k] THEN\n"
-    "          INSERT INTO {s}.tidings_message_ids (id, position, time) "
-    "VALUES (m_id[v_k], v_pos, v_mtime) ON CONFLICT (id) DO UPDATE "
-    "SET position = excluded.position, time = excluded.time;\n"
+    "      ELSIF s_expected[v_i] IS NOT NULL AND s_expected[v_i] <> v_cur[v_i] THEN\n"
+    "        v_fail := 2; v_item := v_i; v_kind[v_i] := 4;\n"
+    "      ELSE\n"
+    "        v_kind[v_i] := 0;\n"
+    "      END IF;\n"
+    "      v_e := v_e + v_n; v_i := v_i + 1;\n"
+    "    END LOOP;\n"
+    "    IF v_fail <> 0 THEN  -- nothing of it is written: undo what its appends counted on\n"
+    "      FOR v_k IN v_s0 .. v_i - 1 LOOP\n"
+    "        v_kind[v_k] := 4; v_p := s_prev[v_k];\n"
+    "        IF v_p = 0 THEN v_cur[v_k] := v_pre[v_k];\n"
+    "        ELSIF v_kind[v_p] = 0 THEN v_cur[v_k] := v_cur[v_p] + s_n[v_p];\n"
+    "        ELSE v_cur[v_k] := v_cur[v_p];\n"
     "        END IF;\n"
     "      END LOOP;\n"
+    "      o_batch := v_b; o_item := v_item; o_kind := v_fail; o_a := NULL;\n"
+    "      o_b := v_cur[v_item]; o_time := NULL; RETURN NEXT;\n"
+    "      WHILE v_m <= v_nm AND m_batch[v_m] = v_b LOOP v_m := v_m + 1; END LOOP;\n"
+    "      CONTINUE;\n"
     "    END IF;\n"
-    "    v_s := v_i; v_e := v_j; v_m := v_mn;\n"
+    "    FOR v_k IN v_s0 .. v_i - 1 LOOP  -- positions: its events' messages, then its own\n"
+    "      o_batch := v_b; o_item := v_k; o_kind := v_kind[v_k];\n"
+    "      IF v_kind[v_k] = 0 THEN\n"
+    "        v_first[v_k] := v_epos; v_mfirst[v_k] := v_pos;\n"
+    "        o_a := v_epos; o_b := v_cur[v_k]; o_time := v_etime;\n"
+    "        v_epos := v_epos + s_n[v_k]; v_pos := v_pos + s_n[v_k];\n"
+    "        v_stored := v_stored + s_n[v_k];\n"
+    "      ELSE\n"
+    "        o_a := v_known[v_k]; o_b := v_dup[v_k]; o_time := NULL;\n"
+    "      END IF;\n"
+    "      RETURN NEXT;\n"
+    "    END LOOP;\n"
+    "    WHILE v_m <= v_nm AND m_batch[v_m] = v_b LOOP\n"
+    "      IF NOT m_client[v_m] OR NOT (m_id[v_m] = ANY(v_seen) OR m_id[v_m] = ANY(v_new)) "
+    "THEN\n"
+    "        v_pos := v_pos + 1; v_mpos[v_m] := v_pos; v_stored := v_stored + 1;\n"
+    "        IF m_client[v_m] THEN v_new := v_new || m_id[v_m]; END IF;\n"
+    "      END IF;\n"
+    "      v_m := v_m + 1;\n"
+    "    END LOOP;\n"
     "  END LOOP;\n"
     "  o_batch := 0; o_item := 0; o_kind := 9; o_a := v_stored; RETURN NEXT;\n"
-    "  IF v_stored > 0 THEN\n"
-    "    UPDATE {s}.tidings_meta SET value = v_pos, time = v_mtime WHERE name = 'position';\n"
-    "    PERFORM pg_notify(p_channel, p_origin);\n"
-    "  END IF;\n"
+    "  IF v_stored = 0 THEN RETURN; END IF;\n"
+    f"  INSERT INTO {{s}}.tidings_events ({EVENT_COLUMNS}) "
+    "SELECT v_first[e.item] + e.k, s_stream[e.item], v_cur[e.item] + e.k, e.id, e.type, "
+    "e.tv, v_etime, e.headers, e.data FROM unnest(e_item, e_k, e_id, e_type, e_tv, "
+    "e_headers, e_data) AS e(item, k, id, type, tv, headers, data) "
+    "WHERE v_kind[e.item] = 0;\n"
+    f"  INSERT INTO {{s}}.tidings_messages ({MSG_COLS}) "
+    "SELECT v_mfirst[e.item] + e.k, s_topic[e.item], e.id, s_stream[e.item], v_mtime, "
+    "e.prefix || convert_to('\"stream-version\":\"' || (v_cur[e.item] + e.k) || "
+    "'\",\"event-position\":\"' || (v_first[e.item] + e.k) || '\"}', 'UTF8'), e.data "
+    "FROM unnest(e_item, e_k, e_id, e_prefix, e_data) AS e(item, k, id, prefix, data) "
+    "WHERE v_kind[e.item] = 0;\n"
+    "  INSERT INTO {s}.tidings_snapshots (stream_id, version, schema, time, data) "
+    "SELECT u.stream, u.version, u.schema, u.time, u.data FROM unnest(s_stream, n_version, "
+    "n_schema, n_time, n_data) WITH ORDINALITY AS u(stream, version, schema, time, data, k) "
+    "WHERE u.version IS NOT NULL AND v_kind[u.k] = 0 "
+    "ON CONFLICT (stream_id, version) DO UPDATE SET schema = excluded.schema, "
+    "time = excluded.time, data = excluded.data;\n"
+    f"  INSERT INTO {{s}}.tidings_messages ({MSG_COLS}) "
+    "SELECT v_mpos[u.k], u.topic, u.id, u.key, v_mtime, u.headers, u.data "
+    "FROM unnest(m_topic, m_id, m_key, m_headers, m_data) WITH ORDINALITY "
+    "AS u(topic, id, key, headers, data, k) WHERE v_mpos[u.k] > 0;\n"
+    "  INSERT INTO {s}.tidings_message_ids (id, position, time) "
+    "SELECT u.id, v_mpos[u.k], v_mtime FROM unnest(m_id, m_client) WITH ORDINALITY "
+    "AS u(id, client, k) WHERE u.client AND v_mpos[u.k] > 0 "
+    "ON CONFLICT (id) DO UPDATE SET position = excluded.position, time = excluded.time;\n"
+    "  UPDATE {s}.tidings_meta SET value = v_pos, time = v_mtime WHERE name = 'position';\n"
+    "  PERFORM pg_notify(p_channel, p_origin);\n"
     "END $fn$"
 )
 
@@ -293,7 +304,7 @@ class _Sql:
         select = f"SELECT {EVENT_COLUMNS} FROM {ev}"
         # A group commit in one statement (see `_COMMIT_FUNCTION`).
         self.commit = f"SELECT * FROM {schema}.tidings_commit(" + ", ".join(
-            f"${i}" for i in range(1, 29)) + ")"
+            f"${i}" for i in range(1, 33)) + ")"
         self.duplicate = (
             f"SELECT position, stream_id, version, id FROM {ev} "
             "WHERE position >= $1 ORDER BY position LIMIT $2"
@@ -313,6 +324,24 @@ class _Sql:
         self.tail = (
             f"SELECT version, type, type_version, data FROM {ev} "
             "WHERE stream_id = $1 AND version > $2 AND version <= $3 ORDER BY version"
+        )
+        # A load in one statement (one snapshot, one round trip): rows (0, current, target),
+        # (1, the snapshot: version, schema, data, time), (2, an event: version, type,
+        # type_version, data), in version order.
+        self.load = (
+            f"WITH cur AS (SELECT coalesce(max(version), 0) AS v FROM {ev} "
+            "WHERE stream_id = $1), "
+            "tgt AS (SELECT least(cur.v, coalesce($3, cur.v), CASE WHEN $4::float8 IS NULL "
+            f"THEN cur.v ELSE (SELECT coalesce(max(version), 0) FROM {ev} WHERE stream_id = $1 "
+            "AND time <= $4::float8) END) AS t FROM cur), "
+            f"snap AS (SELECT version, schema, time, data FROM {snaps} WHERE stream_id = $1 "
+            "AND schema = $2 AND version <= (SELECT t FROM tgt) ORDER BY version DESC LIMIT 1) "
+            "SELECT 0, (SELECT v FROM cur), (SELECT t FROM tgt), NULL::text, NULL::int, "
+            "NULL::bytea, NULL::float8 "
+            "UNION ALL SELECT 1, version, NULL, schema, NULL, data, time FROM snap "
+            "UNION ALL (SELECT 2, version, NULL, type, type_version, data, NULL "
+            f"FROM {ev} WHERE stream_id = $1 AND version > coalesce((SELECT version FROM snap), "
+            "0) AND version <= (SELECT t FROM tgt) ORDER BY version)"
         )
         self.put_snapshot = (
             f"INSERT INTO {snaps} (stream_id, version, schema, time, data) "
@@ -541,6 +570,10 @@ class PostgresStore(StoreBackend):
         engine = self.engine
         streams: list[StreamAppend] = []
         s_batch: list[int] = []
+        s_prev: list[int] = []  # the group's previous append to the same stream (0: none)
+        last: dict[str, int] = {}
+        e_item: list[int] = []
+        e_k: list[int] = []
         e_id: list[str] = []
         e_type: list[str] = []
         e_tv: list[int] = []
@@ -558,7 +591,11 @@ class PostgresStore(StoreBackend):
                 sid, recs, _, _ = item
                 streams.append(item)
                 s_batch.append(b)
-                for r in recs:
+                s_prev.append(last.get(sid, 0))
+                last[sid] = len(streams)
+                for k, r in enumerate(recs, 1):
+                    e_item.append(len(streams))
+                    e_k.append(k)
                     e_id.append(r.id)
                     e_type.append(r.type)
                     e_tv.append(r.type_version)
@@ -584,9 +621,10 @@ class PostgresStore(StoreBackend):
                 rows = await conn.fetch(
                     self._sql.commit, now, engine._sync, engine._channel, engine._origin,
                     horizon, len(group), s_batch, [i[0] for i in streams],
+                    [i[1][0].id if i[1] else None for i in streams], s_prev,
                     [i[2] for i in streams], [tids[i[3]] for i in streams],
-                    [len(i[1]) for i in streams], e_id, e_type, e_tv, e_headers, e_data,
-                    e_prefix, n_version, n_schema, n_time, n_data, m_batch,
+                    [len(i[1]) for i in streams], e_item, e_k, e_id, e_type, e_tv, e_headers,
+                    e_data, e_prefix, n_version, n_schema, n_time, n_data, m_batch,
                     [tids[m.topic] for m in plain], [m.id for m in plain],
                     [m.key for m in plain],
                     [_enc(m.headers) if m.headers else None for m in plain],
@@ -637,6 +675,27 @@ class PostgresStore(StoreBackend):
 
         return await self._read(op, "reading a stream")
 
+    async def newer(self, stream_id: str, version: int, limit: int
+                    ) -> tuple[int, list[EventRow]] | None:
+        """One statement (so one snapshot, one round trip): the events from `version` on,
+        its own included (to tell a stream that is behind) and one more than `limit` (to
+        tell one too far ahead)."""
+        start = max(version, 1)
+
+        async def op(conn: Any) -> list[EventRow]:
+            rows = await conn.fetch(self._sql.read_stream, stream_id, start, _FAR,
+                                    limit + 1 + (start == version))
+            return [tuple(r) for r in rows]
+
+        rows = await self._read(op, "reading a stream")
+        if version:
+            if not rows or rows[0][2] != version:
+                return None  # behind `version`
+            rows = rows[1:]
+        if len(rows) > limit or any(r[2] != version + i for i, r in enumerate(rows, 1)):
+            return None
+        return (rows[-1][2] if rows else version), rows
+
     async def read_all(self, after: int, stop: int | None, limit: int) -> list[EventRow]:
         end = stop if stop is not None else _FAR
 
@@ -661,26 +720,21 @@ class PostgresStore(StoreBackend):
     async def load(
         self, stream_id: str, schema: str | None, to_version: int | None, as_of: float | None
     ) -> StreamLoad:
-        sql = self._sql
+        async def op(conn: Any) -> list[Any]:
+            return list(await conn.fetch(self._sql.load, stream_id, schema, to_version, as_of))
 
-        async def op(conn: Any) -> StreamLoad:
-            # one snapshot for every query (no append may slip in between them)
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                current = int(await conn.fetchval(sql.stream_version, stream_id) or 0)
-                target = current if to_version is None else min(to_version, current)
-                if as_of is not None and target:
-                    at = await conn.fetchval(sql.version_at, stream_id, as_of)
-                    target = min(target, int(at or 0))
-                snap = None
-                if schema is not None and target:
-                    row = await conn.fetchrow(sql.snapshot, stream_id, schema, target)
-                    snap = SnapshotRow(*row) if row else None
-                start = snap.version if snap else 0
-                rows = ([tuple(r) for r in await conn.fetch(sql.tail, stream_id, start, target)]
-                        if target > start else [])
-            return StreamLoad(current, target, snap, rows)
-
-        return await self._read(op, "loading a stream")
+        current = target = 0
+        snap = None
+        rows: list[LoadRow] = []
+        for kind, version, t, text, type_version, data, time in await self._read(
+                op, "loading a stream"):
+            if kind == 0:
+                current, target = int(version), int(t)
+            elif kind == 1:
+                snap = SnapshotRow(int(version), text, float(time), data)
+            else:
+                rows.append((int(version), text, int(type_version), data))
+        return StreamLoad(current, target, snap, rows)
 
     async def save_snapshot(self, stream_id: str, snapshot: SnapshotRow) -> None:
         self._check_not_holding()

@@ -237,6 +237,21 @@ class StoreBackend(ABC):
     async def stream_version(self, stream_id: str) -> int:
         """The stream's latest version (0: no such stream)."""
 
+    async def newer(self, stream_id: str, version: int, limit: int
+                    ) -> tuple[int, list[EventRow]] | None:
+        """The stream's events after `version` (at most `limit` of them) with its latest
+        version; None when the stream is behind `version` or more than `limit` ahead.
+
+        What refreshing a state kept at `version` needs. This default reads the version,
+        then the events; an engine that pays a round trip per read answers in one.
+        """
+        current = await self.stream_version(stream_id)
+        gap = current - version
+        if gap < 0 or gap > limit:
+            return None
+        rows = await self.read_stream(stream_id, version + 1, current, gap) if gap else []
+        return (current, rows) if len(rows) == gap else None
+
     @abstractmethod
     async def last_position(self) -> int:
         """The position of the newest event (0: none yet)."""

@@ -117,16 +117,10 @@ class Repository(Generic[A]):
     async def _from_kept(self, id: str, kept: A) -> A | None:
         """The aggregate from the state this process last saved, plus any newer events
         (written by another process); None when the stream is not where it was."""
-        backend = self.store.backend
-        current = await backend.stream_version(id)
-        gap = current - kept.version
-        if gap < 0 or gap > _KEPT_GAP:
+        found = await self.store.backend.newer(id, kept.version, _KEPT_GAP)
+        if found is None:
             return None  # elsewhere by far: a load from the newest snapshot is cheaper
-        rows = []
-        if gap:
-            rows = await backend.read_stream(id, kept.version + 1, current, gap)
-            if len(rows) != gap:
-                return None
+        current, rows = found
         agg = _clone(kept)
         agg._repository = self
         decode = self._resolver.decode
