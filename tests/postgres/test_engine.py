@@ -40,10 +40,12 @@ async def test_migrations_are_recorded_and_run_once(postgres_url: str) -> None:
             f'SELECT component, version FROM "{schema_of(postgres_url)}".tidings_migrations')
     finally:
         await conn.close()
+    from tidings.engines.postgres_sql import LOG_MIGRATIONS
     from tidings.engines.postgres_store import EVENTSTORE_MIGRATIONS
 
     assert sorted(tuple(r) for r in rows) == sorted(  # the event store's too, on open
-        [("log", 1)] + [("eventstore", m.version) for m in EVENTSTORE_MIGRATIONS])
+        [("log", m.version) for m in LOG_MIGRATIONS]
+        + [("eventstore", m.version) for m in EVENTSTORE_MIGRATIONS])
 
 
 async def test_concurrent_first_opens_migrate_once(postgres_url: str) -> None:

@@ -40,7 +40,8 @@ async def test_store_migrations_are_recorded_once(postgres_url: str) -> None:
                                 ".tidings_migrations ORDER BY component")
     finally:
         await conn.close()
-    assert [tuple(r) for r in rows] == [("eventstore", 1), ("eventstore", 2), ("log", 1)]
+    assert [tuple(r) for r in rows] == [("eventstore", 1), ("eventstore", 2), ("log", 1),
+                                              ("log", 2)]
 
 
 async def test_competing_writers_on_one_stream_never_both_win(postgres_url: str) -> None:

@@ -448,6 +448,11 @@ class PostgresEngine(Engine):
         # nacks and terms, the same as `plan_settle` over all of them), committed first, in
         # the same round trip as the BEGIN; nacks and terms are planned under the lock.
         acks, releases, others = split_settles(settles)
+        if not others:
+            got = await self._fetch_in_one(sub_id, spec, regex, limit, now, acks, releases)
+            if got is not None:
+                return got
+            # a row is due for its dead letter: this fetch is planned here
         wake = (self._channel, self._origin)
         begin = sql.begin_claim(sub_id, lock=bool(others), notify=wake if others else None)
         if acks or releases:
@@ -510,6 +515,28 @@ class PostgresEngine(Engine):
             attempts = {p.position: p.attempt for p in plan.deliver}
             out = [found[p.position] for p in plan.deliver if p.position in found]
             return await self._messages(conn, out, attempts), plan.next_due
+
+        return await self._run(op, "fetching messages")
+
+    async def _fetch_in_one(self, sub_id: int, spec: SubscriptionSpec, regex: str, limit: int,
+                            now: float, acks: list[int], releases: list[int]
+                            ) -> tuple[list[Message], float | None] | None:
+        """A fetch in one statement (`tidings_fetch`, the same plan as `plan_fetch`); None when a row is due for its dead letter (nothing was
+        done: the caller plans the fetch itself)."""
+
+        async def op(conn: Any, attempt: Attempt) -> tuple[list[Message], float | None] | None:
+            rows = await conn.fetch(self.sql.fetch, sub_id, regex, limit, spec.max_in_flight,
+                                    spec.max_deliver, now, spec.ack_wait, list(spec.backoff),
+                                    spec.ordered, acks, releases, self._channel, self._origin)
+            if not rows:
+                return [], None  # the subscription was deleted
+            if rows[0][0] == 8:
+                return None
+            if acks or releases:
+                self._notify()  # room may be free for this process's waiters
+            attempts = {r[1]: r[2] for r in rows[1:]}
+            found = [(r[1], r[4], r[5], r[6], r[7], r[8], r[9]) for r in rows[1:]]
+            return await self._messages(conn, found, attempts), rows[0][3]
 
         return await self._run(op, "fetching messages")
 

@@ -149,6 +149,140 @@ _CLAIM_FUNCTION = (
 )
 
 
+# A fetch in one statement (so one round trip, and the subscription's lock held only
+# while the server runs it, never across a client round trip): `plan_fetch` in SQL. It
+# locks the subscription row, applies the acks and releases that came with it
+# (`split_settles`: conditional writes, after the lock, as every writer of a
+# subscription's rows takes them), then plans exactly as `plan_fetch` does: ready rows
+# (attempt 0 or due; for an ordered subscription only the first pending row of each key)
+# are redelivered in position order up to the limit; new messages are taken up to the
+# room and the limit, each delivered or, ordered, parked (attempt 0) behind a pending row
+# of its key; the cursor jumps to the counter when fewer matched than it could take; the
+# floor follows; and the plan is written back. A row due for its dead letter needs a
+# message Python builds: then nothing is written, one row (8) says so, and the engine
+# plans this fetch in Python. Rows: (0, next due) first, then (1, message, attempt) per
+# delivery, in `plan.deliver`'s order. No rows: the subscription is gone.
+# tests/postgres/test_fetch_plan.py checks it against the Python planning on random states.
+_FETCH_FUNCTION = (
+    "CREATE FUNCTION {s}.tidings_fetch(p_sub int, p_regex text, p_limit int, "
+    "p_max_in_flight int, p_max_deliver int, p_now float8, p_ack_wait float8, "
+    "p_backoff float8[], p_ordered bool, p_acks bigint[], p_releases bigint[], "
+    "p_channel text, p_origin text) "
+    "RETURNS TABLE (o_kind int, o_position bigint, o_attempt int, o_due float8, "
+    "o_topic_id int, o_id text, o_key text, o_time float8, o_headers bytea, o_data bytea) "
+    "LANGUAGE plpgsql VOLATILE AS $fn$\n"
+    "DECLARE\n"
+    "  v_cursor bigint; v_floor bigint; v_last bigint; v_live int; v_want int; v_room int;\n"
+    "  v_lease float8 := p_now + p_ack_wait; v_nb int := coalesce(cardinality(p_backoff), 0);\n"
+    "  v_first float8; v_redo bigint[]; v_redo_att int[]; v_found int := 0; v_added int := 0;\n"
+    "  v_add bigint[] := '{}'; v_add_att int[] := '{}'; v_out bigint[] := '{}';\n"
+    "  v_seen text[] := '{}'; v_nokey bool := false; v_next float8; v_new bigint;\n"
+    "  v_lowest bigint; v_low bigint; v_settled bigint[] := p_acks || p_releases; v_c record;\n"
+    "BEGIN\n"
+    "  PERFORM set_config('synchronous_commit', 'off', true);  -- losing it: a redelivery\n"
+    "  SELECT cursor, floor INTO v_cursor, v_floor FROM {s}.tidings_subscriptions "
+    "WHERE id = p_sub FOR UPDATE;\n"
+    "  IF NOT FOUND THEN RETURN; END IF;\n"
+    "  IF EXISTS (SELECT FROM {s}.tidings_pending WHERE sub_id = p_sub "
+    "AND position >= v_floor AND attempt >= p_max_deliver AND due <= p_now "
+    "AND position <> ALL(v_settled)) THEN\n"
+    "    RETURN QUERY SELECT 8, NULL::bigint, NULL::int, NULL::float8, NULL::int, NULL::text, "
+    "NULL::text, NULL::float8, NULL::bytea, NULL::bytea;\n"
+    "    RETURN;\n"
+    "  END IF;\n"
+    "  IF cardinality(p_acks) > 0 THEN\n"
+    "    DELETE FROM {s}.tidings_pending p USING unnest(p_acks) AS u(position) "
+    "WHERE p.sub_id = p_sub AND p.position BETWEEN (SELECT min(x) FROM unnest(p_acks) x) "
+    "AND (SELECT max(x) FROM unnest(p_acks) x) AND p.position = u.position "
+    "AND p.attempt > 0;\n"
+    "  END IF;\n"
+    "  IF cardinality(p_releases) > 0 THEN\n"
+    "    UPDATE {s}.tidings_pending p SET attempt = p.attempt - 1, due = p_now "
+    "FROM unnest(p_releases) AS u(position) WHERE p.sub_id = p_sub "
+    "AND p.position BETWEEN (SELECT min(x) FROM unnest(p_releases) x) "
+    "AND (SELECT max(x) FROM unnest(p_releases) x) AND p.position = u.position "
+    "AND p.attempt > 0;\n"
+    "  END IF;\n"
+    "  IF cardinality(v_settled) > 0 THEN PERFORM pg_notify(p_channel, p_origin); END IF;\n"
+    "  SELECT value INTO v_last FROM {s}.tidings_meta WHERE name = 'position';\n"
+    "  SELECT count(*) INTO v_live FROM {s}.tidings_pending "
+    "WHERE sub_id = p_sub AND position >= v_floor;\n"
+    "  v_first := CASE WHEN v_nb > 0 AND p_max_deliver > 1 THEN p_backoff[1] ELSE 0 END;\n"
+    "  IF p_ordered THEN  -- the keys of pending rows: a new message of one of them parks\n"
+    "    SELECT coalesce(array_agg(DISTINCT m.key) FILTER (WHERE m.key IS NOT NULL), '{}'), "
+    "coalesce(bool_or(m.key IS NULL), false) INTO v_seen, v_nokey "
+    "FROM {s}.tidings_pending pp LEFT JOIN {s}.tidings_messages m ON m.position = pp.position "
+    "WHERE pp.sub_id = p_sub AND pp.position >= v_floor;\n"
+    "  END IF;\n"
+    "  WITH p AS (SELECT pp.position, pp.attempt, pp.due, CASE WHEN p_ordered THEN "
+    "row_number() OVER (PARTITION BY m.key IS NULL, m.key ORDER BY pp.position) ELSE 1 END "
+    "AS rn FROM {s}.tidings_pending pp LEFT JOIN {s}.tidings_messages m "
+    "ON p_ordered AND m.position = pp.position "
+    "WHERE pp.sub_id = p_sub AND pp.position >= v_floor), "
+    "ready AS (SELECT position FROM p WHERE rn = 1 AND (attempt = 0 OR due <= p_now) "
+    "ORDER BY position LIMIT p_limit), "
+    "upd AS (UPDATE {s}.tidings_pending p SET attempt = p.attempt + 1, due = v_lease + "
+    "CASE WHEN v_nb > 0 AND p_max_deliver > 1 AND p.attempt + 1 < p_max_deliver "
+    "THEN p_backoff[least(p.attempt + 1, v_nb)] ELSE 0 END FROM ready r "
+    "WHERE p.sub_id = p_sub AND p.position = r.position RETURNING p.position, p.attempt), "
+    "nxt AS (SELECT CASE WHEN bool_or(attempt = 0 OR due <= p_now) THEN p_now "
+    "ELSE min(due) END AS due FROM p WHERE rn = 1 "
+    "AND position NOT IN (SELECT position FROM ready)) "
+    "SELECT coalesce((SELECT array_agg(position ORDER BY position) FROM upd), '{}'), "
+    "coalesce((SELECT array_agg(attempt ORDER BY position) FROM upd), '{}'), "
+    "(SELECT due FROM nxt) INTO v_redo, v_redo_att, v_next;\n"
+    "  v_want := greatest(0, least(p_limit, p_max_in_flight - v_live));\n"
+    "  v_room := p_max_in_flight - v_live;\n"
+    "  v_new := v_cursor;\n"
+    "  IF v_want > 0 THEN\n"
+    "    FOR v_c IN " + _scan("v_cursor", "v_last", "p_regex", "v_want").replace(
+        "SELECT m.position, m.topic_id, m.id, m.key, m.time, m.headers, m.data",
+        "SELECT m.position, m.key") + " LOOP\n"
+    "      v_found := v_found + 1;\n"
+    "      CONTINUE WHEN v_room <= 0 OR cardinality(v_redo) + cardinality(v_out) >= p_limit;\n"
+    "      IF p_ordered AND (CASE WHEN v_c.key IS NULL THEN v_nokey ELSE v_c.key = ANY(v_seen) "
+    "END) THEN\n"
+    "        v_add_att := v_add_att || 0;  -- parked behind its key\n"
+    "      ELSE\n"
+    "        IF p_ordered THEN\n"
+    "          IF v_c.key IS NULL THEN v_nokey := true; ELSE v_seen := v_seen || v_c.key; END IF;\n"
+    "        END IF;\n"
+    "        v_add_att := v_add_att || 1; v_out := v_out || v_c.position;\n"
+    "      END IF;\n"
+    "      v_add := v_add || v_c.position; v_added := v_added + 1; v_room := v_room - 1;\n"
+    "      v_new := v_c.position;\n"
+    "    END LOOP;\n"
+    "  END IF;\n"
+    "  IF v_added > 0 THEN\n"
+    "    INSERT INTO {s}.tidings_pending (sub_id, position, attempt, due) "
+    "SELECT p_sub, u.position, u.attempt, CASE WHEN u.attempt = 0 THEN 0 "
+    "ELSE v_lease + v_first END FROM unnest(v_add, v_add_att) AS u(position, attempt) "
+    "ON CONFLICT (sub_id, position) DO UPDATE SET attempt = excluded.attempt, "
+    "due = excluded.due;\n"
+    "  END IF;\n"
+    "  IF v_want > 0 AND v_found < v_want AND v_added = v_found THEN\n"
+    "    v_new := greatest(v_new, v_last);  -- nothing else matches up to the counter\n"
+    "  END IF;\n"
+    "  SELECT min(position) INTO v_lowest FROM {s}.tidings_pending "
+    "WHERE sub_id = p_sub AND position >= v_floor;\n"
+    "  v_low := CASE WHEN v_lowest IS NULL OR v_lowest > v_new THEN v_new + 1 "
+    "ELSE v_lowest END;\n"
+    "  IF v_new <> v_cursor OR v_low <> v_floor THEN\n"
+    "    UPDATE {s}.tidings_subscriptions SET cursor = v_new, floor = v_low WHERE id = p_sub;\n"
+    "  END IF;\n"
+    "  IF cardinality(v_redo) + cardinality(v_out) > 0 THEN\n"
+    "    v_next := least(coalesce(v_next, v_lease), v_lease);\n"
+    "  END IF;\n"
+    "  RETURN QUERY SELECT 0, NULL::bigint, NULL::int, v_next, NULL::int, NULL::text, "
+    "NULL::text, NULL::float8, NULL::bytea, NULL::bytea;\n"
+    "  RETURN QUERY SELECT 1, m.position, d.attempt, NULL::float8, m.topic_id, m.id, m.key, "
+    "m.time, m.headers, m.data FROM unnest(v_redo || v_out, "
+    "v_redo_att || array_fill(1, ARRAY[cardinality(v_out)])) WITH ORDINALITY "
+    "AS d(position, attempt, k) CROSS JOIN LATERAL (SELECT * FROM {s}.tidings_messages mm "
+    "WHERE mm.position = d.position) m ORDER BY d.k;\n"
+    "END $fn$"
+)
+
 LOG_MIGRATIONS: list[Migration] = [
     Migration(1, "log, topics, subscriptions", [
         # The position counter. Appends update this row in their own transaction,
@@ -203,6 +337,7 @@ LOG_MIGRATIONS: list[Migration] = [
                       HINT = 'append new rows instead of changing stored ones';
         END $$""",
     ]),
+    Migration(2, "fetch in one statement", [_FETCH_FUNCTION]),
 ]
 
 
@@ -319,6 +454,8 @@ class Statements:
         )
         self._subs, self._pending = subs, pending
         self.claim = f"SELECT * FROM {s}.tidings_claim($1, $2, $3, $4, $5, $6, $7)"
+        self.fetch = (f"SELECT * FROM {s}.tidings_fetch($1, $2, $3, $4, $5, $6, $7, $8, $9, "
+                      "$10, $11, $12, $13)")
         # Rows by position, bounded by the positions' range (see `_rows`).
         between = ("p.sub_id = $1 AND p.position BETWEEN (SELECT min(x) FROM unnest($2) x) "
                    "AND (SELECT max(x) FROM unnest($2) x)")
