@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import time as _time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -99,6 +99,7 @@ class PgTx:
         self.now = now
         self.sync = sync  # synchronous_commit for this transaction's appends
         self.stored = False
+        self.topics: set[str] = set()  # what it stored messages on (whom to wake)
         self._locked = False
         self._new_topics: dict[str, int] = {}
 
@@ -120,6 +121,7 @@ class PgTx:
         """Store messages in this transaction (deduplicating client-supplied ids)."""
         out = await self.engine._store(self, messages)
         self.stored = self.stored or any(not p.duplicate for p in out)
+        self.topics.update(m.topic for m in messages)
         return out
 
 
@@ -252,7 +254,7 @@ class PostgresEngine(Engine):
         if tx._new_topics:
             self._remember_topics(tx._new_topics)
         if tx.stored:
-            self._notify()
+            self._notify(tx.topics)
 
     # topics ------------------------------------------------------------------------
     def _remember_topics(self, ids: dict[str, int]) -> None:
@@ -310,13 +312,14 @@ class PostgresEngine(Engine):
             now = round(_time.time(), 6)
             await self._resolve_topics(conn, {m.topic for m in messages}, None)
             tx = PgTx(self, conn, now, self._sync)
+            tx.topics.update(m.topic for m in messages)
             if single:  # one statement is one transaction: one round trip, one commit
                 attempt.sent = True
                 out = await self._store(tx, messages)
             else:
                 async with self._transaction(conn, attempt):
                     out = await self._store(tx, messages)
-            self._notify()
+            self._notify(tx.topics)
             return out
 
         return await self._run(op, "publishing", retry=False)
@@ -358,7 +361,7 @@ class PostgresEngine(Engine):
         n = len(todo)
         if n >= COPY_MIN:
             base, stamp, _ = await conn.fetchrow(sql.reserve, n, tx.now, self._channel,
-                                                 self._origin, tx.sync)
+                                                 self.payload({m.topic for m in todo}), tx.sync)
             await conn.copy_records_to_table(
                 sql.messages_table, schema_name=self.schema, columns=MSG_COLS.split(", "),
                 records=[(base + i, topic_ids[i - 1], ids[i - 1], todo[i - 1].key, stamp,
@@ -369,7 +372,8 @@ class PostgresEngine(Engine):
                 await conn.execute(sql.remember_ids, *map(list, zip(*rows, strict=True)))
         else:
             args = [n, tx.now, topic_ids, ids, [m.key for m in todo], heads,
-                    [m.data for m in todo], self._channel, self._origin, tx.sync]
+                    [m.data for m in todo], self._channel,
+                    self.payload({m.topic for m in todo}), tx.sync]
             if client:
                 base, stamp, _ = await conn.fetchrow(
                     sql.append_ids, *args, [m.client_id for m in todo])
@@ -453,7 +457,7 @@ class PostgresEngine(Engine):
             if got is not None:
                 return got
             # a row is due for its dead letter: this fetch is planned here
-        wake = (self._channel, self._origin)
+        wake = (self._channel, self.payload((), spec.pattern))
         begin = sql.begin_claim(sub_id, lock=bool(others), notify=wake if others else None)
         if acks or releases:
             begin = sql.settle_simple(sub_id, acks, releases, now, wake) + "; " + begin
@@ -510,8 +514,8 @@ class PostgresEngine(Engine):
                         plan.cursor if plan.cursor != cursor else None,
                         low if low != floor else None))
             self._committed(tx)
-            if settles:
-                self._notify()  # room or a parked key may be free for this process's waiters
+            if settles:  # room or a parked key may be free for this process's waiters
+                self._notify(tx.topics, (spec.pattern,))
             attempts = {p.position: p.attempt for p in plan.deliver}
             out = [found[p.position] for p in plan.deliver if p.position in found]
             return await self._messages(conn, out, attempts), plan.next_due
@@ -527,13 +531,14 @@ class PostgresEngine(Engine):
         async def op(conn: Any, attempt: Attempt) -> tuple[list[Message], float | None] | None:
             rows = await conn.fetch(self.sql.fetch, sub_id, regex, limit, spec.max_in_flight,
                                     spec.max_deliver, now, spec.ack_wait, list(spec.backoff),
-                                    spec.ordered, acks, releases, self._channel, self._origin)
+                                    spec.ordered, acks, releases, self._channel,
+                                    self.payload((), spec.pattern))
             if not rows:
                 return [], None  # the subscription was deleted
             if rows[0][0] == 8:
                 return None
-            if acks or releases:
-                self._notify()  # room may be free for this process's waiters
+            if acks or releases:  # room may be free for this process's waiters
+                self._notify((), (spec.pattern,))
             attempts = {r[1]: r[2] for r in rows[1:]}
             found = [(r[1], r[4], r[5], r[6], r[7], r[8], r[9]) for r in rows[1:]]
             return await self._messages(conn, found, attempts), rows[0][3]
@@ -568,7 +573,7 @@ class PostgresEngine(Engine):
     async def settle(self, handle: Any, items: Sequence[Settle], now: float) -> None:
         sub_id, spec = handle
         acks, releases, others = split_settles(items)  # as in fetch
-        wake = (self._channel, self._origin)
+        wake = (self._channel, self.payload((), spec.pattern))
         simple = self.sql.settle_simple(sub_id, acks, releases, now, wake)
         begin = self.sql.begin_claim(sub_id, lock=True, notify=wake)
         if acks or releases:
@@ -583,7 +588,7 @@ class PostgresEngine(Engine):
                 async with self._transaction(conn, attempt, begin):
                     await self._settle_others(tx, sub_id, spec, others)
                 self._committed(tx)
-            self._notify()
+            self._notify((), (spec.pattern,))  # room may be free for this process's waiters
 
         await self._run(op, "settling messages")
 
@@ -669,6 +674,25 @@ class PostgresEngine(Engine):
         return await self._run(op, "listing subscriptions")
 
     # wake-ups across processes -------------------------------------------------------
+    def payload(self, topics: Iterable[str], pattern: str | None = None) -> str:
+        """What a commit NOTIFYs: this engine (which skips its own) and whom to wake in the
+        others, as `_notify` takes it: the topics stored on, and the pattern of the
+        subscription whose rows were settled (marked `~`). One per line: topic names and
+        patterns hold no line break (nor a quote: payloads go into SQL text). Too long
+        for a NOTIFY (8,000 bytes): just the origin, which wakes everyone."""
+        lines = [self._origin, *topics]
+        if pattern is not None:
+            lines.append("~" + pattern)
+        text = "\n".join(lines)
+        return text if len(text) < 7_000 else self._origin
+
     def _on_notification(self, payload: str) -> None:
-        if payload != self._origin:  # our own commits woke our waiters already
+        origin, _, rest = payload.partition("\n")
+        if origin == self._origin:  # our own commits woke our waiters already
+            return
+        if not rest:
             self._notify()
+            return
+        lines = rest.split("\n")
+        self._notify([t for t in lines if not t.startswith("~")],
+                     [p[1:] for p in lines if p.startswith("~")])

@@ -619,7 +619,7 @@ class PostgresStore(StoreBackend):
             attempt.sent = True
             try:
                 rows = await conn.fetch(
-                    self._sql.commit, now, engine._sync, engine._channel, engine._origin,
+                    self._sql.commit, now, engine._sync, engine._channel, engine.payload(names),
                     horizon, len(group), s_batch, [i[0] for i in streams],
                     [i[1][0].id if i[1] else None for i in streams], s_prev,
                     [i[2] for i in streams], [tids[i[3]] for i in streams],
@@ -661,7 +661,7 @@ class PostgresStore(StoreBackend):
                     "not as the start of this same append), or repeated in it; give every "
                     "new event a new id")
         if stored:
-            engine._notify()
+            engine._notify(names)
         return results
 
     async def read_stream(

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -40,7 +41,7 @@ from ..util import Recent
 from .clock import Clock, SystemClock
 from .definition import Outcome, ReplyIgnored, Saga, SagaStarted, SagaState, evolve, stamp
 from .handlers import CommandHandler
-from .inbox import CancelRequest, Inbox, Reply, RetryRequest
+from .inbox import CancelRequest, Inbox, Moved, Reply, RetryRequest
 from .inline import inline_for
 from .launch import Launch, StartBy
 from .moves import next_moves, stream_id
@@ -69,6 +70,9 @@ def reply_lease(defn: Saga) -> float:
     timeouts = [s.timeout for s in defn.steps if s.command is not None and s.timeout]
     return min(REPLY_LEASE, max(2.0, min(timeouts, default=REPLY_LEASE) / 2))
 _ENDED_KEPT = 1000  # final states of the sagas that ended here last, for wait()
+#: Seconds after another process started a saga (as this one saw it) before this one
+#: drives it too, if it is unfinished then: its starter drives it, unless it died.
+FOREIGN_GRACE = 10.0
 
 
 def check_saga_id(saga_id: object) -> str:
@@ -109,6 +113,7 @@ class Coordinator:
             self.tasks.spawn(self._follow(defn.name), f"tidings:saga:{defn.name}:follow")
             self.tasks.spawn(self._replies(defn.name, reply_lease(defn)),
                              f"tidings:saga:{defn.name}:replies")
+            self.tasks.spawn(self._ends(defn.name), f"tidings:saga:{defn.name}:ends")
         known = versions.get(defn.version)
         if known is not None and known is not defn:
             if [s.name for s in known.steps] != [s.name for s in defn.steps]:
@@ -246,6 +251,10 @@ class Coordinator:
             run.launch.tell_start(StartBy.CALLER)
         final = None if task.cancelled() or task.exception() is not None else task.result()
         run.finished.set_result(final)
+        if not run.inbox.empty():  # news of another process's writes: moot now
+            for msg in run.inbox.take_all():
+                if not isinstance(msg, Moved):
+                    run.inbox.put_nowait(msg)
         if not self.hub.closed and (
                 run.drive_again  # (a start stored while it was ending)
                 or (final is not None and not run.inbox.empty())):
@@ -254,7 +263,7 @@ class Coordinator:
             return
         # nobody drives it here any more: a waiting cancel or retry must not wait forever
         for msg in run.inbox.take_all() if not run.inbox.empty() else ():
-            if not isinstance(msg, Reply) and not msg.recorded.done():
+            if isinstance(msg, (CancelRequest, RetryRequest)) and not msg.recorded.done():
                 msg.recorded.set_exception(EngineUnavailable(
                     f"saga {run.saga_id!r} is not driven by this process any more (it "
                     "closed, or the driver failed); ask again"))
@@ -337,17 +346,55 @@ class Coordinator:
         for sid in started:
             if sid not in ended and sid.startswith(prefix):
                 self.drive(name, sid[len(prefix):])
+        # A saga another process started is driven there (its starter drives it): taken
+        # on here only if it is still unfinished a while later (its starter died).
+        # Driving it here at once too doubled every saga's work when coordinators share
+        # a database, each driver answering the other's writes.
+        foreign: deque[tuple[float, str]] = deque()
+        wake = asyncio.Event()
+        self.tasks.spawn(self._adopt(name, foreign, wake), f"tidings:saga:{name}:adopt")
         async for m in self.hub.read(f"saga.{name}.started", start=last + 1, follow=True):
             sid = m.headers.get("stream-id", "")
             if sid.startswith(prefix):
-                saga_id = sid[len(prefix):]
                 if sid in self._started_here:
                     self._started_here.discard(sid)  # driven here from its start
                     continue
                 if sid not in self._runs:
-                    state = await self.load(name, saga_id)
-                    if not state.done:
-                        self.drive(name, saga_id)
+                    foreign.append((self.clock.now() + FOREIGN_GRACE, sid[len(prefix):]))
+                    wake.set()
+
+    async def _adopt(self, name: str, foreign: deque[tuple[float, str]],
+                     wake: asyncio.Event) -> None:
+        """Drive the sagas other processes started that are unfinished `FOREIGN_GRACE`
+        seconds after their start was seen (in that order: the grace is one for all)."""
+        while True:
+            if not foreign:
+                wake.clear()
+                await wake.wait()
+                continue
+            due, saga_id = foreign[0]
+            if self.clock.now() < due:
+                await self.clock.sleep_until(due)
+                continue
+            foreign.popleft()
+            if stream_id(name, saga_id) not in self._runs:
+                state = await self.load(name, saga_id)
+                if not state.done:
+                    self.drive(name, saga_id)
+
+    async def _ends(self, name: str) -> None:
+        """Tell this process's driver of a saga that another process ended.
+
+        Coordinators sharing a database compete for replies: the one that takes a reply
+        for a saga another process drives drives it on (`_deliver`), and may end it.
+        The first driver would wait for that reply until the step's deadline; its
+        starter's `wait()` with it. The end marker carries the stream's version: a
+        driver behind it looks again (its own end is not behind, so costs nothing)."""
+        async for m in self.hub.read(f"saga.{name}.ended", start="end", follow=True):
+            run = self._runs.get(m.headers.get("stream-id", ""))
+            version = m.headers.get("stream-version", "")
+            if run is not None and version.isdigit():
+                run.inbox.put_nowait(Moved(int(version)))
 
     # requests ------------------------------------------------------------------------
     async def cancel(self, name: str, saga_id: str, reason: str) -> None:

@@ -11,7 +11,7 @@ import msgspec
 from ..messages import Message
 from .definition import Outcome
 
-__all__ = ["CancelRequest", "Inbox", "InboxMessage", "Reply", "RetryRequest"]
+__all__ = ["CancelRequest", "Inbox", "InboxMessage", "Moved", "Reply", "RetryRequest"]
 
 
 class Reply(msgspec.Struct, frozen=True):
@@ -42,7 +42,15 @@ class RetryRequest(msgspec.Struct, frozen=True):
     recorded: asyncio.Future[None]
 
 
-InboxMessage = Reply | CancelRequest | RetryRequest
+class Moved(msgspec.Struct, frozen=True):
+    """Another process's driver took the saga's stream to `version` (it ended it: a
+    coordinator there took the reply this driver waits for). The driver looks again
+    if it is behind that, instead of waiting out the step's deadline."""
+
+    version: int
+
+
+InboxMessage = Reply | CancelRequest | RetryRequest | Moved
 
 
 class Inbox:

@@ -82,6 +82,7 @@ def next_moves(defn: Saga, state: SagaState, events: list[Event], now: float,
         elif isinstance(ev, _LIFECYCLE_END):
             messages.append(OutMessage(new_id(), f"saga.{defn.name}.ended", state.id,
                                        b"{}", {"stream-id": stream_id(defn.name, state.id),
+                                               "stream-version": str(state.stream_version),
                                                "status": state.status,
                                                "content-type": "application/json"}))
     return batch, messages

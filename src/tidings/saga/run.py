@@ -27,7 +27,7 @@ from .definition import (
     stamp,
 )
 from .handlers import InboxAppend, fence_append
-from .inbox import CancelRequest, Inbox, InboxMessage, Reply, RetryRequest
+from .inbox import CancelRequest, Inbox, InboxMessage, Moved, Reply, RetryRequest
 from .inline import inline_for, run_inline_steps
 from .launch import Launch, run_first_unit
 from .moves import attempt_message, forward_key, message_id, next_moves, stream_id
@@ -207,6 +207,10 @@ class SagaRun:
         moment), the message goes back to the front of the inbox before the error
         propagates: the driver reloads and applies it then. Nothing taken is dropped.
         """
+        if isinstance(msg, Moved):  # written elsewhere: look again if behind it
+            if msg.version > state.stream_version:
+                raise ConcurrencyError(self.sid, state.stream_version, msg.version)
+            return False
         try:
             return await self._apply(defn, state, msg)
         except BaseException:
@@ -236,6 +240,8 @@ class SagaRun:
             case RetryRequest():
                 if state.status == "stuck":
                     await self._append(defn, state, [SagaResumed()])
+            case Moved():
+                return False  # (taken by `_take`)
         if not msg.recorded.done():
             msg.recorded.set_result(None)  # the caller may return: it is in the stream
         return False
