@@ -535,13 +535,15 @@ class PostgresEngine(Engine):
                                     self.payload((), spec.pattern))
             if not rows:
                 return [], None  # the subscription was deleted
-            if rows[0][0] == 8:
+            last = rows[-1]
+            if last[0] == 8:
                 return None
             if acks or releases:  # room may be free for this process's waiters
                 self._notify((), (spec.pattern,))
-            attempts = {r[1]: r[2] for r in rows[1:]}
-            found = [(r[1], r[4], r[5], r[6], r[7], r[8], r[9]) for r in rows[1:]]
-            return await self._messages(conn, found, attempts), rows[0][3]
+            rows = rows[:-1]
+            attempts = {r[1]: r[2] for r in rows}
+            found = [(r[1], r[4], r[5], r[6], r[7], r[8], r[9]) for r in rows]
+            return await self._messages(conn, found, attempts), last[3]
 
         return await self._run(op, "fetching messages")
 

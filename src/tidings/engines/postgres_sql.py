@@ -160,8 +160,9 @@ _CLAIM_FUNCTION = (
 # of its key; the cursor jumps to the counter when fewer matched than it could take; the
 # floor follows; and the plan is written back. A row due for its dead letter needs a
 # message Python builds: then nothing is written, one row (8) says so, and the engine
-# plans this fetch in Python. Rows: (0, next due) first, then (1, message, attempt) per
-# delivery, in `plan.deliver`'s order. No rows: the subscription is gone.
+# plans this fetch in Python. Rows: (1, message, attempt) per delivery, in
+# `plan.deliver`'s order (a new message straight from the scan that found it), then
+# (0, next due). No rows: the subscription is gone.
 # tests/postgres/test_fetch_plan.py checks it against the Python planning on random states.
 _FETCH_FUNCTION = (
     "CREATE FUNCTION {s}.tidings_fetch(p_sub int, p_regex text, p_limit int, "
@@ -231,13 +232,15 @@ _FETCH_FUNCTION = (
     "SELECT coalesce((SELECT array_agg(position ORDER BY position) FROM upd), '{}'), "
     "coalesce((SELECT array_agg(attempt ORDER BY position) FROM upd), '{}'), "
     "(SELECT due FROM nxt) INTO v_redo, v_redo_att, v_next;\n"
+    "  RETURN QUERY SELECT 1, m.position, d.attempt, NULL::float8, m.topic_id, m.id, m.key, "
+    "m.time, m.headers, m.data FROM unnest(v_redo, v_redo_att) WITH ORDINALITY "
+    "AS d(position, attempt, k) CROSS JOIN LATERAL (SELECT * FROM {s}.tidings_messages mm "
+    "WHERE mm.position = d.position) m ORDER BY d.k;\n"
     "  v_want := greatest(0, least(p_limit, p_max_in_flight - v_live));\n"
     "  v_room := p_max_in_flight - v_live;\n"
     "  v_new := v_cursor;\n"
     "  IF v_want > 0 THEN\n"
-    "    FOR v_c IN " + _scan("v_cursor", "v_last", "p_regex", "v_want").replace(
-        "SELECT m.position, m.topic_id, m.id, m.key, m.time, m.headers, m.data",
-        "SELECT m.position, m.key") + " LOOP\n"
+    "    FOR v_c IN " + _scan("v_cursor", "v_last", "p_regex", "v_want") + " LOOP\n"
     "      v_found := v_found + 1;\n"
     "      CONTINUE WHEN v_room <= 0 OR cardinality(v_redo) + cardinality(v_out) >= p_limit;\n"
     "      IF p_ordered AND (CASE WHEN v_c.key IS NULL THEN v_nokey ELSE v_c.key = ANY(v_seen) "
@@ -248,6 +251,10 @@ _FETCH_FUNCTION = (
     "          IF v_c.key IS NULL THEN v_nokey := true; ELSE v_seen := v_seen || v_c.key; END IF;\n"
     "        END IF;\n"
     "        v_add_att := v_add_att || 1; v_out := v_out || v_c.position;\n"
+    "        o_kind := 1; o_position := v_c.position; o_attempt := 1; o_due := NULL;\n"
+    "        o_topic_id := v_c.topic_id; o_id := v_c.id; o_key := v_c.key; "
+    "o_time := v_c.time;\n"
+    "        o_headers := v_c.headers; o_data := v_c.data; RETURN NEXT;\n"
     "      END IF;\n"
     "      v_add := v_add || v_c.position; v_added := v_added + 1; v_room := v_room - 1;\n"
     "      v_new := v_c.position;\n"
@@ -275,11 +282,6 @@ _FETCH_FUNCTION = (
     "  END IF;\n"
     "  RETURN QUERY SELECT 0, NULL::bigint, NULL::int, v_next, NULL::int, NULL::text, "
     "NULL::text, NULL::float8, NULL::bytea, NULL::bytea;\n"
-    "  RETURN QUERY SELECT 1, m.position, d.attempt, NULL::float8, m.topic_id, m.id, m.key, "
-    "m.time, m.headers, m.data FROM unnest(v_redo || v_out, "
-    "v_redo_att || array_fill(1, ARRAY[cardinality(v_out)])) WITH ORDINALITY "
-    "AS d(position, attempt, k) CROSS JOIN LATERAL (SELECT * FROM {s}.tidings_messages mm "
-    "WHERE mm.position = d.position) m ORDER BY d.k;\n"
     "END $fn$"
 )
 
