@@ -313,6 +313,13 @@ class _Sql:
             f"{select} WHERE stream_id = $1 AND version >= $2 AND version <= $3 "
             "ORDER BY version LIMIT $4"
         )
+        # Many streams' reads in one statement (see `PostgresStore.read_stream`).
+        self.read_streams = (
+            f"SELECT q.k, e.* FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[]) "
+            "WITH ORDINALITY AS q(sid, lo, hi, lim, k) CROSS JOIN LATERAL "
+            f"({select} WHERE stream_id = q.sid AND version >= q.lo AND version <= q.hi "
+            "ORDER BY version LIMIT q.lim) e ORDER BY q.k, e.version"
+        )
         self.read_all = f"{select} WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3"
         self.stream_version = f"SELECT max(version) FROM {ev} WHERE stream_id = $1"
         self.last_position = f"SELECT max(position) FROM {ev}"
@@ -423,6 +430,8 @@ class PostgresTx(StoreTx):
 
 #: at most this many appends share one commit
 _GROUP = 200
+#: at most this many stream reads share one statement
+_READS = 200
 
 
 _STOPPED = ("the event store stopped during the append; its outcome is unknown: retry it "
@@ -460,6 +469,10 @@ class PostgresStore(StoreBackend):
         # next one.
         self._batches: list[tuple[Any, ...]] = []
         self._batch_flusher: asyncio.Task[None] | None = None
+        # The same for stream reads: those asked for while a read is under way share the
+        # next round trip.
+        self._reads: list[tuple[Any, ...]] = []
+        self._reader: asyncio.Task[None] | None = None
 
     async def _ready(self) -> None:
         if not self._created:  # idempotent: concurrent first calls just both look
@@ -667,27 +680,57 @@ class PostgresStore(StoreBackend):
     async def read_stream(
         self, stream_id: str, from_version: int, to_version: int | None, limit: int
     ) -> list[EventRow]:
+        """Read with the other reads asked for meanwhile, in one statement: every saga step
+        and command handler reads a stream (an inbox, a kept aggregate's news), and with
+        many in flight a round trip each was most of what they waited for. One statement
+        is one snapshot, taken after each of them asked: each sees what was committed
+        before it asked."""
+        await self._ready()
         stop = to_version if to_version is not None else _FAR
+        fut: asyncio.Future[list[EventRow]] = asyncio.get_running_loop().create_future()
+        self._reads.append((stream_id, from_version, stop, limit, fut))
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._flush_reads())
+        return await fut
 
-        async def op(conn: Any) -> list[EventRow]:
-            rows = await conn.fetch(self._sql.read_stream, stream_id, from_version, stop, limit)
-            return [tuple(r) for r in rows]
+    async def _flush_reads(self) -> None:
+        try:
+            while self._reads:
+                group, self._reads = self._reads[:_READS], self._reads[_READS:]
+                futs = [item[-1] for item in group]
 
-        return await self._read(op, "reading a stream")
+                async def op(conn: Any, attempt: Attempt,
+                             group: list[tuple[Any, ...]] = group) -> list[Any]:
+                    if len(group) == 1:
+                        sid, lo, hi, lim, _ = group[0]
+                        return [[tuple(r) for r in await conn.fetch(
+                            self._sql.read_stream, sid, lo, hi, lim)]]
+                    out: list[list[EventRow]] = [[] for _ in group]
+                    sids, los, his, lims, _ = (list(c) for c in zip(*group, strict=True))
+                    for r in await conn.fetch(self._sql.read_streams, sids, los, his, lims):
+                        out[r[0] - 1].append(tuple(r)[1:])
+                    return out
+
+                try:
+                    results = await self.engine._run(op, "reading streams")
+                except BaseException as exc:
+                    _fail_all(futs, exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                _answer_all(futs, results)
+        finally:
+            self._reader = None
+            if self._reads:  # asked for while we were finishing
+                self._reader = asyncio.ensure_future(self._flush_reads())
 
     async def newer(self, stream_id: str, version: int, limit: int
                     ) -> tuple[int, list[EventRow]] | None:
-        """One statement (so one snapshot, one round trip): the events from `version` on,
+        """One read (so one snapshot, one round trip, shared): the events from `version` on,
         its own included (to tell a stream that is behind) and one more than `limit` (to
         tell one too far ahead)."""
         start = max(version, 1)
-
-        async def op(conn: Any) -> list[EventRow]:
-            rows = await conn.fetch(self._sql.read_stream, stream_id, start, _FAR,
-                                    limit + 1 + (start == version))
-            return [tuple(r) for r in rows]
-
-        rows = await self._read(op, "reading a stream")
+        rows = await self.read_stream(stream_id, start, None, limit + 1 + (start == version))
         if version:
             if not rows or rows[0][2] != version:
                 return None  # behind `version`
