@@ -120,3 +120,42 @@ async def test_group_commit_fails_only_the_offending_appends(postgres_url: str) 
         assert [r async for r in store.read("g-other")] == []
         positions = [r.position async for r in store.read_all()]
         assert positions == sorted(positions) and len(positions) == len(set(positions)) == 31
+
+
+async def test_reads_and_loads_asked_together_share_a_statement_and_answer_each(
+        postgres_url: str) -> None:
+    """Stream reads and loads asked for while one is under way go out as one statement
+    (`_Batched`); each caller still gets exactly its own stream's answer: versions,
+    bounds, limits, snapshots, a time cut, a stream that does not exist."""
+    from tidings.engines.store_base import NewRecord, SnapshotRow
+
+    async with await tidings.connect(postgres_url) as hub:
+        b = hub.events.backend
+        assert isinstance(b, PostgresStore)
+        for i in range(6):
+            recs = [NewRecord(f"bt-{i}-{k}", "Ev", 1, b'{"k": %d}' % k, {}) for k in range(i + 3)]
+            await b.append_batch([(f"bt-{i}", recs, 0, "bt")])
+            if i % 2:
+                await b.save_snapshot(f"bt-{i}", SnapshotRow(2, "s1", 1.0, b"snap"))
+        cut = (await b.read_stream("bt-3", 1, 1, 1))[0][6]  # the time of bt-3's events
+        reads = [(f"bt-{i}", lo, hi, lim) for i in range(6) for lo, hi, lim in
+                 [(1, None, 100), (2, 4, 100), (1, None, 2), (5, None, 10)]]
+        reads.append(("bt-none", 1, None, 10))
+        loads = [(f"bt-{i}", schema, to, None) for i in range(6)
+                 for schema in (None, "s1", "other") for to in (None, 1, 3)]
+        loads += [("bt-3", None, None, cut - 1.0), ("bt-5", None, None, cut + 3600.0),
+                  ("bt-none", "s1", None, None)]
+
+        one_by_one_reads = [await b.read_stream(*r) for r in reads]
+        one_by_one_loads = [await b.load(*x) for x in loads]
+        together = await asyncio.gather(*(b.read_stream(*r) for r in reads),
+                                        *(b.load(*x) for x in loads))
+        assert list(together[:len(reads)]) == one_by_one_reads
+        assert list(together[len(reads):]) == one_by_one_loads
+        assert [r[2] for r in one_by_one_reads[1]] == [2, 3]  # bt-0, versions 2..4 of 3
+        odd = one_by_one_loads[3 * 3 + 3]  # bt-1, schema s1, to the end
+        assert odd.snapshot is not None and odd.snapshot.version == 2
+        assert [r[0] for r in odd.rows] == [3, 4]
+        assert one_by_one_loads[-3].target == 0  # a time before bt-3's first event
+        assert one_by_one_loads[-2].target == 8  # a time after all of bt-5
+        assert one_by_one_loads[-1].current == 0 and one_by_one_reads[-1] == []

@@ -350,6 +350,28 @@ class _Sql:
             f"FROM {ev} WHERE stream_id = $1 AND version > coalesce((SELECT version FROM snap), "
             "0) AND version <= (SELECT t FROM tgt) ORDER BY version)"
         )
+        # Many loads in one statement: the same rows, each with its request's number first,
+        # in (number, kind, version) order.
+        self.loads = (
+            "WITH q AS (SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], "
+            "$4::float8[]) WITH ORDINALITY AS q(sid, schema, tov, asof, k)), "
+            "c AS (SELECT q.k, q.sid, q.schema, cur.v, least(cur.v, coalesce(q.tov, cur.v), "
+            "CASE WHEN q.asof IS NULL THEN cur.v ELSE (SELECT coalesce(max(version), 0) "
+            f"FROM {ev} WHERE stream_id = q.sid AND time <= q.asof) END) AS t "
+            "FROM q CROSS JOIN LATERAL (SELECT coalesce(max(version), 0) AS v "
+            f"FROM {ev} WHERE stream_id = q.sid) cur), "
+            "s AS (SELECT c.k, sn.* FROM c CROSS JOIN LATERAL (SELECT version, schema, time, "
+            f"data FROM {snaps} WHERE stream_id = c.sid AND schema = c.schema "
+            "AND version <= c.t ORDER BY version DESC LIMIT 1) sn) "
+            "SELECT c.k, 0 AS kind, c.v AS version, c.t, NULL::text, NULL::int, NULL::bytea, "
+            "NULL::float8 FROM c "
+            "UNION ALL SELECT s.k, 1, s.version, NULL, s.schema, NULL, s.data, s.time FROM s "
+            "UNION ALL SELECT c.k, 2, e.version, NULL, e.type, e.type_version, e.data, NULL "
+            "FROM c CROSS JOIN LATERAL (SELECT version, type, type_version, data "
+            f"FROM {ev} WHERE stream_id = c.sid AND version > coalesce((SELECT s.version "
+            "FROM s WHERE s.k = c.k), 0) AND version <= c.t) e "
+            "ORDER BY 1, 2, 3"
+        )
         self.put_snapshot = (
             f"INSERT INTO {snaps} (stream_id, version, schema, time, data) "
             "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (stream_id, version) DO UPDATE SET "
@@ -458,6 +480,51 @@ def _answer_all(futs: Sequence[asyncio.Future[Any]], results: Sequence[Any]) -> 
             fut.set_result(r)
 
 
+class _Batched:
+    """Calls that share a statement: those made while one is under way go together in
+    the next (as appends share a commit). `run(conn, calls)` answers the calls (argument
+    tuples) with one result each, in order; reads only (a lost connection repeats them)."""
+
+    def __init__(self, store: PostgresStore, what: str,
+                 run: Callable[[Any, list[tuple[Any, ...]]], Awaitable[list[Any]]]) -> None:
+        self._store = store
+        self._what = what
+        self._run = run
+        self._queue: list[tuple[Any, ...]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def __call__(self, *args: Any) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((*args, fut))
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                group, self._queue = self._queue[:_READS], self._queue[_READS:]
+                futs = [item[-1] for item in group]
+                calls = [item[:-1] for item in group]
+
+                async def op(conn: Any, attempt: Attempt,
+                             calls: list[tuple[Any, ...]] = calls) -> list[Any]:
+                    return await self._run(conn, calls)
+
+                try:
+                    results = await self._store.engine._run(op, self._what)
+                except BaseException as exc:
+                    _fail_all(futs, exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                _answer_all(futs, results)
+        finally:
+            self._flusher = None
+            if self._queue:  # asked for while we were finishing
+                self._flusher = asyncio.ensure_future(self._flush())
+
+
 class PostgresStore(StoreBackend):
     engine: PostgresEngine
 
@@ -469,10 +536,10 @@ class PostgresStore(StoreBackend):
         # next one.
         self._batches: list[tuple[Any, ...]] = []
         self._batch_flusher: asyncio.Task[None] | None = None
-        # The same for stream reads: those asked for while a read is under way share the
-        # next round trip.
-        self._reads: list[tuple[Any, ...]] = []
-        self._reader: asyncio.Task[None] | None = None
+        # The same for stream reads and loads: those asked for while one is under way
+        # share the next round trip.
+        self._read_streams = _Batched(self, "reading streams", self._run_reads)
+        self._loads = _Batched(self, "loading streams", self._run_loads)
 
     async def _ready(self) -> None:
         if not self._created:  # idempotent: concurrent first calls just both look
@@ -687,42 +754,17 @@ class PostgresStore(StoreBackend):
         before it asked."""
         await self._ready()
         stop = to_version if to_version is not None else _FAR
-        fut: asyncio.Future[list[EventRow]] = asyncio.get_running_loop().create_future()
-        self._reads.append((stream_id, from_version, stop, limit, fut))
-        if self._reader is None:
-            self._reader = asyncio.ensure_future(self._flush_reads())
-        return await fut
+        rows: list[EventRow] = await self._read_streams(stream_id, from_version, stop, limit)
+        return rows
 
-    async def _flush_reads(self) -> None:
-        try:
-            while self._reads:
-                group, self._reads = self._reads[:_READS], self._reads[_READS:]
-                futs = [item[-1] for item in group]
-
-                async def op(conn: Any, attempt: Attempt,
-                             group: list[tuple[Any, ...]] = group) -> list[Any]:
-                    if len(group) == 1:
-                        sid, lo, hi, lim, _ = group[0]
-                        return [[tuple(r) for r in await conn.fetch(
-                            self._sql.read_stream, sid, lo, hi, lim)]]
-                    out: list[list[EventRow]] = [[] for _ in group]
-                    sids, los, his, lims, _ = (list(c) for c in zip(*group, strict=True))
-                    for r in await conn.fetch(self._sql.read_streams, sids, los, his, lims):
-                        out[r[0] - 1].append(tuple(r)[1:])
-                    return out
-
-                try:
-                    results = await self.engine._run(op, "reading streams")
-                except BaseException as exc:
-                    _fail_all(futs, exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                _answer_all(futs, results)
-        finally:
-            self._reader = None
-            if self._reads:  # asked for while we were finishing
-                self._reader = asyncio.ensure_future(self._flush_reads())
+    async def _run_reads(self, conn: Any, calls: list[tuple[Any, ...]]) -> list[Any]:
+        if len(calls) == 1:
+            return [[tuple(r) for r in await conn.fetch(self._sql.read_stream, *calls[0])]]
+        out: list[list[EventRow]] = [[] for _ in calls]
+        sids, los, his, lims = (list(c) for c in zip(*calls, strict=True))
+        for r in await conn.fetch(self._sql.read_streams, sids, los, his, lims):
+            out[r[0] - 1].append(tuple(r)[1:])
+        return out
 
     async def newer(self, stream_id: str, version: int, limit: int
                     ) -> tuple[int, list[EventRow]] | None:
@@ -763,21 +805,19 @@ class PostgresStore(StoreBackend):
     async def load(
         self, stream_id: str, schema: str | None, to_version: int | None, as_of: float | None
     ) -> StreamLoad:
-        async def op(conn: Any) -> list[Any]:
-            return list(await conn.fetch(self._sql.load, stream_id, schema, to_version, as_of))
+        """In one statement (one snapshot), shared with the loads asked for meanwhile."""
+        await self._ready()
+        loaded: StreamLoad = await self._loads(stream_id, schema, to_version, as_of)
+        return loaded
 
-        current = target = 0
-        snap = None
-        rows: list[LoadRow] = []
-        for kind, version, t, text, type_version, data, time in await self._read(
-                op, "loading a stream"):
-            if kind == 0:
-                current, target = int(version), int(t)
-            elif kind == 1:
-                snap = SnapshotRow(int(version), text, float(time), data)
-            else:
-                rows.append((int(version), text, int(type_version), data))
-        return StreamLoad(current, target, snap, rows)
+    async def _run_loads(self, conn: Any, calls: list[tuple[Any, ...]]) -> list[Any]:
+        if len(calls) == 1:
+            return [_stream_load(await conn.fetch(self._sql.load, *calls[0]))]
+        sids, schemas, tos, asofs = (list(c) for c in zip(*calls, strict=True))
+        parts: list[list[Any]] = [[] for _ in calls]
+        for r in await conn.fetch(self._sql.loads, sids, schemas, tos, asofs):
+            parts[r[0] - 1].append(tuple(r)[1:])
+        return [_stream_load(rows) for rows in parts]
 
     async def save_snapshot(self, stream_id: str, snapshot: SnapshotRow) -> None:
         self._check_not_holding()
@@ -846,3 +886,20 @@ class _Refused(Exception):
                                    "give every new event a new id")
         return InvalidEvent(f"the database refused this append to {where}: {self.exc}; fix "
                             "what it names")
+
+
+def _stream_load(rows: Sequence[Any]) -> StreamLoad:
+    """A `StreamLoad` from the load statement's rows: (0, current, target), (1, the
+    snapshot's version, schema, data, time), (2, an event's version, type, type_version,
+    data), in that order."""
+    current = target = 0
+    snap = None
+    events: list[LoadRow] = []
+    for kind, version, t, text, type_version, data, time in rows:
+        if kind == 0:
+            current, target = int(version), int(t)
+        elif kind == 1:
+            snap = SnapshotRow(int(version), text, float(time), data)
+        else:
+            events.append((int(version), text, int(type_version), data))
+    return StreamLoad(current, target, snap, events)
