@@ -1,13 +1,14 @@
 """`tidings_fetch` (a fetch in one statement, `plan_fetch` written in SQL) against the
 engine's Python planning of the same fetch, on random subscription states.
 
-Two subscriptions start from the same state: the same cursor, floor and pending rows
+Three subscriptions start from the same state: the same cursor, floor and pending rows
 (random attempts and due times, some ready, some leased, some parked, some due for
-their dead letter; ordered or not, keyed messages and keyless ones), the same settles arriving with the fetch. One is fetched through
-`tidings_fetch`, the other through the planning path every other case takes
-(`tidings_claim`, then `plan_fetch` in Python); both must deliver the same messages
-with the same attempts, report the same next due time, and leave the same rows,
-cursor and floor behind.
+their dead letter; ordered or not, keyed messages and keyless ones), the same settles
+arriving with the fetch. Two are fetched at once through `tidings_fetch` (so together
+in one statement, `fetch_many`), the third through the planning path every other case
+takes (`tidings_claim`, then `plan_fetch` in Python); all must deliver the same
+messages with the same attempts, report the same next due time, and leave the same
+rows, cursor and floor behind.
 """
 
 from __future__ import annotations
@@ -99,8 +100,12 @@ def test_fetch_in_one_statement_plans_as_python_does(postgres_url: str) -> None:
     def check(state: dict[str, Any]) -> None:
         async def both() -> None:
             a = await _copy(engine, state["pattern"], state["spec"], state)
+            a2 = await _copy(engine, state["pattern"], state["spec"], state)
             b = await _copy(engine, state["pattern"], state["spec"], state)
-            got_a = await engine.fetch(a, state["limit"], NOW, state["settles"])
+            # two fetches asked together go out as one statement (`fetch_many`)
+            got_a, got_a2 = await asyncio.gather(
+                engine.fetch(a, state["limit"], NOW, state["settles"]),
+                engine.fetch(a2, state["limit"], NOW, state["settles"]))
             planned = engine._fetch_in_one
             engine._fetch_in_one = _python_only  # type: ignore[method-assign, assignment]
             try:
@@ -111,6 +116,10 @@ def test_fetch_in_one_statement_plans_as_python_does(postgres_url: str) -> None:
                 (m.position, m.attempt, m.data) for m in got_b[0]]
             assert got_a[1] == got_b[1]
             assert await _after(engine, a[0]) == await _after(engine, b[0])
+            assert [(m.position, m.attempt) for m in got_a2[0]] == [
+                (m.position, m.attempt) for m in got_b[0]]
+            assert got_a2[1] == got_b[1]
+            assert await _after(engine, a2[0]) == await _after(engine, b[0])
             fast_calls.append(state)
 
         loop.run_until_complete(both())

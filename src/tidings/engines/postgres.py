@@ -54,7 +54,7 @@ from .delivery import (
     plan_settle,
     split_settles,
 )
-from .postgres_conn import Attempt, Connections
+from .postgres_conn import Attempt, Batched, Connections
 from .postgres_sql import (
     LOG_MIGRATIONS,
     MSG_COLS,
@@ -167,6 +167,8 @@ class PostgresEngine(Engine):
                                  pool_max=pool_max, reconnect_timeout=reconnect_timeout)
         self._run = self.conns.run
         self._transaction = self.conns.transaction
+        # fetches asked for while one is under way share the next statement
+        self._fetches = Batched(self.conns, "fetching messages", self._run_fetches, limit=50)
         self._topic_ids: dict[str, int] = {}
         self._topic_names: dict[int, str] = {}
         self._last_prune = 0.0
@@ -525,27 +527,59 @@ class PostgresEngine(Engine):
     async def _fetch_in_one(self, sub_id: int, spec: SubscriptionSpec, regex: str, limit: int,
                             now: float, acks: list[int], releases: list[int]
                             ) -> tuple[list[Message], float | None] | None:
-        """A fetch in one statement (`tidings_fetch`, the same plan as `plan_fetch`); None when a row is due for its dead letter (nothing was
-        done: the caller plans the fetch itself)."""
+        """A fetch in one statement (`tidings_fetch`, the same plan as `plan_fetch`), shared
+        with the other consumers' fetches asked for meanwhile; None when a row is due for
+        its dead letter (nothing was done: the caller plans the fetch itself)."""
+        got: tuple[list[Message], float | None] | None = await self._fetches(
+            sub_id, regex, limit, spec.max_in_flight, spec.max_deliver, now, spec.ack_wait,
+            list(spec.backoff), spec.ordered, acks, releases, self.payload((), spec.pattern))
+        if got is not None and (acks or releases):  # room may be free for waiters here
+            self._notify((), (spec.pattern,))
+        return got
 
-        async def op(conn: Any, attempt: Attempt) -> tuple[list[Message], float | None] | None:
-            rows = await conn.fetch(self.sql.fetch, sub_id, regex, limit, spec.max_in_flight,
-                                    spec.max_deliver, now, spec.ack_wait, list(spec.backoff),
-                                    spec.ordered, acks, releases, self._channel,
-                                    self.payload((), spec.pattern))
+    async def _run_fetches(self, conn: Any, calls: list[tuple[Any, ...]]) -> list[Any]:
+        """Several consumers' fetches in one statement, each its own `tidings_fetch` call,
+        in the order of their subscriptions (so that statements locking several take the
+        locks in one order everywhere: no deadlock)."""
+        if len(calls) == 1:
+            c = calls[0]
+            parts = [await conn.fetch(self.sql.fetch, *c[:11], self._channel, c[11])]
+        else:
+            order = sorted(range(len(calls)), key=lambda i: calls[i][0])
+            cols: list[list[Any]] = [[] for _ in range(15)]
+            flat_backoff: list[float] = []
+            flat_acks: list[int] = []
+            flat_releases: list[int] = []
+            for i in order:
+                sub, regex, lim, mif, md, now, aw, backoff, ordered, acks, releases, pay = calls[i]
+                for col, v in zip(cols, (
+                        sub, regex, lim, mif, md, now, aw,
+                        len(flat_backoff) + 1, len(flat_backoff) + len(backoff), ordered,
+                        len(flat_acks) + 1, len(flat_acks) + len(acks),
+                        len(flat_releases) + 1, len(flat_releases) + len(releases), pay),
+                        strict=True):
+                    col.append(v)
+                flat_backoff += backoff
+                flat_acks += acks
+                flat_releases += releases
+            by_k: list[list[Any]] = [[] for _ in calls]
+            for r in await conn.fetch(self.sql.fetch_many, *cols, flat_backoff, flat_acks,
+                                      flat_releases, self._channel):
+                by_k[r[0] - 1].append(tuple(r)[1:])
+            parts = [[] for _ in calls]
+            for k, i in enumerate(order):
+                parts[i] = by_k[k]
+        out: list[Any] = []
+        for rows in parts:
             if not rows:
-                return [], None  # the subscription was deleted
-            last = rows[-1]
-            if last[0] == 8:
-                return None
-            if acks or releases:  # room may be free for this process's waiters
-                self._notify((), (spec.pattern,))
-            rows = rows[:-1]
-            attempts = {r[1]: r[2] for r in rows}
-            found = [(r[1], r[4], r[5], r[6], r[7], r[8], r[9]) for r in rows]
-            return await self._messages(conn, found, attempts), last[3]
-
-        return await self._run(op, "fetching messages")
+                out.append(([], None))  # the subscription was deleted
+            elif rows[-1][0] == 8:
+                out.append(None)
+            else:
+                attempts = {r[1]: r[2] for r in rows[:-1]}
+                found = [(r[1], r[4], r[5], r[6], r[7], r[8], r[9]) for r in rows[:-1]]
+                out.append((await self._messages(conn, found, attempts), rows[-1][3]))
+        return out
 
     async def _settle_others(self, tx: PgTx, sub_id: int, spec: SubscriptionSpec,
                              items: Sequence[Settle]) -> None:

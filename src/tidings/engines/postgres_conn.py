@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from ..errors import EngineUnavailable
 
-__all__ = ["Attempt", "Connections", "Ending"]
+__all__ = ["Attempt", "Batched", "Connections", "Ending"]
 
 T = TypeVar("T")
 
@@ -282,3 +282,57 @@ class Connections:
                         await asyncio.wait_for(conn.close(), 2.0)
                     except (Exception, TimeoutError):
                         conn.terminate()
+
+
+class Batched:
+    """Calls that share a statement: those made while one is under way go together in
+    the next, as appends share a commit. `run(conn, calls)` answers the calls (argument
+    tuples, at most `limit`) with one result each, in order, on one connection. Only for
+    what is safe to repeat: a lost connection repeats the statement."""
+
+    def __init__(self, conns: Connections, what: str,
+                 run: Callable[[Any, list[tuple[Any, ...]]], Awaitable[list[Any]]], *,
+                 limit: int = 200) -> None:
+        self._conns = conns
+        self._what = what
+        self._run = run
+        self._limit = limit
+        self._queue: list[tuple[Any, ...]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def __call__(self, *args: Any) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((*args, fut))
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                group, self._queue = self._queue[:self._limit], self._queue[self._limit:]
+                futs: list[asyncio.Future[Any]] = [item[-1] for item in group]
+                calls = [item[:-1] for item in group]
+
+                async def op(conn: Any, attempt: Attempt,
+                             calls: list[tuple[Any, ...]] = calls) -> list[Any]:
+                    return await self._run(conn, calls)
+
+                try:
+                    results = await self._conns.run(op, self._what)
+                except BaseException as exc:
+                    err = exc if isinstance(exc, Exception) else EngineUnavailable(
+                        f"{self._what} was cut off (the engine is closing); ask again")
+                    for fut in futs:
+                        if not fut.done():
+                            fut.set_exception(err)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for fut, result in zip(futs, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(result)
+        finally:
+            self._flusher = None
+            if self._queue:  # asked for while we were finishing
+                self._flusher = asyncio.ensure_future(self._flush())

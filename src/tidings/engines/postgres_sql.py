@@ -458,6 +458,18 @@ class Statements:
         self.claim = f"SELECT * FROM {s}.tidings_claim($1, $2, $3, $4, $5, $6, $7)"
         self.fetch = (f"SELECT * FROM {s}.tidings_fetch($1, $2, $3, $4, $5, $6, $7, $8, $9, "
                       "$10, $11, $12, $13)")
+        # Several fetches in one statement, in the given order; each one's backoff, acks
+        # and releases are its slices of three flat arrays.
+        self.fetch_many = (
+            "SELECT q.k, f.* FROM unnest($1::int[], $2::text[], $3::int[], $4::int[], "
+            "$5::int[], $6::float8[], $7::float8[], $8::int[], $9::int[], $10::bool[], "
+            "$11::int[], $12::int[], $13::int[], $14::int[], $15::text[]) WITH ORDINALITY "
+            "AS q(sub, regex, lim, mif, md, now, aw, b0, b1, ord, a0, a1, r0, r1, payload, k) "
+            f"CROSS JOIN LATERAL {s}.tidings_fetch(q.sub, q.regex, q.lim, q.mif, q.md, q.now, "
+            "q.aw, ($16::float8[])[q.b0:q.b1], q.ord, ($17::bigint[])[q.a0:q.a1], "
+            "($18::bigint[])[q.r0:q.r1], $19, q.payload) WITH ORDINALITY AS f "
+            "ORDER BY q.k, f.ordinality"
+        )
         # Rows by position, bounded by the positions' range (see `_rows`).
         between = ("p.sub_id = $1 AND p.position BETWEEN (SELECT min(x) FROM unnest($2) x) "
                    "AND (SELECT max(x) FROM unnest($2) x)")

@@ -41,7 +41,7 @@ from ..errors import (
 from ..messages import OutMessage
 from .base import HOLDING_WRITER
 from .postgres import PgTx, PostgresEngine
-from .postgres_conn import Attempt
+from .postgres_conn import Attempt, Batched
 from .postgres_sql import MSG_COLS, Migration
 from .store_base import (
     EVENT_COLUMNS,
@@ -452,8 +452,7 @@ class PostgresTx(StoreTx):
 
 #: at most this many appends share one commit
 _GROUP = 200
-#: at most this many stream reads share one statement
-_READS = 200
+
 
 
 _STOPPED = ("the event store stopped during the append; its outcome is unknown: retry it "
@@ -480,51 +479,6 @@ def _answer_all(futs: Sequence[asyncio.Future[Any]], results: Sequence[Any]) -> 
             fut.set_result(r)
 
 
-class _Batched:
-    """Calls that share a statement: those made while one is under way go together in
-    the next (as appends share a commit). `run(conn, calls)` answers the calls (argument
-    tuples) with one result each, in order; reads only (a lost connection repeats them)."""
-
-    def __init__(self, store: PostgresStore, what: str,
-                 run: Callable[[Any, list[tuple[Any, ...]]], Awaitable[list[Any]]]) -> None:
-        self._store = store
-        self._what = what
-        self._run = run
-        self._queue: list[tuple[Any, ...]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def __call__(self, *args: Any) -> Any:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((*args, fut))
-        if self._flusher is None:
-            self._flusher = asyncio.ensure_future(self._flush())
-        return await fut
-
-    async def _flush(self) -> None:
-        try:
-            while self._queue:
-                group, self._queue = self._queue[:_READS], self._queue[_READS:]
-                futs = [item[-1] for item in group]
-                calls = [item[:-1] for item in group]
-
-                async def op(conn: Any, attempt: Attempt,
-                             calls: list[tuple[Any, ...]] = calls) -> list[Any]:
-                    return await self._run(conn, calls)
-
-                try:
-                    results = await self._store.engine._run(op, self._what)
-                except BaseException as exc:
-                    _fail_all(futs, exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                _answer_all(futs, results)
-        finally:
-            self._flusher = None
-            if self._queue:  # asked for while we were finishing
-                self._flusher = asyncio.ensure_future(self._flush())
-
-
 class PostgresStore(StoreBackend):
     engine: PostgresEngine
 
@@ -538,8 +492,8 @@ class PostgresStore(StoreBackend):
         self._batch_flusher: asyncio.Task[None] | None = None
         # The same for stream reads and loads: those asked for while one is under way
         # share the next round trip.
-        self._read_streams = _Batched(self, "reading streams", self._run_reads)
-        self._loads = _Batched(self, "loading streams", self._run_loads)
+        self._read_streams = Batched(engine.conns, "reading streams", self._run_reads)
+        self._loads = Batched(engine.conns, "loading streams", self._run_loads)
 
     async def _ready(self) -> None:
         if not self._created:  # idempotent: concurrent first calls just both look
