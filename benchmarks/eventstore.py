@@ -9,8 +9,11 @@ with SQLite's default synchronous=FULL). Only the measured loop is timed.
 - append: 1,000 aggregates x 100 events, saved 10 events at a time through
   each library's repository. tidings serves 100 saves concurrently (an
   asyncio service handling requests) and group-commits them; eventsourcing's
-  `Application.save` is synchronous, one transaction per save. The
-  one-save-at-a-time tidings figure is reported too.
+  `Application.save` is synchronous, one transaction per save.
+- append, one save at a time: the same saves through tidings' repository, each
+  awaited before the next, beside raw `sqlite3` writing the same rows with one
+  commit per save (`raw_append`: same tables, indexes and rows, WAL,
+  synchronous=FULL), the two run alternately.
 - load: `repository.get` of an aggregate with 1,000 events (median of many
   loads), and of one with a snapshot at version 990 plus 10 events.
 - scan: `hub.events.read_all(raw=True)` over the 100,000 appended events
@@ -24,8 +27,11 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from time import perf_counter
 from typing import Any
+
+import msgspec
 
 import tidings
 
@@ -156,6 +162,84 @@ async def tidings_append(url: str, aggregates: int, per_aggregate: int, per_save
     return aggregates * per_aggregate / elapsed
 
 
+def raw_append(path: str, aggregates: int, per_aggregate: int, per_save: int) -> float:
+    """Raw `sqlite3` writing what a tidings save writes, one commit per save (the peer
+    of "one save at a time").
+
+    The same file settings (WAL, synchronous=FULL: an fsync per commit) and the same
+    tables, indexes and triggers (tidings' own DDL); per save, in one transaction:
+    the event rows (their headers JSON as tidings stores them), one message row per
+    event (the outbox: the event's data again, with the headers a subscriber reads)
+    and the log's position counter in `tidings_meta`. Every event's data is encoded
+    in the loop, as the repository does. What it skips: reading anything, and the
+    hand-over to a writer thread and back. It keeps each stream's version and both
+    position counters in memory (one writer, nobody else on the file), where tidings
+    reads the stream's version, whether the first event id is stored and the last
+    event position in the transaction, because other processes may write the same
+    file.
+    """
+    from tidings.engines.sqlite import SCHEMA as LOG_SCHEMA
+    from tidings.engines.sqlite_store import SCHEMA as STORE_SCHEMA
+    from tidings.messages import new_id
+
+    enc = msgspec.json.Encoder().encode
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    for ddl in (*LOG_SCHEMA, *STORE_SCHEMA):
+        conn.execute(ddl)
+    topic = "BenchAccount"
+    topic_id = conn.execute("INSERT INTO tidings_topics (name) VALUES (?)", (topic,)).lastrowid
+    insert_event = ("INSERT INTO tidings_events (position, stream_id, version, id, type, "
+                    "type_version, time, headers, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    insert_message = ("INSERT INTO tidings_messages (position, topic_id, id, key, time, "
+                      "headers, data) VALUES (?, ?, ?, ?, ?, ?, ?)")
+    set_position = ("INSERT INTO tidings_meta (name, value) VALUES ('position', ?) "
+                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value")
+    streams = [f"acct-{i}" for i in range(aggregates)]
+    versions = dict.fromkeys(streams, 0)
+    event_pos = message_pos = 0
+
+    def save(stream: str, events: list[tuple[str, Any]]) -> None:
+        nonlocal event_pos, message_pos
+        now = round(time.time(), 6)
+        version = versions[stream]
+        ids = [new_id() for _ in events]
+        own = enc({"aggregate-type": topic, "correlation-id": ids[0]})
+        rows, messages = [], []
+        for eid, (type_name, data) in zip(ids, events, strict=True):
+            event_pos += 1
+            message_pos += 1
+            version += 1
+            raw = enc(data)
+            rows.append((event_pos, stream, version, eid, type_name, 1, now, own, raw))
+            headers = {"aggregate-type": topic, "correlation-id": ids[0],
+                       "content-type": "application/json", "event-type": type_name,
+                       "event-version": "1", "stream-id": stream,
+                       "stream-version": str(version), "event-position": str(event_pos)}
+            messages.append((message_pos, topic_id, eid, stream, now, enc(headers), raw))
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(insert_event, rows)
+        conn.executemany(insert_message, messages)
+        conn.execute(set_position, (message_pos,))
+        conn.execute("COMMIT")
+        versions[stream] = version
+
+    t0 = perf_counter()
+    for stream in streams:
+        save(stream, [("BenchOpened", {"owner": "ann"})]
+             + [("BenchDeposited", {"amount": j, "memo": MEMO}) for j in range(per_save - 1)])
+    for _ in range(1, per_aggregate // per_save):
+        for stream in streams:
+            save(stream, [("BenchDeposited", {"amount": j, "memo": MEMO})
+                          for j in range(per_save)])
+    elapsed = perf_counter() - t0
+    assert conn.execute("SELECT count(*) FROM tidings_messages").fetchone()[0] == (
+        aggregates * per_aggregate)
+    conn.close()
+    return aggregates * per_aggregate / elapsed
+
+
 # load -------------------------------------------------------------------------------
 
 
@@ -256,7 +340,7 @@ async def run(quick: bool) -> list[dict[str, Any]]:
     total = aggregates * per_aggregate
     rows: list[dict[str, Any]] = []
 
-    es_rates, td_rates, td_seq_rates = [], [], []
+    es_rates, td_rates, td_seq_rates, raw_seq_rates = [], [], [], []
     scans_td, scans_raw = [], []
     for rep in range(reps):
         progress(f"eventstore: append {total:,} events, repetition {rep + 1}/{reps}")
@@ -274,10 +358,12 @@ async def run(quick: bool) -> list[dict[str, Any]]:
                 assert n1 == n2 == total
                 scans_raw.append(n1 / t_raw)
                 scans_td.append(n2 / t_td)
-        if rep == 0:
-            with scratch_dir("td-append-seq") as d:
-                td_seq_rates.append(await tidings_append(f"sqlite:///{d}/t.db", aggregates,
-                                                         per_aggregate, per_save, 1))
+        with scratch_dir("raw-append-seq") as d:
+            raw_seq_rates.append(raw_append(os.path.join(d, "r.db"), aggregates,
+                                            per_aggregate, per_save))
+        with scratch_dir("td-append-seq") as d:
+            td_seq_rates.append(await tidings_append(f"sqlite:///{d}/t.db", aggregates,
+                                                     per_aggregate, per_save, 1))
     es_rate, td_rate = summary(es_rates), summary(td_rates)
     rows.append(row(f"append via repository, {aggregates:,} aggregates (sqlite, full)",
                     td_rate, "eventsourcing Application.save", es_rate, "events/s", 3.0,
@@ -285,8 +371,12 @@ async def run(quick: bool) -> list[dict[str, Any]]:
                     note="tidings: 100 saves in flight, group commit", samples=td_rates,
                     peer_samples=es_rates))
     rows.append(row("append via repository, one save at a time (sqlite, full)",
-                    summary(td_seq_rates), "eventsourcing Application.save", es_rate,
-                    "events/s", 1.0, samples=td_seq_rates))
+                    summary(td_seq_rates), "raw sqlite3, same rows, a commit per save",
+                    summary(raw_seq_rates), "events/s", 0.6,
+                    ratio=paired_ratio(td_seq_rates, raw_seq_rates),
+                    note="tidings: each save awaited before the next; eventsourcing "
+                         f"Application.save: {es_rate:,.0f} events/s",
+                    samples=td_seq_rates, peer_samples=raw_seq_rates))
 
     progress(f"eventstore: load an aggregate of {load_events:,} events")
     es_full, td_full, es_snap, td_snap = [], [], [], []

@@ -156,6 +156,11 @@ class SqliteEngine(Engine):
         self._closed = False
         self._synchronous: str | None = None
         self._last_prune = 0.0
+        # The log's head as the writer last saw it: the counter in tidings_meta and the
+        # newest message's time. Valid while no other connection has committed (see
+        # _look_for_others); None: read it in the next transaction.
+        self._head_position: int | None = None
+        self._head_time: float | None = None
         self._inline_conn: sqlite3.Connection | None = None
 
     # lifecycle ---------------------------------------------------------------
@@ -277,9 +282,11 @@ class SqliteEngine(Engine):
         try:
             version = conn.execute("PRAGMA data_version").fetchone()[0]
         except sqlite3.Error:
+            self._forget_head()
             return
         if version != self._data_version:
             self._data_version = version
+            self._forget_head()  # another connection may have stored messages
             loop = self._loop
             if loop is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(self._notify)
@@ -331,24 +338,48 @@ class SqliteEngine(Engine):
                 )
             conn.execute("COMMIT")
             self._new_topics.clear()
-            return tx.topics if tx._dirty else set()
+            if not tx._dirty:
+                return set()
+            self._head_position, self._head_time = tx._position, tx.now
+            return tx.topics
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             self._forget_new_topics()
+            self._forget_head()
             err = EngineUnavailable(f"commit to {self.url!r} failed: {exc}")
             for j in jobs:
                 j.result = err
             return set()
 
     def _now(self, conn: sqlite3.Connection) -> float:
-        """Commit time, never earlier than the last stored message's (time order = log order)."""
+        """Commit time, never earlier than the last stored message's (time order = log order).
+
+        In the writer's transaction, after `_look_for_others`: the newest message's time
+        is read only when another connection may have committed since this writer's
+        last commit (else it is the time that commit stored its messages with).
+        """
         now = round(_time.time(), 6)  # microseconds, like the datetimes users compare with
-        row = conn.execute("SELECT max(time) FROM tidings_messages "
-                           "WHERE position = (SELECT max(position) FROM tidings_messages)").fetchone()
-        if row and row[0] is not None and row[0] > now:
-            return float(row[0])
-        return now
+        last = self._head_time
+        if last is None:
+            row = conn.execute(
+                "SELECT max(time) FROM tidings_messages "
+                "WHERE position = (SELECT max(position) FROM tidings_messages)").fetchone()
+            last = self._head_time = float(row[0]) if row and row[0] is not None else 0.0
+        return last if last > now else now
+
+    def _head(self, conn: sqlite3.Connection) -> int:
+        """The log's last position (the counter in tidings_meta), in the writer's
+        transaction; read only when another connection may have moved it."""
+        last = self._head_position
+        if last is None:
+            row = conn.execute("SELECT value FROM tidings_meta WHERE name = 'position'"
+                               ).fetchone()
+            last = self._head_position = int(row[0]) if row else 0
+        return last
+
+    def _forget_head(self) -> None:
+        self._head_position = self._head_time = None
 
     def _resolve(self, jobs: list[_Job], topics: set[str]) -> None:
         patterns: list[str] = []

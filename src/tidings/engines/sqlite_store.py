@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 import msgspec
 
 from ..errors import ConcurrencyError, EventIdConflict, InvalidArgument
-from ..messages import OutMessage
+from ..messages import JSON, OutMessage
 from .base import HOLDING_WRITER
 from .sqlite import SqliteEngine
-from .sqlite_tx import Tx, insert_rows
+from .sqlite_tx import INSERT_MESSAGES, Tx, insert_values
 from .store_base import (
     EVENT_COLUMNS,
     AppendOutcome,
@@ -33,6 +33,7 @@ from .store_base import (
     StreamAppend,
     StreamLoad,
     event_headers,
+    headers_of_event,
 )
 
 __all__ = ["SqliteStore", "SqliteTx"]
@@ -403,7 +404,8 @@ def append_many_in_tx(tx: Tx, items: Sequence[StreamAppend],
                       ) -> list[AppendOutcome]:
     """Append to several streams (each item: stream, records, expected version, topic),
     then store `messages`, inside an open writer transaction: one statement checks
-    every item, one inserts every event, one publishes every message."""
+    every item, one inserts every event, one publishes every event (the outbox), and
+    `messages` follow the events' own messages."""
     if len(items) > _STATE_ITEMS:  # (a statement's parameters are bounded)
         parts = [append_many_in_tx(tx, items[i:i + _STATE_ITEMS], (), snapshots)
                  for i in range(0, len(items), _STATE_ITEMS)]
@@ -418,9 +420,11 @@ def append_many_in_tx(tx: Tx, items: Sequence[StreamAppend],
     known, versions, last = _state(conn, items)
     now = tx.now
     out: list[AppendOutcome] = []
-    rows: list[tuple[Any, ...]] = []
-    published: list[OutMessage] = []
+    events: list[Any] = []  # the rows of tidings_events, one after the other
+    published: list[Any] = []  # those of tidings_messages: each event published
     snaps: list[tuple[str, SnapshotRow]] = []
+    own: dict[str, str] | None = None  # the records' own headers, encoded once while
+    own_json: bytes | None = None      # they are the same (they are, within one save)
     for stream_id, records, expected, topic in items:
         first = known.get(records[0].id)
         if first is not None:
@@ -429,13 +433,22 @@ def append_many_in_tx(tx: Tx, items: Sequence[StreamAppend],
         current = versions.get(stream_id, 0)
         if expected is not None and expected != current:
             raise ConcurrencyError(stream_id, expected, current)
+        n = len(records)
+        topic_id = tx.topic_id(topic)
+        heads: dict[tuple[str, int], bytes] = {}
         for i, r in enumerate(records, 1):
             pos, version = last + i, current + i
-            rows.append((pos, stream_id, version, r.id, r.type, r.type_version, now,
-                         _enc(r.headers) if r.headers else None, r.data))
-            published.append(OutMessage(r.id, topic, stream_id, r.data,
-                                        event_headers(r, stream_id, version, pos), False))
-        n = len(records)
+            h = r.headers
+            if h is not own and h != own:
+                own, own_json, heads = h, (_enc(h) if h else None), {}
+            events += (pos, stream_id, version, r.id, r.type, r.type_version, now, own_json,
+                       r.data)
+            head = heads.get((r.type, r.type_version))
+            if head is None:
+                head = heads[r.type, r.type_version] = _message_head(
+                    h, own_json, r.type, r.type_version, stream_id)
+            published += (0, topic_id, r.id, stream_id, now, head % (version, pos)
+                          if head else _enc(event_headers(r, stream_id, version, pos)), r.data)
         out.append(AppendOutcome(current + n, list(range(last + 1, last + n + 1)), time=now))
         versions[stream_id] = current + n  # a stream may come twice
         last += n
@@ -443,18 +456,44 @@ def append_many_in_tx(tx: Tx, items: Sequence[StreamAppend],
         if snapshot is not None:
             snaps.append((stream_id, snapshot))
     try:
-        insert_rows(conn, _INSERT, rows)
+        insert_values(conn, _INSERT, 9, events)
     except sqlite3.IntegrityError:
         raise EventIdConflict(
             "an event id in this append is already stored (or given twice); give every new "
             "event a new id"
         ) from None
-    published.extend(messages)
-    if published:
-        tx.append(published)
+    if events:
+        start = tx._next_positions(len(events) // 9)  # the messages' log positions
+        published[::7] = range(start, start + len(events) // 9)
+        insert_values(conn, INSERT_MESSAGES, 7, published)
+    if messages:
+        tx.append(messages)
     for stream_id, snapshot in snaps:
         _put_snapshot(conn, stream_id, snapshot)
     return out
+
+
+#: Headers `event_headers` adds; an event's own header with one of these names is
+#: overwritten, which `_message_head` leaves to `event_headers`.
+_EVENT_HEADERS = frozenset(headers_of_event({}, "", 0, "", 0, 0))
+
+
+def _message_head(own: dict[str, str], own_json: bytes | None, type_name: str,
+                  type_version: int, stream_id: str) -> bytes:
+    """The JSON headers of the messages publishing a stream's events of one type, as a
+    template for `% (stream version, event position)`: the same bytes as encoding
+    `event_headers(...)`, with the event's own headers (encoded for its own row
+    already) not encoded again. b'' when an own header has one of the added names."""
+    if own_json is None:
+        start = b"{"
+    elif own.keys().isdisjoint(_EVENT_HEADERS):
+        start = own_json[:-1].replace(b"%", b"%%") + b","
+    else:
+        return b""
+    parts = _enc({"content-type": JSON, "event-type": type_name,
+                  "event-version": str(type_version), "stream-id": stream_id})
+    return (start + parts[1:-1].replace(b"%", b"%%")
+            + b',"stream-version":"%d","event-position":"%d"}')
 
 
 _STATE_ITEMS = 200  # items checked by one statement at most

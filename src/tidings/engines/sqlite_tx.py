@@ -14,12 +14,12 @@ from ..messages import OutMessage, Published
 if TYPE_CHECKING:
     from .sqlite import SqliteEngine
 
-__all__ = ["MSG_COLS", "Tx", "insert_rows"]
+__all__ = ["INSERT_MESSAGES", "MSG_COLS", "Tx", "insert_rows", "insert_values"]
 
 _enc_headers = msgspec.json.Encoder().encode
 
 MSG_COLS = "position, topic_id, id, key, time, headers, data"
-_INSERT_MESSAGES = f"INSERT INTO tidings_messages ({MSG_COLS}) VALUES "
+INSERT_MESSAGES = f"INSERT INTO tidings_messages ({MSG_COLS}) VALUES "
 _ROWS_PER_INSERT = 64
 _insert_sql: dict[tuple[str, int, int], str] = {}
 
@@ -32,17 +32,22 @@ def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any
     back; with the event loop busy on another thread, those trips are what a commit
     waits for, so fewer is faster.
     """
-    if not rows:
-        return
-    width = len(rows[0])
-    for i in range(0, len(rows), _ROWS_PER_INSERT):
-        chunk = rows[i:i + _ROWS_PER_INSERT]
+    if rows:
+        insert_values(conn, head, len(rows[0]), [v for row in rows for v in row])
+
+
+def insert_values(conn: sqlite3.Connection, head: str, width: int, values: list[Any]) -> None:
+    """`insert_rows` of rows given one after the other in one flat list, `width` values
+    each (what a caller that builds rows for SQLite alone can hand over directly)."""
+    step = width * _ROWS_PER_INSERT
+    for i in range(0, len(values), step):
+        chunk = values[i:i + step] if len(values) > step else values
         key = (head, width, len(chunk))
         sql = _insert_sql.get(key)
         if sql is None:
             one = "(" + ", ".join("?" * width) + ")"
-            sql = _insert_sql[key] = head + ", ".join([one] * len(chunk))
-        conn.execute(sql, [v for row in chunk for v in row])
+            sql = _insert_sql[key] = head + ", ".join([one] * (len(chunk) // width))
+        conn.execute(sql, chunk)
 
 
 class Tx:
@@ -67,10 +72,7 @@ class Tx:
     def _next_positions(self, n: int) -> int:
         """Reserve `n` positions; returns the first."""
         if self._position is None:
-            row = self.conn.execute(
-                "SELECT value FROM tidings_meta WHERE name = 'position'"
-            ).fetchone()
-            self._position = int(row[0]) if row else 0
+            self._position = self.engine._head(self.conn)
         first = self._position + 1
         self._position += n
         self._dirty = True
@@ -95,6 +97,12 @@ class Tx:
             ):
                 found[id_] = (position, time_)
         return found
+
+    def topic_id(self, topic: str) -> int:
+        """The id of `topic` (created in this transaction if it is new), for a caller that
+        writes message rows itself at positions it took with `_next_positions`."""
+        self.topics.add(topic)
+        return self.engine._topic_id(self.conn, topic)
 
     def append(self, messages: Sequence[OutMessage]) -> list[Published]:
         """Store messages in this transaction (deduplicating client ids)."""
@@ -144,7 +152,7 @@ class Tx:
                     seen[m.id] = pos
                 out[j] = Published(pos, m.id, False)
                 pos += 1
-            insert_rows(conn, _INSERT_MESSAGES, rows)
+            insert_rows(conn, INSERT_MESSAGES, rows)
             if id_rows:
                 conn.executemany(
                     "INSERT OR REPLACE INTO tidings_message_ids (id, position, time) "
