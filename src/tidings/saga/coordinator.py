@@ -73,6 +73,7 @@ _ENDED_KEPT = 1000  # final states of the sagas that ended here last, for wait()
 #: Seconds after another process started a saga (as this one saw it) before this one
 #: drives it too, if it is unfinished then: its starter drives it, unless it died.
 FOREIGN_GRACE = 10.0
+_ASKED_KEPT = 100_000  # the starts asked for here that _follow tells from foreign ones
 
 
 def check_saga_id(saga_id: object) -> str:
@@ -99,6 +100,10 @@ class Coordinator:
         # stream ids of sagas started here whose `saga.N.started` _follow has not seen
         # yet: it does not drive them (they are driven from their start)
         self._started_here: set[str] = set()
+        # stream ids of the sagas start() was asked for here lately: their start, seen by
+        # _follow, is this process's own (driven at once if nothing drives it, as when
+        # its caller gave up mid-start), not another process's (see FOREIGN_GRACE)
+        self._asked_here: Recent[str, bool] = Recent(_ASKED_KEPT)
         # the final states of the sagas that ended here last (a saga often ends before
         # its starter calls wait(): no need to read it back)
         self._ended: Recent[str, SagaState] = Recent(_ENDED_KEPT)
@@ -159,6 +164,7 @@ class Coordinator:
         given = saga_id is not None
         saga_id = check_saga_id(saga_id) if saga_id is not None else new_id()
         sid = stream_id(defn.name, saga_id)
+        self._asked_here.put(sid, True)
         if given and await self.hub.events.backend.stream_version(sid):
             return saga_id  # started before: starting again is a no-op (and runs nothing)
         # The start and the first step's command commit together; the driver begins
@@ -359,7 +365,13 @@ class Coordinator:
                 if sid in self._started_here:
                     self._started_here.discard(sid)  # driven here from its start
                     continue
-                if sid not in self._runs:
+                if sid in self._runs:
+                    continue
+                if self._asked_here.get(sid):  # this process's own start, driven by none
+                    state = await self.load(name, sid[len(prefix):])
+                    if not state.done:
+                        self.drive(name, sid[len(prefix):])
+                else:
                     foreign.append((self.clock.now() + FOREIGN_GRACE, sid[len(prefix):]))
                     wake.set()
 
