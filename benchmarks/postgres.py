@@ -258,8 +258,17 @@ async def tidings_publish_many(base: str, payloads: list[bytes], n: int) -> floa
 
 
 async def tidings_end_to_end(base: str, payloads: list[bytes], n: int) -> float:
-    """One publisher hub, CONSUMERS consumer hubs on one subscription, every message acked."""
+    """`end_to_end` in a fresh schema of the server at `base` (dropped afterwards)."""
     url = _schema_url(base)
+    try:
+        return await end_to_end(url, payloads, n)
+    finally:
+        await _drop_schema(base, url)
+
+
+async def end_to_end(url: str, payloads: list[bytes], n: int) -> float:
+    """One publisher hub, CONSUMERS consumer hubs on one subscription, every message acked;
+    on any engine's URL (an empty store)."""
     pub = await tidings.connect(url)
     hubs = [await tidings.connect(url) for _ in range(CONSUMERS)]
     try:
@@ -290,7 +299,6 @@ async def tidings_end_to_end(base: str, payloads: list[bytes], n: int) -> float:
     finally:
         for h in [pub, *hubs]:
             await h.close()
-        await _drop_schema(base, url)
 
 
 async def _median(label: str, reps: int, ours: Callable[[], Awaitable[float]],
