@@ -56,6 +56,7 @@ from .postgres import (
     tidings_append_pg,
 )
 from .saga import _throughput, order
+from .saga import seed_shop as seed_hub
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the shop, as saga.py does
 
@@ -167,13 +168,7 @@ async def seed_shop(url: str) -> None:
     """The customers and products of `benchmarks/saga.py`'s shop (ample credit and stock);
     the coordinator processes find the prices in the catalogue."""
     async with await tidings.connect(url) as hub:
-        for i in range(1, 21):
-            c = Customer(f"c-{i}")
-            c.register(10**9)
-            await hub.repository(Customer).save(c)
-            p = Product(f"p-{i}")
-            p.add(10**9, 10)
-            await hub.repository(Product).save(p)
+        await seed_hub(hub)
 
 
 async def _coordinator(url: str, first: int, count: int, clients: int,

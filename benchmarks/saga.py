@@ -25,11 +25,10 @@ from examples.shop.services import PRICES, register_services  # noqa: E402
 TARGETS = {"sqlite": 500.0, "memory": 2000.0}
 
 
-async def setup_shop(hub: tidings.Hub, inline: bool) -> Any:
-    """The shop on `hub` with ample credit and stock (every saga runs all four steps);
-    returns the create-order saga runner."""
-    register_services(hub, inline=inline)
-    for i in range(1, 21):  # ample credit and stock: every saga runs all four steps
+async def seed_shop(hub: tidings.Hub) -> None:
+    """20 customers and 20 products with ample credit and stock: every saga runs all four
+    steps."""
+    for i in range(1, 21):
         c = Customer(f"c-{i}")
         c.register(10**9)
         await hub.repository(Customer).save(c)
@@ -37,6 +36,12 @@ async def setup_shop(hub: tidings.Hub, inline: bool) -> Any:
         p.add(10**9, 10)
         await hub.repository(Product).save(p)
         PRICES[p.id] = 10
+
+
+async def setup_shop(hub: tidings.Hub, inline: bool) -> Any:
+    """The shop on `hub`, seeded (`seed_shop`); returns the create-order saga runner."""
+    register_services(hub, inline=inline)
+    await seed_shop(hub)
     return hub.sagas(create_order)
 
 

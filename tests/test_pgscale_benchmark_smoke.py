@@ -9,21 +9,14 @@ anything is. The benchmark uses the session's PostgreSQL server
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from benchmarks.latency_proxy import LatencyProxy, ProxyProcess
-from tests.pg_plugin import needs
-
-ROOT = Path(__file__).resolve().parent.parent
-ROW_KEYS = {"name", "tidings", "peer_name", "peer", "unit", "ratio", "target"}
+from tests.bench_smoke import needs_pg_peer, run_quick
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -81,24 +74,12 @@ async def test_latency_proxy_forwards_in_order_with_its_delay(
 
 
 def test_pgscale_benchmark_runs(tmp_path: Path, postgres_server: Any) -> None:
-    needs("eventsourcing", reason="the peer library is in the bench extra")
-    needs("psycopg", reason="eventsourcing's PostgreSQL persistence needs psycopg 3")
-    needs("psycopg_pool", reason="eventsourcing's PostgreSQL persistence needs it")
-    results = tmp_path / "latest.json"
-    env = {**os.environ, "COLUMNS": "200", "TMPDIR": str(tmp_path),
-           "TIDINGS_BENCH_POSTGRES_URL": postgres_server.base_url}
-    proc = subprocess.run(
-        [sys.executable, "-W", "error", "-m", "benchmarks", "pgscale", "--quick",
-         "--json", str(results)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=110,
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(results.read_text())
-    rows = report["rows"]
+    needs_pg_peer()
+    rows = run_quick("pgscale", tmp_path, timeout=110,
+                     env={"TIDINGS_BENCH_POSTGRES_URL": postgres_server.base_url})
     assert len(rows) == 7, [r["name"] for r in rows]  # --quick: 2 processes via the proxy only
     assert sorted(r["target"] for r in rows) == [0.5, 0.8, 0.8, 1.0, 1.0, 1.5, 3.0]
     for r in rows:
-        assert ROW_KEYS <= r.keys()
         assert "error" not in r, r
         assert r["tidings"] > 0 and r["peer"] > 0, r
         assert isinstance(r["ratio"], float) and r["ratio"] > 0, r

@@ -125,7 +125,18 @@ class Traffic:
         EngineUnavailable from a fetch or an ack is waited out, until `stop`."""
         hub = await tidings.connect(url, trim_interval=None, **options)
         try:
-            sub = await hub.subscribe(TOPIC, group="g", ack_wait=10.0, max_deliver=1000)
+            since = time.monotonic()
+            while True:  # the server may go away while this consumer is still starting
+                try:
+                    sub = await hub.subscribe(TOPIC, group="g", ack_wait=10.0,
+                                              max_deliver=1000)
+                    break
+                except tidings.EngineUnavailable as exc:
+                    self._failed("subscribe", exc)
+                    if time.monotonic() - since > GUARD:
+                        raise AssertionError(f"consumer {n}: subscribing kept failing for "
+                                             f"{GUARD:g} s: {exc}") from exc
+                    await asyncio.sleep(BACKOFF)
             failing_since: float | None = None
             while not stop.is_set():
                 asked = time.monotonic()
