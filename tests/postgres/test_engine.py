@@ -265,3 +265,27 @@ async def test_bad_data_in_one_grouped_commit_fails_it_alone(postgres_url: str) 
         out = await asyncio.gather(*appends, return_exceptions=True)
         assert isinstance(out[2], tidings.InvalidEvent), out[2]
         assert [type(o).__name__ for i, o in enumerate(out) if i != 2] == ["AppendOutcome"] * 4
+
+
+async def test_reads_and_acks_asked_together_share_a_statement(postgres_url: str) -> None:
+    """Log reads (and acks of several subscriptions) asked for while one is under way go
+    out as one statement; each read still gets exactly its own pattern's messages."""
+    async with await tidings.connect(postgres_url) as hub:
+        for i in range(30):
+            await hub.publish(["rt.a", "rt.b.x", "rt.b.y", "other"][i % 4], i)
+        engine = hub.engine
+        asks = [(p, after, stop, limit) for p in ("rt.a", "rt.>", "rt.b.*", "*", "nothing")
+                for after, stop, limit in [(0, None, 100), (5, 20, 100), (0, None, 3)]]
+        alone = [await engine.read(*a) for a in asks]
+        together = await asyncio.gather(*(engine.read(*a) for a in asks))
+        assert [[(m.position, m.topic, m.data) for m in r] for r in together] == [
+            [(m.position, m.topic, m.data) for m in r] for r in alone]
+        assert [m.topic for m in alone[0]] == ["rt.a"] * 8
+        assert len(alone[2]) == 3 and alone[-1] == []
+        subs = [await hub.subscribe(p, group=f"rt-{i}", start="beginning")
+                for i, p in enumerate(("rt.a", "rt.>"))]
+        got = [await s.fetch(100, wait=1.0) for s in subs]
+        await asyncio.gather(*(m.ack(wait=True) for batch in got for m in batch))
+        infos = {i.pattern: i for i in await engine.subscriptions()}
+        assert infos["rt.a"].pending == 0 and infos["rt.>"].pending == 0
+        assert len(got[0]) == 8 and len(got[1]) == 23

@@ -169,6 +169,8 @@ class PostgresEngine(Engine):
         self._transaction = self.conns.transaction
         # fetches asked for while one is under way share the next statement
         self._fetches = Batched(self.conns, "fetching messages", self._run_fetches, limit=50)
+        self._reads = Batched(self.conns, "reading", self._run_reads, limit=50)
+        self._settles = Batched(self.conns, "settling messages", _run_settles, limit=50)
         self._topic_ids: dict[str, int] = {}
         self._topic_names: dict[int, str] = {}
         self._last_prune = 0.0
@@ -400,14 +402,22 @@ class PostgresEngine(Engine):
                 for p in result]
 
     async def read(self, pattern: str, after: int, stop: int | None, limit: int) -> list[Message]:
-        regex = pattern_regex(pattern)
+        """Shares a statement with the reads asked for meanwhile (followers of the log,
+        such as the saga coordinator's, read after each commit that concerns them)."""
+        got: list[Message] = await self._reads(pattern_regex(pattern), after,
+                                               _FAR if stop is None else stop, limit)
+        return got
 
-        async def op(conn: Any, attempt: Attempt) -> list[Message]:
-            rows = await conn.fetch(self.sql.read, after, _FAR if stop is None else stop,
-                                    limit, regex)
-            return await self._messages(conn, rows)
-
-        return await self._run(op, "reading")
+    async def _run_reads(self, conn: Any, calls: list[tuple[Any, ...]]) -> list[Any]:
+        if len(calls) == 1:
+            regex, after, stop, limit = calls[0]
+            return [await self._messages(conn, await conn.fetch(self.sql.read, after, stop,
+                                                                limit, regex))]
+        parts: list[list[Any]] = [[] for _ in calls]
+        regexes, afters, stops, limits = (list(c) for c in zip(*calls, strict=True))
+        for r in await conn.fetch(self.sql.read_many, regexes, afters, stops, limits):
+            parts[r[0] - 1].append(tuple(r)[1:])
+        return [await self._messages(conn, rows) for rows in parts]
 
     async def last_position(self) -> int:
         async def op(conn: Any, attempt: Attempt) -> int:
@@ -615,15 +625,16 @@ class PostgresEngine(Engine):
         if acks or releases:
             begin = f"{simple}; {begin}"
 
+        if not others:  # the common case: with the others asked for meanwhile, one trip
+            await self._settles(simple)
+            self._notify((), (spec.pattern,))  # room may be free for this process's waiters
+            return
+
         async def op(conn: Any, attempt: Attempt) -> None:
-            if not others:  # the common case: one round trip
-                attempt.sent = True
-                await conn.execute(simple)
-            else:
-                tx = PgTx(self, conn, now, "off")
-                async with self._transaction(conn, attempt, begin):
-                    await self._settle_others(tx, sub_id, spec, others)
-                self._committed(tx)
+            tx = PgTx(self, conn, now, "off")
+            async with self._transaction(conn, attempt, begin):
+                await self._settle_others(tx, sub_id, spec, others)
+            self._committed(tx)
             self._notify((), (spec.pattern,))  # room may be free for this process's waiters
 
         await self._run(op, "settling messages")
@@ -732,3 +743,10 @@ class PostgresEngine(Engine):
         lines = rest.split("\n")
         self._notify([t for t in lines if not t.startswith("~")],
                      [p[1:] for p in lines if p.startswith("~")])
+
+
+async def _run_settles(conn: Any, calls: list[tuple[Any, ...]]) -> list[None]:
+    """Several subscriptions' acks and releases (`Statements.settle_simple`, each a
+    transaction of its own) in one round trip: simple-protocol statements go together."""
+    await conn.execute("; ".join(c[0] for c in calls))
+    return [None] * len(calls)

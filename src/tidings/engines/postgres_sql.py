@@ -442,6 +442,13 @@ class Statements:
 
         # -- reading --------------------------------------------------------------------
         self.read = _scan("$1", "$2", "$4", "$3").replace("{s}", s)
+        # Several reads in one statement: each read's rows, numbered, in order.
+        self.read_many = (
+            "SELECT q.k, r.* FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[]) "
+            "WITH ORDINALITY AS q(regex, after, stop, lim, k) CROSS JOIN LATERAL ("
+            + _scan("q.after", "q.stop", "q.regex", "q.lim").replace("{s}", s)
+            + ") r ORDER BY q.k, r.position"
+        )
         self.last_position = f"SELECT value FROM {meta} WHERE name = 'position'"
         self.bounds = f"SELECT min(position), max(position) FROM {msgs}"
         self.first_at_or_after = (
