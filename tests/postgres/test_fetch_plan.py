@@ -94,7 +94,7 @@ def test_fetch_in_one_statement_plans_as_python_does(postgres_url: str) -> None:
     assert isinstance(engine, PostgresEngine)
     fast_calls = []
 
-    @settings(max_examples=100, deadline=None,
+    @settings(max_examples=250, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(states())
     def check(state: dict[str, Any]) -> None:
