@@ -332,7 +332,7 @@ class Coordinator:
                                       reason=f"saga already {state.status}")],
                         expected_version=state.stream_version, topic=f"saga.{name}.steps")
                 return False
-            run = self.drive(name, saga_id)
+            run = self.drive(name, saga_id, state)  # (from the state just read)
         run.inbox.put_nowait(reply)
         return True
 
@@ -369,8 +369,8 @@ class Coordinator:
                     continue
                 if self._asked_here.get(sid):  # this process's own start, driven by none
                     state = await self.load(name, sid[len(prefix):])
-                    if not state.done:
-                        self.drive(name, sid[len(prefix):])
+                    if not state.done and sid not in self._runs:
+                        self.drive(name, sid[len(prefix):], state)
                 else:
                     foreign.append((self.clock.now() + FOREIGN_GRACE, sid[len(prefix):]))
                     wake.set()
@@ -391,8 +391,8 @@ class Coordinator:
             foreign.popleft()
             if stream_id(name, saga_id) not in self._runs:
                 state = await self.load(name, saga_id)
-                if not state.done:
-                    self.drive(name, saga_id)
+                if not state.done and stream_id(name, saga_id) not in self._runs:
+                    self.drive(name, saga_id, state)
 
     async def _ends(self, name: str) -> None:
         """Tell this process's driver of a saga that another process ended.
