@@ -408,7 +408,8 @@ class PostgresEngine(Engine):
                                                _FAR if stop is None else stop, limit)
         return got
 
-    async def _run_reads(self, conn: Any, calls: list[tuple[Any, ...]]) -> list[Any]:
+    async def _run_reads(self, conn: Any, attempt: Attempt, calls: list[tuple[Any, ...]]
+                         ) -> list[Any]:
         if len(calls) == 1:
             regex, after, stop, limit = calls[0]
             return [await self._messages(conn, await conn.fetch(self.sql.read, after, stop,
@@ -547,7 +548,8 @@ class PostgresEngine(Engine):
             self._notify((), (spec.pattern,))
         return got
 
-    async def _run_fetches(self, conn: Any, calls: list[tuple[Any, ...]]) -> list[Any]:
+    async def _run_fetches(self, conn: Any, attempt: Attempt, calls: list[tuple[Any, ...]]
+                           ) -> list[Any]:
         """Several consumers' fetches in one statement, each its own `tidings_fetch` call,
         in the order of their subscriptions (so that statements locking several take the
         locks in one order everywhere: no deadlock)."""
@@ -745,7 +747,7 @@ class PostgresEngine(Engine):
                      [p[1:] for p in lines if p.startswith("~")])
 
 
-async def _run_settles(conn: Any, calls: list[tuple[Any, ...]]) -> list[None]:
+async def _run_settles(conn: Any, attempt: Attempt, calls: list[tuple[Any, ...]]) -> list[None]:
     """Several subscriptions' acks and releases (`Statements.settle_simple`, each a
     transaction of its own) in one round trip: simple-protocol statements go together."""
     await conn.execute("; ".join(c[0] for c in calls))

@@ -286,17 +286,23 @@ class Connections:
 
 class Batched:
     """Calls that share a statement: those made while one is under way go together in
-    the next, as appends share a commit. `run(conn, calls)` answers the calls (argument
-    tuples, at most `limit`) with one result each, in order, on one connection. Only for
-    what is safe to repeat: a lost connection repeats the statement."""
+    the next, as appends share a commit. `run(conn, attempt, calls)` answers the calls
+    (argument tuples, at most `limit`) on one connection with one result each, in order;
+    an exception as a result is raised to that call alone.
+
+    With `retry` (reads, claims, settles), a lost connection repeats the statement;
+    without (commits), once `run` marked the attempt sent the callers hear that the
+    outcome is unknown. `stopped` is what they hear when the engine stops meanwhile."""
 
     def __init__(self, conns: Connections, what: str,
-                 run: Callable[[Any, list[tuple[Any, ...]]], Awaitable[list[Any]]], *,
-                 limit: int = 200) -> None:
+                 run: Callable[[Any, Attempt, list[tuple[Any, ...]]], Awaitable[list[Any]]], *,
+                 limit: int = 200, retry: bool = True, stopped: str | None = None) -> None:
         self._conns = conns
         self._what = what
         self._run = run
         self._limit = limit
+        self._retry = retry
+        self._stopped = stopped or f"{what} was cut off (the engine is closing); ask again"
         self._queue: list[tuple[Any, ...]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -316,13 +322,12 @@ class Batched:
 
                 async def op(conn: Any, attempt: Attempt,
                              calls: list[tuple[Any, ...]] = calls) -> list[Any]:
-                    return await self._run(conn, calls)
+                    return await self._run(conn, attempt, calls)
 
                 try:
-                    results = await self._conns.run(op, self._what)
+                    results = await self._conns.run(op, self._what, retry=self._retry)
                 except BaseException as exc:
-                    err = exc if isinstance(exc, Exception) else EngineUnavailable(
-                        f"{self._what} was cut off (the engine is closing); ask again")
+                    err = exc if isinstance(exc, Exception) else EngineUnavailable(self._stopped)
                     for fut in futs:
                         if not fut.done():
                             fut.set_exception(err)
@@ -330,7 +335,11 @@ class Batched:
                         raise
                     continue
                 for fut, result in zip(futs, results, strict=True):
-                    if not fut.done():
+                    if fut.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        fut.set_exception(result)
+                    else:
                         fut.set_result(result)
         finally:
             self._flusher = None

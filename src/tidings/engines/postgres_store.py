@@ -24,7 +24,6 @@ savepoint, so a failing handler's writes are undone alone.
 
 from __future__ import annotations
 
-import asyncio
 import time as _time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -459,26 +458,6 @@ _STOPPED = ("the event store stopped during the append; its outcome is unknown: 
             "(its event ids make a retry safe)")
 
 
-def _fail_all(futs: Sequence[asyncio.Future[Any]], exc: BaseException) -> None:
-    """Tell every appender of a group that its transaction failed (a cancellation or
-    another BaseException: that the store stopped, outcome unknown)."""
-    err = exc if isinstance(exc, Exception) else EngineUnavailable(_STOPPED)
-    for fut in futs:
-        if not fut.done():
-            fut.set_exception(err)
-
-
-def _answer_all(futs: Sequence[asyncio.Future[Any]], results: Sequence[Any]) -> None:
-    """Give each appender of a committed group its outcome (or its own error)."""
-    for fut, r in zip(futs, results, strict=True):
-        if fut.done():
-            continue
-        if isinstance(r, BaseException):
-            fut.set_exception(r)
-        else:
-            fut.set_result(r)
-
-
 class PostgresStore(StoreBackend):
     engine: PostgresEngine
 
@@ -487,11 +466,10 @@ class PostgresStore(StoreBackend):
         self._sql = _Sql(engine.sql.schema)
         self._created = False
         # Group commit: appends and batches queued while a commit is under way share the
-        # next one.
-        self._batches: list[tuple[Any, ...]] = []
-        self._batch_flusher: asyncio.Task[None] | None = None
-        # The same for stream reads and loads: those asked for while one is under way
-        # share the next round trip.
+        # next one (never repeated: a lost connection leaves its outcome unknown). The
+        # same for stream reads and loads: those asked for meanwhile share a round trip.
+        self._commits = Batched(engine.conns, "appending events", self._run_commits,
+                                limit=_GROUP, retry=False, stopped=_STOPPED)
         self._read_streams = Batched(engine.conns, "reading streams", self._run_reads)
         self._loads = Batched(engine.conns, "loading streams", self._run_loads)
 
@@ -552,54 +530,29 @@ class PostgresStore(StoreBackend):
         id fails its own batch alone."""
         self._check_not_holding()
         await self._ready()
-        fut: asyncio.Future[list[AppendOutcome]] = asyncio.get_running_loop().create_future()
-        self._batches.append((items, messages, snapshots or {}, fut))
-        if self._batch_flusher is None:
-            self._batch_flusher = asyncio.ensure_future(self._flush_batches())
-        return await fut
+        out: list[AppendOutcome] = await self._commits(items, messages, snapshots or {})
+        return out
 
-    async def _flush_batches(self) -> None:
-        """Commit the queued batches, up to `_GROUP` per statement, one statement at a time
-        (the log's lock would make a second one wait anyway)."""
+    async def _run_commits(self, conn: Any, attempt: Attempt, calls: list[tuple[Any, ...]]
+                           ) -> list[Any]:
+        """Up to `_GROUP` queued batches in one `tidings_commit`; when the database refused
+        the statement on data the checks did not foresee, each batch alone, so that only
+        the offender fails."""
         try:
-            while self._batches:
-                group, self._batches = self._batches[:_GROUP], self._batches[_GROUP:]
-                futs = [item[-1] for item in group]
-                try:
-                    results = await self._commit(group)
-                except _Refused as refused:
-                    if len(group) == 1:
-                        results = [refused.error(group[0][0])]
-                    else:  # something only the database saw: each batch alone finds whose
-                        results = await self._commit_each(group)
-                except BaseException as exc:
-                    _fail_all(futs, exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                _answer_all(futs, results)
-        finally:
-            self._batch_flusher = None
-            if self._batches:  # queued while we were finishing
-                self._batch_flusher = asyncio.ensure_future(self._flush_batches())
-
-    async def _commit_each(self, group: list[tuple[Any, ...]]) -> list[Any]:
+            return await self._commit(conn, attempt, calls)
+        except _Refused as refused:
+            if len(calls) == 1:
+                return [refused.error(calls[0][0])]
         results: list[Any] = []
-        try:
-            for item in group:
-                try:
-                    results.extend(await self._commit([item]))
-                except _Refused as refused:
-                    results.append(refused.error(item[0]))
-                except Exception as exc:
-                    results.append(exc)
-        except BaseException:
-            _fail_all([item[-1] for item in group[len(results):]],
-                      EngineUnavailable(_STOPPED))
-            raise
+        for call in calls:
+            try:
+                results.extend(await self._commit(conn, attempt, [call]))
+            except _Refused as refused:
+                results.append(refused.error(call[0]))
         return results
 
-    async def _commit(self, group: Sequence[tuple[Any, ...]]) -> list[Any]:
+    async def _commit(self, conn: Any, attempt: Attempt, group: Sequence[tuple[Any, ...]]
+                      ) -> list[Any]:
         """One `tidings_commit` call for `group`; per batch its outcomes or its error."""
         engine = self.engine
         streams: list[StreamAppend] = []
@@ -620,7 +573,7 @@ class PostgresStore(StoreBackend):
         n_data: list[bytes | None] = []
         m_batch: list[int] = []
         plain: list[OutMessage] = []
-        for b, (items, msgs, snaps, _) in enumerate(group, 1):
+        for b, (items, msgs, snaps) in enumerate(group, 1):
             for item in items:
                 sid, recs, _, _ = item
                 streams.append(item)
@@ -648,31 +601,27 @@ class PostgresStore(StoreBackend):
         now = round(_time.time(), 6)
         horizon = now - engine.dedup_window
 
-        async def op(conn: Any, attempt: Attempt) -> list[Any]:
-            tids = await engine._resolve_topics(conn, names, None)
-            attempt.sent = True
-            try:
-                rows = await conn.fetch(
-                    self._sql.commit, now, engine._sync, engine._channel, engine.payload(names),
-                    horizon, len(group), s_batch, [i[0] for i in streams],
-                    [i[1][0].id if i[1] else None for i in streams], s_prev,
-                    [i[2] for i in streams], [tids[i[3]] for i in streams],
-                    [len(i[1]) for i in streams], e_item, e_k, e_id, e_type, e_tv, e_headers,
-                    e_data, e_prefix, n_version, n_schema, n_time, n_data, m_batch,
-                    [tids[m.topic] for m in plain], [m.id for m in plain],
-                    [m.key for m in plain],
-                    [_enc(m.headers) if m.headers else None for m in plain],
-                    [m.data for m in plain], [m.client_id for m in plain])
-            except Exception as exc:
-                if _refusal(exc):
-                    raise _Refused(exc) from None
-                raise
-            if now - engine._last_prune > 10.0:  # forget client ids past the dedup window
-                engine._last_prune = now
-                await conn.execute(engine.sql.prune_ids, horizon)
-            return list(rows)
-
-        rows = await engine._run(op, "appending events", retry=False)
+        tids = await engine._resolve_topics(conn, names, None)
+        attempt.sent = True
+        try:
+            rows = await conn.fetch(
+                self._sql.commit, now, engine._sync, engine._channel, engine.payload(names),
+                horizon, len(group), s_batch, [i[0] for i in streams],
+                [i[1][0].id if i[1] else None for i in streams], s_prev,
+                [i[2] for i in streams], [tids[i[3]] for i in streams],
+                [len(i[1]) for i in streams], e_item, e_k, e_id, e_type, e_tv, e_headers,
+                e_data, e_prefix, n_version, n_schema, n_time, n_data, m_batch,
+                [tids[m.topic] for m in plain], [m.id for m in plain],
+                [m.key for m in plain],
+                [_enc(m.headers) if m.headers else None for m in plain],
+                [m.data for m in plain], [m.client_id for m in plain])
+        except Exception as exc:
+            if _refusal(exc):
+                raise _Refused(exc) from None
+            raise
+        if now - engine._last_prune > 10.0:  # forget client ids past the dedup window
+            engine._last_prune = now
+            await conn.execute(engine.sql.prune_ids, horizon)
         results: list[Any] = [[] for _ in group]
         stored = False
         for b, item, kind, a, v, t in rows:
@@ -711,7 +660,8 @@ class PostgresStore(StoreBackend):
         rows: list[EventRow] = await self._read_streams(stream_id, from_version, stop, limit)
         return rows
 
-    async def _run_reads(self, conn: Any, calls: list[tuple[Any, ...]]) -> list[Any]:
+    async def _run_reads(self, conn: Any, attempt: Attempt, calls: list[tuple[Any, ...]]
+                         ) -> list[Any]:
         if len(calls) == 1:
             return [[tuple(r) for r in await conn.fetch(self._sql.read_stream, *calls[0])]]
         out: list[list[EventRow]] = [[] for _ in calls]
@@ -764,7 +714,8 @@ class PostgresStore(StoreBackend):
         loaded: StreamLoad = await self._loads(stream_id, schema, to_version, as_of)
         return loaded
 
-    async def _run_loads(self, conn: Any, calls: list[tuple[Any, ...]]) -> list[Any]:
+    async def _run_loads(self, conn: Any, attempt: Attempt, calls: list[tuple[Any, ...]]
+                         ) -> list[Any]:
         if len(calls) == 1:
             return [_stream_load(await conn.fetch(self._sql.load, *calls[0]))]
         sids, schemas, tos, asofs = (list(c) for c in zip(*calls, strict=True))
