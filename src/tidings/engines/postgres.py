@@ -623,14 +623,13 @@ class PostgresEngine(Engine):
         acks, releases, others = split_settles(items)  # as in fetch
         wake = (self._channel, self.payload((), spec.pattern))
         simple = self.sql.settle_simple(sub_id, acks, releases, now, wake)
-        begin = self.sql.begin_claim(sub_id, lock=True, notify=wake)
-        if acks or releases:
-            begin = f"{simple}; {begin}"
-
         if not others:  # the common case: with the others asked for meanwhile, one trip
             await self._settles(simple)
             self._notify((), (spec.pattern,))  # room may be free for this process's waiters
             return
+        begin = self.sql.begin_claim(sub_id, lock=True, notify=wake)
+        if acks or releases:
+            begin = f"{simple}; {begin}"
 
         async def op(conn: Any, attempt: Attempt) -> None:
             tx = PgTx(self, conn, now, "off")

@@ -368,9 +368,7 @@ class Coordinator:
                 if sid in self._runs:
                     continue
                 if self._asked_here.get(sid):  # this process's own start, driven by none
-                    state = await self.load(name, sid[len(prefix):])
-                    if not state.done and sid not in self._runs:
-                        self.drive(name, sid[len(prefix):], state)
+                    await self._take_on(name, sid[len(prefix):])
                 else:
                     foreign.append((self.clock.now() + FOREIGN_GRACE, sid[len(prefix):]))
                     wake.set()
@@ -389,10 +387,15 @@ class Coordinator:
                 await self.clock.sleep_until(due)
                 continue
             foreign.popleft()
-            if stream_id(name, saga_id) not in self._runs:
-                state = await self.load(name, saga_id)
-                if not state.done and stream_id(name, saga_id) not in self._runs:
-                    self.drive(name, saga_id, state)
+            await self._take_on(name, saga_id)
+
+    async def _take_on(self, name: str, saga_id: str) -> None:
+        """Drive the saga here, from its stored state, unless it is done or driven here."""
+        if stream_id(name, saga_id) in self._runs:
+            return
+        state = await self.load(name, saga_id)
+        if not state.done and stream_id(name, saga_id) not in self._runs:
+            self.drive(name, saga_id, state)
 
     async def _ends(self, name: str) -> None:
         """Tell this process's driver of a saga that another process ended.
