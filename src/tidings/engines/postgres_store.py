@@ -54,7 +54,7 @@ from .store_base import (
     StoreTx,
     StreamAppend,
     StreamLoad,
-    headers_of_event,
+    event_headers_open,
 )
 
 __all__ = ["EVENTSTORE_MIGRATIONS", "PostgresStore", "PostgresTx"]
@@ -588,7 +588,8 @@ class PostgresStore(StoreBackend):
                     e_tv.append(r.type_version)
                     e_headers.append(_enc(r.headers) if r.headers else None)
                     e_data.append(r.data)
-                    e_prefix.append(_prefix(r, sid))
+                    e_prefix.append(event_headers_open(r.headers, r.type, r.type_version,
+                                                       sid))
                 snap = snaps.get(sid)
                 n_version.append(None if snap is None else snap.version)
                 n_schema.append(None if snap is None else snap.schema)
@@ -760,14 +761,6 @@ class PostgresStore(StoreBackend):
 
 async def _put_snapshot(sql: _Sql, conn: Any, stream_id: str, s: SnapshotRow) -> None:
     await conn.execute(sql.put_snapshot, stream_id, s.version, s.schema, s.time, s.data)
-
-
-def _prefix(r: NewRecord, stream_id: str) -> bytes:
-    """The headers of the message publishing `r` as JSON, open at the end: the database
-    adds its stream version and position (`tidings_commit`)."""
-    h = headers_of_event(r.headers, r.type, r.type_version, stream_id, 0, 0)
-    del h["stream-version"], h["event-position"]
-    return _enc(h)[:-1] + b","
 
 
 def _refusal(exc: BaseException) -> bool:

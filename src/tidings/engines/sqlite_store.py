@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from ..errors import ConcurrencyError, EventIdConflict, InvalidArgument
-from ..messages import JSON, OutMessage
+from ..messages import OutMessage
 from .base import HOLDING_WRITER
 from .sqlite import SqliteEngine
 from .sqlite_tx import INSERT_MESSAGES, Tx, insert_values
@@ -32,8 +32,7 @@ from .store_base import (
     StoreTx,
     StreamAppend,
     StreamLoad,
-    event_headers,
-    headers_of_event,
+    event_headers_open,
 )
 
 __all__ = ["SqliteStore", "SqliteTx"]
@@ -444,11 +443,11 @@ def append_many_in_tx(tx: Tx, items: Sequence[StreamAppend],
             events += (pos, stream_id, version, r.id, r.type, r.type_version, now, own_json,
                        r.data)
             head = heads.get((r.type, r.type_version))
-            if head is None:
-                head = heads[r.type, r.type_version] = _message_head(
-                    h, own_json, r.type, r.type_version, stream_id)
-            published += (0, topic_id, r.id, stream_id, now, head % (version, pos)
-                          if head else _enc(event_headers(r, stream_id, version, pos)), r.data)
+            if head is None:  # a template: `% (stream version, event position)`
+                head = heads[r.type, r.type_version] = event_headers_open(
+                    h, r.type, r.type_version, stream_id).replace(b"%", b"%%") + (
+                    b'"stream-version":"%d","event-position":"%d"}')
+            published += (0, topic_id, r.id, stream_id, now, head % (version, pos), r.data)
         out.append(AppendOutcome(current + n, list(range(last + 1, last + n + 1)), time=now))
         versions[stream_id] = current + n  # a stream may come twice
         last += n
@@ -471,29 +470,6 @@ def append_many_in_tx(tx: Tx, items: Sequence[StreamAppend],
     for stream_id, snapshot in snaps:
         _put_snapshot(conn, stream_id, snapshot)
     return out
-
-
-#: Headers `event_headers` adds; an event's own header with one of these names is
-#: overwritten, which `_message_head` leaves to `event_headers`.
-_EVENT_HEADERS = frozenset(headers_of_event({}, "", 0, "", 0, 0))
-
-
-def _message_head(own: dict[str, str], own_json: bytes | None, type_name: str,
-                  type_version: int, stream_id: str) -> bytes:
-    """The JSON headers of the messages publishing a stream's events of one type, as a
-    template for `% (stream version, event position)`: the same bytes as encoding
-    `event_headers(...)`, with the event's own headers (encoded for its own row
-    already) not encoded again. b'' when an own header has one of the added names."""
-    if own_json is None:
-        start = b"{"
-    elif own.keys().isdisjoint(_EVENT_HEADERS):
-        start = own_json[:-1].replace(b"%", b"%%") + b","
-    else:
-        return b""
-    parts = _enc({"content-type": JSON, "event-type": type_name,
-                  "event-version": str(type_version), "stream-id": stream_id})
-    return (start + parts[1:-1].replace(b"%", b"%%")
-            + b',"stream-version":"%d","event-position":"%d"}')
 
 
 _STATE_ITEMS = 200  # items checked by one statement at most

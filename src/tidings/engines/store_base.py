@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import msgspec
+
 from .. import topics as _topics
 from ..errors import InvalidTopic
 from ..messages import JSON, OutMessage, encode_data, new_id
@@ -37,11 +39,13 @@ __all__ = [
     "StreamAppend",
     "StreamLoad",
     "event_headers",
+    "event_headers_open",
     "headers_of_event",
     "out_message",
 ]
 
 T = TypeVar("T")
+_enc_json = msgspec.json.Encoder().encode
 
 #: Column order of an `EventRow` (also the SQL column order).
 EVENT_COLUMNS = "position, stream_id, version, id, type, type_version, time, headers, data"
@@ -293,6 +297,17 @@ def headers_of_event(own: dict[str, str], type: str, type_version: int, stream_i
     return {**own, "content-type": JSON, "event-type": type,
             "event-version": str(type_version), "stream-id": stream_id,
             "stream-version": str(version), "event-position": str(position)}
+
+
+def event_headers_open(own: dict[str, str], type: str, type_version: int,
+                       stream_id: str) -> bytes:
+    """`event_headers` as JSON without the stream version and the event position, open at
+    the end: for an engine that learns those late (in the database, or per row) and
+    appends `"stream-version":"V","event-position":"P"}`. The same bytes as encoding
+    `event_headers` whole, own headers with the added names included."""
+    h = headers_of_event(own, type, type_version, stream_id, 0, 0)
+    del h["stream-version"], h["event-position"]
+    return _enc_json(h)[:-1] + b","
 
 
 def out_message(topic: str, data: object, key: str | None,
