@@ -22,6 +22,7 @@ import contextlib
 import sys
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = ["LatencyProxy", "ProxyProcess", "via"]
@@ -42,24 +43,31 @@ def upstream_of(url: str) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or 5432
 
 
-class LatencyProxy:
-    """Forwards connections on a free port of 127.0.0.1 to `host:port`, `delay` s each way."""
+class _Proxy:
+    """What both proxies share: where they forward to, the delay, their port once started."""
 
     def __init__(self, host: str, port: int, delay: float = 0.001) -> None:
         self.upstream = (host, port)
         self.delay = delay
         self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[object]] = set()
 
     @classmethod
-    def to(cls, url: str, delay: float = 0.001) -> LatencyProxy:
+    def to(cls, url: str, delay: float = 0.001) -> Self:
         """A proxy in front of the server of a database URL."""
         return cls(*upstream_of(url), delay)
 
     def url(self, url: str) -> str:
         """`url` with its host and port replaced by the proxy's."""
         return via(url, self.port)
+
+
+class LatencyProxy(_Proxy):
+    """Forwards connections on a free port of 127.0.0.1 to `host:port`, `delay` s each way."""
+
+    def __init__(self, host: str, port: int, delay: float = 0.001) -> None:
+        super().__init__(host, port, delay)
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[object]] = set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -136,23 +144,12 @@ class LatencyProxy:
                 await reader
 
 
-class ProxyProcess:
+class ProxyProcess(_Proxy):
     """A `LatencyProxy` in a child process; it exits with this object (or its parent)."""
 
     def __init__(self, host: str, port: int, delay: float = 0.001) -> None:
-        self.upstream = (host, port)
-        self.delay = delay
-        self.port = 0
+        super().__init__(host, port, delay)
         self._proc: asyncio.subprocess.Process | None = None
-
-    @classmethod
-    def to(cls, url: str, delay: float = 0.001) -> ProxyProcess:
-        """A proxy process in front of the server of a database URL."""
-        return cls(*upstream_of(url), delay)
-
-    def url(self, url: str) -> str:
-        """`url` with its host and port replaced by the proxy's."""
-        return via(url, self.port)
 
     async def start(self) -> None:
         host, port = self.upstream
