@@ -153,3 +153,36 @@ async def test_flush_says_when_acks_could_not_be_recorded(tmp_path: Path) -> Non
             await sub.flush()  # and the ack is still there to try again
     finally:
         await hub.close()
+
+
+@pytest.mark.parametrize("engine", ["memory", "sqlite"])
+async def test_a_handler_stopped_mid_message_hands_it_back_unspent(
+        tmp_path: Path, engine: str) -> None:
+    """Stopping `hub.run()` while a subscriber handles a message on its last attempt
+    neither spends the attempt nor dead-letters it: the message is handed back and the
+    next run handles it."""
+    url = "memory://" if engine == "memory" else f"sqlite:///{tmp_path}/stop.db"
+    async with await tidings.connect(url) as hub:
+        started, done = asyncio.Event(), asyncio.Event()
+        seen: list[int] = []
+
+        @hub.subscriber("w.x", group="w", max_deliver=1, dead_letter="$dlq.w")
+        async def handle(msg: tidings.Message) -> None:
+            seen.append(msg.attempt)
+            if len(seen) == 1:
+                started.set()
+                await asyncio.Event().wait()  # the first time: until stopped
+            done.set()
+
+        await hub.publish("w.x", b"job")
+        run = asyncio.create_task(hub.run())
+        await asyncio.wait_for(started.wait(), GUARD)
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        assert [m async for m in hub.read("$dlq.w")] == []
+        run = asyncio.create_task(hub.run())
+        await asyncio.wait_for(done.wait(), GUARD)
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        assert seen == [1, 1]  # the stopped attempt was not counted
+        assert [m async for m in hub.read("$dlq.w")] == []

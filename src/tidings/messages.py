@@ -237,6 +237,11 @@ class Message:
         if stored is not None:
             await stored
 
+    def _hand_back(self) -> None:
+        """Give the message back unseen (its handler was stopped, not failed): not an
+        attempt, due again at once; what `Subscription.close` does with prefetched ones."""
+        self._do("release", None, False)
+
     async def nack(self, delay: float | None = None, wait: bool = False) -> None:
         """Ask for redelivery after `delay` seconds (counts as an attempt).
 

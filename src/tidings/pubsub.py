@@ -85,8 +85,10 @@ class Subscription:
                                   "a subscription delivered them")
         self._settles.append(Settle(position, kind, delay, reason,  # type: ignore[arg-type]
                                     error))
-        n = self._counts.acked if kind == "ack" else self._counts.settled(msg, self.spec, kind)
-        n[msg.topic] = n.get(msg.topic, 0) + 1  # (metrics: a dict increment per ack)
+        if kind != "release":  # (a message handed back was not settled by the application)
+            n = (self._counts.acked if kind == "ack"
+                 else self._counts.settled(msg, self.spec, kind))
+            n[msg.topic] = n.get(msg.topic, 0) + 1  # (metrics: a dict increment per ack)
         if self.telemetry is not None:
             self.telemetry.settle(msg, self.spec.group, kind)
         waiter: asyncio.Future[None] | None = None
@@ -343,7 +345,7 @@ class Handler:
                     return
             await self.fn(arg)
         except asyncio.CancelledError:
-            await msg.nack(0.0)  # stopped, not failed: no backoff step
+            msg._hand_back()  # stopped, not failed: no attempt spent, never dead-lettered
             raise
         except Exception as exc:
             if span is not None and self.telemetry is not None:

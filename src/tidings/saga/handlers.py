@@ -155,7 +155,7 @@ class CommandHandler:
             else:
                 await msg.term(reason=dead[0], error=dead[1])
         except asyncio.CancelledError:
-            await msg.nack(0.0)  # stopped, not failed: no backoff step
+            msg._hand_back()  # stopped, not failed: no attempt spent, never dead-lettered
             raise
         except Exception:
             log.exception("handler for %s failed to settle position %d", self.command,
