@@ -183,8 +183,18 @@ async def test_types_of_the_same_name_get_schemas_of_their_own(hub: tidings.Hub)
     assert "lines" in a["properties"] and "total" in b["properties"]
 
 
+class _Opaque:  # a class msgspec can hold but not describe in a JSON schema
+    pass
+
+
+@dataclasses.dataclass
+class _HoldsOpaque:
+    thing: _Opaque
+
+
 @pytest.mark.parametrize(("args", "kwargs", "says"), [
     (("orders.*",), {}, "not a pattern"),
+    (("t", _HoldsOpaque), {}, "payload_type _HoldsOpaque has no JSON schema"),
     (("orders.>",), {}, "not a pattern"),
     (("",), {}, "topic"),
     (("bad topic",), {}, "topic"),
@@ -199,6 +209,7 @@ async def test_bad_declarations_are_refused(hub: tidings.Hub, args: tuple[Any, .
     with pytest.raises(tidings.InvalidArgument, match=says):
         hub.publishes(*args, **kwargs)
     assert hub.published_topics == ()
+    check(hub.asyncapi())  # and the document is still whole
 
 
 async def test_a_topic_declared_twice_differently_is_refused(hub: tidings.Hub) -> None:

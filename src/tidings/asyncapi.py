@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from . import topics as _topics
 from .errors import InvalidArgument
-from .inputs import decodable, input_schema, is_input_type
+from .inputs import check_schema, decodable, input_schema, is_input_type
 from .messages import Message
 
 if TYPE_CHECKING:
@@ -117,6 +117,8 @@ def declare(topic: object, payload_type: object = None,
             f"publishes({topic!r}): payload_type must be a msgspec Struct, a dataclass, a "
             f"pydantic model, a JSON type (dict, list, int, ...), str or bytes, got "
             f"{payload_type!r}")
+    if payload_type is not None and payload_type is not bytes and payload_type is not str:
+        check_schema(payload_type, f"publishes({topic!r}): payload_type")
     if description is not None and (not isinstance(description, str)
                                     or len(description) > MAX_DESCRIPTION):
         raise InvalidArgument(f"publishes({topic!r}): description must be a str of at most "

@@ -62,12 +62,19 @@ def check_input_type(tp: object, what: str) -> type[Any]:
             f"{what}: input= must be {KINDS} (its instances JSON objects), got {tp!r}"
         )
     assert isinstance(tp, type)
-    try:  # now, not on the first request for the OpenAPI document
+    check_schema(tp, f"{what}: input=")
+    return tp
+
+
+def check_schema(tp: Any, what: str) -> None:
+    """InvalidArgument (`what` names the argument) unless `tp` has a JSON schema: checked
+    when the type is given, not on the first request for a document that shows it."""
+    try:
         input_schema(tp, "check.")
     except Exception as exc:  # noqa: BLE001 - msgspec/pydantic say why in their own words
-        raise InvalidArgument(f"{what}: input= {tp.__name__} has no JSON schema ({exc}); give "
-                              "its fields JSON types (or types msgspec/pydantic know)") from None
-    return tp
+        raise InvalidArgument(f"{what} {getattr(tp, '__name__', tp)} has no JSON schema "
+                              f"({exc}); give its fields JSON types (or types "
+                              "msgspec/pydantic know)") from None
 
 
 def decodable(tp: object) -> bool:
