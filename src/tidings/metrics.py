@@ -18,7 +18,7 @@ message, saga or stream id is ever a label.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -248,11 +248,12 @@ def counted(c: Counters) -> MetricsSnapshot:
     )
 
 
-def waiting_dead_letters(topics: Iterable[TopicInfo]) -> dict[str, int]:
-    """Per group: messages in `$dlq.<group>` less those redriven (one `$rdv.<group>`
-    marker each, see redrive.py)."""
-    sizes = {t.topic: t.messages for t in topics}
-    return {topic[len("$dlq."):]: max(0, n - sizes.get("$rdv." + topic[len("$dlq."):], 0))
+def waiting_dead_letters(sizes: Mapping[str, int]) -> dict[str, int]:
+    """Per group: messages in `$dlq.<group>` less those redriven (one marker each in
+    `redrive.marker_topic(group)`), from the messages per topic."""
+    from .redrive import marker_topic
+
+    return {topic[5:]: max(0, n - sizes.get(marker_topic(topic[5:]), 0))
             for topic, n in sizes.items() if topic.startswith("$dlq.")}
 
 
@@ -265,7 +266,8 @@ async def snapshot(hub: Hub) -> MetricsSnapshot:
     subs = await hub.engine.subscriptions()
     snap.topics.extend(topics)
     snap.subscriptions.extend(subs)
-    snap.dead_letters_waiting.update(waiting_dead_letters(topics))
+    snap.dead_letters_waiting.update(waiting_dead_letters({t.topic: t.messages
+                                                           for t in topics}))
     try:
         statuses = await hub.projections.statuses()
     except TidingsError:  # no event store on this engine

@@ -28,7 +28,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..engines.base import Engine, SubscriptionInfo
 from ..errors import ClosedError
-from ..redrive import marker_topic
+from ..metrics import waiting_dead_letters
 from ..saga.runner import SagaRunner
 from .commands import TERMINAL, listing, lookup, outcome
 from .history import LATENCY_BUCKETS, Figures, History
@@ -186,11 +186,9 @@ class Dashboard:
                   "last_position": t["last_position"],
                   "rate": round(point["published"].get(t["topic"], 0) / dt, 1)}
                  for t in topics if not t["topic"].startswith("$")]
-        # per group: its dead letters less those redriven (one marker each, see redrive.py)
-        dead = [{"topic": t["topic"], "group": t["topic"][len("$dlq."):],
-                 "messages": max(0, t["messages"] - counts.get(
-                     marker_topic(t["topic"][len("$dlq."):]), 0))}
-                for t in topics if t["topic"].startswith("$dlq.")]
+        # per group: its dead letters less those redriven (the figure /metrics shows)
+        dead = [{"topic": f"$dlq.{group}", "group": group, "messages": n}
+                for group, n in waiting_dead_letters(counts).items()]
         return {
             "time": time.time(),
             "topics": shown,
