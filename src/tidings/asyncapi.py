@@ -6,7 +6,7 @@ annotation), each `@hub.handler` (a `receive` operation on its command topic,
 replying wherever the command's `reply-to` header points), each topic declared
 with `hub.publishes` (a `send` operation), and each saga's commands and their
 compensations (`send` operations whose AsyncAPI `reply` is the saga's reply
-topic `saga.<name>.replies`) and its start (the `SagaStarted` event on
+topic `saga.<name>.replies.{coordinator}`) and its start (the `SagaStarted` event on
 `saga.<name>.started`, whose `data` is the saga's input). Payload schemas come from `inputs.input_schema`,
 named under `components.schemas`, so every `$ref` resolves inside the document.
 
@@ -286,6 +286,28 @@ class _Builder:
         self._channel_ids[pattern] = cid
         return cid
 
+    def saga_replies(self, saga: str) -> str:
+        """The channel replies to saga `saga`'s commands come back on: the sending
+        coordinator's own topic (its id the address's last token)."""
+        pattern = f"saga.{saga}.replies.*"
+        found = self._channel_ids.get(pattern)
+        if found is not None:
+            return found
+        cid = _unique(_safe(f"saga.{saga}.replies"), self.channels)
+        self.channels[cid] = {
+            "address": f"saga.{saga}.replies.{{coordinator}}",
+            "parameters": {"coordinator": {
+                "description": "the id of the coordinator that sent the command: each "
+                               "reads its own replies"}},
+            "x-tidings-pattern": pattern,
+            "description": f"replies to the commands of saga {saga}, on the topic the "
+                           "command's reply-to header names (saga.<name>.replies itself "
+                           "is read too, by all the coordinators together)",
+            "messages": {},
+        }
+        self._channel_ids[pattern] = cid
+        return cid
+
     def attach(self, cid: str, mid: str) -> dict[str, str]:
         """Put message `mid` on channel `cid`; the reference an operation uses for it."""
         self.channels[cid]["messages"].setdefault(mid, _ref("components", "messages", mid))
@@ -415,8 +437,7 @@ class _Builder:
                 "messages": [self.attach(started, self.saga_started(saga))],
                 "x-tidings-saga": saga.name,
             })
-            reply_cid = self.channel(f"saga.{saga.name}.replies",
-                                     f"replies to the commands of saga {saga.name}")
+            reply_cid = self.saga_replies(saga.name)
             for i, step in enumerate(saga.steps):
                 for kind, command in (("action", step.command),
                                       ("compensation", step.compensation)):
@@ -443,7 +464,7 @@ class _Builder:
             else:  # what the sagas here send it, else any object
                 mids = list(self.channels[cid]["messages"]) or [self.command(None)]
             reply_cid = self.channel(None, "the topic a command's reply-to header names "
-                                           "(a saga's saga.<name>.replies)")
+                                           "(a saga's saga.<name>.replies.<coordinator>)")
             self.operation(f"handle.{h.command}", {
                 "action": "receive", "channel": _ref("channels", cid),
                 "summary": f"{_name(h.fn)} handles the command (group {h.group})",

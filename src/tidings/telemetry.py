@@ -87,6 +87,15 @@ def _saga_attributes(h: Mapping[str, str], attrs: dict[str, Any]) -> None:
         attrs["tidings.saga.attempt"] = int(attempt)
 
 
+def span_topic(topic: str) -> str:
+    """A topic as span names carry it: a coordinator's own reply topic,
+    `saga.N.replies.<coordinator>`, as `saga.N.replies` (span names must not grow a new
+    name per process; `messaging.destination.name` keeps the whole topic)."""
+    if topic.startswith("saga.") and ".replies." in topic:
+        return topic.rpartition(".")[0]
+    return topic
+
+
 class _Current:
     """A span made current until the block ends, then ended (what the tracer's
     `start_as_current_span` does, for a fraction of its cost on the hot paths)."""
@@ -196,7 +205,8 @@ class Telemetry:
         links = [self._link(self._trace.get_current_span(
             self.extract(m.headers or {})).get_span_context())
             for m in carried] if carried else None
-        span = self.tracer.start_span(f"send {topic}", kind=self._producer, attributes=attrs,
+        span = self.tracer.start_span(f"send {span_topic(topic)}", kind=self._producer,
+                                      attributes=attrs,
                                       links=links)
         own: dict[str, str] = {}
         self._propagator.inject(own, context=self._trace.set_span_in_context(span))
@@ -230,7 +240,7 @@ class Telemetry:
             }
             if "saga-id" in h:
                 _saga_attributes(h, attrs)
-            span = self.tracer.start_span(f"send {m.topic}", context=self.extract(h),
+            span = self.tracer.start_span(f"send {span_topic(m.topic)}", context=self.extract(h),
                                           kind=self._producer, attributes=attrs)
             carrier: dict[str, str] = {}
             self._propagator.inject(carrier, context=self._trace.set_span_in_context(span))
@@ -251,7 +261,7 @@ class Telemetry:
         message carries."""
         h = msg.headers
         span = self.tracer.start_span(
-            f"process {msg.topic}", context=self.extract(h), kind=self._consumer,
+            f"process {span_topic(msg.topic)}", context=self.extract(h), kind=self._consumer,
             # (what a sampler may look at; the rest only when the span records)
             attributes={"messaging.system": SYSTEM, "messaging.destination.name": msg.topic,
                         "messaging.operation.type": "process",

@@ -387,7 +387,7 @@ async def test_duplicate_command_in_a_saga_and_its_second_reply_is_ignored(
     [sent] = await read_all(hub, "svc.credit.reserve")
     await hub.publish("svc.credit.reserve", sent.data, key=sent.key,
                       headers=dict(sent.headers), id="copy-1")
-    await until(lambda: _count(hub, "saga.dupcmd.replies", 2), "the replayed reply")
+    await until(lambda: _count(hub, "saga.dupcmd.replies.>", 2), "the replayed reply")
     hold.release.set()
     state = await runner.wait(sid, timeout=WAIT)
     assert state["status"] == "completed"
@@ -414,15 +414,17 @@ async def test_duplicate_reply_is_recorded_and_ignored(env: Env, url: str) -> No
     runner = hub.sagas(defn, clock=ManualClock())
     sid = await runner.start({"amount": 10})
     await asyncio.wait_for(hold.entered.wait(), WAIT)
-    [reply] = await read_all(hub, "saga.dupreply.replies")
+    # the reply came to this coordinator's own topic
+    [reply] = await read_all(hub, "saga.dupreply.replies.>")
+    assert reply.topic.startswith("saga.dupreply.replies.")
     # the same reply again (another copy on the wire), while the saga is at the next step
-    await hub.publish("saga.dupreply.replies", reply.data, key=reply.key,
+    await hub.publish(reply.topic, reply.data, key=reply.key,
                       headers=dict(reply.headers), id="reply-copy-1")
     hold.release.set()
     state = await runner.wait(sid, timeout=WAIT)
     assert state["status"] == "completed"
     await until(lambda: has_event(runner, sid, "ReplyIgnored"), "the duplicate recorded")
-    # and once more after the saga finished
+    # and once more after the saga finished, on the topic all coordinators share
     await hub.publish("saga.dupreply.replies", reply.data, key=reply.key,
                       headers=dict(reply.headers), id="reply-copy-2")
     await until(lambda: _ignored(runner, sid, 2), "the late duplicate recorded")
@@ -734,7 +736,7 @@ async def test_a_deadline_that_passed_while_the_coordinator_was_down_fires_on_re
     assert failed["step"] == 1 and "no reply within 60.0s" in failed["error"]
     assert log.names(sid) == ["create", "reject"]
     assert state["data"] == {"k": "v"}
-    # the command was sent once: the restart's re-send has the same id
+    # the command was sent once: past its deadline, the restart does not ask it again
     assert len(await read_all(hub2, "svc.nobody.answers")) == 1
 
 
@@ -781,7 +783,7 @@ async def test_a_saga_finishes_after_restart_when_the_reply_comes(
     services = await env.hub(sqlite_url)  # the service answers while the coordinator is down
     ledger_service(services, "credit", "credit")
     env.serve(services)
-    await until(lambda: _count(services, "saga.restart3.replies", 1), "the reply stored")
+    await until(lambda: _count(services, "saga.restart3.replies.>", 1), "the reply stored")
 
     hub2 = await env.hub(sqlite_url)
     runner2 = hub2.sagas(defn, clock=ManualClock())
@@ -884,7 +886,7 @@ async def test_50_sagas_race_for_the_last_unit_of_stock(env: Env, url: str, inli
             assert "stock left" in s["reason"]
     if inline:  # no round trip: no command, reply or inbox record; each attempt is inline
         assert await read_all(hub, "svc.>") == []
-        assert await read_all(hub, "saga.race.replies") == []
+        assert await read_all(hub, "saga.race.replies.>") == []
         assert await read_all(hub, "inbox") == []
         loser = by_status["compensated"][0]
         events = [rec.event async for rec in hub.events.read(f"saga-race-{loser}")]

@@ -133,7 +133,7 @@ async def test_a_command_delivered_after_its_saga_compensated_never_runs(
     assert ran == []  # the handler function never ran
     led = await ledger(service, "credit")
     assert led.available == 100 and led.held == {}
-    replies = [m async for m in coordinator.read("saga.down.replies")]
+    replies = [m async for m in coordinator.read("saga.down.replies.>")]
     assert [r.headers["status"] for r in replies] == ["ok", "rejected"]  # release; refused
     assert "fenced" in replies[-1].headers["error"]
 

@@ -146,7 +146,7 @@ async def stop(hub: tidings.Hub, task: asyncio.Task[None]) -> None:
 async def answered(hub: tidings.Hub) -> bool:
     """Every command message (original, retry, redelivered copy) has a reply."""
     commands = [m.id async for m in hub.read("svc.credit.>")]
-    causes = {m.headers.get("causation-id") async for m in hub.read("saga.fuzz.replies")}
+    causes = {m.headers.get("causation-id") async for m in hub.read("saga.fuzz.replies.>")}
     return all(c in causes for c in commands)
 
 
@@ -227,7 +227,7 @@ async def scenario(run: Run, directory: Path) -> None:
         await until(lambda: ended(runner, on_time), "the sagas nobody holds end")
         await until(lambda: hold <= service.holding, "the late commands are held")
         if run.duplicate_replies:
-            await resend(hub, "saga.fuzz.replies", "dup1")
+            await resend(hub, "saga.fuzz.replies.>", "dup1")
         if run.restart_coordinator:
             await stop(hub, task)
             clock = ManualClock(clock.now())
@@ -243,7 +243,7 @@ async def scenario(run: Run, directory: Path) -> None:
         if run.duplicate_commands:
             await resend(hub, "svc.credit.>", "dup2")
         if run.duplicate_replies:
-            await resend(hub, "saga.fuzz.replies", "dup3")
+            await resend(hub, "saga.fuzz.replies.>", "dup3")
         await until(lambda: answered(hub), "every command answered")
         statuses = {sid: (await runner.get(sid))["status"] for sid in ids}
         completed = {sid: o.amount for sid, o in zip(ids, run.orders, strict=True)

@@ -1,10 +1,11 @@
 """Coordinators of several processes sharing one database (two hubs on one SQLite file).
 
-Replies go to the shared durable group `saga-coordinator`, so a coordinator may take a
-reply for a saga another hub drives, drive that saga on and end it; the other hub's
-driver must then end too (it learns from the end marker's stream version), not wait
-for the reply until the step's deadline. A saga another hub started is left to its
-starter: taken on here only if still unfinished `FOREIGN_GRACE` seconds later.
+A command's reply comes back to the coordinator that sent it (its own reply topic), so
+each hub drives the sagas it started. A saga another hub started is left to its
+starter: taken on here only if still unfinished `FOREIGN_GRACE` seconds later; the
+attempt in flight is then asked again, its reply coming here. When another coordinator
+ends a saga a driver here waits on, that driver ends too (it learns from the end
+marker's stream version) rather than wait for a reply until the step's deadline.
 
 Every coordinator runs on a ManualClock: a deadline or the grace passes only when
 the test moves that clock.
@@ -45,27 +46,66 @@ async def stream_events(hub: tidings.Hub, name: str, saga_id: str) -> list[Any]:
     return [rec.event async for rec in hub.events.read(stream_id(name, saga_id))]
 
 
-async def test_a_driver_whose_reply_another_coordinator_took_ends_when_that_one_ends_the_saga(
+async def test_replies_come_back_to_the_coordinator_that_sent_the_command(
+        env: Env, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub_a = await env.hub(sqlite_url)
+    hub_b = await env.hub(sqlite_url)
+    driven: list[tuple[str, str]] = []  # (the hub that drove it, saga id)
+    drive = Coordinator.drive
+
+    def recorded(self: Coordinator, name: str, saga_id: str, *args: Any, **kw: Any) -> Any:
+        if stream_id(name, saga_id) not in self._runs:
+            driven.append(("a" if self.hub is hub_a else "b", saga_id))
+        return drive(self, name, saga_id, *args, **kw)
+
+    monkeypatch.setattr(Coordinator, "drive", recorded)
+    for hub in (hub_a, hub_b):  # each hub serves the commands too: either may run one
+        @hub.handler("svc.shared.do", concurrency=4)
+        async def do(cmd: tidings.Command[Any]) -> dict[str, Any]:
+            return {"n": cmd.data["n"]}
+
+        env.serve(hub)
+    defn = Saga("affine", [Step("one", command="svc.shared.do", timeout=60.0),
+                           Step("two", command="svc.shared.do", timeout=60.0),
+                           Step("three", command="svc.shared.do", timeout=60.0)])
+    runner_a = hub_a.sagas(defn, clock=ManualClock(T0))  # (never moved: no grace passes)
+    runner_b = hub_b.sagas(defn, clock=ManualClock(T0))
+    await until(lambda: following(defn.name), "the coordinators following started sagas")
+    ids = {"a": [await runner_a.start({"n": i}) for i in range(10)],
+           "b": [await runner_b.start({"n": i}) for i in range(10)]}
+    for runner, mine in ((runner_a, ids["a"]), (runner_b, ids["b"])):
+        for sid in mine:
+            assert (await runner.wait(sid, timeout=WAIT))["status"] == "completed"
+    # every saga driven only by its starter: no reply took it to the other hub
+    assert sorted(driven) == sorted((h, sid) for h, mine in ids.items() for sid in mine)
+    replies = await read_all(hub_a, "saga.affine.replies.>")
+    assert len(replies) == 60  # three steps each, one reply per command: nothing asked again
+    mine_a = {sid for sid in ids["a"]}
+    topics = {("a" if r.headers["saga-id"] in mine_a else "b", r.topic) for r in replies}
+    assert topics == {("a", coordinator(runner_a).reply_topic("affine")),
+                      ("b", coordinator(runner_b).reply_topic("affine"))}
+    assert coordinator(runner_a).reply_topic("affine") != \
+        coordinator(runner_b).reply_topic("affine")
+
+
+async def test_a_driver_whose_saga_another_coordinator_ended_ends_too(
         env: Env, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     hub_a = await env.hub(sqlite_url)
     hub_b = await env.hub(sqlite_url)
 
-    # A's coordinator takes no reply: B's takes every one (as when it wins the race for
-    # them in the shared group), so A's driver never gets the reply it waits for.
-    replies = Coordinator._replies
+    # A's coordinator hears no reply (a process too slow to read them): its driver waits
+    # for one until the step's deadline, unless it hears that the saga moved on.
+    own = Coordinator._own_replies
 
-    async def replies_not_on_a(self: Coordinator, name: str, lease: float) -> None:
+    async def deaf_a(self: Coordinator, name: str) -> None:
         if self.hub is not hub_a:
-            await replies(self, name, lease)
+            await own(self, name)
 
-    monkeypatch.setattr(Coordinator, "_replies", replies_not_on_a)
-
-    answer = asyncio.Event()
+    monkeypatch.setattr(Coordinator, "_own_replies", deaf_a)
     served: list[str] = []
 
     @hub_b.handler("svc.shared.do")
     async def do(cmd: tidings.Command[Any]) -> dict[str, Any]:
-        await answer.wait()  # until A's driver waits for the reply
         served.append(cmd.data["saga_id"])
         return {"done": True}
 
@@ -75,7 +115,7 @@ async def test_a_driver_whose_reply_another_coordinator_took_ends_when_that_one_
         Step("ask", command="svc.shared.do", timeout=60.0),
         Step("after", action=log.action("after")),
     ])
-    clock_a, clock_b = ManualClock(T0), ManualClock(T0)  # never moved
+    clock_a, clock_b = ManualClock(T0), ManualClock(T0)  # A's never moves
     runner_b = hub_b.sagas(defn, clock=clock_b)
     await until(lambda: following(defn.name), "B's coordinator following started sagas")
     runner_a = hub_a.sagas(defn, clock=clock_a)
@@ -83,22 +123,27 @@ async def test_a_driver_whose_reply_another_coordinator_took_ends_when_that_one_
     sid_stream = stream_id(defn.name, sid)
 
     # A's driver waits for the reply until T0 + 60; B saw another hub's start and leaves
-    # it to its starter for the grace (it never passes: B's clock does not move)
+    # it to its starter for the grace
     await until(lambda: clock_a.sleepers == 1, "A's driver waiting for the reply")
     await until(lambda: clock_b.sleepers == 1, "B's coordinator waiting out the grace")
+    await until(lambda: served == [sid], "the command handled (its reply unheard by A)")
     assert sid_stream in coordinator(runner_a)._runs
     assert sid_stream not in coordinator(runner_b)._runs
 
-    answer.set()  # the reply goes to B's coordinator, which drives the saga to its end
+    # past the grace B takes the saga up: it asks the attempt again (the service's inbox
+    # answers with the stored reply, to B) and drives the saga to its end
+    await clock_b.advance(FOREIGN_GRACE + 1)
     try:
         state = await runner_a.wait(sid, timeout=WAIT)
     except TimeoutError:
-        pytest.fail("A's driver still waits for the reply B's coordinator took and used")
+        pytest.fail("A's driver still waits for a reply, after B ended the saga")
     assert state["status"] == "completed"
     assert state["data"] == {"done": True}
-    assert clock_a.now() == T0 and clock_b.now() == T0  # no deadline passed
+    assert clock_a.now() == T0  # no deadline passed
     assert sid_stream not in coordinator(runner_a)._runs  # A's driver ended
-    assert served == [sid] and log.names(sid) == ["after"]
+    assert served == [sid] and log.names(sid) == ["after"]  # the command ran once
+    asked = await read_all(hub_a, "svc.shared.do")
+    assert [m.id.count(":") for m in asked] == [3, 4]  # sent by A, then asked again by B
     events = await stream_events(hub_a, defn.name, sid)
     assert sum(isinstance(ev, SagaCompleted) for ev in events) == 1
     assert type(events[-1]).__name__ == "SagaCompleted"  # nothing written after its end

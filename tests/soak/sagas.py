@@ -205,7 +205,13 @@ async def _check_replies(hub: tidings.Hub, n: int, res: RowResult) -> None:
     reply was stored before the deadline must have that reply recorded as `ReplyIgnored`
     (it came late). A reply still leased to a killed coordinator (the replies' `ack_wait`
     is at most 10 s) may yet come: when there are suspects, wait for those leases to end first
-    (`hub`'s own coordinator then takes such replies and records them)."""
+    (`hub`'s own coordinator then takes such replies and records them).
+
+    Replies come to the coordinator that sent the command (`saga.soak.replies.<C>`). One
+    sent to a coordinator killed before it took it is taken by nobody: the saga's next
+    driver asks the attempt again, or times it out when its deadline passed while nobody
+    drove it (its retry then gets the stored outcome, its compensation is fenced). Not a
+    loss: what the command did is checked by the ledgers; such steps are noted, not lost."""
     replies = await _replies(hub)
     suspects = await _suspects(hub, n, replies)
     leased = await _leased(hub)
@@ -224,6 +230,8 @@ async def _check_replies(hub: tidings.Hub, n: int, res: RowResult) -> None:
                 "never applied")
         if leased:
             res.notes.append(f"maybe late, its lease had not ended: {what}")
+        elif (sid, (step, kind, attempt)) in replies.orphans:
+            res.notes.append(f"its coordinator died before taking it: {what}")
         else:
             res.lose(what)
 
@@ -234,18 +242,32 @@ async def _leased(hub: tidings.Hub) -> int:
                if t["topic"] == "saga.soak.replies" for sub in t["subscriptions"])
 
 
-async def _replies(hub: tidings.Hub) -> dict[str, dict[Attempt, float]]:
-    """When the first reply to each attempt was stored, by saga id."""
-    out: dict[str, dict[Attempt, float]] = {}
-    async for m in hub.read("saga.soak.replies"):
-        h = m.headers
-        key = (int(h["saga-step"]), h["saga-kind"], int(h["saga-attempt"]))
-        out.setdefault(h["saga-id"], {}).setdefault(key, m.time.timestamp())
+class Replies(dict[str, dict[Attempt, float]]):
+    """When the first reply to each attempt was stored, by saga id; `orphans`: the
+    attempts whose replies all went to coordinators that are gone (not `hub`'s)."""
+
+    orphans: set[tuple[str, Attempt]]
+
+
+async def _replies(hub: tidings.Hub) -> Replies:
+    out = Replies()
+    # (this hub's own coordinator, if it has one, is alive: it takes its replies)
+    alive = f"saga.soak.replies.{getattr(hub._coordinator, 'instance', '')}"
+    taken: set[tuple[str, Attempt]] = set()
+    every: set[tuple[str, Attempt]] = set()
+    for pattern in ("saga.soak.replies", "saga.soak.replies.>"):
+        async for m in hub.read(pattern):
+            h = m.headers
+            key = (int(h["saga-step"]), h["saga-kind"], int(h["saga-attempt"]))
+            out.setdefault(h["saga-id"], {}).setdefault(key, m.time.timestamp())
+            every.add((h["saga-id"], key))
+            if m.topic in ("saga.soak.replies", alive):
+                taken.add((h["saga-id"], key))
+    out.orphans = every - taken
     return out
 
 
-async def _suspects(hub: tidings.Hub, n: int, replies: dict[str, dict[Attempt, float]]
-                    ) -> list[tuple[str, Attempt, float]]:
+async def _suspects(hub: tidings.Hub, n: int, replies: Replies) -> list[tuple[str, Attempt, float]]:
     """Attempts that timed out although a reply was stored before their deadline and was
     not recorded as ignored: (saga id, attempt, how long before the deadline)."""
     out = []

@@ -12,7 +12,20 @@ started by other processes), routes replies and requests to them, and keeps one
 
 Topics, per saga name N: `saga.N.started` / `saga.N.ended` (lifecycle, read
 on start-up to find unfinished sagas), `saga.N.steps` (the rest), and
-`saga.N.replies` (services' replies to its commands).
+`saga.N.replies.<C>` (services' replies to the commands coordinator C sent).
+
+Replies come back to the coordinator that sent the command, not to whichever
+coordinator sharing the database takes them first: a command's `reply-to` names
+its sender's own topic, which only its sender reads (a plain read that follows
+the log: no subscription, nothing stored per coordinator). Shared, replies moved
+half the sagas of two coordinators to the other process at every step. A reply
+the sender did not live to record is not lost: whoever takes the saga up (a
+coordinator starting, or one adopting a saga its starter left, see
+FOREIGN_GRACE) asks the attempt in flight again under its own reply topic, and
+the service's inbox answers with the stored outcome, or runs the command if it
+never ran. `saga.N.replies` itself is still consumed, by one durable group for
+all coordinators: replies to commands that named it (sent before this design,
+or by hand).
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -36,7 +50,7 @@ from ..errors import (
 from ..eventsourcing.records import NO_STREAM
 from ..eventsourcing.repository import CURRENT_UNIT
 from ..eventsourcing.transaction import commit
-from ..messages import new_id
+from ..messages import Message, new_id
 from ..util import Recent
 from .clock import Clock, SystemClock
 from .definition import Outcome, ReplyIgnored, Saga, SagaStarted, SagaState, evolve, stamp
@@ -90,6 +104,9 @@ class Coordinator:
     def __init__(self, hub: Hub, clock: Clock | None = None) -> None:
         self.hub = hub
         self.clock: Clock = clock or SystemClock()
+        #: this coordinator's name among those sharing the database: its reply topics'
+        #: last token (new each run: a restarted process asks its attempts again)
+        self.instance = os.urandom(6).hex()
         self._defs: dict[str, dict[int, Saga]] = {}  # name -> version -> definition
         #: every task of the coordinator: a driver per saga driven here, and per saga
         #: name its discovery (`_follow`) and its replies (`_replies`)
@@ -118,6 +135,8 @@ class Coordinator:
             self.tasks.spawn(self._follow(defn.name), f"tidings:saga:{defn.name}:follow")
             self.tasks.spawn(self._replies(defn.name, reply_lease(defn)),
                              f"tidings:saga:{defn.name}:replies")
+            self.tasks.spawn(self._own_replies(defn.name),
+                             f"tidings:saga:{defn.name}:own-replies")
             self.tasks.spawn(self._ends(defn.name), f"tidings:saga:{defn.name}:ends")
         known = versions.get(defn.version)
         if known is not None and known is not defn:
@@ -127,6 +146,10 @@ class Coordinator:
                     "steps; give the changed definition a new version"
                 )
         versions[defn.version] = defn
+
+    def reply_topic(self, name: str) -> str:
+        """Where replies to the commands this coordinator sends for saga `name` go."""
+        return f"saga.{name}.replies.{self.instance}"
 
     def definitions(self) -> tuple[Saga, ...]:
         """Each registered saga's newest version, in the order first registered."""
@@ -177,7 +200,8 @@ class Coordinator:
         evolve(defn, state, started, now)
         sent: set[str] = set()
         batch, messages = next_moves(defn, state, [], now, self.inline_handler,
-                                     then_advance=True, sent=sent)
+                                     then_advance=True, sent=sent,
+                                     reply_to=self.reply_topic(defn.name))
         appends: list[StartAppend] = [(sid, [started], NO_STREAM, f"saga.{defn.name}.started")]
         if batch:
             appends.append((sid, batch, 1, f"saga.{defn.name}.steps"))
@@ -285,36 +309,57 @@ class Coordinator:
 
     # replies and discovery ----------------------------------------------------------------
     async def _replies(self, name: str, lease: float) -> None:
+        """Replies sent to the saga's shared topic (see the module docstring)."""
         sub = await self.hub.subscribe(f"saga.{name}.replies", group="saga-coordinator",
                                        max_in_flight=1000, ack_wait=lease,
                                        max_deliver=1000)
         async for msg in sub:
-            h = msg.headers
-            try:
-                result = msg.decode() or None
-                outcome = Outcome(h.get("status", "ok"),  # type: ignore[arg-type]
-                                  result=result, error=h.get("error", ""))
-                if result is not None and not isinstance(result, dict):
-                    # (a reply not from hub.handler) the saga's data is JSON objects
-                    outcome = Outcome("error", error="a reply must be a JSON object or empty")
-                reply = Reply(int(h["saga-step"]), h["saga-kind"], int(h["saga-attempt"]),
-                              outcome, delivered=msg)
-                saga_id = h["saga-id"]
-            except (KeyError, ValueError, TidingsError):
-                log.warning("dropping a malformed saga reply at position %d", msg.position)
-                await msg.term()
-                continue
             # Acked once the saga's stream holds what it did (by its driver, or here when
             # no driver takes it): acked earlier, a coordinator killed before its driver
             # stored the outcome would lose the reply and time a step out that succeeded.
-            tel = self.hub.telemetry
-            if tel is None:
-                driven = await self._deliver(name, saga_id, reply)
-            else:  # the reply's receipt, in the trace of the handler that sent it
-                with tel.process(msg, "saga-coordinator"):
-                    driven = await self._deliver(name, saga_id, reply)
-            if not driven:
+            got = self._reply(msg, delivered=True)
+            if got is None:
+                await msg.term()
+            elif not await self._take_reply(name, msg, *got):
                 await msg.ack()
+
+    async def _own_replies(self, name: str) -> None:
+        """Replies to the commands this coordinator sent: its own topic, read as the log
+        grows (a new topic: from its beginning). Nothing to ack: a reply whose outcome
+        this process did not live to store is asked for again by whoever takes its saga
+        up (see the module docstring)."""
+        async for msg in self.hub.read(self.reply_topic(name), follow=True):
+            got = self._reply(msg, delivered=False)
+            if got is not None:
+                await self._take_reply(name, msg, *got)
+
+    @staticmethod
+    def _reply(msg: Message, delivered: bool) -> tuple[str, Reply] | None:
+        """The saga and the reply `msg` carries (None, logged, when it is malformed);
+        `delivered`: it came by a subscription, to be acked once its outcome is stored."""
+        h = msg.headers
+        try:
+            result = msg.decode() or None
+            outcome = Outcome(h.get("status", "ok"),  # type: ignore[arg-type]
+                              result=result, error=h.get("error", ""))
+            if result is not None and not isinstance(result, dict):
+                # (a reply not from hub.handler) the saga's data is JSON objects
+                outcome = Outcome("error", error="a reply must be a JSON object or empty")
+            return h["saga-id"], Reply(int(h["saga-step"]), h["saga-kind"],
+                                       int(h["saga-attempt"]), outcome,
+                                       delivered=msg if delivered else None)
+        except (KeyError, ValueError, TidingsError):
+            log.warning("dropping a malformed saga reply at position %d", msg.position)
+            return None
+
+    async def _take_reply(self, name: str, msg: Message, saga_id: str, reply: Reply) -> bool:
+        """Hand `reply` to its saga (see `_deliver`), in the trace of the handler that
+        sent it when tracing is on."""
+        tel = self.hub.telemetry
+        if tel is None:
+            return await self._deliver(name, saga_id, reply)
+        with tel.process(msg, "saga-coordinator"):  # (the reply's receipt)
+            return await self._deliver(name, saga_id, reply)
 
     async def _deliver(self, name: str, saga_id: str, reply: Reply) -> bool:
         """Hand `reply` to its saga's driver (True: the driver acks it), or record it as

@@ -5,7 +5,9 @@ as the event that decides to send it (`StepStarted`, `CompensationStarted`), and
 the end marker (`saga.N.ended`) with the saga's last event. Every attempt of a
 command goes out under an id and an idempotency key derived from the saga, the
 step and the attempt, so a re-send is a duplicate the engine and the service's
-inbox drop.
+inbox drop. Its `reply-to` is the topic of the coordinator that sends it
+(`saga.N.replies.<coordinator>`, see coordinator.py); a coordinator taking an
+attempt up from another one asks it again under its own (`SagaRun._ask_again`).
 """
 
 from __future__ import annotations
@@ -47,18 +49,19 @@ def stream_id(name: str, saga_id: str) -> str:
 class CommandMessage(msgspec.Struct, frozen=True):
     """An attempt's command, as it goes out (or as an inline handler gets it)."""
 
-    id: str  # the same every time this attempt is (re)sent: the engine keeps one copy
+    id: str  # the same every time one coordinator (re)sends it: the engine keeps one copy
     topic: str
     data: bytes
     headers: dict[str, str]
 
 
 def next_moves(defn: Saga, state: SagaState, events: list[Event], now: float,
-               inline: InlineLookup, *, then_advance: bool, sent: set[str]
-               ) -> tuple[list[Event], list[OutMessage]]:
+               inline: InlineLookup, *, then_advance: bool, sent: set[str],
+               reply_to: str | None = None) -> tuple[list[Event], list[OutMessage]]:
     """Fold `events` into `state` and, when `then_advance`, the next move too if it is
     immediate; the events to store and the messages (commands, the end marker) to
-    send with them. The ids of the commands sent are added to `sent`.
+    send with them. The ids of the commands sent are added to `sent`; their replies go
+    to `reply_to` (by default the saga's shared `saga.N.replies`).
 
     (`then_advance` is False while something waits in the saga's inbox: a cancel or a
     reply that arrived meanwhile is applied first, so a cancel between steps stops the
@@ -76,7 +79,7 @@ def next_moves(defn: Saga, state: SagaState, events: list[Event], now: float,
     messages = []
     for ev in batch:
         if isinstance(ev, (StepStarted, CompensationStarted)):
-            out = attempt_message(defn, state, ev, sent)
+            out = attempt_message(defn, state, ev, sent, reply_to)
             if out is not None:
                 messages.append(out)
         elif isinstance(ev, _LIFECYCLE_END):
@@ -104,23 +107,27 @@ def _mark_inline(defn: Saga, state: SagaState, ev: Event, inline: InlineLookup) 
 
 
 def attempt_message(defn: Saga, state: SagaState, ev: StepStarted | CompensationStarted,
-                    sent: set[str]) -> OutMessage | None:
+                    sent: set[str], reply_to: str | None = None, again: str = ""
+                    ) -> OutMessage | None:
     """The message the attempt `ev` starts sends (its id added to `sent`); None when it
-    sends none (an inline attempt, or a local function the driver runs)."""
+    sends none (an inline attempt, or a local function the driver runs). With `again`,
+    the attempt asked again by a coordinator taking it up (see `ask_again`)."""
     if ev.inline:
         return None  # run by an inline handler in the driver's own transaction
     kind: Kind = "action" if isinstance(ev, StepStarted) else "compensation"
-    built = command_message(defn, state, ev.step, kind, ev.attempt)
+    built = command_message(defn, state, ev.step, kind, ev.attempt, reply_to, again)
     if built is None:
         return None
     sent.add(built.id)
     return OutMessage(built.id, built.topic, state.id, built.data, built.headers, True)
 
 
-def command_message(defn: Saga, state: SagaState, index: int, kind: Kind, attempt: int
-                    ) -> CommandMessage | None:
+def command_message(defn: Saga, state: SagaState, index: int, kind: Kind, attempt: int,
+                    reply_to: str | None = None, again: str = "") -> CommandMessage | None:
     """The command attempt `attempt` of step `index` sends (`kind`: its action or its
-    compensation); None when that is a local function."""
+    compensation), its reply going to `reply_to` (by default `saga.N.replies`); None
+    when that is a local function. `again` (the asking coordinator) makes it the same
+    attempt asked again: another message id, the same idempotency key."""
     step = defn.steps[index]
     command = step.command if kind == "action" else step.compensation
     if not isinstance(command, str):
@@ -128,7 +135,7 @@ def command_message(defn: Saga, state: SagaState, index: int, kind: Kind, attemp
     headers = {
         "saga-id": state.id, "saga-name": defn.name, "saga-version": str(defn.version),
         "saga-step": str(index), "saga-step-name": step.name, "saga-kind": kind,
-        "saga-attempt": str(attempt), "reply-to": f"saga.{defn.name}.replies",
+        "saga-attempt": str(attempt), "reply-to": reply_to or f"saga.{defn.name}.replies",
         "idempotency-key": _idempotency_key(state, step.name, kind),
         "correlation-id": state.id, "content-type": "application/json",
     }
@@ -142,11 +149,13 @@ def command_message(defn: Saga, state: SagaState, index: int, kind: Kind, attemp
             headers[FENCE_COMMAND] = step.command
             headers[FENCE_KEY] = forward_key(state, step.name)
     data, _ = encode_data(payload)
-    return CommandMessage(message_id(state, step.name, kind, attempt), command, data, headers)
+    mid = message_id(state, step.name, kind, attempt)
+    return CommandMessage(f"{mid}:{again}" if again else mid, command, data, headers)
 
 
 def message_id(state: SagaState, step: str, kind: str, attempt: int) -> str:
-    """The id of the message attempt `attempt` of `step`'s `kind` goes out under."""
+    """The id of the message attempt `attempt` of `step`'s `kind` goes out under (asked
+    again by coordinator C: this id, then `:C`)."""
     return f"{state.id}:{step}:{kind}:{attempt}"
 
 

@@ -62,7 +62,7 @@ class SagaRun:
     """
 
     __slots__ = ("clock", "coord", "drive_again", "finished", "hub", "inbox", "launch", "name",
-                 "saga_id", "sent", "sid", "task")
+                 "saga_id", "sent", "sid", "task", "taking_up")
 
     def __init__(self, coord: Coordinator, name: str, saga_id: str, *, launch: Launch | None,
                  inbox: Inbox | None, sent: set[str] | None) -> None:
@@ -78,6 +78,10 @@ class SagaRun:
         #: the ids of the command messages sent for it while it is driven here (one
         #: that was not is re-sent when the driver takes the attempt up)
         self.sent: set[str] = sent if sent is not None else set()
+        #: still driving from the state it began with: an attempt in flight there that
+        #: was not sent here is asked again (its sender may be gone). Not after the
+        #: stream moved under it: its writer is alive and gets its reply.
+        self.taking_up = True
         #: a start of this id was stored while the driver was ending: drive it again
         self.drive_again = False
         #: resolved when the driver ends: the saga's final state, or None (see `drive`)
@@ -96,7 +100,8 @@ class SagaRun:
     def next_moves(self, defn: Saga, state: SagaState, events: list[Event], now: float
                    ) -> tuple[list[Event], list[OutMessage]]:
         return next_moves(defn, state, events, now, self.coord.inline_handler,
-                          then_advance=self.inbox.empty(), sent=self.sent)
+                          then_advance=self.inbox.empty(), sent=self.sent,
+                          reply_to=self.coord.reply_topic(self.name))
 
     async def commit_steps(self, defn: Saga, state: SagaState, expected: int,
                            batch: list[Event], saves: Sequence[Aggregate],
@@ -147,6 +152,7 @@ class SagaRun:
                     await self._step(defn, state)
             except ConcurrencyError:
                 state = await load(self.name, self.saga_id)  # someone else wrote: look again
+                self.taking_up = False
             except (asyncio.CancelledError, ClosedError):
                 raise
             except TidingsError as exc:  # the engine is unavailable for a moment
@@ -188,8 +194,14 @@ class SagaRun:
             # handler may be running it. Its outcome moves the saga's stream (this
             # driver's next write then conflicts and it looks again); otherwise its
             # deadline passes here and the next attempt goes out as a message.
-            if not p.inline and message_id(state, step.name, p.kind, p.attempt) not in self.sent:
-                await self._send(defn, state)  # resuming: this process has not sent it
+            if not p.inline:
+                mid = message_id(state, step.name, p.kind, p.attempt)
+                if mid not in self.sent:  # sent elsewhere
+                    if self.taking_up and (p.deadline is None
+                                           or p.deadline > self.clock.now()):
+                        await self._ask_again(defn, state)
+                    else:  # by the live writer that moved the stream (it gets the reply),
+                        self.sent.add(mid)  # or past its deadline: it times out now
             outcome = await self._await_reply(defn, state)
         else:
             assert target is not None  # (a local action, or a local compensation)
@@ -324,16 +336,28 @@ class SagaRun:
             return Outcome("error", error="a step must return a dict or None")
         return Outcome("ok", result=result)
 
-    async def _send(self, defn: Saga, state: SagaState) -> None:
-        """Re-send the attempt in flight (after a restart); the engine drops a duplicate."""
+    async def _ask_again(self, defn: Saga, state: SagaState) -> None:
+        """Ask the attempt in flight again, its reply coming here: it was sent by another
+        coordinator, or by this process before it restarted, which may not be there to
+        take the reply. The same idempotency key: the service runs the command once and
+        answers a repeat with the stored outcome. Its plain id counts as sent here too."""
         p = state.pending
         assert p is not None
         ev: StepStarted | CompensationStarted = (
             StepStarted(step=p.step, attempt=p.attempt, deadline=p.deadline)
             if p.kind == "action" else
             CompensationStarted(step=p.step, attempt=p.attempt, deadline=p.deadline))
-        out = attempt_message(defn, state, ev, self.sent)
-        if out is not None:
+        coord = self.coord
+        out = attempt_message(defn, state, ev, self.sent, coord.reply_topic(self.name),
+                              again=coord.instance)
+        if out is None:
+            return
+        self.sent.add(message_id(state, defn.steps[p.step].name, p.kind, p.attempt))
+        tel = self.hub.telemetry
+        if tel is None:
+            self.hub.counters.on_publish([out], await self.hub.engine.append([out]))
+            return
+        with tel.sending([out]):  # (a `send` span, in the saga's trace, as the first had)
             self.hub.counters.on_publish([out], await self.hub.engine.append([out]))
 
     # recording ---------------------------------------------------------------------------
