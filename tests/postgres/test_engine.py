@@ -27,6 +27,41 @@ def schema_of(url: str) -> str:
     return url.rsplit("schema=", 1)[1]
 
 
+async def test_a_schema_made_by_an_earlier_version_gets_the_new_claim_functions(
+        postgres_url: str) -> None:
+    """A schema at log migration 2 (before the claims' lookups by position): opening it
+    replaces both claiming functions, and they claim as before."""
+    from tidings.engines.postgres_sql import LOG_MIGRATIONS, apply_migrations
+
+    schema = schema_of(postgres_url)
+    conn = await asyncpg.connect(base(postgres_url))
+    try:
+        async with conn.transaction():
+            assert await apply_migrations(conn, f'"{schema}"', "log",
+                                          [m for m in LOG_MIGRATIONS if m.version <= 2]) == 2
+        async with await tidings.connect(postgres_url) as hub:
+            for key in ("k1", "k2", "k1"):
+                await hub.publish("mig.a", key, key=key)
+            sub = await hub.subscribe("mig.>", group="g", ordered=True)
+            got = await sub.fetch(10, wait=2.0)
+            assert [m.decode() for m in got] == ["k1", "k2"]  # the second k1 waits its turn
+            for m in got:
+                await m.ack(wait=True)
+            assert [m.decode() for m in await sub.fetch(10, wait=2.0)] == ["k1"]
+        rows = await conn.fetch(
+            f'SELECT version FROM "{schema}".tidings_migrations WHERE component = $1 '
+            "ORDER BY version", "log")
+        assert [r[0] for r in rows] == [m.version for m in LOG_MIGRATIONS]
+        config = await conn.fetch(
+            "SELECT proname, proconfig FROM pg_proc WHERE pronamespace = $1::regnamespace "
+            "AND proname IN ('tidings_fetch', 'tidings_claim') ORDER BY proname", schema)
+        assert [(r[0], r[1]) for r in config] == [
+            ("tidings_claim", ["enable_bitmapscan=off"]),
+            ("tidings_fetch", ["enable_bitmapscan=off"])]
+    finally:
+        await conn.close()
+
+
 async def test_migrations_are_recorded_and_run_once(postgres_url: str) -> None:
     async with await tidings.connect(postgres_url) as hub:
         engine = hub.engine

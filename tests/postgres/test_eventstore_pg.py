@@ -41,7 +41,7 @@ async def test_store_migrations_are_recorded_once(postgres_url: str) -> None:
     finally:
         await conn.close()
     assert [tuple(r) for r in rows] == [("eventstore", 1), ("eventstore", 2), ("log", 1),
-                                              ("log", 2)]
+                                              ("log", 2), ("log", 3)]
 
 
 async def test_competing_writers_on_one_stream_never_both_win(postgres_url: str) -> None:
