@@ -200,3 +200,34 @@ async def test_a_saga_another_hub_started_is_driven_here_only_after_the_grace_if
     events = await stream_events(hub_b, defn.name, sid)
     assert sum(isinstance(ev, SagaCompleted) for ev in events) == 1
     assert len(await read_all(hub_b, f"saga.{defn.name}.ended")) == 1
+
+
+async def test_a_saga_another_hub_ended_within_the_grace_is_not_read_when_it_passes(
+        env: Env, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub_a = await env.hub(sqlite_url)
+    hub_b = await env.hub(sqlite_url)
+    loaded: list[str] = []
+    load = Coordinator.load
+
+    async def counted(self: Coordinator, name: str, saga_id: str) -> Any:
+        if self.hub is hub_b:
+            loaded.append(saga_id)
+        return await load(self, name, saga_id)
+
+    monkeypatch.setattr(Coordinator, "load", counted)
+    gate = Gate()
+    defn = Saga("brief", [Step("hold", action=gate)])
+    clock_b = ManualClock(T0)
+    runner_b = hub_b.sagas(defn, clock=clock_b)
+    await until(lambda: following(defn.name), "B's coordinator following started sagas")
+    runner_a = hub_a.sagas(defn, clock=ManualClock(T0))
+    sid = await runner_a.start({})
+    await until(lambda: clock_b.sleepers == 1, "B's coordinator waiting out the grace")
+    gate.release.set()  # A ends its saga within the grace
+    assert (await runner_a.wait(sid, timeout=WAIT))["status"] == "completed"
+    await until(lambda: stream_id(defn.name, sid) not in coordinator(runner_b)._foreign,
+                "B's coordinator seeing the end")
+    await clock_b.advance(FOREIGN_GRACE + 1)
+    await asyncio.sleep(0.1)  # (room for a wrong read)
+    assert loaded == []  # B had seen it end: nothing to read when the grace passed
+    assert stream_id(defn.name, sid) not in coordinator(runner_b)._runs

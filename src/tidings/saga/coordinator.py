@@ -124,6 +124,9 @@ class Coordinator:
         # the final states of the sagas that ended here last (a saga often ends before
         # its starter calls wait(): no need to read it back)
         self._ended: Recent[str, SagaState] = Recent(_ENDED_KEPT)
+        # stream ids of the sagas other processes started that _adopt will look at when
+        # their grace ends, unless _ends sees them end first (then nothing to look at)
+        self._foreign: set[str] = set()
         self._inline: dict[str, CommandHandler] = {}  # command -> its inline handler here
         self._inline_seen = -1  # how many command handlers `_inline` was made from
 
@@ -416,6 +419,7 @@ class Coordinator:
                     await self._take_on(name, sid[len(prefix):])
                 else:
                     foreign.append((self.clock.now() + FOREIGN_GRACE, sid[len(prefix):]))
+                    self._foreign.add(sid)
                     wake.set()
 
     async def _adopt(self, name: str, foreign: deque[tuple[float, str]],
@@ -432,7 +436,10 @@ class Coordinator:
                 await self.clock.sleep_until(due)
                 continue
             foreign.popleft()
-            await self._take_on(name, saga_id)
+            sid = stream_id(name, saga_id)
+            if sid in self._foreign:  # (else it ended meanwhile: seen by _ends)
+                self._foreign.discard(sid)
+                await self._take_on(name, saga_id)
 
     async def _take_on(self, name: str, saga_id: str) -> None:
         """Drive the saga here, from its stored state, unless it is done or driven here."""
@@ -443,15 +450,18 @@ class Coordinator:
             self.drive(name, saga_id, state)
 
     async def _ends(self, name: str) -> None:
-        """Tell this process's driver of a saga that another process ended.
+        """Tell this process's driver of a saga that another process ended (and _adopt
+        that it need not look at it).
 
-        Coordinators sharing a database compete for replies: the one that takes a reply
-        for a saga another process drives drives it on (`_deliver`), and may end it.
-        The first driver would wait for that reply until the step's deadline; its
-        starter's `wait()` with it. The end marker carries the stream's version: a
-        driver behind it looks again (its own end is not behind, so costs nothing)."""
+        Two coordinators may drive one saga (one took it up from the other, which was
+        only slow), and the other may end it. The driver here would wait for a reply
+        until the step's deadline; its starter's `wait()` with it. The end marker
+        carries the stream's version: a driver behind it looks again (its own end is
+        not behind, so costs nothing)."""
         async for m in self.hub.read(f"saga.{name}.ended", start="end", follow=True):
-            run = self._runs.get(m.headers.get("stream-id", ""))
+            sid = m.headers.get("stream-id", "")
+            self._foreign.discard(sid)  # ended: nothing for _adopt to look at
+            run = self._runs.get(sid)
             version = m.headers.get("stream-version", "")
             if run is not None and version.isdigit():
                 run.inbox.put_nowait(Moved(int(version)))
