@@ -473,7 +473,8 @@ class PostgresEngine(Engine):
         wake = (self._channel, self.payload((), spec.pattern))
         begin = sql.begin_claim(sub_id, lock=bool(others), notify=wake if others else None)
         if acks or releases:
-            begin = sql.settle_simple(sub_id, acks, releases, now, wake) + "; " + begin
+            begin = (sql.settle_simple(sub_id, acks, releases, now, wake, spec.max_in_flight,
+                                       spec.ordered) + "; " + begin)
 
         async def op(conn: Any, attempt: Attempt) -> tuple[list[Message], float | None]:
             tx = PgTx(self, conn, now, "off")
@@ -622,7 +623,8 @@ class PostgresEngine(Engine):
         sub_id, spec = handle
         acks, releases, others = split_settles(items)  # as in fetch
         wake = (self._channel, self.payload((), spec.pattern))
-        simple = self.sql.settle_simple(sub_id, acks, releases, now, wake)
+        simple = self.sql.settle_simple(sub_id, acks, releases, now, wake, spec.max_in_flight,
+                                        spec.ordered)
         if not others:  # the common case: with the others asked for meanwhile, one trip
             await self._settles(simple)
             self._notify((), (spec.pattern,))  # room may be free for this process's waiters

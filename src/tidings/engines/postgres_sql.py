@@ -190,7 +190,7 @@ _FETCH_FUNCTION = (
     "  v_add bigint[] := '{}'; v_add_att int[] := '{}'; v_out bigint[] := '{}';\n"
     "  v_seen text[] := '{}'; v_nokey bool := false; v_next float8; v_new bigint;\n"
     "  v_lowest bigint; v_low bigint; v_settled bigint[] := p_acks || p_releases; v_c record;\n"
-    "  v_take int; v_delivered int := 0; v_dead bool; v_gone int;\n"
+    "  v_take int; v_delivered int := 0; v_dead bool; v_gone int := 0;\n"
     "BEGIN\n"
     "  PERFORM set_config('synchronous_commit', 'off', true);  -- losing it: a redelivery\n"
     "  SELECT cursor, floor INTO v_cursor, v_floor FROM {s}.tidings_subscriptions "
@@ -219,7 +219,11 @@ _FETCH_FUNCTION = (
     "AND (SELECT max(x) FROM unnest(p_releases) x) AND p.position = u.position "
     "AND p.attempt > 0;\n"
     "  END IF;\n"
-    "  IF cardinality(v_settled) > 0 THEN PERFORM pg_notify(p_channel, p_origin); END IF;\n"
+    "  IF cardinality(p_releases) > 0 OR v_gone > 0 AND (v_live + v_gone >= p_max_in_flight "
+    "OR p_ordered AND EXISTS (SELECT FROM {s}.tidings_pending WHERE sub_id = p_sub "
+    "AND position >= v_floor AND attempt = 0)) THEN  -- (see Statements.settle_simple)\n"
+    "    PERFORM pg_notify(p_channel, p_origin);\n"
+    "  END IF;\n"
     "  SELECT value INTO v_last FROM {s}.tidings_meta WHERE name = 'position';\n"
 
     "  v_first := CASE WHEN v_nb > 0 AND p_max_deliver > 1 THEN p_backoff[1] ELSE 0 END;\n"
@@ -377,7 +381,8 @@ LOG_MIGRATIONS: list[Migration] = [
         END $$""",
     ]),
     Migration(2, "fetch in one statement", [_FETCH_FUNCTION]),
-    Migration(3, "claims look messages up by position, whatever the statistics", [
+    Migration(3, "claims look messages up by position, whatever the statistics; "
+                 "acks wake other processes only when room was short", [
         _CLAIM_FUNCTION.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1),
         _FETCH_FUNCTION.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)]),
 ]
@@ -599,7 +604,8 @@ class Statements:
         return "; ".join(out)
 
     def settle_simple(self, sub_id: int, acks: Sequence[int], releases: Sequence[int],
-                      now: float, notify: tuple[str, str]) -> str:
+                      now: float, notify: tuple[str, str], max_in_flight: int,
+                      ordered: bool) -> str:
         """Acks and releases in a transaction of their own, then COMMIT.
 
         The rows' part of `plan_settle` in SQL: an ack deletes its row, a release
@@ -610,19 +616,37 @@ class Statements:
         They need no subscription lock (they only delete or postpone their rows), and
         committing them before a claim takes the lock keeps the lock order: a claim that
         holds the lock may wait for these rows, never the other way round.
+
+        Other processes' consumers of the pattern are woken (`notify`) by a release (a
+        message due again), and by acks only when the subscription had no room before
+        them (`max_in_flight` rows out) or, `ordered`, has messages parked behind their
+        keys (an ack may let one go): a consumer waits for acks only when a fetch found
+        no room or only parked messages, and the first ack after that wakes it. Woken by
+        every ack, each process's idle consumers fetched nothing after each of another's.
         """
         sub = int(sub_id)
         out = ["BEGIN", "SET LOCAL synchronous_commit TO OFF"]
+        wake = f"pg_notify('{notify[0]}', '{notify[1]}')"
         if acks:
-            out.append(f"DELETE FROM {self._pending} p USING unnest({_ints(acks)}::bigint[]) "
-                       f"AS u(position) WHERE {_rows(sub, acks)} AND p.position = u.position "
-                       "AND p.attempt > 0")
+            delete = (f"DELETE FROM {self._pending} p USING unnest({_ints(acks)}::bigint[]) "
+                      f"AS u(position) WHERE {_rows(sub, acks)} AND p.position = u.position "
+                      "AND p.attempt > 0")
+            if releases:
+                out.append(delete)
+            else:  # (the count sees the rows as they were before the delete)
+                rows = (f"FROM {self._pending} p WHERE p.sub_id = {sub} AND p.position >= "
+                        f"(SELECT floor FROM {self._subs} WHERE id = {sub})")
+                parked = f" OR EXISTS (SELECT {rows} AND p.attempt = 0)" if ordered else ""
+                out.append(
+                    f"WITH d AS ({delete} RETURNING 1) SELECT {wake} WHERE EXISTS "
+                    f"(SELECT FROM d) AND ((SELECT count(*) {rows}) >= {int(max_in_flight)}"
+                    f"{parked})")
         if releases:
             out.append(f"UPDATE {self._pending} p SET attempt = p.attempt - 1, "
                        f"due = {_float(now)} FROM unnest({_ints(releases)}::bigint[]) "
                        f"AS u(position) WHERE {_rows(sub, releases)} "
                        "AND p.position = u.position AND p.attempt > 0")
-        out.append(f"SELECT pg_notify('{notify[0]}', '{notify[1]}')")
+            out.append(f"SELECT {wake}")
         out.append("COMMIT")
         return "; ".join(out)
 
