@@ -171,8 +171,29 @@ async def seed_shop(url: str) -> None:
         await seed_hub(hub)
 
 
+def _machine_ticks() -> tuple[int, int] | None:
+    """(busy, total) CPU ticks of the whole machine so far (Linux), else None."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # (idle and iowait are not busy)
+
+
+@dataclass(frozen=True)
+class Share:
+    """What one coordinator process reports: its timed window, the CPU it used in it,
+    and the machine's CPU ticks at both ends."""
+
+    start: float
+    end: float
+    cpu: float  # s, this process
+    ticks: tuple[tuple[int, int], tuple[int, int]] | None
+
+
 async def _coordinator(url: str, first: int, count: int, clients: int,
-                       barrier: Any) -> tuple[float, float]:
+                       barrier: Any) -> Share:
     """One process's share: the shop's services and coordinator on its own hub; `count`
     sagas from a common start; then it keeps serving until every process is done."""
     async with await tidings.connect(url) as hub:
@@ -195,14 +216,17 @@ async def _coordinator(url: str, first: int, count: int, clients: int,
                     assert st["status"] == "completed", st
 
             start = time.monotonic()  # system-wide on Linux: comparable across processes
+            cpu0, ticks0 = time.process_time(), _machine_ticks()
             await asyncio.gather(*(client() for _ in range(clients)))
             end = time.monotonic()
+            cpu, ticks1 = time.process_time() - cpu0, _machine_ticks()
             # the others may still need this hub's services (their commands are shared)
             await asyncio.to_thread(barrier.wait, BARRIER_TIMEOUT)
         finally:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
-    return start, end
+    return Share(start, end, cpu,
+                 None if ticks0 is None or ticks1 is None else (ticks0, ticks1))
 
 
 def _coordinator_process(url: str, first: int, count: int, clients: int, barrier: Any,
@@ -216,8 +240,10 @@ def _coordinator_process(url: str, first: int, count: int, clients: int, barrier
         results.put(f"{type(exc).__name__}: {exc}")
 
 
-async def processes(base: str, n: int, count: int, proxy: ProxyProcess | None) -> float:
-    """Completed sagas/s of `count` coordinator processes sharing a fresh schema, n in all."""
+async def processes(base: str, n: int, count: int, proxy: ProxyProcess | None,
+                    cpu: list[tuple[float, float | None]] | None = None) -> float:
+    """Completed sagas/s of `count` coordinator processes sharing a fresh schema, n in all;
+    to `cpu`, (the processes' CPU per saga in ms, how busy the machine was in %)."""
     ctx = multiprocessing.get_context("spawn")
     async with _pg_schema(base) as url:
         await seed_shop(url)
@@ -252,7 +278,33 @@ async def processes(base: str, n: int, count: int, proxy: ProxyProcess | None) -
                     p.kill()
                     await asyncio.to_thread(p.join, 5)
             results.close()
-        return float(n / (max(e for _, e in got) - min(s for s, _ in got)))
+        first = min(got, key=lambda g: g.start)
+        last = max(got, key=lambda g: g.end)
+        if cpu is not None:
+            busy = None
+            if first.ticks is not None and last.ticks is not None:
+                (b0, t0), (b1, t1) = first.ticks[0], last.ticks[1]
+                busy = 100.0 * (b1 - b0) / (t1 - t0) if t1 > t0 else None
+            cpu.append((1000.0 * sum(g.cpu for g in got) / n, busy))
+        return float(n / (last.end - first.start))
+
+
+def _pct(busy: float | None) -> str:
+    return "?" if busy is None else f"{busy:.0f}%"
+
+
+def _cpu(cpu: dict[str, list[tuple[float, float | None]]], via: str) -> str:
+    """The process rows' CPU figures (medians): whether the machine, not the design,
+    is what two processes ran out of."""
+    parts = []
+    for count in (1, 2):
+        got = cpu.get(f"{count} process{'es' if count > 1 else ''}, {via}", [])
+        if got:
+            ms = summary([g[0] for g in got])
+            busy = [g[1] for g in got if g[1] is not None]
+            parts.append(f"{count}: {ms:.2f} ms CPU/saga in the coordinator processes, "
+                         f"machine {_pct(summary(busy) if busy else None)} busy")
+    return "; ".join(parts)
 
 
 # 4: event appends -----------------------------------------------------------------------
@@ -274,6 +326,7 @@ async def run(quick: bool) -> list[dict[str, Any]]:
                  "pip install 'tidings[bench]')")
     m = Pairs()
     n = s.sagas
+    cpu: dict[str, list[tuple[float, float | None]]] = {}  # process rows: CPU, busy
     async with server() as base, ProxyProcess.to(base, DELAY) as proxy:
         for rep in range(1, s.reps + 1):
             progress(f"pgscale: repetition {rep}/{s.reps}")
@@ -299,8 +352,13 @@ async def run(quick: bool) -> list[dict[str, Any]]:
             ways = [("1 ms away", proxy), ("direct", None)]
             for via, p in ways[:1] if quick else ways:  # quick: the proxied one only
                 for count in (1, 2):
-                    await m.take(f"{count} process{'es' if count > 1 else ''}, {via}",
-                                 "sagas/s", partial(processes, base, n, count, p))
+                    name = f"{count} process{'es' if count > 1 else ''}, {via}"
+                    await m.take(name, "sagas/s", partial(processes, base, n, count, p,
+                                                          cpu.setdefault(name, [])))
+                    if cpu[name]:
+                        ms, busy = cpu[name][-1]
+                        progress(f"pgscale: {name}: {ms:.2f} ms CPU per saga in the "
+                                 f"coordinator processes; machine {_pct(busy)} busy")
 
     how = (f"median of {s.reps}; PostgreSQL defaults (fsync, synchronous_commit on), "
            "SQLite durability full")
@@ -333,11 +391,13 @@ async def run(quick: bool) -> list[dict[str, Any]]:
         m.row(f"shop sagas, 2 processes, postgres {DELAY * 1000:g} ms away",
               "2 processes, 1 ms away", "1 process, 1 ms away",
               "1 process", "sagas/s", 1.5, sagas=n, delay_ms=DELAY * 1000,
+              cpu=_cpu(cpu, "1 ms away"),
               note=f"{CLIENTS // 2} clients each (1 process: {CLIENTS}); timed from a common "
-                   "barrier to both finished; every connection through the proxy"),
+                   "barrier to both finished; every connection through the proxy; "
+                   + _cpu(cpu, "1 ms away")),
         m.row("shop sagas, 2 processes (postgres)",
               "2 processes, direct", "1 process, direct", "1 process",
-              "sagas/s", 1.5, sagas=n,
-              note="as above, without the proxy"),
+              "sagas/s", 1.5, sagas=n, cpu=_cpu(cpu, "direct"),
+              note="as above, without the proxy; " + _cpu(cpu, "direct")),
     ]
     return [r for r in rows if r is not None]  # quick: no 2-process run without the proxy
