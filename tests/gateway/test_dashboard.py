@@ -367,6 +367,7 @@ def test_the_charts_draw_the_last_minutes(
 
     server = start_shop(start_server)
     with server.client() as c:
+        c.get("/v1/dashboard")  # a sample before (a loaded machine samples less often)
         for q in (1, 1, 10_000):  # two complete, one compensates
             r = c.post("/v1/commands/create-order",
                        json={"customer_id": "c-1", "product_id": "p-1", "quantity": q})
@@ -374,7 +375,14 @@ def test_the_charts_draw_the_last_minutes(
         c.post("/v1/topics/orders.created/messages",
                json={"messages": [{"data": {"n": i}} for i in range(20)]})
         c.get("/v1/subscriptions/billing/messages", params={"topic": "orders.*", "max": 1})
-    time.sleep(1.2)  # a sample or two after it all
+        # and a sample after it all: ask until there is one
+        deadline = time.monotonic() + 30
+        while True:
+            points = c.get("/v1/dashboard").json()["history"]
+            if any(p.get("lag") for p in points) and any(p.get("delivered") for p in points):
+                break
+            assert time.monotonic() < deadline, "no sample after the deliveries"
+            time.sleep(0.2)
     page, errors = _page(browser, server)  # a page opened afterwards sees the minutes before
     assert isinstance(page, Page)
     line = page.locator("[data-testid=chart-published] svg polyline")
