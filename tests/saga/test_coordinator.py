@@ -17,6 +17,7 @@ import pytest
 
 import tidings
 from tidings import ManualClock, Rejected, Saga, Step
+from tidings.errors import EngineUnavailable
 
 WAIT = 20.0  # real seconds: only reached when something is broken
 DAY = 86_400.0
@@ -983,3 +984,32 @@ async def test_cancel_through_a_process_without_the_sagas_version_is_refused(
     v2 = Saga("vers", [Step("a2", action=Gate())], version=2)
     with pytest.raises(tidings.InvalidArgument, match="version 1"):
         await asyncio.wait_for(second.sagas(v2).cancel(sid), WAIT)  # not a hang
+
+
+async def test_replies_are_read_on_after_the_engine_was_away_longer_than_it_rides_out(
+        env: Env, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = await env.hub(url)
+    await seed(hub, "credit", 100)
+    ledger_service(hub, "credit", "credit")
+    env.serve(hub)
+    defn = Saga("away", [Step("one", command="svc.credit.reserve", timeout=60.0,
+                              compensation="svc.credit.release"),
+                         Step("two", command="svc.credit.reserve", timeout=60.0,
+                              compensation="svc.credit.release")])
+    runner = hub.sagas(defn, clock=ManualClock())  # (never moved: no deadline passes)
+    read = type(hub.engine).read
+    outage = {"left": 0}
+
+    async def flaky(self: Any, pattern: str, *args: Any) -> Any:
+        if pattern.startswith("saga.away.replies.") and outage["left"] > 0:
+            outage["left"] -= 1
+            raise EngineUnavailable("the database is restarting (for the test)")
+        return await read(self, pattern, *args)
+
+    monkeypatch.setattr(type(hub.engine), "read", flaky)
+    outage["left"] = 1  # the coordinator's next read of its replies fails
+    sid = await runner.start({"amount": 1})
+    state = await runner.wait(sid, timeout=WAIT)  # its replies still arrive
+    assert state["status"] == "completed"
+    assert outage["left"] == 0
+    assert (await ledger(hub, "credit")).available == 98

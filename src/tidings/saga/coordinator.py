@@ -330,11 +330,25 @@ class Coordinator:
         """Replies to the commands this coordinator sent: its own topic, read as the log
         grows (a new topic: from its beginning). Nothing to ack: a reply whose outcome
         this process did not live to store is asked for again by whoever takes its saga
-        up (see the module docstring)."""
-        async for msg in self.hub.read(self.reply_topic(name), follow=True):
-            got = self._reply(msg, delivered=False)
-            if got is not None:
-                await self._take_reply(name, msg, *got)
+        up (see the module docstring).
+
+        The engine away for longer than it rides out (a database restarting) does not
+        end it: it reads on a second later from the reply it was handing over, since a
+        coordinator that stopped reading would leave every saga it drives waiting."""
+        start: int | str = "beginning"
+        while True:
+            try:
+                async for msg in self.hub.read(self.reply_topic(name), start=start,
+                                               follow=True):
+                    start = msg.position  # (again from here if handing it over fails)
+                    got = self._reply(msg, delivered=False)
+                    if got is not None:
+                        await self._take_reply(name, msg, *got)
+                    start = msg.position + 1
+                return  # (a read that follows ends only with the hub)
+            except EngineUnavailable as exc:
+                log.warning("saga %s: reading its replies: %s; again in a second", name, exc)
+                await asyncio.sleep(1.0)
 
     @staticmethod
     def _reply(msg: Message, delivered: bool) -> tuple[str, Reply] | None:
