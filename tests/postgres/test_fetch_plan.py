@@ -136,17 +136,24 @@ def test_fetch_in_one_statement_plans_as_python_does(postgres_url: str) -> None:
     assert fast_calls
 
 
-async def test_a_pending_row_past_the_cursor_does_not_wedge_a_fetch(postgres_url: str) -> None:
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_a_pending_row_past_the_cursor_does_not_wedge_a_fetch(
+        postgres_url: str, ordered: bool) -> None:
     """Rows are never past a subscription's cursor (new ones take a plain insert); were
     one there, the fetch overwrites it as the planning path does, instead of failing."""
     async with await tidings.connect(postgres_url) as hub:
         engine = hub.engine
         assert isinstance(engine, PostgresEngine)
         for i in range(3):
-            await hub.publish("past.a", i)
-        handle = await _copy(engine, "past.>", {},  # (2 out, as if taken and not past)
-                             {"cursor": 0, "rows": [(2, 1, time.time() + 60)]})
+            await hub.publish("past.a", i, key=f"k{i}")
+        handle = await _copy(engine, "past.>", {"ordered": ordered},  # (2 out, as if taken
+                             {"cursor": 0, "rows": [(2, 1, time.time() + 60)]})  # and not past)
         msgs, _ = await engine.fetch(handle, 10, time.time(), [])
-        assert sorted(m.position for m in msgs) == [1, 2, 3]
         (cursor, _floor), rows = await _after(engine, handle[0])
-        assert cursor == 3 and [(p, a) for p, a, _ in rows] == [(1, 1), (2, 1), (3, 1)]
+        assert cursor == 3
+        if ordered:  # 2 parks behind its key's row, the row there
+            assert sorted(m.position for m in msgs) == [1, 3]
+            assert [(p, a) for p, a, _ in rows] == [(1, 1), (2, 0), (3, 1)]
+        else:
+            assert sorted(m.position for m in msgs) == [1, 2, 3]
+            assert [(p, a) for p, a, _ in rows] == [(1, 1), (2, 1), (3, 1)]

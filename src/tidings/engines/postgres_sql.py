@@ -94,6 +94,20 @@ def _scan(after: str, stop: str, regex: str, limit: str) -> str:
     )
 
 
+#: what inserting a pending row does with one already there (never, but see above)
+_OVERWRITE = ("ON CONFLICT (sub_id, position) DO UPDATE SET attempt = excluded.attempt, "
+              "due = excluded.due")
+
+
+def _add_rows(conflict: str) -> str:
+    """An ordered fetch's new pending rows (`v_add`: delivered, or parked behind their
+    key with attempt 0); `conflict`: what a row already there does."""
+    return ("INSERT INTO {s}.tidings_pending (sub_id, position, attempt, due) "
+            "SELECT p_sub, u.position, u.attempt, CASE WHEN u.attempt = 0 THEN 0 "
+            "ELSE v_lease + v_first END FROM unnest(v_add, v_add_att) AS u(position, attempt) "
+            + conflict)
+
+
 def _take_new(conflict: str) -> str:
     """An unordered fetch's new messages (up to `v_take` past the cursor): their pending
     rows inserted (`conflict`: what a row already there does), the messages returned."""
@@ -283,9 +297,7 @@ _FETCH_FUNCTION = (
     "      RETURN QUERY " + _take_new("") + ";\n"
     "      GET DIAGNOSTICS v_added = ROW_COUNT;\n"
     "    ELSIF v_take > 0 THEN\n"
-    "      RETURN QUERY " + _take_new(
-        "ON CONFLICT (sub_id, position) DO UPDATE SET attempt = excluded.attempt, "
-        "due = excluded.due") + ";\n"
+    "      RETURN QUERY " + _take_new(_OVERWRITE) + ";\n"
     "      GET DIAGNOSTICS v_added = ROW_COUNT;\n"
     "    END IF;\n"
     "    v_delivered := v_added;\n"
@@ -321,11 +333,12 @@ _FETCH_FUNCTION = (
     "  END IF;\n"
     "  IF p_ordered AND v_added > 0 THEN\n"
     "    v_delivered := cardinality(v_out);\n"
-    "    INSERT INTO {s}.tidings_pending (sub_id, position, attempt, due) "
-    "SELECT p_sub, u.position, u.attempt, CASE WHEN u.attempt = 0 THEN 0 "
-    "ELSE v_lease + v_first END FROM unnest(v_add, v_add_att) AS u(position, attempt) "
-    "ON CONFLICT (sub_id, position) DO UPDATE SET attempt = excluded.attempt, "
-    "due = excluded.due;\n"
+    "    IF NOT EXISTS (SELECT FROM {s}.tidings_pending WHERE sub_id = p_sub "
+    "AND position > v_cursor) THEN  -- (as always: see above)\n"
+    "      " + _add_rows("") + ";\n"
+    "    ELSE\n"
+    "      " + _add_rows(_OVERWRITE) + ";\n"
+    "    END IF;\n"
     "  END IF;\n"
     "  IF v_want > 0 AND v_found < v_want AND v_added = v_found THEN\n"
     "    v_new := greatest(v_new, v_last);  -- nothing else matches up to the counter\n"
