@@ -88,6 +88,10 @@ _ENDED_KEPT = 1000  # final states of the sagas that ended here last, for wait()
 #: drives it too, if it is unfinished then: its starter drives it, unless it died.
 FOREIGN_GRACE = 10.0
 _ASKED_KEPT = 100_000  # the starts asked for here that _follow tells from foreign ones
+#: Messages per read of the topics followed as the log grows (replies, starts, ends): a
+#: few arrive per wake-up, and a small read runs on the event loop where an engine can
+#: (SQLite: a page of 1,000, the default, went to a worker thread at every wake-up)
+FOLLOW_PAGE = 256
 
 
 def check_saga_id(saga_id: object) -> str:
@@ -339,7 +343,7 @@ class Coordinator:
         while True:
             try:
                 async for msg in self.hub.read(self.reply_topic(name), start=start,
-                                               follow=True):
+                                               follow=True, page=FOLLOW_PAGE):
                     start = msg.position  # (again from here if handing it over fails)
                     got = self._reply(msg, delivered=False)
                     if got is not None:
@@ -421,7 +425,8 @@ class Coordinator:
         foreign: deque[tuple[float, str]] = deque()
         wake = asyncio.Event()
         self.tasks.spawn(self._adopt(name, foreign, wake), f"tidings:saga:{name}:adopt")
-        async for m in self.hub.read(f"saga.{name}.started", start=last + 1, follow=True):
+        async for m in self.hub.read(f"saga.{name}.started", start=last + 1, follow=True,
+                                     page=FOLLOW_PAGE):
             sid = m.headers.get("stream-id", "")
             if sid.startswith(prefix):
                 if sid in self._started_here:
@@ -472,7 +477,8 @@ class Coordinator:
         until the step's deadline; its starter's `wait()` with it. The end marker
         carries the stream's version: a driver behind it looks again (its own end is
         not behind, so costs nothing)."""
-        async for m in self.hub.read(f"saga.{name}.ended", start="end", follow=True):
+        async for m in self.hub.read(f"saga.{name}.ended", start="end", follow=True,
+                                     page=FOLLOW_PAGE):
             sid = m.headers.get("stream-id", "")
             self._foreign.discard(sid)  # ended: nothing for _adopt to look at
             run = self._runs.get(sid)
