@@ -12,7 +12,9 @@ next fetch: both are checked. The consumers never look again on their own here
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -47,6 +49,22 @@ async def ack_all(sub: tidings.Subscription, msgs: list[tidings.Message], how: s
         await sub.fetch(1, wait=0)  # (carries them)
 
 
+@contextlib.asynccontextmanager
+async def two_hubs(url: str, pattern: str, published: int, key: str | None = None,
+                   **spec: Any) -> AsyncIterator[tuple[tidings.Hub, tidings.Hub,
+                                                       tidings.Subscription,
+                                                       tidings.Subscription]]:
+    """Two hubs ("processes") A and B consuming one subscription (`spec`) of `pattern`
+    ('<prefix>.>'), `published` messages (0, 1, …) stored by A on <prefix>.x with `key`:
+    (A, B, A's consumer, B's consumer)."""
+    async with await tidings.connect(url) as a, await tidings.connect(url) as b:
+        sub_a = await a.subscribe(pattern, group="g", **spec)
+        sub_b = await b.subscribe(pattern, group="g", **spec)
+        for i in range(published):
+            await a.publish(pattern.replace(">", "x"), i, key=key)
+        yield a, b, sub_a, sub_b
+
+
 async def until(cond: Any, what: str) -> None:
     deadline = time.monotonic() + GUARD
     while not cond():
@@ -57,13 +75,8 @@ async def until(cond: Any, what: str) -> None:
 @pytest.mark.parametrize("how", ACKS)
 async def test_a_consumer_waiting_for_room_is_woken_by_another_processes_ack(
         postgres_url: str, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
-    async with await tidings.connect(postgres_url) as a, \
-            await tidings.connect(postgres_url) as b:
-        sub_a = await a.subscribe("room.>", group="g", max_in_flight=2)
-        sub_b = await b.subscribe("room.>", group="g", max_in_flight=2)
+    async with two_hubs(postgres_url, "room.>", 3, max_in_flight=2) as (_, b, sub_a, sub_b):
         fetches_b = counting_fetches(b, monkeypatch)
-        for i in range(3):
-            await a.publish("room.x", i)
         got = await sub_a.fetch(2, wait=GUARD)
         assert [m.decode() for m in got] == [0, 1]  # the subscription is full
         waiting = asyncio.create_task(sub_b.fetch(1, wait=GUARD))
@@ -81,12 +94,8 @@ async def test_a_consumer_waiting_for_room_is_woken_by_another_processes_ack(
 @pytest.mark.parametrize("how", ACKS)
 async def test_acks_with_room_to_spare_do_not_wake_another_processes_consumers(
         postgres_url: str, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
-    async with await tidings.connect(postgres_url) as a, \
-            await tidings.connect(postgres_url) as b:
-        sub_a = await a.subscribe("spare.>", group="g", max_in_flight=100)
-        sub_b = await b.subscribe("spare.>", group="g", max_in_flight=100)
-        for i in range(3):
-            await a.publish("spare.x", i)
+    async with two_hubs(postgres_url, "spare.>", 3, max_in_flight=100) as (a, b, sub_a,
+                                                                           sub_b):
         taken = await sub_a.fetch(3, wait=GUARD)
         assert [m.decode() for m in taken] == [0, 1, 2]
         fetches_b = counting_fetches(b, monkeypatch)
@@ -103,12 +112,8 @@ async def test_acks_with_room_to_spare_do_not_wake_another_processes_consumers(
 async def test_an_ack_that_lets_a_parked_message_go_wakes_another_processes_consumer(
         postgres_url: str, how: str) -> None:
     # (with the next fetch, A's own fetch would take the message the ack lets go)
-    async with await tidings.connect(postgres_url) as a, \
-            await tidings.connect(postgres_url) as b:
-        sub_a = await a.subscribe("keyed.>", group="g", ordered=True, max_in_flight=100)
-        sub_b = await b.subscribe("keyed.>", group="g", ordered=True, max_in_flight=100)
-        await a.publish("keyed.x", 0, key="k")
-        await a.publish("keyed.x", 1, key="k")
+    async with two_hubs(postgres_url, "keyed.>", 2, key="k", ordered=True,
+                        max_in_flight=100) as (_, _, sub_a, sub_b):
         head = await sub_a.fetch(10, wait=GUARD)
         assert [m.decode() for m in head] == [0]  # the second waits behind the first
         waiting = asyncio.create_task(sub_b.fetch(10, wait=GUARD))
