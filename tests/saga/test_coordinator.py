@@ -18,6 +18,7 @@ import pytest
 import tidings
 from tidings import ManualClock, Rejected, Saga, Step
 from tidings.errors import EngineUnavailable
+from tidings.saga import coordinator as coordinator_module
 
 WAIT = 20.0  # real seconds: only reached when something is broken
 DAY = 86_400.0
@@ -986,7 +987,7 @@ async def test_cancel_through_a_process_without_the_sagas_version_is_refused(
         await asyncio.wait_for(second.sagas(v2).cancel(sid), WAIT)  # not a hang
 
 
-async def test_replies_are_read_on_after_the_engine_was_away_longer_than_it_rides_out(
+async def test_a_coordinator_follows_on_after_the_engine_was_away_longer_than_it_rides_out(
         env: Env, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     hub = await env.hub(url)
     await seed(hub, "credit", 100)
@@ -996,20 +997,29 @@ async def test_replies_are_read_on_after_the_engine_was_away_longer_than_it_ride
                               compensation="svc.credit.release"),
                          Step("two", command="svc.credit.reserve", timeout=60.0,
                               compensation="svc.credit.release")])
-    runner = hub.sagas(defn, clock=ManualClock())  # (never moved: no deadline passes)
     read = type(hub.engine).read
-    outage = {"left": 0}
+    failed: list[str] = []
+    followed = ("saga.away.replies.", "saga.away.started", "saga.away.ended")
 
     async def flaky(self: Any, pattern: str, *args: Any) -> Any:
-        if pattern.startswith("saga.away.replies.") and outage["left"] > 0:
-            outage["left"] -= 1
+        # each read the coordinator follows fails once: its replies, the sagas started
+        # (at start-up and as the log grows) and the sagas ended
+        what = next((f for f in followed if pattern.startswith(f)), None)
+        if what is not None and failed.count(what) < (2 if "started" in what else 1):
+            failed.append(what)
             raise EngineUnavailable("the database is restarting (for the test)")
         return await read(self, pattern, *args)
 
     monkeypatch.setattr(type(hub.engine), "read", flaky)
-    outage["left"] = 1  # the coordinator's next read of its replies fails
+    monkeypatch.setattr(coordinator_module, "FOLLOW_RETRY", 0.05)
+    runner = hub.sagas(defn, clock=ManualClock())  # (never moved: no deadline passes)
     sid = await runner.start({"amount": 1})
     state = await runner.wait(sid, timeout=WAIT)  # its replies still arrive
     assert state["status"] == "completed"
-    assert outage["left"] == 0
     assert (await ledger(hub, "credit")).available == 98
+    await until(lambda: len(failed) == 4, "every follower failing")  # (started: twice)
+    await asyncio.sleep(0.3)  # (their next look)
+    assert sorted(set(failed)) == sorted(followed)
+    tasks = {t.get_name() for t in asyncio.all_tasks() if not t.done()}
+    for task in ("follow", "own-replies", "ends", "adopt"):
+        assert f"tidings:saga:away:{task}" in tasks, f"the coordinator's {task} task ended"

@@ -36,7 +36,7 @@ import functools
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import (
@@ -92,6 +92,9 @@ _ASKED_KEPT = 100_000  # the starts asked for here that _follow tells from forei
 #: few arrive per wake-up, and a small read runs on the event loop where an engine can
 #: (SQLite: a page of 1,000, the default, went to a worker thread at every wake-up)
 FOLLOW_PAGE = 256
+#: Seconds before a follower looks again after the engine was away for longer than the
+#: engine itself rides out
+FOLLOW_RETRY = 1.0
 
 
 def check_saga_id(saga_id: object) -> str:
@@ -334,25 +337,37 @@ class Coordinator:
         """Replies to the commands this coordinator sent: its own topic, read as the log
         grows (a new topic: from its beginning). Nothing to ack: a reply whose outcome
         this process did not live to store is asked for again by whoever takes its saga
-        up (see the module docstring).
+        up (see the module docstring)."""
+        async def take(msg: Message) -> None:
+            got = self._reply(msg, delivered=False)
+            if got is not None:
+                await self._take_reply(name, msg, *got)
+
+        await self._following(self.reply_topic(name), "beginning", take)
+
+    async def _following(self, topic: str, start: int | str,
+                         take: Callable[[Message], Awaitable[None]]) -> None:
+        """Hand each message of `topic` from `start` (a position, 'beginning' or 'end')
+        on to `take`, as the log grows, until the hub closes.
 
         The engine away for longer than it rides out (a database restarting) does not
-        end it: it reads on a second later from the reply it was handing over, since a
-        coordinator that stopped reading would leave every saga it drives waiting."""
-        start: int | str = "beginning"
+        end it: it reads on a second later from the message it was handing over. A
+        coordinator that stopped following its replies, or the sagas started and ended,
+        would leave the sagas it drives waiting."""
         while True:
             try:
-                async for msg in self.hub.read(self.reply_topic(name), start=start,
-                                               follow=True, page=FOLLOW_PAGE):
+                if start == "end":  # (resolved once: what is stored during an outage counts)
+                    start = await self.hub.engine.last_position() + 1
+                async for msg in self.hub.read(topic, start=start, follow=True,
+                                               page=FOLLOW_PAGE):
                     start = msg.position  # (again from here if handing it over fails)
-                    got = self._reply(msg, delivered=False)
-                    if got is not None:
-                        await self._take_reply(name, msg, *got)
+                    await take(msg)
                     start = msg.position + 1
                 return  # (a read that follows ends only with the hub)
             except EngineUnavailable as exc:
-                log.warning("saga %s: reading its replies: %s; again in a second", name, exc)
-                await asyncio.sleep(1.0)
+                log.warning("saga coordinator: following %s: %s; again in a second",
+                            topic, exc)
+                await asyncio.sleep(FOLLOW_RETRY)
 
     @staticmethod
     def _reply(msg: Message, delivered: bool) -> tuple[str, Reply] | None:
@@ -404,14 +419,21 @@ class Coordinator:
 
     async def _follow(self, name: str) -> None:
         """Resume unfinished sagas at start-up, then pick up sagas other processes start."""
-        ended: set[str] = set()
-        started: list[str] = []
-        async for m in self.hub.read(f"saga.{name}.ended"):
-            ended.add(m.headers.get("stream-id", ""))
-        last = 0
-        async for m in self.hub.read(f"saga.{name}.started"):
-            started.append(m.headers.get("stream-id", ""))
-            last = m.position
+        while True:
+            try:
+                ended: set[str] = set()
+                started: list[str] = []
+                async for m in self.hub.read(f"saga.{name}.ended"):
+                    ended.add(m.headers.get("stream-id", ""))
+                last = 0
+                async for m in self.hub.read(f"saga.{name}.started"):
+                    started.append(m.headers.get("stream-id", ""))
+                    last = m.position
+                break
+            except EngineUnavailable as exc:  # (as `_following` does)
+                log.warning("saga %s: reading the sagas started: %s; again in a second",
+                            name, exc)
+                await asyncio.sleep(FOLLOW_RETRY)
         prefix = f"saga-{name}-"
         for sid in started:  # driven from their start here already, or resumed just below
             self._started_here.discard(sid)
@@ -425,21 +447,23 @@ class Coordinator:
         foreign: deque[tuple[float, str]] = deque()
         wake = asyncio.Event()
         self.tasks.spawn(self._adopt(name, foreign, wake), f"tidings:saga:{name}:adopt")
-        async for m in self.hub.read(f"saga.{name}.started", start=last + 1, follow=True,
-                                     page=FOLLOW_PAGE):
+
+        async def take(m: Message) -> None:
             sid = m.headers.get("stream-id", "")
-            if sid.startswith(prefix):
-                if sid in self._started_here:
-                    self._started_here.discard(sid)  # driven here from its start
-                    continue
-                if sid in self._runs:
-                    continue
-                if self._asked_here.get(sid):  # this process's own start, driven by none
-                    await self._take_on(name, sid[len(prefix):])
-                else:
-                    foreign.append((self.clock.now() + FOREIGN_GRACE, sid[len(prefix):]))
-                    self._foreign.add(sid)
-                    wake.set()
+            if not sid.startswith(prefix):
+                return
+            if sid in self._started_here:
+                self._started_here.discard(sid)  # driven here from its start
+            elif sid in self._runs:
+                return
+            elif self._asked_here.get(sid):  # this process's own start, driven by none
+                await self._take_on(name, sid[len(prefix):])
+            else:
+                foreign.append((self.clock.now() + FOREIGN_GRACE, sid[len(prefix):]))
+                self._foreign.add(sid)
+                wake.set()
+
+        await self._following(f"saga.{name}.started", last + 1, take)
 
     async def _adopt(self, name: str, foreign: deque[tuple[float, str]],
                      wake: asyncio.Event) -> None:
@@ -477,14 +501,15 @@ class Coordinator:
         until the step's deadline; its starter's `wait()` with it. The end marker
         carries the stream's version: a driver behind it looks again (its own end is
         not behind, so costs nothing)."""
-        async for m in self.hub.read(f"saga.{name}.ended", start="end", follow=True,
-                                     page=FOLLOW_PAGE):
+        async def take(m: Message) -> None:
             sid = m.headers.get("stream-id", "")
             self._foreign.discard(sid)  # ended: nothing for _adopt to look at
             run = self._runs.get(sid)
             version = m.headers.get("stream-version", "")
             if run is not None and version.isdigit():
                 run.inbox.put_nowait(Moved(int(version)))
+
+        await self._following(f"saga.{name}.ended", "end", take)
 
     # requests ------------------------------------------------------------------------
     async def cancel(self, name: str, saga_id: str, reason: str) -> None:
