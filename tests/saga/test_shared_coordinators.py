@@ -231,3 +231,51 @@ async def test_a_saga_another_hub_ended_within_the_grace_is_not_read_when_it_pas
     await asyncio.sleep(0.1)  # (room for a wrong read)
     assert loaded == []  # B had seen it end: nothing to read when the grace passed
     assert stream_id(defn.name, sid) not in coordinator(runner_b)._runs
+
+
+async def test_a_second_driver_gets_the_reply_when_the_first_is_gone(
+        env: Env, sqlite_url: str) -> None:
+    """A takes a saga up from B after the grace; both drive it. A step B sends after that
+    is asked again by A, so when B goes away before its reply comes, A still gets one
+    (the reply to B's command goes to B's topic, which nobody reads now)."""
+    hub_a = await env.hub(sqlite_url)
+    hub_b = await env.hub(sqlite_url)
+    services = await env.hub(sqlite_url)
+    one_done, two_done = asyncio.Event(), asyncio.Event()
+    ran: list[str] = []
+
+    @services.handler("svc.pas.one")
+    async def one(cmd: tidings.Command[Any]) -> dict[str, Any]:
+        ran.append("one")
+        await one_done.wait()
+        return {"one": 1}
+
+    @services.handler("svc.pas.two")
+    async def two(cmd: tidings.Command[Any]) -> dict[str, Any]:
+        ran.append("two")
+        await two_done.wait()
+        return {"two": 2}
+
+    env.serve(services)
+    defn = Saga("pas", [Step("one", command="svc.pas.one", timeout=60.0),
+                        Step("two", command="svc.pas.two", timeout=60.0)])
+    clock_a = ManualClock(T0)
+    runner_a = hub_a.sagas(defn, clock=clock_a)
+    await until(lambda: following(defn.name), "A's coordinator following started sagas")
+    runner_b = hub_b.sagas(defn, clock=ManualClock(T0))  # (never moved)
+    sid = await runner_b.start({})
+    sid_stream = stream_id(defn.name, sid)
+    await until(lambda: ran == ["one"], "step one running (slowly)")
+    await until(lambda: clock_a.sleepers == 1, "A's coordinator waiting out the grace")
+    await clock_a.advance(FOREIGN_GRACE + 1)  # B is slow: A takes the saga up too
+    await until(lambda: sid_stream in coordinator(runner_a)._runs, "A driving it")
+    one_done.set()  # B or A records step one and sends step two; the other looks again
+    await until(lambda: ran.count("two") >= 1, "step two running")
+    await env.close(hub_b)  # B goes away before step two's reply
+    two_done.set()
+    state = await runner_a.wait(sid, timeout=WAIT)  # A's clock never reaches a deadline
+    assert state["status"] == "completed", state.get("reason")
+    assert state["data"] == {"one": 1, "two": 2}
+    assert ran.count("one") == 1 or ran.count("one") == 2  # (asked again: the inbox answers)
+    events = await stream_events(hub_a, defn.name, sid)
+    assert sum(type(ev).__name__ == "StepCompleted" for ev in events) == 2

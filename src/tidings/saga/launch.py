@@ -190,6 +190,7 @@ async def _commit_with_start(run: SagaRun, defn: Saga, state: SagaState, unit: U
         outcomes = await commit(run.hub, list(unit.aggregates.values()), appends,
                                 [*launch.messages, *messages],
                                 headers={"correlation-id": state.id})
+        run.sent.update(m.id for m in [*launch.messages, *messages])  # (see commit_steps)
     except ConcurrencyError as exc:
         if exc.stream_id != sid:
             # one of the unit's aggregates moved meanwhile (another writer): the unit

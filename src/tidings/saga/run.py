@@ -62,7 +62,7 @@ class SagaRun:
     """
 
     __slots__ = ("clock", "coord", "drive_again", "finished", "hub", "inbox", "launch", "name",
-                 "saga_id", "sent", "sid", "task", "taking_up")
+                 "saga_id", "sent", "sid", "task")
 
     def __init__(self, coord: Coordinator, name: str, saga_id: str, *, launch: Launch | None,
                  inbox: Inbox | None, sent: set[str] | None) -> None:
@@ -75,13 +75,9 @@ class SagaRun:
         self.inbox = inbox if inbox is not None else Inbox()
         #: its start() waiting for the driver's first unit (see launch.py), until taken
         self.launch = launch
-        #: the ids of the command messages sent for it while it is driven here (one
-        #: that was not is re-sent when the driver takes the attempt up)
+        #: the ids of the command messages this driver committed or asked again (an
+        #: attempt in flight that was not sent here is asked again: see _step)
         self.sent: set[str] = sent if sent is not None else set()
-        #: still driving from the state it began with: an attempt in flight there that
-        #: was not sent here is asked again (its sender may be gone). Not after the
-        #: stream moved under it: its writer is alive and gets its reply.
-        self.taking_up = True
         #: a start of this id was stored while the driver was ending: drive it again
         self.drive_again = False
         #: resolved when the driver ends: the saga's final state, or None (see `drive`)
@@ -99,8 +95,9 @@ class SagaRun:
 
     def next_moves(self, defn: Saga, state: SagaState, events: list[Event], now: float
                    ) -> tuple[list[Event], list[OutMessage]]:
+        # (the commands count as sent here once committed: see commit_steps)
         return next_moves(defn, state, events, now, self.coord.inline_handler,
-                          then_advance=self.inbox.empty(), sent=self.sent,
+                          then_advance=self.inbox.empty(), sent=set(),
                           reply_to=self.coord.reply_topic(self.name))
 
     async def commit_steps(self, defn: Saga, state: SagaState, expected: int,
@@ -113,6 +110,10 @@ class SagaRun:
         appends: list[InboxAppend] = [] if fence is None else [fence]
         appends.append((self.sid, batch, expected, f"saga.{defn.name}.steps"))  # (last: stamped)
         outcomes = await commit(self.hub, saves, appends, messages, headers=headers)
+        # Sent here only now: a commit that failed (the stream moved: another driver
+        # wrote the same step, under the same message id) sent nothing, and the
+        # other's reply does not come here; this driver asks again.
+        self.sent.update(m.id for m in messages)
         stamp(state, len(batch), outcomes[-1].time)
 
     # the driver ----------------------------------------------------------------------------
@@ -152,7 +153,6 @@ class SagaRun:
                     await self._step(defn, state)
             except ConcurrencyError:
                 state = await load(self.name, self.saga_id)  # someone else wrote: look again
-                self.taking_up = False
             except (asyncio.CancelledError, ClosedError):
                 raise
             except TidingsError as exc:  # the engine is unavailable for a moment
@@ -196,12 +196,14 @@ class SagaRun:
             # deadline passes here and the next attempt goes out as a message.
             if not p.inline:
                 mid = message_id(state, step.name, p.kind, p.attempt)
-                if mid not in self.sent:  # sent elsewhere
-                    if self.taking_up and (p.deadline is None
-                                           or p.deadline > self.clock.now()):
+                if mid not in self.sent:  # sent elsewhere (its reply goes there)
+                    # Asked again, its reply coming here: its sender may be gone (a
+                    # restart, an adoption), or go before the reply comes. Past its
+                    # deadline it is not: it times out now.
+                    if p.deadline is None or p.deadline > self.clock.now():
                         await self._ask_again(defn, state)
-                    else:  # by the live writer that moved the stream (it gets the reply),
-                        self.sent.add(mid)  # or past its deadline: it times out now
+                    else:
+                        self.sent.add(mid)
             outcome = await self._await_reply(defn, state)
         else:
             assert target is not None  # (a local action, or a local compensation)
@@ -340,7 +342,7 @@ class SagaRun:
         """Ask the attempt in flight again, its reply coming here: it was sent by another
         coordinator, or by this process before it restarted, which may not be there to
         take the reply. The same idempotency key: the service runs the command once and
-        answers a repeat with the stored outcome. Its plain id counts as sent here too."""
+        answers a repeat with the stored outcome. Both ids count as sent here then."""
         p = state.pending
         assert p is not None
         ev: StepStarted | CompensationStarted = (
@@ -348,17 +350,18 @@ class SagaRun:
             if p.kind == "action" else
             CompensationStarted(step=p.step, attempt=p.attempt, deadline=p.deadline))
         coord = self.coord
-        out = attempt_message(defn, state, ev, self.sent, coord.reply_topic(self.name),
+        out = attempt_message(defn, state, ev, set(), coord.reply_topic(self.name),
                               again=coord.instance)
         if out is None:
             return
-        self.sent.add(message_id(state, defn.steps[p.step].name, p.kind, p.attempt))
         tel = self.hub.telemetry
         if tel is None:
             self.hub.counters.on_publish([out], await self.hub.engine.append([out]))
-            return
-        with tel.sending([out]):  # (a `send` span, in the saga's trace, as the first had)
-            self.hub.counters.on_publish([out], await self.hub.engine.append([out]))
+        else:
+            with tel.sending([out]):  # (a `send` span in the saga's trace, as the first had)
+                self.hub.counters.on_publish([out], await self.hub.engine.append([out]))
+        self.sent.update((out.id, message_id(state, defn.steps[p.step].name, p.kind,
+                                              p.attempt)))
 
     # recording ---------------------------------------------------------------------------
     async def _append(self, defn: Saga, state: SagaState, events: list[Event]) -> None:
