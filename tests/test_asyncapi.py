@@ -65,9 +65,9 @@ async def test_the_shops_document_is_valid_with_its_commands_replies_and_payload
     assert send["action"] == "send"
     assert send["channel"] == {"$ref": "#/channels/customer.reserve_credit"}
     assert send["reply"]["channel"] == {"$ref": "#/channels/saga.create-order.replies"}
-    # (the coordinator that sent the command: each reads its own replies)
+    # (the slot of the coordinator that sent the command: each reads its slot's topic)
     assert doc["channels"]["saga.create-order.replies"]["address"] == \
-        "saga.create-order.replies.{coordinator}"
+        "saga.create-order.replies.{slot}"
     undo = doc["operations"]["create-order.reserve_credit.compensate"]
     assert undo["channel"] == {"$ref": "#/channels/customer.release_credit"}
     assert "create-order.approve.compensate" not in doc["operations"]  # after the pivot

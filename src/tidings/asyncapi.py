@@ -6,7 +6,7 @@ annotation), each `@hub.handler` (a `receive` operation on its command topic,
 replying wherever the command's `reply-to` header points), each topic declared
 with `hub.publishes` (a `send` operation), and each saga's commands and their
 compensations (`send` operations whose AsyncAPI `reply` is the saga's reply
-topic `saga.<name>.replies.{coordinator}`) and its start (the `SagaStarted` event on
+topic `saga.<name>.replies.{slot}`) and its start (the `SagaStarted` event on
 `saga.<name>.started`, whose `data` is the saga's input). Payload schemas come from `inputs.input_schema`,
 named under `components.schemas`, so every `$ref` resolves inside the document.
 
@@ -67,6 +67,8 @@ _COMMAND_HEADERS: dict[str, Any] = {
         "saga-step-name": _STR, "saga-kind": {"type": "string",
                                               "enum": ["action", "compensation"]},
         "saga-attempt": _STR,
+        "saga-coordinator": {**_STR, "description": "the id of the coordinator that sent "
+                             "the command; the reply carries it back"},
     },
 }
 _REPLY_HEADERS: dict[str, Any] = {
@@ -288,17 +290,19 @@ class _Builder:
 
     def saga_replies(self, saga: str) -> str:
         """The channel replies to saga `saga`'s commands come back on: the sending
-        coordinator's own topic (its id the address's last token)."""
+        coordinator's slot (the address's last token), the coordinator in their
+        `saga-coordinator` header."""
         pattern = f"saga.{saga}.replies.*"
         found = self._channel_ids.get(pattern)
         if found is not None:
             return found
         cid = _unique(_safe(f"saga.{saga}.replies"), self.channels)
         self.channels[cid] = {
-            "address": f"saga.{saga}.replies.{{coordinator}}",
-            "parameters": {"coordinator": {
-                "description": "the id of the coordinator that sent the command: each "
-                               "reads its own replies"}},
+            "address": f"saga.{saga}.replies.{{slot}}",
+            "parameters": {"slot": {
+                "description": "the slot of the coordinator that sent the command (a "
+                               "number): each reads its slot and takes the replies whose "
+                               "saga-coordinator header names it"}},
             "x-tidings-pattern": pattern,
             "description": f"replies to the commands of saga {saga}, on the topic the "
                            "command's reply-to header names (saga.<name>.replies itself "
@@ -464,7 +468,7 @@ class _Builder:
             else:  # what the sagas here send it, else any object
                 mids = list(self.channels[cid]["messages"]) or [self.command(None)]
             reply_cid = self.channel(None, "the topic a command's reply-to header names "
-                                           "(a saga's saga.<name>.replies.<coordinator>)")
+                                           "(a saga's saga.<name>.replies.<slot>)")
             self.operation(f"handle.{h.command}", {
                 "action": "receive", "channel": _ref("channels", cid),
                 "summary": f"{_name(h.fn)} handles the command (group {h.group})",

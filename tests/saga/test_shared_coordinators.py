@@ -20,7 +20,7 @@ import pytest
 
 import tidings
 from tidings import ManualClock, Saga, Step
-from tidings.saga.coordinator import FOREIGN_GRACE, Coordinator
+from tidings.saga.coordinator import FOREIGN_GRACE, REPLY_SLOTS, Coordinator
 from tidings.saga.definition import SagaCompleted
 from tidings.saga.moves import stream_id
 from tidings.saga.runner import SagaRunner
@@ -46,8 +46,9 @@ async def stream_events(hub: tidings.Hub, name: str, saga_id: str) -> list[Any]:
     return [rec.event async for rec in hub.events.read(stream_id(name, saga_id))]
 
 
+@pytest.mark.parametrize("slots", ["their own", "one for both"])
 async def test_replies_come_back_to_the_coordinator_that_sent_the_command(
-        env: Env, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        env: Env, sqlite_url: str, monkeypatch: pytest.MonkeyPatch, slots: str) -> None:
     hub_a = await env.hub(sqlite_url)
     hub_b = await env.hub(sqlite_url)
     driven: list[tuple[str, str]] = []  # (the hub that drove it, saga id)
@@ -70,6 +71,10 @@ async def test_replies_come_back_to_the_coordinator_that_sent_the_command(
                            Step("three", command="svc.shared.do", timeout=60.0)])
     runner_a = hub_a.sagas(defn, clock=ManualClock(T0))  # (never moved: no grace passes)
     runner_b = hub_b.sagas(defn, clock=ManualClock(T0))
+    if slots == "one for both":  # (as two coordinators' ids may choose): one reply topic
+        coordinator(runner_a).slot = coordinator(runner_b).slot = 3
+    else:
+        coordinator(runner_b).slot = (coordinator(runner_a).slot + 1) % REPLY_SLOTS
     await until(lambda: following(defn.name), "the coordinators following started sagas")
     ids = {"a": [await runner_a.start({"n": i}) for i in range(10)],
            "b": [await runner_b.start({"n": i}) for i in range(10)]}
@@ -80,12 +85,11 @@ async def test_replies_come_back_to_the_coordinator_that_sent_the_command(
     assert sorted(driven) == sorted((h, sid) for h, mine in ids.items() for sid in mine)
     replies = await read_all(hub_a, "saga.affine.replies.>")
     assert len(replies) == 60  # three steps each, one reply per command: nothing asked again
-    mine_a = {sid for sid in ids["a"]}
-    topics = {("a" if r.headers["saga-id"] in mine_a else "b", r.topic) for r in replies}
-    assert topics == {("a", coordinator(runner_a).reply_topic("affine")),
-                      ("b", coordinator(runner_b).reply_topic("affine"))}
-    assert coordinator(runner_a).reply_topic("affine") != \
-        coordinator(runner_b).reply_topic("affine")
+    mine_a = set(ids["a"])
+    senders = {("a" if r.headers["saga-id"] in mine_a else "b", r.headers["saga-coordinator"],
+                r.topic) for r in replies}
+    assert senders == {(h, coordinator(r).instance, coordinator(r).reply_topic("affine"))
+                       for h, r in (("a", runner_a), ("b", runner_b))}
 
 
 async def test_a_driver_whose_saga_another_coordinator_ended_ends_too(
@@ -95,13 +99,12 @@ async def test_a_driver_whose_saga_another_coordinator_ended_ends_too(
 
     # A's coordinator hears no reply (a process too slow to read them): its driver waits
     # for one until the step's deadline, unless it hears that the saga moved on.
-    own = Coordinator._own_replies
+    take = Coordinator._take_reply
 
-    async def deaf_a(self: Coordinator, name: str) -> None:
-        if self.hub is not hub_a:
-            await own(self, name)
+    async def deaf_a(self: Coordinator, *args: Any) -> bool:
+        return True if self.hub is hub_a else await take(self, *args)
 
-    monkeypatch.setattr(Coordinator, "_own_replies", deaf_a)
+    monkeypatch.setattr(Coordinator, "_take_reply", deaf_a)
     served: list[str] = []
 
     @hub_b.handler("svc.shared.do")

@@ -252,7 +252,7 @@ class Replies(dict[str, dict[Attempt, float]]):
 async def _replies(hub: tidings.Hub) -> Replies:
     out = Replies()
     # (this hub's own coordinator, if it has one, is alive: it takes its replies)
-    alive = f"saga.soak.replies.{getattr(hub._coordinator, 'instance', '')}"
+    alive = getattr(hub._coordinator, "instance", "")
     taken: set[tuple[str, Attempt]] = set()
     every: set[tuple[str, Attempt]] = set()
     for pattern in ("saga.soak.replies", "saga.soak.replies.>"):
@@ -261,7 +261,7 @@ async def _replies(hub: tidings.Hub) -> Replies:
             key = (int(h["saga-step"]), h["saga-kind"], int(h["saga-attempt"]))
             out.setdefault(h["saga-id"], {}).setdefault(key, m.time.timestamp())
             every.add((h["saga-id"], key))
-            if m.topic in ("saga.soak.replies", alive):
+            if m.topic == "saga.soak.replies" or m.headers.get("saga-coordinator") == alive:
                 taken.add((h["saga-id"], key))
     out.orphans = every - taken
     return out

@@ -12,13 +12,17 @@ started by other processes), routes replies and requests to them, and keeps one
 
 Topics, per saga name N: `saga.N.started` / `saga.N.ended` (lifecycle, read
 on start-up to find unfinished sagas), `saga.N.steps` (the rest), and
-`saga.N.replies.<C>` (services' replies to the commands coordinator C sent).
+`saga.N.replies.<slot>` (services' replies to the commands of the coordinators
+in that slot, 0 to REPLY_SLOTS - 1).
 
 Replies come back to the coordinator that sent the command, not to whichever
 coordinator sharing the database takes them first: a command's `reply-to` names
-its sender's own topic, which only its sender reads (a plain read that follows
-the log: no subscription, nothing stored per coordinator). Shared, replies moved
-half the sagas of two coordinators to the other process at every step. A reply
+its sender's slot and its `saga-coordinator` header its sender, and each
+coordinator reads its slot's topic as the log grows and takes its own replies
+(a plain read: no subscription, nothing stored per coordinator). Shared, replies
+moved half the sagas of two coordinators to the other process at every step. A
+coordinator's id is new each run; its slot is one of a fixed few, so restarts
+and scaling add no topics (a topic each would have piled up for ever). A reply
 the sender did not live to record is not lost: whoever takes the saga up (a
 coordinator starting, or one adopting a saga its starter left, see
 FOREIGN_GRACE) asks the attempt in flight again under its own reply topic, and
@@ -58,7 +62,7 @@ from .handlers import CommandHandler
 from .inbox import CancelRequest, Inbox, Moved, Reply, RetryRequest
 from .inline import inline_for
 from .launch import Launch, StartBy
-from .moves import next_moves, stream_id
+from .moves import ReplyTo, next_moves, stream_id
 from .run import SagaRun, ended_or_stuck
 from .unit import StreamLocks
 
@@ -88,6 +92,9 @@ _ENDED_KEPT = 1000  # final states of the sagas that ended here last, for wait()
 #: drives it too, if it is unfinished then: its starter drives it, unless it died.
 FOREIGN_GRACE = 10.0
 _ASKED_KEPT = 100_000  # the starts asked for here that _follow tells from foreign ones
+#: How many reply topics a saga has (`saga.N.replies.0` …): each coordinator reads one,
+#: chosen by its id, and passes over the replies of others that chose the same
+REPLY_SLOTS = 32
 #: Messages per read of the topics followed as the log grows (replies, starts, ends): a
 #: few arrive per wake-up, and a small read runs on the event loop where an engine can
 #: (SQLite: a page of 1,000, the default, went to a worker thread at every wake-up)
@@ -111,9 +118,14 @@ class Coordinator:
     def __init__(self, hub: Hub, clock: Clock | None = None) -> None:
         self.hub = hub
         self.clock: Clock = clock or SystemClock()
-        #: this coordinator's name among those sharing the database: its reply topics'
-        #: last token (new each run: a restarted process asks its attempts again)
+        #: this coordinator's name among those sharing the database, in the commands
+        #: it sends and so in their replies (new each run: a restarted process asks its
+        #: attempts again), and its slot: its reply topics' last token
         self.instance = os.urandom(6).hex()
+        self.slot = int(self.instance, 16) % REPLY_SLOTS
+        # per saga name: resolved once its replies are read from a position before any
+        # command this coordinator sends (see replies_ready)
+        self._replies_from: dict[str, asyncio.Future[None]] = {}
         self._defs: dict[str, dict[int, Saga]] = {}  # name -> version -> definition
         #: every task of the coordinator: a driver per saga driven here, and per saga
         #: name its discovery (`_follow`) and its replies (`_replies`)
@@ -145,6 +157,7 @@ class Coordinator:
             self.tasks.spawn(self._follow(defn.name), f"tidings:saga:{defn.name}:follow")
             self.tasks.spawn(self._replies(defn.name, reply_lease(defn)),
                              f"tidings:saga:{defn.name}:replies")
+            self._replies_from[defn.name] = asyncio.get_running_loop().create_future()
             self.tasks.spawn(self._own_replies(defn.name),
                              f"tidings:saga:{defn.name}:own-replies")
             self.tasks.spawn(self._ends(defn.name), f"tidings:saga:{defn.name}:ends")
@@ -159,7 +172,19 @@ class Coordinator:
 
     def reply_topic(self, name: str) -> str:
         """Where replies to the commands this coordinator sends for saga `name` go."""
-        return f"saga.{name}.replies.{self.instance}"
+        return f"saga.{name}.replies.{self.slot}"
+
+    def reply_to(self, name: str) -> ReplyTo:
+        """The reply-to of the commands this coordinator sends for saga `name`."""
+        return ReplyTo(self.reply_topic(name), self.instance)
+
+    async def replies_ready(self, name: str) -> None:
+        """Return once this coordinator reads saga `name`'s replies from a position
+        before any command it sends from now on (at once, but for its first moments):
+        its slot's topic holds others' replies, so it is not read from its beginning."""
+        fut = self._replies_from.get(name)
+        if fut is not None and not fut.done():
+            await asyncio.shield(fut)
 
     def definitions(self) -> tuple[Saga, ...]:
         """Each registered saga's newest version, in the order first registered."""
@@ -209,9 +234,10 @@ class Coordinator:
         started = SagaStarted(saga=defn.name, version=defn.version, data=data, trace=trace)
         evolve(defn, state, started, now)
         sent: set[str] = set()
+        await self.replies_ready(defn.name)
         batch, messages = next_moves(defn, state, [], now, self.inline_handler,
                                      then_advance=True, sent=sent,
-                                     reply_to=self.reply_topic(defn.name))
+                                     reply_to=self.reply_to(defn.name))
         appends: list[StartAppend] = [(sid, [started], NO_STREAM, f"saga.{defn.name}.started")]
         if batch:
             appends.append((sid, batch, 1, f"saga.{defn.name}.steps"))
@@ -334,16 +360,36 @@ class Coordinator:
                 await msg.ack()
 
     async def _own_replies(self, name: str) -> None:
-        """Replies to the commands this coordinator sent: its own topic, read as the log
-        grows (a new topic: from its beginning). Nothing to ack: a reply whose outcome
-        this process did not live to store is asked for again by whoever takes its saga
-        up (see the module docstring)."""
+        """Replies to the commands this coordinator sent: its slot's topic, read as the
+        log grows from before its first command, the others' replies passed over.
+        Nothing to ack: a reply whose outcome this process did not live to store is
+        asked for again by whoever takes its saga up (see the module docstring)."""
+        ready = self._replies_from[name]
+        try:
+            while True:
+                try:
+                    start = await self.hub.engine.last_position() + 1
+                    break
+                except EngineUnavailable as exc:  # (as `_following` does)
+                    log.warning("saga %s: reading its replies: %s; again in a second",
+                                name, exc)
+                    await asyncio.sleep(FOLLOW_RETRY)
+            ready.set_result(None)
+        finally:
+            if not ready.done():  # (closing meanwhile: a start() waiting must not hang)
+                ready.set_exception(ClosedError("the hub closed; start the saga on an "
+                                                "open hub"))
+                ready.exception()  # (retrieved: nobody may be waiting)
+        me = self.instance
+
         async def take(msg: Message) -> None:
+            if msg.headers.get("saga-coordinator") != me:
+                return  # another coordinator's, of this slot
             got = self._reply(msg, delivered=False)
             if got is not None:
                 await self._take_reply(name, msg, *got)
 
-        await self._following(self.reply_topic(name), "beginning", take)
+        await self._following(self.reply_topic(name), start, take)
 
     async def _following(self, topic: str, start: int | str,
                          take: Callable[[Message], Awaitable[None]]) -> None:

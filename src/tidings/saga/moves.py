@@ -5,15 +5,15 @@ as the event that decides to send it (`StepStarted`, `CompensationStarted`), and
 the end marker (`saga.N.ended`) with the saga's last event. Every attempt of a
 command goes out under an id and an idempotency key derived from the saga, the
 step and the attempt, so a re-send is a duplicate the engine and the service's
-inbox drop. Its `reply-to` is the topic of the coordinator that sends it
-(`saga.N.replies.<coordinator>`, see coordinator.py); a coordinator taking an
-attempt up from another one asks it again under its own (`SagaRun._ask_again`).
+inbox drop. Its `reply-to` and `saga-coordinator` headers send the reply back to the
+coordinator that sent it (see coordinator.py); a coordinator taking an attempt up
+from another one asks it again under its own (`SagaRun._ask_again`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import msgspec
 
@@ -33,7 +33,8 @@ from .handlers import FENCE_COMMAND, FENCE_KEY, CommandHandler
 if TYPE_CHECKING:
     from ..eventsourcing.events import Event
 
-__all__ = ["CommandMessage", "command_message", "forward_key", "next_moves", "stream_id"]
+__all__ = ["CommandMessage", "ReplyTo", "command_message", "forward_key", "next_moves",
+           "stream_id"]
 
 #: the inline handler of a command on this hub, if any (`Coordinator.inline_handler`)
 InlineLookup = Callable[[str], CommandHandler | None]
@@ -44,6 +45,15 @@ _LIFECYCLE_END = (SagaCompleted, SagaCompensated)
 def stream_id(name: str, saga_id: str) -> str:
     """The stream of saga `saga_id` of definition `name` (ids are unique per name only)."""
     return f"saga-{name}-{saga_id}"
+
+
+class ReplyTo(NamedTuple):
+    """Where a command's reply goes: `topic` (its `reply-to`), shared by a few
+    coordinators at most, and the `coordinator` that sent it (its `saga-coordinator`
+    header, which the reply carries back: the one that takes the reply)."""
+
+    topic: str
+    coordinator: str
 
 
 class CommandMessage(msgspec.Struct, frozen=True):
@@ -57,7 +67,7 @@ class CommandMessage(msgspec.Struct, frozen=True):
 
 def next_moves(defn: Saga, state: SagaState, events: list[Event], now: float,
                inline: InlineLookup, *, then_advance: bool, sent: set[str],
-               reply_to: str | None = None) -> tuple[list[Event], list[OutMessage]]:
+               reply_to: ReplyTo | None = None) -> tuple[list[Event], list[OutMessage]]:
     """Fold `events` into `state` and, when `then_advance`, the next move too if it is
     immediate; the events to store and the messages (commands, the end marker) to
     send with them. The ids of the commands sent are added to `sent`; their replies go
@@ -107,7 +117,7 @@ def _mark_inline(defn: Saga, state: SagaState, ev: Event, inline: InlineLookup) 
 
 
 def attempt_message(defn: Saga, state: SagaState, ev: StepStarted | CompensationStarted,
-                    sent: set[str], reply_to: str | None = None, again: str = ""
+                    sent: set[str], reply_to: ReplyTo | None = None, again: bool = False
                     ) -> OutMessage | None:
     """The message the attempt `ev` starts sends (its id added to `sent`); None when it
     sends none (an inline attempt, or a local function the driver runs). With `again`,
@@ -123,11 +133,12 @@ def attempt_message(defn: Saga, state: SagaState, ev: StepStarted | Compensation
 
 
 def command_message(defn: Saga, state: SagaState, index: int, kind: Kind, attempt: int,
-                    reply_to: str | None = None, again: str = "") -> CommandMessage | None:
+                    reply_to: ReplyTo | None = None, again: bool = False
+                    ) -> CommandMessage | None:
     """The command attempt `attempt` of step `index` sends (`kind`: its action or its
     compensation), its reply going to `reply_to` (by default `saga.N.replies`); None
-    when that is a local function. `again` (the asking coordinator) makes it the same
-    attempt asked again: another message id, the same idempotency key."""
+    when that is a local function. `again` makes it the same attempt asked again by
+    `reply_to`'s coordinator: another message id, the same idempotency key."""
     step = defn.steps[index]
     command = step.command if kind == "action" else step.compensation
     if not isinstance(command, str):
@@ -135,10 +146,13 @@ def command_message(defn: Saga, state: SagaState, index: int, kind: Kind, attemp
     headers = {
         "saga-id": state.id, "saga-name": defn.name, "saga-version": str(defn.version),
         "saga-step": str(index), "saga-step-name": step.name, "saga-kind": kind,
-        "saga-attempt": str(attempt), "reply-to": reply_to or f"saga.{defn.name}.replies",
+        "saga-attempt": str(attempt),
+        "reply-to": reply_to.topic if reply_to else f"saga.{defn.name}.replies",
         "idempotency-key": _idempotency_key(state, step.name, kind),
         "correlation-id": state.id, "content-type": "application/json",
     }
+    if reply_to is not None:
+        headers["saga-coordinator"] = reply_to.coordinator
     if state.trace is not None:  # the saga's trace (see SagaStarted.trace)
         headers["traceparent"] = state.trace
     payload = dict(state.data, saga_id=state.id)
@@ -150,7 +164,9 @@ def command_message(defn: Saga, state: SagaState, index: int, kind: Kind, attemp
             headers[FENCE_KEY] = forward_key(state, step.name)
     data, _ = encode_data(payload)
     mid = message_id(state, step.name, kind, attempt)
-    return CommandMessage(f"{mid}:{again}" if again else mid, command, data, headers)
+    if again and reply_to is not None:
+        mid = f"{mid}:{reply_to.coordinator}"
+    return CommandMessage(mid, command, data, headers)
 
 
 def message_id(state: SagaState, step: str, kind: str, attempt: int) -> str:

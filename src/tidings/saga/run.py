@@ -98,7 +98,7 @@ class SagaRun:
         # (the commands count as sent here once committed: see commit_steps)
         return next_moves(defn, state, events, now, self.coord.inline_handler,
                           then_advance=self.inbox.empty(), sent=set(),
-                          reply_to=self.coord.reply_topic(self.name))
+                          reply_to=self.coord.reply_to(self.name))
 
     async def commit_steps(self, defn: Saga, state: SagaState, expected: int,
                            batch: list[Event], saves: Sequence[Aggregate],
@@ -122,6 +122,7 @@ class SagaRun:
         inbox is settled; its final state then (for wait(): no need to read the stream
         back), else None."""
         load = self.coord.load
+        await self.coord.replies_ready(self.name)  # (before it sends a command)
         if state is None:
             state = await load(self.name, self.saga_id)
         if not state.version:
@@ -350,8 +351,8 @@ class SagaRun:
             if p.kind == "action" else
             CompensationStarted(step=p.step, attempt=p.attempt, deadline=p.deadline))
         coord = self.coord
-        out = attempt_message(defn, state, ev, set(), coord.reply_topic(self.name),
-                              again=coord.instance)
+        out = attempt_message(defn, state, ev, set(), coord.reply_to(self.name),
+                              again=True)
         if out is None:
             return
         tel = self.hub.telemetry
