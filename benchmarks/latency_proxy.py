@@ -60,6 +60,20 @@ class _Proxy:
         """`url` with its host and port replaced by the proxy's."""
         return via(url, self.port)
 
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.stop()
+
 
 class LatencyProxy(_Proxy):
     """Forwards connections on a free port of 127.0.0.1 to `host:port`, `delay` s each way."""
@@ -82,14 +96,6 @@ class LatencyProxy(_Proxy):
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
-
-    async def __aenter__(self) -> LatencyProxy:
-        await self.start()
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        await self.stop()
 
     async def _accept(self, client_r: asyncio.StreamReader,
                       client_w: asyncio.StreamWriter) -> None:
@@ -175,14 +181,6 @@ class ProxyProcess(_Proxy):
         except TimeoutError:
             proc.kill()
             await proc.wait()
-
-    async def __aenter__(self) -> ProxyProcess:
-        await self.start()
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        await self.stop()
 
 
 async def _serve(host: str, port: int, delay: float) -> None:
