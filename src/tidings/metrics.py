@@ -253,8 +253,9 @@ def waiting_dead_letters(sizes: Mapping[str, int]) -> dict[str, int]:
     `redrive.marker_topic(group)`), from the messages per topic."""
     from .redrive import marker_topic
 
-    return {topic[5:]: max(0, n - sizes.get(marker_topic(topic[5:]), 0))
-            for topic, n in sizes.items() if topic.startswith("$dlq.")}
+    dlq = "$dlq."
+    return {topic[len(dlq):]: max(0, n - sizes.get(marker_topic(topic[len(dlq):]), 0))
+            for topic, n in sizes.items() if topic.startswith(dlq)}
 
 
 async def snapshot(hub: Hub) -> MetricsSnapshot:

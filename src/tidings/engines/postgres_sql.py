@@ -94,7 +94,11 @@ def _scan(after: str, stop: str, regex: str, limit: str) -> str:
     )
 
 
-#: what inserting a pending row does with one already there (never, but see above)
+#: No pending row lies past the cursor, as always (new rows are the only ones past it):
+#: new rows then take a plain insert, which costs half an `ON CONFLICT` one (speculative);
+#: else (never, but) they take `_OVERWRITE`, as the planning path's writes do.
+_NONE_PAST_CURSOR = ("NOT EXISTS (SELECT FROM {s}.tidings_pending WHERE sub_id = p_sub "
+                     "AND position > v_cursor)")
 _OVERWRITE = ("ON CONFLICT (sub_id, position) DO UPDATE SET attempt = excluded.attempt, "
               "due = excluded.due")
 
@@ -292,8 +296,7 @@ _FETCH_FUNCTION = (
     "  v_new := v_cursor;\n"
     "  v_take := greatest(0, least(v_room, p_limit - cardinality(v_redo)));\n"
     "  IF v_want > 0 AND NOT p_ordered THEN  -- every new one is delivered: set-based\n"
-    "    IF v_take > 0 AND NOT EXISTS (SELECT FROM {s}.tidings_pending WHERE sub_id = p_sub "
-    "AND position > v_cursor) THEN  -- (as always: a plain insert costs half a speculative one)\n"
+    "    IF v_take > 0 AND " + _NONE_PAST_CURSOR + " THEN\n"
     "      RETURN QUERY " + _take_new("") + ";\n"
     "      GET DIAGNOSTICS v_added = ROW_COUNT;\n"
     "    ELSIF v_take > 0 THEN\n"
@@ -333,8 +336,7 @@ _FETCH_FUNCTION = (
     "  END IF;\n"
     "  IF p_ordered AND v_added > 0 THEN\n"
     "    v_delivered := cardinality(v_out);\n"
-    "    IF NOT EXISTS (SELECT FROM {s}.tidings_pending WHERE sub_id = p_sub "
-    "AND position > v_cursor) THEN  -- (as always: see above)\n"
+    "    IF " + _NONE_PAST_CURSOR + " THEN\n"
     "      " + _add_rows("") + ";\n"
     "    ELSE\n"
     "      " + _add_rows(_OVERWRITE) + ";\n"

@@ -2,9 +2,9 @@
 
 Every decision is an event appended to the saga's stream before it is acted
 on, so a coordinator killed at any moment resumes each unfinished saga from
-its stream: an attempt in flight is re-sent under the same message id and
-idempotency key (the engine and the handler's inbox drop the duplicate), a
-deadline that passed while it was down fires at once.
+its stream: an attempt in flight is asked again under the same idempotency key
+(the handler's inbox answers the repeat with the stored outcome), a deadline
+that passed while it was down fires at once.
 
 The coordinator starts sagas, finds the ones to drive (unfinished at start-up,
 started by other processes), routes replies and requests to them, and keeps one
@@ -233,10 +233,9 @@ class Coordinator:
         trace = None if tel is None else tel.saga_started(defn.name, saga_id)
         started = SagaStarted(saga=defn.name, version=defn.version, data=data, trace=trace)
         evolve(defn, state, started, now)
-        sent: set[str] = set()
         await self.replies_ready(defn.name)
         batch, messages = next_moves(defn, state, [], now, self.inline_handler,
-                                     then_advance=True, sent=sent,
+                                     then_advance=True,
                                      reply_to=self.reply_to(defn.name))
         appends: list[StartAppend] = [(sid, [started], NO_STREAM, f"saga.{defn.name}.started")]
         if batch:
@@ -253,12 +252,11 @@ class Coordinator:
             self.drive(defn.name, saga_id, state, launch=launch)
             if await launch.stored_by() is not StartBy.CALLER:
                 return saga_id
-        await self._store_start(defn, state, appends, messages, sent, launch)
+        await self._store_start(defn, state, appends, messages, launch)
         return saga_id
 
     async def _store_start(self, defn: Saga, state: SagaState, appends: list[StartAppend],
-                           messages: list[OutMessage], sent: set[str],
-                           launch: Launch | None) -> None:
+                           messages: list[OutMessage], launch: Launch | None) -> None:
         """Commit a new saga's start (and its first move), then have it driven; with a
         `launch`, its driver commits its first unit after it."""
         saga_id = state.id
@@ -288,6 +286,7 @@ class Coordinator:
                 self.drive(defn.name, saga_id)  # (its driver went away meanwhile)
             return
         stamp(state, sum(len(a[1]) for a in appends), outcomes[-1].time)
+        sent = {m.id for m in messages}  # (its commands, now stored: see SagaRun.sent)
         run = self._runs.get(sid)
         if run is not None:  # the driver of an earlier start with this id is ending:
             run.drive_again = True  # this saga is driven once it is gone

@@ -66,12 +66,12 @@ class CommandMessage(msgspec.Struct, frozen=True):
 
 
 def next_moves(defn: Saga, state: SagaState, events: list[Event], now: float,
-               inline: InlineLookup, *, then_advance: bool, sent: set[str],
+               inline: InlineLookup, *, then_advance: bool,
                reply_to: ReplyTo | None = None) -> tuple[list[Event], list[OutMessage]]:
     """Fold `events` into `state` and, when `then_advance`, the next move too if it is
     immediate; the events to store and the messages (commands, the end marker) to
-    send with them. The ids of the commands sent are added to `sent`; their replies go
-    to `reply_to` (by default the saga's shared `saga.N.replies`).
+    send with them; replies go to `reply_to` (by default the saga's shared
+    `saga.N.replies`).
 
     (`then_advance` is False while something waits in the saga's inbox: a cancel or a
     reply that arrived meanwhile is applied first, so a cancel between steps stops the
@@ -89,7 +89,7 @@ def next_moves(defn: Saga, state: SagaState, events: list[Event], now: float,
     messages = []
     for ev in batch:
         if isinstance(ev, (StepStarted, CompensationStarted)):
-            out = attempt_message(defn, state, ev, sent, reply_to)
+            out = attempt_message(defn, state, ev, reply_to)
             if out is not None:
                 messages.append(out)
         elif isinstance(ev, _LIFECYCLE_END):
@@ -117,18 +117,17 @@ def _mark_inline(defn: Saga, state: SagaState, ev: Event, inline: InlineLookup) 
 
 
 def attempt_message(defn: Saga, state: SagaState, ev: StepStarted | CompensationStarted,
-                    sent: set[str], reply_to: ReplyTo | None = None, again: bool = False
+                    reply_to: ReplyTo | None = None, again: bool = False
                     ) -> OutMessage | None:
-    """The message the attempt `ev` starts sends (its id added to `sent`); None when it
+    """The message the attempt `ev` starts sends; None when it
     sends none (an inline attempt, or a local function the driver runs). With `again`,
-    the attempt asked again by a coordinator taking it up (see `ask_again`)."""
+    the attempt asked again by a coordinator that did not send it (`SagaRun._ask_again`)."""
     if ev.inline:
         return None  # run by an inline handler in the driver's own transaction
     kind: Kind = "action" if isinstance(ev, StepStarted) else "compensation"
     built = command_message(defn, state, ev.step, kind, ev.attempt, reply_to, again)
     if built is None:
         return None
-    sent.add(built.id)
     return OutMessage(built.id, built.topic, state.id, built.data, built.headers, True)
 
 

@@ -97,7 +97,7 @@ class SagaRun:
                    ) -> tuple[list[Event], list[OutMessage]]:
         # (the commands count as sent here once committed: see commit_steps)
         return next_moves(defn, state, events, now, self.coord.inline_handler,
-                          then_advance=self.inbox.empty(), sent=set(),
+                          then_advance=self.inbox.empty(),
                           reply_to=self.coord.reply_to(self.name))
 
     async def commit_steps(self, defn: Saga, state: SagaState, expected: int,
@@ -351,7 +351,7 @@ class SagaRun:
             if p.kind == "action" else
             CompensationStarted(step=p.step, attempt=p.attempt, deadline=p.deadline))
         coord = self.coord
-        out = attempt_message(defn, state, ev, set(), coord.reply_to(self.name),
+        out = attempt_message(defn, state, ev, coord.reply_to(self.name),
                               again=True)
         if out is None:
             return
